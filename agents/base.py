@@ -1,0 +1,132 @@
+"""The agent interface and what an agent is given for one run."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import re
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from agents.errors import ToolError, UnknownAgent
+from agents.tools import ToolRegistry
+from bridge.bridge import EventAdapter
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One earlier message of the thread, as context for the agent."""
+
+    role: str  # "user" or "assistant"
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolOutcome:
+    call_id: str
+    ok: bool
+    result: Any = None
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class RunContext:
+    """Everything an agent gets for one run.  Every event goes out through ``emit``."""
+
+    run_id: str
+    thread_id: str
+    user_id: str
+    message: str
+    emit: EventAdapter
+    tools: ToolRegistry
+    history: Sequence[Message] = ()
+    typing_delay_s: float = 0.0
+    _call_ids: Iterable[int] = field(default_factory=lambda: itertools.count(1))
+
+    async def call_tool(self, name: str, args: Mapping[str, Any]) -> ToolOutcome:
+        """Announce, run and answer one tool call.
+
+        ``tool_executing`` goes out first, then the tool runs with its timeout, then
+        ``tool_completed`` answers it, ``ok`` or with the error.  A tool's failure
+        (bad arguments, timeout, exception) is the call's result, not the run's.
+        """
+        call_id = f"call_{next(iter(self._call_ids))}"
+        await self.emit.tool_executing(call_id, name, args)
+        started = time.perf_counter()
+        try:
+            tool = self.tools.get(name)
+            checked = tool.check_args(args)
+            async with asyncio.timeout(tool.timeout_s):
+                result = await tool.fn(checked)
+        except ToolError as exc:
+            outcome = ToolOutcome(call_id, False, error=str(exc))
+        except TimeoutError:
+            outcome = ToolOutcome(call_id, False, error=f"{name} timed out")
+        except Exception as exc:  # a tool's bug is its call's failure, not the run's
+            outcome = ToolOutcome(call_id, False, error=f"{name} failed: {type(exc).__name__}")
+        else:
+            outcome = ToolOutcome(call_id, True, result=result)
+        await self.emit.tool_completed(
+            call_id,
+            name,
+            ok=outcome.ok,
+            result=outcome.result,
+            error=outcome.error,
+            duration_ms=(time.perf_counter() - started) * 1000,
+        )
+        return outcome
+
+    async def say(self, text: str) -> None:
+        """Stream ``text`` as response chunks, a word at a time, paced by the typing delay."""
+        for piece in split_words(text):
+            await self.emit.chunk(piece)
+            if self.typing_delay_s > 0:
+                await asyncio.sleep(self.typing_delay_s)
+
+
+_WORD = re.compile(r"\s*\S+\s*")
+
+
+def split_words(text: str) -> list[str]:
+    """Split text into word-sized pieces whose concatenation is the text."""
+    pieces = _WORD.findall(text)
+    if "".join(pieces) != text:  # leading/trailing whitespace only: keep it whole
+        return [text] if text else []
+    return pieces
+
+
+class Agent(Protocol):
+    """An agent: given a run's context, it emits what it does until it returns.
+
+    Returning ends the run ``completed``; raising ends it ``failed`` (the apology is
+    streamed for it); being cancelled ends it ``cancelled``.  ``agent_started``,
+    ``response_complete`` and ``agent_completed`` are emitted around ``run``.
+    """
+
+    name: str
+    description: str
+
+    async def run(self, ctx: RunContext) -> None: ...
+
+
+class AgentRegistry:
+    """Agents by name, and the one that answers when a message names none."""
+
+    def __init__(self, agents: Iterable[Agent], default: str) -> None:
+        self._agents = {agent.name: agent for agent in agents}
+        if default not in self._agents:
+            raise ValueError(f"default agent {default!r} is not registered")
+        self.default = default
+
+    def get(self, name: str | None) -> Agent:
+        key = name or self.default
+        try:
+            return self._agents[key]
+        except KeyError:
+            known = ", ".join(sorted(self._agents))
+            raise UnknownAgent(f"unknown agent {key!r}; available: {known}") from None
+
+    def names(self) -> list[str]:
+        return sorted(self._agents)

@@ -1,0 +1,41 @@
+"""Errors raised by agents, tools and the run supervisor.
+
+The whole tree, under one root::
+
+    AgentError
+    ├── LifecycleConflict   an illegal lifecycle transition (stop a completed run, …)
+    ├── UnknownAgent        no agent of that name
+    ├── AgentInputError     an agent cannot work with the message it was given
+    └── ToolError           a tool refused its arguments or failed
+        └── CalculatorError the calculator could not evaluate an expression
+
+Each error knows the ``error.code`` it has on the wire.
+"""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    """Root of the agents' errors."""
+
+    code = "agent_error"
+
+
+class LifecycleConflict(AgentError):
+    code = "conflict"
+
+
+class UnknownAgent(AgentError):
+    code = "bad_message"
+
+
+class AgentInputError(AgentError):
+    code = "bad_input"
+
+
+class ToolError(AgentError):
+    code = "tool_error"
+
+
+class CalculatorError(ToolError):
+    code = "tool_error"

@@ -1,0 +1,89 @@
+"""The ``load`` agent: deterministic output for tests and load scripts.
+
+Its message is ``key=value`` words; in this order it emits ``thinking`` thinking
+events, ``tools`` calls of the ``sleep`` tool lasting ``tool_ms`` each, then
+exactly ``chunks`` response chunks of ``chunk_chars`` characters with
+``delay_ms`` between them; with ``fail=1`` it then raises, so the fallback path
+runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import string
+from dataclasses import dataclass
+from typing import Final
+
+from agents.base import RunContext
+from agents.errors import AgentInputError
+
+#: Each parameter's default and its inclusive bounds.
+PARAMS: Final[dict[str, tuple[int, int, int]]] = {
+    "chunks": (20, 0, 10_000_000),
+    "chunk_chars": (8, 1, 65_536),
+    "delay_ms": (0, 0, 60_000),
+    "thinking": (1, 0, 100_000),
+    "tools": (0, 0, 10_000),
+    "tool_ms": (0, 0, 600_000),
+    "fail": (0, 0, 1),
+}
+
+_ALPHABET: Final = string.ascii_lowercase
+
+
+@dataclass(frozen=True, slots=True)
+class LoadSpec:
+    chunks: int = 20
+    chunk_chars: int = 8
+    delay_ms: int = 0
+    thinking: int = 1
+    tools: int = 0
+    tool_ms: int = 0
+    fail: int = 0
+
+    @classmethod
+    def parse(cls, message: str) -> LoadSpec:
+        """Parse ``key=value`` words; unknown keys and bad values are an input error."""
+        values: dict[str, int] = {}
+        for word in message.split():
+            key, sep, raw = word.partition("=")
+            if not sep or key not in PARAMS:
+                known = ", ".join(PARAMS)
+                raise AgentInputError(
+                    f"load agent: expected key=value with keys {known}; got {word!r}"
+                )
+            _, low, high = PARAMS[key]
+            try:
+                value = int(raw)
+            except ValueError:
+                raise AgentInputError(
+                    f"load agent: {key} must be an integer, got {raw!r}"
+                ) from None
+            if not low <= value <= high:
+                raise AgentInputError(f"load agent: {key} must be in [{low}, {high}], got {value}")
+            values[key] = value
+        return cls(**values)
+
+
+def chunk_text(index: int, chars: int) -> str:
+    """The ``index``-th chunk: one letter repeated, cycling through the alphabet."""
+    return _ALPHABET[index % 26] * chars
+
+
+class LoadAgent:
+    name = "load"
+    description = "Deterministic agent for tests and load scripts (key=value message)."
+
+    async def run(self, ctx: RunContext) -> None:
+        spec = LoadSpec.parse(ctx.message)
+        for i in range(spec.thinking):
+            await ctx.emit.thinking(f"thinking {i + 1} of {spec.thinking}")
+        for _ in range(spec.tools):
+            await ctx.call_tool("sleep", {"ms": spec.tool_ms})
+        delay = spec.delay_ms / 1000
+        for i in range(spec.chunks):
+            if i and delay:
+                await asyncio.sleep(delay)
+            await ctx.emit.chunk(chunk_text(i, spec.chunk_chars))
+        if spec.fail:
+            raise RuntimeError("load agent failing on purpose (fail=1)")

@@ -1,0 +1,361 @@
+"""The run supervisor: starts each run's agent as a task and sees it to a clean end.
+
+Whatever happens to a run, it ends with its invariants: every open tool call is
+answered, ``response_complete`` carries the concatenated chunks, and
+``agent_completed`` is the last event, exactly once.  Runs are not tied to the
+connection that started them: when no watcher is attached for the detach grace,
+the run is cancelled with ``client_gone``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from agents.base import Agent, AgentRegistry, Message, RunContext
+from agents.errors import AgentError
+from agents.lifecycle import Action, Lifecycle, RunStatus
+from agents.tools import ToolRegistry
+from bridge.bridge import EventAdapter, RunBridge
+from bridge.broker import Broker, RunRecord
+from bridge.errors import BridgeError, RunClosed, RunGone, RunNotFound
+
+log = logging.getLogger("chat.runs")
+
+APOLOGY: Final = (
+    "Sorry, ",
+    "something went wrong ",
+    "while I was answering. ",
+    "Please try again.",
+)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}{secrets.token_urlsafe(12)}"
+
+
+@dataclass(frozen=True, slots=True)
+class SupervisorConfig:
+    detach_grace_s: float = 60.0
+    typing_delay_ms: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class RunError:
+    code: str
+    message: str
+
+    def wire(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+
+class RunHandle:
+    """One run in the process that executes it: lifecycle, bridge, task and grace timer."""
+
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        record: RunRecord,
+        agent: Agent,
+        ctx: RunContext,
+        bridge: RunBridge,
+    ) -> None:
+        self._supervisor = supervisor
+        self.record = record
+        self.agent = agent
+        self.ctx = ctx
+        self.bridge = bridge
+        self.lifecycle = Lifecycle(record.run_id)
+        self.task: asyncio.Task[None] | None = None
+        self._started = False
+        self._cancel_error: RunError | None = None
+        self._grace: asyncio.TimerHandle | None = None
+
+    @property
+    def run_id(self) -> str:
+        return self.record.run_id
+
+    @property
+    def broker(self) -> Broker:
+        return self.bridge.broker
+
+    # RunController ------------------------------------------------------------
+
+    async def apply(self, action: str) -> str:
+        transition = self.lifecycle.apply(action)
+        if not transition.changed:
+            return str(transition.after)
+        if transition.after is RunStatus.PAUSED:
+            # Close the gate first, then announce: nothing of the run follows the
+            # announcement until it is started again or cancelled.
+            self.bridge.gate.clear()
+            await self.bridge.emit("run_status", {"status": "paused"}, gated=False)
+        elif transition.after is RunStatus.RUNNING:
+            await self.bridge.emit("run_status", {"status": "running"}, gated=False)
+            self.bridge.gate.set()
+        else:
+            self._cancel(RunError("cancelled", "the run was cancelled"))
+        await self.broker.set_status(self.run_id, str(transition.after))
+        return str(transition.after)
+
+    def watchers_changed(self, count: int) -> None:
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
+        if count == 0 and not self.lifecycle.status.terminal:
+            loop = asyncio.get_running_loop()
+            self._grace = loop.call_later(self._supervisor.config.detach_grace_s, self._gone)
+
+    # Cancellation -------------------------------------------------------------
+
+    def _gone(self) -> None:
+        self._grace = None
+        if self.lifecycle.status.terminal:
+            return
+        log.info("run %s: no client came back; cancelling", self.run_id)
+        self.lifecycle.apply(Action.CANCEL)
+        grace = self._supervisor.config.detach_grace_s
+        self._cancel(RunError("client_gone", f"no client was attached for {grace:g} s"))
+        self._spawn_status_update()
+
+    def cancel_for(self, error: RunError) -> bool:
+        """Cancel the run for a server reason (``shutdown``); False if it had ended."""
+        if self.lifecycle.status.terminal:
+            return False
+        self.lifecycle.apply(Action.CANCEL)
+        self._cancel(error)
+        self._spawn_status_update()
+        return True
+
+    def _spawn_status_update(self) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self.broker.set_status(self.run_id, str(RunStatus.CANCELLED))
+        )
+        self._supervisor.keep(task)
+
+    def _cancel(self, error: RunError) -> None:
+        self._cancel_error = error
+        if error.code == "client_gone":
+            self.bridge.agent_error = RunGone(f"run {self.run_id}: {error.message}")
+        else:
+            self.bridge.agent_error = RunClosed(f"run {self.run_id}: {error.message}")
+        if self.task is not None and self._started:
+            self.task.cancel()
+        # A task that has not started yet sees the cancel error as it begins.
+
+    # The run --------------------------------------------------------------------
+
+    async def drive(self) -> None:
+        self._started = True
+        started = time.perf_counter()
+        status = RunStatus.COMPLETED
+        error: RunError | None = None
+        adapter = self.ctx.emit
+        try:
+            if self._cancel_error is not None:
+                raise asyncio.CancelledError
+            transition = self.lifecycle.begin()
+            if transition.changed:
+                await self.broker.set_status(self.run_id, str(transition.after))
+            await adapter.agent_started(self.agent.name)
+            await self.agent.run(self.ctx)
+        except asyncio.CancelledError:
+            self._uncancel()
+            status = RunStatus.CANCELLED
+        except Exception as exc:
+            if self._cancel_error is not None:
+                status = RunStatus.CANCELLED
+            else:
+                status = RunStatus.FAILED
+                error = _run_error(exc)
+                log.warning("run %s: agent %s failed: %r", self.run_id, self.agent.name, exc)
+        if status is RunStatus.CANCELLED and self._cancel_error is None:
+            # Cancelled from outside the supervisor (the event loop is closing).
+            self.lifecycle.status = RunStatus.CANCELLED
+            self._cancel_error = RunError("cancelled", "the run was cancelled")
+        try:
+            await self._finish(status, error, started)
+        finally:
+            adapter.detach()
+            if self._grace is not None:
+                self._grace.cancel()
+                self._grace = None
+            self._supervisor.forget(self.run_id)
+
+    async def _finish(self, status: RunStatus, error: RunError | None, started: float) -> None:
+        while True:
+            try:
+                await self._finish_once(status, error, started)
+                return
+            except asyncio.CancelledError:
+                # Cancelled while the ending waited on a paused run: end it cancelled.
+                self._uncancel()
+                status = RunStatus.CANCELLED
+
+    async def _finish_once(self, status: RunStatus, error: RunError | None, started: float) -> None:
+        bridge = self.bridge
+        if status is RunStatus.CANCELLED:
+            error = self._cancel_error
+        gated = status is not RunStatus.CANCELLED
+        reason = "cancelled" if status is RunStatus.CANCELLED else "the agent failed"
+        now = time.perf_counter()
+        for call_id, tool in list(bridge.open_calls.items()):
+            await bridge.emit(
+                "tool_completed",
+                {
+                    "call_id": call_id,
+                    "tool": tool,
+                    "ok": False,
+                    "error": reason,
+                    "duration_ms": round((now - self._call_started(call_id, now)) * 1000, 3),
+                },
+                gated=gated,
+            )
+        if status is RunStatus.FAILED and not self._apologized:
+            self._apologized = True
+            separator = "\n\n" if bridge.content and not bridge.content[-1].isspace() else ""
+            for i, piece in enumerate(APOLOGY):
+                text = separator + piece if i == 0 else piece
+                await bridge.emit("response_chunk", {"text": text}, gated=gated)
+        if not self._response_completed:
+            await bridge.emit(
+                "response_complete",
+                {
+                    "message_id": self.message_id,
+                    "content": bridge.content,
+                    "fallback": status is RunStatus.FAILED,
+                },
+                gated=gated,
+            )
+            self._response_completed = True
+        while gated and not bridge.gate.is_set():
+            await bridge.gate.wait()
+        if status is not RunStatus.CANCELLED:
+            self.lifecycle.finish(status)
+        data: dict[str, object] = {
+            "status": str(status),
+            "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+        }
+        if error is not None and status is not RunStatus.COMPLETED:
+            data["error"] = error.wire()
+        await bridge.emit("agent_completed", data, gated=False)
+        await self.broker.set_status(
+            self.run_id, str(status), error.code if error is not None else None
+        )
+
+    _apologized = False
+    _response_completed = False
+
+    @property
+    def message_id(self) -> str:
+        return f"m_{self.run_id[2:]}"
+
+    def _call_started(self, call_id: str, default: float) -> float:
+        return self.bridge.call_started.get(call_id, default)
+
+    @staticmethod
+    def _uncancel() -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+
+
+def _run_error(exc: Exception) -> RunError:
+    if isinstance(exc, AgentError | BridgeError):
+        return RunError(exc.code, str(exc))
+    # The exception's text stays in the server log: it may say more than a client should see.
+    return RunError("agent_error", f"the agent failed ({type(exc).__name__})")
+
+
+class Supervisor:
+    """Starts runs, holds the ones this process executes, and ends them on shutdown."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        agents: AgentRegistry,
+        tools: ToolRegistry,
+        config: SupervisorConfig,
+    ) -> None:
+        self.broker = broker
+        self.agents = agents
+        self.tools = tools
+        self.config = config
+        self._runs: dict[str, RunHandle] = {}
+        self._background: set[asyncio.Task[None]] = set()
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+    async def start_run(
+        self,
+        *,
+        owner: str,
+        content: str,
+        thread_id: str | None = None,
+        agent: str | None = None,
+        ref: str | int | None = None,
+        history: Sequence[Message] = (),
+    ) -> RunRecord:
+        """Create a run, publish its ``user_message`` (seq 1) and start its agent.
+
+        Raises:
+            UnknownAgent: no agent of that name.
+            RunNotFound: ``thread_id`` belongs to another user.
+        """
+        chosen = self.agents.get(agent)
+        thread = thread_id or new_id("t_")
+        if not await self.broker.claim_thread(thread, owner):
+            raise RunNotFound(f"no thread {thread}")
+        run_id = new_id("r_")
+        now = time.time()
+        record = RunRecord(run_id, thread, owner, chosen.name, str(RunStatus.QUEUED), now, now)
+        bridge = RunBridge(self.broker, run_id, thread)
+        adapter = EventAdapter()
+        adapter.attach(bridge)
+        ctx = RunContext(
+            run_id=run_id,
+            thread_id=thread,
+            user_id=owner,
+            message=content,
+            emit=adapter,
+            tools=self.tools,
+            history=history,
+            typing_delay_s=self.config.typing_delay_ms / 1000,
+        )
+        handle = RunHandle(self, record, chosen, ctx, bridge)
+        await self.broker.create_run(record, handle)
+        self._runs[run_id] = handle
+        await bridge.emit(
+            "user_message",
+            {"message_id": new_id("m_"), "content": content, "ref": ref},
+            gated=False,
+        )
+        handle.watchers_changed(0)  # until a watcher attaches, the detach grace runs
+        handle.task = asyncio.get_running_loop().create_task(handle.drive(), name=f"run {run_id}")
+        return record
+
+    def forget(self, run_id: str) -> None:
+        self._runs.pop(run_id, None)
+
+    def keep(self, task: asyncio.Task[None]) -> None:
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def shutdown(self, grace_s: float) -> None:
+        """Let runs finish for up to ``grace_s``, then cancel the rest with ``shutdown``."""
+        tasks = [h.task for h in self._runs.values() if h.task is not None]
+        if tasks and grace_s > 0:
+            await asyncio.wait(tasks, timeout=grace_s)
+        for handle in list(self._runs.values()):
+            handle.cancel_for(RunError("shutdown", "the server is shutting down"))
+        tasks = [h.task for h in self._runs.values() if h.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+        if self._background:
+            await asyncio.wait(self._background, timeout=5)

@@ -1,0 +1,176 @@
+"""The bridge between an agent and its run, and the adapter agents emit through.
+
+:class:`RunBridge` is the one writer of a run's events: it numbers them (``seq``
+from 1, no gaps), holds them while the run is paused, keeps the bookkeeping the
+run's invariants need (open tool calls, response chunks) and publishes each event
+to the broker, which keeps it for resume and wakes the watchers.
+
+:class:`EventAdapter` is the face an agent sees.  It fails hard: emitting with no
+run bound raises :class:`BridgeNotAttached`; emitting into a run that was cancelled
+(its clients gone for good, a cancel, a shutdown) raises the reason.  An event is
+either published, or its emitter gets an exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from typing import Any, Final
+
+from bridge.broker import Broker
+from bridge.errors import BridgeError, BridgeNotAttached, RunClosed
+from bridge.events import Event, RunEventType, make_event
+
+#: Give the event loop a turn after this many events of one run, so that a fast
+#: agent cannot starve the writers; yielding on every event costs throughput.
+YIELD_EVERY: Final = 32
+
+
+class RunBridge:
+    """Numbers, gates and publishes the events of one run."""
+
+    def __init__(self, broker: Broker, run_id: str, thread_id: str) -> None:
+        self.broker = broker
+        self.run_id = run_id
+        self.thread_id = thread_id
+        #: Set while the run may emit; cleared while it is paused.
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.seq = 0
+        #: Tool calls announced and not yet answered: call id → tool name.
+        self.open_calls: dict[str, str] = {}
+        #: When each open call was announced (``time.perf_counter()``).
+        self.call_started: dict[str, float] = {}
+        self.chunks: list[str] = []
+        self.completed = False
+        #: Once set, every emit from the agent raises this error.
+        self.agent_error: BridgeError | None = None
+        self._since_yield = 0
+
+    @property
+    def content(self) -> str:
+        """The response so far: every chunk's text in ``index`` order."""
+        return "".join(self.chunks)
+
+    async def emit(
+        self, type: RunEventType, data: Mapping[str, Any], *, gated: bool = True
+    ) -> Event:
+        """Publish the run's next event.
+
+        ``gated`` events wait while the run is paused; the events that end a
+        cancelled run are not gated.
+
+        Raises:
+            RunClosed: the run already sent its ``agent_completed``.
+            ValueError: the event would break the run's invariants.
+        """
+        if self.completed:
+            raise RunClosed(f"run {self.run_id} has ended; {type} cannot follow agent_completed")
+        while gated and not self.gate.is_set():
+            await self.gate.wait()
+        if self.completed:
+            raise RunClosed(f"run {self.run_id} has ended; {type} cannot follow agent_completed")
+        data = self._book(type, data)
+        self.seq += 1
+        event = make_event(type, data, run_id=self.run_id, thread_id=self.thread_id, seq=self.seq)
+        if type == "agent_completed":
+            self.completed = True
+        await self.broker.publish(event)
+        self._since_yield += 1
+        if self._since_yield >= YIELD_EVERY:
+            self._since_yield = 0
+            await asyncio.sleep(0)
+        return event
+
+    def _book(self, type: RunEventType, data: Mapping[str, Any]) -> Mapping[str, Any]:
+        if type == "response_chunk":
+            text = data["text"]
+            if not isinstance(text, str) or not text:
+                raise ValueError("a response chunk needs non-empty text")
+            data = {"text": text, "index": len(self.chunks)}
+            self.chunks.append(text)
+        elif type == "tool_executing":
+            call_id = data["call_id"]
+            if call_id in self.open_calls:
+                raise ValueError(f"tool call {call_id} is already open")
+            self.open_calls[call_id] = data["tool"]
+            self.call_started[call_id] = time.perf_counter()
+        elif type == "tool_completed":
+            call_id = data["call_id"]
+            if call_id not in self.open_calls:
+                raise ValueError(f"tool call {call_id} was never announced or already completed")
+            del self.open_calls[call_id]
+            self.call_started.pop(call_id, None)
+        elif type == "agent_completed" and self.open_calls:
+            raise ValueError(f"tool calls still open: {sorted(self.open_calls)}")
+        return data
+
+
+class EventAdapter:
+    """What agents emit through: the five critical events and the answer's chunks."""
+
+    def __init__(self) -> None:
+        self._bridge: RunBridge | None = None
+
+    def attach(self, bridge: RunBridge) -> None:
+        self._bridge = bridge
+
+    def detach(self) -> None:
+        self._bridge = None
+
+    @property
+    def attached(self) -> bool:
+        return self._bridge is not None
+
+    async def _emit(self, type: RunEventType, data: Mapping[str, Any]) -> Event:
+        bridge = self._bridge
+        if bridge is None:
+            raise BridgeNotAttached(f"no run is bound to this adapter; cannot emit {type}")
+        if bridge.agent_error is not None:
+            raise bridge.agent_error
+        return await bridge.emit(type, data)
+
+    async def agent_started(self, agent: str) -> Event:
+        return await self._emit("agent_started", {"agent": agent})
+
+    async def thinking(self, text: str) -> Event:
+        return await self._emit("agent_thinking", {"text": text})
+
+    async def tool_executing(self, call_id: str, tool: str, args: Mapping[str, Any]) -> Event:
+        return await self._emit(
+            "tool_executing", {"call_id": call_id, "tool": tool, "args": dict(args)}
+        )
+
+    async def tool_completed(
+        self,
+        call_id: str,
+        tool: str,
+        *,
+        ok: bool,
+        duration_ms: float,
+        result: Any = None,
+        error: str | None = None,
+    ) -> Event:
+        data: dict[str, Any] = {
+            "call_id": call_id,
+            "tool": tool,
+            "ok": ok,
+            "duration_ms": round(duration_ms, 3),
+        }
+        if ok:
+            data["result"] = result
+        else:
+            data["error"] = error or "failed"
+        return await self._emit("tool_completed", data)
+
+    async def chunk(self, text: str) -> Event:
+        return await self._emit("response_chunk", {"text": text})
+
+    async def agent_completed(
+        self, status: str, duration_ms: float, error: Mapping[str, str] | None = None
+    ) -> Event:
+        data: dict[str, Any] = {"status": status, "duration_ms": round(duration_ms, 3)}
+        if error is not None:
+            data["error"] = dict(error)
+        return await self._emit("agent_completed", data)

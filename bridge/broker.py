@@ -1,0 +1,154 @@
+"""The broker seam: run registry, per-run event logs and lifecycle commands.
+
+Everything the gateway shares between sessions goes through :class:`Broker`.
+Sessions never touch each other, nor the agent's task: they create runs, watch
+their logs with a cursor and send lifecycle commands, all through this
+interface.  :class:`~bridge.memory.InMemoryBroker` implements it for one
+process; an implementation over a networked store can replace it without
+touching the endpoints or the agents.
+
+Watching is *pull*: a :class:`Watch` is a cursor into a run's log plus a wake-up
+callback.  Publishing appends to the log and calls the wake-ups; each reader then
+reads what it has not read yet, at its own pace.  Nothing is copied per watcher,
+a slow reader costs no memory beyond the log (which is bounded), and a reader
+that fell behind further than the log keeps gets :class:`ResumeUnavailable`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from bridge.events import Event
+
+Wake = Callable[[], None]
+
+RUN_STATUSES = ("queued", "running", "paused", "completed", "cancelled", "failed")
+TERMINAL_STATUSES = frozenset({"completed", "cancelled", "failed"})
+
+
+@dataclass(slots=True)
+class RunRecord:
+    """What the registry knows of a run; the answer of the status route."""
+
+    run_id: str
+    thread_id: str
+    owner: str
+    agent: str
+    status: str
+    created_at: float
+    updated_at: float
+    last_seq: int = 0
+    error_code: str | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def ended(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+    def public(self) -> dict[str, object]:
+        return {
+            "run_id": self.run_id,
+            "thread_id": self.thread_id,
+            "agent": self.agent,
+            "status": self.status,
+            "last_seq": self.last_seq,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "error_code": self.error_code,
+        }
+
+
+class RunController(Protocol):
+    """The side of a run that its agent's process owns: lifecycle and attachment."""
+
+    async def apply(self, action: str) -> str:
+        """Apply ``stop``, ``start`` or ``cancel``; return the status after it.
+
+        Raises an error whose ``code`` is ``conflict`` for an illegal transition.
+        """
+        ...
+
+    def watchers_changed(self, count: int) -> None:
+        """The number of attached watchers of the run changed to ``count``."""
+        ...
+
+
+class Watch(Protocol):
+    """A reader's cursor into one run's log."""
+
+    run_id: str
+    #: ``seq`` of the last event read.
+    cursor: int
+
+    async def read(self, limit: int) -> list[Event]:
+        """Read up to ``limit`` events after the cursor and advance it.
+
+        Raises:
+            ResumeUnavailable: the next event the cursor needs was dropped.
+        """
+        ...
+
+    def lag_bytes(self) -> int:
+        """Bytes published to the run that this reader has not read yet."""
+        ...
+
+    @property
+    def finished(self) -> bool:
+        """True once the reader has read the run's ``agent_completed``."""
+        ...
+
+    def close(self) -> None:
+        """Detach; the wake-up is never called again."""
+        ...
+
+
+class Broker(Protocol):
+    """Run registry, event logs and lifecycle commands, shared by every session."""
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    # Registry -----------------------------------------------------------------
+    async def create_run(self, record: RunRecord, controller: RunController) -> None:
+        """Register a new run, its empty log, and the controller that executes commands."""
+        ...
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        """A copy of the run's record, or None when it is unknown or expired."""
+        ...
+
+    async def set_status(self, run_id: str, status: str, error_code: str | None = None) -> None:
+        """Record the run's new status."""
+        ...
+
+    async def claim_thread(self, thread_id: str, owner: str) -> bool:
+        """Make ``thread_id`` the owner's if it is new; True when it is (now) theirs."""
+        ...
+
+    async def active_runs(self, owner: str) -> int:
+        """How many of the owner's runs have not ended."""
+        ...
+
+    # Event logs ---------------------------------------------------------------
+    async def publish(self, event: Event) -> None:
+        """Append the run's next event to its log and wake its watchers."""
+        ...
+
+    async def watch(self, run_id: str, after_seq: int, wake: Wake) -> Watch:
+        """Attach a reader at ``after_seq``.
+
+        Raises:
+            RunNotFound: no such run.
+            ResumeUnavailable: events after ``after_seq`` were dropped.
+        """
+        ...
+
+    # Lifecycle ----------------------------------------------------------------
+    async def command(self, run_id: str, action: str) -> str:
+        """Deliver a lifecycle command to the run's controller; return its new status."""
+        ...

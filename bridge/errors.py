@@ -1,0 +1,51 @@
+"""Errors raised by the bridge.
+
+The whole tree, under one root::
+
+    BridgeError
+    ├── BridgeNotAttached   an agent emitted with no run bound to its adapter
+    ├── RunGone             an agent emitted into a run whose clients are gone for good
+    ├── RunClosed           an event was emitted after the run's ``agent_completed``
+    ├── RunNotFound         no such run (or not one the caller may see)
+    └── ResumeUnavailable   the events asked for are no longer kept
+
+Each error knows the ``error.code`` it has on the wire.
+"""
+
+from __future__ import annotations
+
+
+class BridgeError(Exception):
+    """Root of the bridge's errors."""
+
+    code = "internal"
+
+
+class BridgeNotAttached(BridgeError):
+    """An adapter was used to emit before a run was bound to it, or after it was unbound."""
+
+    code = "internal"
+
+
+class RunGone(BridgeError):
+    """The run was cancelled because no client came back within the detach grace."""
+
+    code = "client_gone"
+
+
+class RunClosed(BridgeError):
+    """The run has already sent its ``agent_completed``; nothing may follow it."""
+
+    code = "internal"
+
+
+class RunNotFound(BridgeError):
+    """No such run, or a run that belongs to someone else."""
+
+    code = "not_found"
+
+
+class ResumeUnavailable(BridgeError):
+    """The events after the asked ``seq`` were dropped from the run's log."""
+
+    code = "resume_unavailable"

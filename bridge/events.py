@@ -1,0 +1,134 @@
+"""The events of protocol ``chat.v1``, as typed records encoded once.
+
+Every event the server sends is an :class:`Event`: the envelope of the contract
+(``type``, ``run_id``, ``thread_id``, ``seq``, ``ts``, ``data``) plus its JSON text,
+encoded with orjson when the event is made.  However many sessions watch a run,
+the event is never encoded again; transports only frame the ready text.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal, get_args
+
+import orjson
+
+PROTOCOL: Final = "chat.v1"
+
+#: The client's ``id`` of a frame, echoed back as ``ref``.
+Ref = str | int | None
+
+RunEventType = Literal[
+    "user_message",
+    "agent_started",
+    "agent_thinking",
+    "tool_executing",
+    "tool_completed",
+    "response_chunk",
+    "run_status",
+    "response_complete",
+    "agent_completed",
+]
+ConnectionEventType = Literal["connection_ready", "pong", "ack", "error"]
+EventType = RunEventType | ConnectionEventType
+
+RUN_EVENT_TYPES: Final[frozenset[str]] = frozenset(get_args(RunEventType))
+
+#: The events an agent must be able to emit, and which the bridge never drops.
+CRITICAL_EVENT_TYPES: Final[frozenset[str]] = frozenset(
+    {"agent_started", "agent_thinking", "tool_executing", "tool_completed", "agent_completed"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One server-to-client message: the contract's envelope and its encoded text."""
+
+    type: EventType
+    run_id: str | None
+    thread_id: str | None
+    seq: int | None
+    ts: float
+    data: Mapping[str, Any]
+    text: str = field(repr=False, compare=False)
+    #: Bytes the encoded event takes; what the run log and send buffers count.
+    size: int = field(repr=False, compare=False)
+
+    def sse(self) -> bytes:
+        """The event as one Server-Sent Events message, ``id`` being its ``seq``."""
+        head = f"id: {self.seq}\n" if self.seq is not None else ""
+        return f"{head}event: {self.type}\ndata: {self.text}\n\n".encode()
+
+
+def make_event(
+    type: EventType,
+    data: Mapping[str, Any],
+    *,
+    run_id: str | None = None,
+    thread_id: str | None = None,
+    seq: int | None = None,
+    ts: float | None = None,
+) -> Event:
+    """Build an event and encode it, once."""
+    if ts is None:
+        ts = time.time()
+    envelope = {
+        "type": type,
+        "run_id": run_id,
+        "thread_id": thread_id,
+        "seq": seq,
+        "ts": ts,
+        "data": data,
+    }
+    raw = orjson.dumps(envelope)
+    return Event(type, run_id, thread_id, seq, ts, data, raw.decode(), len(raw))
+
+
+def decode_event(text: str | bytes) -> Event:
+    """Parse an encoded event back into a record (for clients, tests and brokers)."""
+    raw = orjson.loads(text)
+    encoded = text.encode() if isinstance(text, str) else text
+    if not isinstance(raw, dict):
+        raise ValueError("an event is a JSON object")
+    return Event(
+        raw["type"],
+        raw.get("run_id"),
+        raw.get("thread_id"),
+        raw.get("seq"),
+        float(raw["ts"]),
+        raw.get("data") or {},
+        encoded.decode(),
+        len(encoded),
+    )
+
+
+# Connection-level events -------------------------------------------------------
+
+
+def connection_ready(
+    session_id: str, user_id: str, heartbeat_s: float, max_message_bytes: int
+) -> Event:
+    return make_event(
+        "connection_ready",
+        {
+            "session_id": session_id,
+            "user_id": user_id,
+            "protocol": PROTOCOL,
+            "heartbeat_s": heartbeat_s,
+            "max_message_bytes": max_message_bytes,
+        },
+    )
+
+
+def pong(ref: Ref) -> Event:
+    return make_event("pong", {"ref": ref})
+
+
+def ack(ref: Ref, action: str, run_id: str, status: str) -> Event:
+    return make_event("ack", {"ref": ref, "action": action, "run_id": run_id, "status": status})
+
+
+def error(code: str, message: str, ref: Ref = None) -> Event:
+    return make_event("error", {"code": code, "message": message, "ref": ref})

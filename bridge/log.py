@@ -1,0 +1,117 @@
+"""The per-run event log: ordered, gap-free, bounded in bytes.
+
+A plain object with no I/O and no clock.  It keeps a run's events for resume,
+checks that ``seq`` starts at 1 and grows by exactly 1, and drops the oldest
+events first once the bytes it holds pass ``max_bytes``.  A read that asks for
+events already dropped raises :class:`ResumeUnavailable` instead of returning
+a partial replay.
+"""
+
+from __future__ import annotations
+
+from bridge.errors import ResumeUnavailable
+from bridge.events import Event
+
+
+class RunLog:
+    """Events of one run, for readers that each keep their own cursor (``after_seq``)."""
+
+    __slots__ = (
+        "_compacted",
+        "_ends",
+        "_events",
+        "_head",
+        "_held",
+        "closed",
+        "max_bytes",
+        "run_id",
+        "total",
+    )
+
+    def __init__(self, run_id: str, max_bytes: int) -> None:
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+        self.run_id = run_id
+        self.max_bytes = max_bytes
+        # Events live in a list whose first ``_head`` slots are already dropped;
+        # the list is compacted when half of it is dead, so reads stay O(k).
+        self._events: list[Event] = []
+        self._ends: list[int] = []  # cumulative bytes up to and including each event
+        self._head = 0
+        self._compacted = 0  # events removed from the front of the list by compaction
+        self._held = 0  # bytes of the events still kept
+        self.total = 0  # bytes of every event ever appended
+        self.closed = False  # True once ``agent_completed`` was appended
+
+    @property
+    def last_seq(self) -> int:
+        """``seq`` of the newest event, 0 before the first."""
+        return self._compacted + len(self._events)
+
+    @property
+    def first_kept_seq(self) -> int:
+        """``seq`` of the oldest event still kept (``last_seq + 1`` when none is)."""
+        return self._compacted + self._head + 1
+
+    @property
+    def held_bytes(self) -> int:
+        return self._held
+
+    def __len__(self) -> int:
+        return len(self._events) - self._head
+
+    def append(self, event: Event) -> None:
+        """Add the next event of the run.
+
+        Raises:
+            ValueError: the event is not of this run, its ``seq`` is not the next one,
+                or the run already ended.
+        """
+        if event.run_id != self.run_id:
+            raise ValueError(f"event of run {event.run_id!r} appended to log of {self.run_id!r}")
+        if self.closed:
+            raise ValueError(f"run {self.run_id} already ended; {event.type} cannot follow")
+        expected = self.last_seq + 1
+        if event.seq != expected:
+            raise ValueError(f"run {self.run_id}: expected seq {expected}, got {event.seq}")
+        self._events.append(event)
+        self.total += event.size
+        self._ends.append(self.total)
+        self._held += event.size
+        if event.type == "agent_completed":
+            self.closed = True
+        # Drop the oldest first, but always keep the newest event.
+        while self._held > self.max_bytes and len(self) > 1:
+            self._held -= self._events[self._head].size
+            self._head += 1
+        if self._head > 64 and self._head * 2 > len(self._events):
+            del self._events[: self._head]
+            del self._ends[: self._head]
+            self._compacted += self._head
+            self._head = 0
+
+    def read(self, after_seq: int, limit: int = 1 << 30) -> list[Event]:
+        """Events with ``seq > after_seq``, oldest first, at most ``limit`` of them.
+
+        Raises:
+            ValueError: ``after_seq`` is negative.
+            ResumeUnavailable: some of the events asked for were dropped.
+        """
+        if after_seq < 0:
+            raise ValueError(f"after_seq must be >= 0, got {after_seq}")
+        if after_seq + 1 < self.first_kept_seq:
+            raise ResumeUnavailable(
+                f"run {self.run_id}: events after seq {after_seq} are no longer kept "
+                f"(oldest kept is {self.first_kept_seq})"
+            )
+        start = self._head + (after_seq + 1 - self.first_kept_seq)
+        return self._events[start : start + limit]
+
+    def lag_bytes(self, after_seq: int) -> int:
+        """Bytes of the events a reader at ``after_seq`` has still to read."""
+        if after_seq >= self.last_seq:
+            return 0
+        index = after_seq - self._compacted
+        if index <= 0:
+            return self.total
+        return self.total - self._ends[index - 1]

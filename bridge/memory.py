@@ -1,0 +1,165 @@
+"""The in-memory broker: one process, no external service."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+
+from bridge.broker import RunController, RunRecord, Wake
+from bridge.errors import RunNotFound
+from bridge.events import Event
+from bridge.log import RunLog
+
+
+class _Slot:
+    __slots__ = ("controller", "expiry", "log", "record", "watchers")
+
+    def __init__(self, record: RunRecord, log: RunLog, controller: RunController) -> None:
+        self.record = record
+        self.log = log
+        self.controller = controller
+        self.watchers: set[_MemoryWatch] = set()
+        self.expiry: asyncio.TimerHandle | None = None
+
+
+class _MemoryWatch:
+    __slots__ = ("_closed", "_slot", "cursor", "run_id", "wake")
+
+    def __init__(self, slot: _Slot, cursor: int, wake: Wake) -> None:
+        self._slot = slot
+        self.run_id = slot.record.run_id
+        self.cursor = cursor
+        self.wake = wake
+        self._closed = False
+
+    async def read(self, limit: int) -> list[Event]:
+        events = self._slot.log.read(self.cursor, limit)
+        if events:
+            self.cursor = events[-1].seq or self.cursor
+        return events
+
+    def lag_bytes(self) -> int:
+        return self._slot.log.lag_bytes(self.cursor)
+
+    @property
+    def finished(self) -> bool:
+        log = self._slot.log
+        return log.closed and self.cursor >= log.last_seq
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        slot = self._slot
+        slot.watchers.discard(self)
+        slot.controller.watchers_changed(len(slot.watchers))
+
+
+class InMemoryBroker:
+    """Registry, logs and commands held in this process's memory.
+
+    Finished runs stay for ``resume_window_s`` after their ``agent_completed``,
+    then their record and log are forgotten.
+    """
+
+    name = "memory"
+
+    def __init__(self, *, run_log_max_bytes: int, resume_window_s: float) -> None:
+        self._max_bytes = run_log_max_bytes
+        self._window = resume_window_s
+        self._runs: dict[str, _Slot] = {}
+        self._threads: dict[str, str] = {}
+        self._active: dict[str, set[str]] = {}
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        for slot in self._runs.values():
+            if slot.expiry is not None:
+                slot.expiry.cancel()
+        self._runs.clear()
+
+    # Registry -----------------------------------------------------------------
+
+    async def create_run(self, record: RunRecord, controller: RunController) -> None:
+        if record.run_id in self._runs:
+            raise ValueError(f"run {record.run_id} exists already")
+        self._runs[record.run_id] = _Slot(
+            dataclasses.replace(record), RunLog(record.run_id, self._max_bytes), controller
+        )
+        if not record.ended:
+            self._active.setdefault(record.owner, set()).add(record.run_id)
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        slot = self._runs.get(run_id)
+        return None if slot is None else dataclasses.replace(slot.record)
+
+    async def set_status(self, run_id: str, status: str, error_code: str | None = None) -> None:
+        slot = self._slot(run_id)
+        record = slot.record
+        record.status = status
+        record.updated_at = time.time()
+        if error_code is not None:
+            record.error_code = error_code
+        if record.ended:
+            active = self._active.get(record.owner)
+            if active is not None:
+                active.discard(run_id)
+                if not active:
+                    del self._active[record.owner]
+
+    async def claim_thread(self, thread_id: str, owner: str) -> bool:
+        return self._threads.setdefault(thread_id, owner) == owner
+
+    async def active_runs(self, owner: str) -> int:
+        return len(self._active.get(owner, ()))
+
+    def runs_in_memory(self) -> int:
+        return len(self._runs)
+
+    # Event logs ---------------------------------------------------------------
+
+    async def publish(self, event: Event) -> None:
+        run_id = event.run_id
+        if run_id is None:
+            raise ValueError(f"{event.type} is not a run event")
+        slot = self._slot(run_id)
+        slot.log.append(event)
+        slot.record.last_seq = slot.log.last_seq
+        slot.record.updated_at = event.ts
+        for watcher in slot.watchers:
+            watcher.wake()
+        if slot.log.closed:
+            loop = asyncio.get_running_loop()
+            slot.expiry = loop.call_later(self._window, self._expire, run_id)
+
+    async def watch(self, run_id: str, after_seq: int, wake: Wake) -> _MemoryWatch:
+        slot = self._slot(run_id)
+        if after_seq > slot.log.last_seq:
+            raise ValueError(
+                f"after_seq {after_seq} is beyond the run's last seq {slot.log.last_seq}"
+            )
+        slot.log.read(after_seq, 0)  # raises ResumeUnavailable when the events are gone
+        watch = _MemoryWatch(slot, after_seq, wake)
+        slot.watchers.add(watch)
+        slot.controller.watchers_changed(len(slot.watchers))
+        return watch
+
+    def _expire(self, run_id: str) -> None:
+        slot = self._runs.pop(run_id, None)
+        if slot is not None:
+            # Readers still attached keep their slot and can finish reading.
+            slot.expiry = None
+
+    # Lifecycle ----------------------------------------------------------------
+
+    async def command(self, run_id: str, action: str) -> str:
+        return await self._slot(run_id).controller.apply(action)
+
+    def _slot(self, run_id: str) -> _Slot:
+        slot = self._runs.get(run_id)
+        if slot is None:
+            raise RunNotFound(f"no run {run_id}")
+        return slot

@@ -1,0 +1,61 @@
+"""The Starlette application factory."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+
+from server import routes
+from server.auth import Authenticator
+from server.gateway import Gateway
+from server.settings import Settings
+from server.ws import websocket_endpoint
+
+STATIC_DIR = Path(__file__).parent / "static"
+log = logging.getLogger("chat")
+
+
+def create_app(settings: Settings | None = None, *, dev_secret: str | None = None) -> Starlette:
+    """Build the gateway's ASGI app.  ``dev_secret`` signs tokens when no secret is set."""
+    settings = settings or Settings.from_env()
+    auth = Authenticator(settings, dev_secret=dev_secret)
+    gateway = Gateway(settings, auth)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.close()
+
+    route_list: list[BaseRoute] = [
+        Route("/health", routes.health, methods=["GET"]),
+        WebSocketRoute("/ws", websocket_endpoint),
+        Route("/api/chat/stream", routes.chat_stream, methods=["POST"]),
+        Route("/api/chat/runs/{run_id}/events", routes.run_events, methods=["GET"]),
+        Route("/api/chat/agents/{run_id}/status", routes.run_status, methods=["GET"]),
+        Route("/api/chat/agents/{run_id}/{action}", routes.lifecycle, methods=["POST"]),
+        Mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static"),
+    ]
+    middleware = [
+        Middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.allowed_origins),
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+            max_age=600,
+        )
+    ]
+    app = Starlette(routes=route_list, middleware=middleware, lifespan=lifespan)
+    app.state.gateway = gateway
+    app.state.settings = settings
+    return app

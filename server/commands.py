@@ -1,0 +1,136 @@
+"""Client frames of ``chat.v1``, parsed into typed commands.  No I/O.
+
+Every frame becomes one :data:`Command`, or a :class:`ProtocolError` whose code
+is ``bad_json`` (not JSON text, unpaired surrogates included), ``bad_message``
+(JSON that is not an object, or wrong or missing fields) or ``unknown_type``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+import orjson
+
+from bridge.events import Ref
+from server.errors import ProtocolError
+
+MAX_ID_CHARS: Final = 128
+MAX_THREAD_ID_CHARS: Final = 128
+
+
+@dataclass(frozen=True, slots=True)
+class UserMessage:
+    content: str
+    id: Ref = None
+    thread_id: str | None = None
+    agent: str | None = None
+    type: Literal["user_message"] = "user_message"
+
+
+@dataclass(frozen=True, slots=True)
+class Control:
+    action: Literal["stop", "start", "cancel"]
+    run_id: str
+    id: Ref = None
+    type: Literal["control"] = "control"
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    run_id: str
+    after_seq: int
+    id: Ref = None
+    type: Literal["resume"] = "resume"
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    id: Ref = None
+    type: Literal["ping"] = "ping"
+
+
+Command = UserMessage | Control | Resume | Ping
+
+KNOWN_TYPES: Final = ("user_message", "stop", "start", "cancel", "resume", "ping")
+
+
+def parse_command(frame: str | bytes) -> Command:
+    """Parse one client frame.
+
+    Raises:
+        ProtocolError: the frame is not a valid command; its ``ref`` is the frame's
+            ``id`` when one could be read.
+    """
+    try:
+        raw = orjson.loads(frame)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError("bad_json", f"frame is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ProtocolError("bad_message", "a frame must be a JSON object")
+    ref = _ref(raw)
+    kind = raw.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError("bad_message", "field 'type' must be a string", ref)
+    if kind == "user_message":
+        return UserMessage(
+            content=_content(raw, ref),
+            id=ref,
+            thread_id=_optional_id(raw, "thread_id", ref),
+            agent=_optional_id(raw, "agent", ref),
+        )
+    if kind in ("stop", "start", "cancel"):
+        return Control(action=kind, run_id=_run_id(raw, ref), id=ref)  # type: ignore[arg-type]
+    if kind == "resume":
+        after = raw.get("after_seq")
+        if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+            raise ProtocolError("bad_message", "field 'after_seq' must be an integer >= 0", ref)
+        return Resume(run_id=_run_id(raw, ref), after_seq=after, id=ref)
+    if kind == "ping":
+        return Ping(id=ref)
+    raise ProtocolError(
+        "unknown_type",
+        f"unknown type {kind[:64]!r}; expected one of {', '.join(KNOWN_TYPES)}",
+        ref,
+    )
+
+
+def _ref(raw: dict[str, Any]) -> Ref:
+    value = raw.get("id")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ProtocolError("bad_message", "field 'id' must be a string or an integer")
+    if isinstance(value, str) and len(value) > MAX_ID_CHARS:
+        raise ProtocolError("bad_message", f"field 'id' is longer than {MAX_ID_CHARS} characters")
+    return value
+
+
+def _content(raw: dict[str, Any], ref: Ref) -> str:
+    content = raw.get("content")
+    if not isinstance(content, str) or not content.strip():
+        raise ProtocolError("bad_message", "field 'content' must be a non-empty string", ref)
+    return content
+
+
+def _run_id(raw: dict[str, Any], ref: Ref) -> str:
+    run_id = raw.get("run_id")
+    if not isinstance(run_id, str) or not run_id or len(run_id) > MAX_ID_CHARS:
+        raise ProtocolError("bad_message", "field 'run_id' must be a run id string", ref)
+    return run_id
+
+
+def _optional_id(raw: dict[str, Any], name: str, ref: Ref) -> str | None:
+    value = raw.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > MAX_THREAD_ID_CHARS:
+        raise ProtocolError(
+            "bad_message",
+            f"field {name!r} must be a non-empty string of at most "
+            f"{MAX_THREAD_ID_CHARS} characters",
+            ref,
+        )
+    if not value.isprintable():
+        raise ProtocolError("bad_message", f"field {name!r} has unprintable characters", ref)
+    return value

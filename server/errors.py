@@ -1,0 +1,75 @@
+"""Errors of the server layer, and how every error of the project maps to the wire.
+
+The whole tree, under one root::
+
+    GatewayError
+    ├── ProtocolError   a client frame or request body is not what the contract says
+    ├── AuthError       no token, or a token that does not verify
+    └── RateLimited     a per-user limit was reached
+
+Errors of ``bridge`` and ``agents`` carry their own ``code``; :func:`wire_error`
+maps any of them to the code and HTTP status a client sees.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+
+class GatewayError(Exception):
+    code = "internal"
+
+
+class ProtocolError(GatewayError):
+    """A bad frame or body; ``code`` is ``bad_json``, ``bad_message`` or ``unknown_type``."""
+
+    def __init__(self, code: str, message: str, ref: str | int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.ref = ref
+
+
+class AuthError(GatewayError):
+    code = "unauthorized"
+
+
+class RateLimited(GatewayError):
+    code = "rate_limited"
+
+
+HTTP_STATUS: Final[dict[str, int]] = {
+    "bad_json": 400,
+    "bad_message": 400,
+    "unknown_type": 400,
+    "bad_input": 400,
+    "unauthorized": 401,
+    "not_found": 404,
+    "conflict": 409,
+    "resume_unavailable": 410,
+    "too_large": 413,
+    "rate_limited": 429,
+    "internal": 500,
+}
+
+#: Codes a client may see in an ``error`` event; anything else is reported as ``internal``.
+CLIENT_CODES: Final = frozenset(
+    {
+        "bad_json",
+        "bad_message",
+        "unknown_type",
+        "not_found",
+        "conflict",
+        "rate_limited",
+        "resume_unavailable",
+        "internal",
+    }
+)
+
+
+def wire_error(exc: BaseException) -> tuple[str, str, int]:
+    """The ``(code, message, http_status)`` a client sees for an error."""
+    code = getattr(exc, "code", "internal")
+    if not isinstance(code, str) or code not in HTTP_STATUS:
+        code = "internal"
+    message = str(exc) if code != "internal" else "internal error"
+    return code, message, HTTP_STATUS[code]

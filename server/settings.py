@@ -1,0 +1,128 @@
+"""One typed settings object, read from ``CHAT_*`` environment variables.
+
+Every field ``name`` is read from ``CHAT_<NAME>`` and can be given to the CLI as
+``--<name-with-dashes>``; the CLI only maps flags onto this object.
+"""
+
+import dataclasses
+import os
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Union, get_args, get_origin
+
+ENV_PREFIX: Final = "CHAT_"
+KiB: Final = 1024
+MiB: Final = 1024 * KiB
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    # Identity -----------------------------------------------------------------
+    jwt_secret: str | None = _opt(None, "HS256 secret; unset: dev mode with a random secret")
+    jwt_public_key: str | None = _opt(
+        None, "RS256 public key (PEM text or a path to a PEM file); when set, only RS256"
+    )
+    jwt_audience: str | None = _opt(None, "required 'aud' claim, when set")
+    jwt_issuer: str | None = _opt(None, "required 'iss' claim, when set")
+    jwt_leeway_s: float = _opt(0.0, "clock skew allowed on 'exp' and 'iat', in seconds")
+    allowed_origins: tuple[str, ...] = _opt(
+        (), "comma-separated origins allowed besides the server's own (CORS and /ws)"
+    )
+    # Limits -------------------------------------------------------------------
+    max_message_bytes: int = _opt(64 * KiB, "largest client frame; larger closes with 1009")
+    heartbeat_s: float = _opt(15.0, "keepalive interval for WebSocket pings and SSE comments")
+    send_buffer_bytes: int = _opt(
+        1 * MiB, "unsent bytes allowed per connection before it is closed as a slow consumer"
+    )
+    max_connections_per_user: int = _opt(20, "open WebSocket connections per user")
+    rate_limit_per_minute: int = _opt(30, "new runs per user per minute")
+    max_active_runs_per_user: int = _opt(5, "runs of one user not yet ended")
+    # Runs ---------------------------------------------------------------------
+    detach_grace_s: float = _opt(60.0, "a run with no client for this long is cancelled")
+    resume_window_s: float = _opt(120.0, "how long a finished run's events stay resumable")
+    run_log_max_bytes: int = _opt(32 * MiB, "events kept per run for resume; oldest dropped")
+    default_agent: str = _opt("demo", "agent that answers when a message names none")
+    typing_delay_ms: float = _opt(0.0, "pause between the demo agent's chunks")
+    shutdown_grace_s: float = _opt(10.0, "on shutdown, how long runs may go on finishing")
+    # Server -------------------------------------------------------------------
+    log_level: str = _opt("info", "debug, info, warning or error")
+
+    @property
+    def dev_mode(self) -> bool:
+        return self.jwt_secret is None and self.jwt_public_key is None
+
+    def public_key_pem(self) -> str | None:
+        key = self.jwt_public_key
+        if key is None or key.lstrip().startswith("-----BEGIN"):
+            return key
+        return Path(key).read_text()
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        """Read every ``CHAT_*`` variable that is set; the rest keep their defaults.
+
+        Raises:
+            ValueError: a variable's value does not fit its setting, naming both.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            name = ENV_PREFIX + f.name.upper()
+            if name in env:
+                values[f.name] = parse_value(f, env[name], name)
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Raise ValueError for settings that cannot work together."""
+        for name in (
+            "max_message_bytes",
+            "send_buffer_bytes",
+            "max_connections_per_user",
+            "rate_limit_per_minute",
+            "max_active_runs_per_user",
+            "run_log_max_bytes",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{ENV_PREFIX}{name.upper()} must be at least 1")
+        for name in ("heartbeat_s", "detach_grace_s", "resume_window_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{ENV_PREFIX}{name.upper()} must be positive")
+        for name in ("jwt_leeway_s", "typing_delay_ms", "shutdown_grace_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{ENV_PREFIX}{name.upper()} must not be negative")
+
+
+def base_type(f: "dataclasses.Field[Any]") -> type:
+    """The field's type without ``| None``."""
+    tp: Any = f.type
+    if get_origin(tp) in (Union, types.UnionType):
+        tp = next(a for a in get_args(tp) if a is not type(None))
+    return get_origin(tp) or tp  # type: ignore[no-any-return]
+
+
+def parse_value(f: "dataclasses.Field[Any]", raw: str, source: str) -> Any:
+    """Convert one textual value (an environment variable or a flag) for field ``f``."""
+    tp = base_type(f)
+    text = raw.strip()
+    try:
+        if tp is tuple:
+            return tuple(part.strip() for part in text.split(",") if part.strip())
+        if tp is int:
+            return int(text.replace("_", ""))
+        if tp is float:
+            return float(text)
+        return text or None
+    except ValueError:
+        kind = {int: "an integer", float: "a number"}.get(tp, "a value")
+        raise ValueError(f"{source} must be {kind}, got {raw!r}") from None
