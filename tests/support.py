@@ -1,0 +1,181 @@
+"""Test helpers: a real gateway on loopback, and clients that speak chat.v1 over it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import orjson
+import uvicorn
+from websockets.asyncio.client import ClientConnection, connect
+
+from server.app import create_app
+from server.auth import Authenticator
+from server.settings import Settings
+
+SECRET = "test-secret-0123456789-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class LiveServer:
+    """A gateway served by a real uvicorn in a thread, on a free loopback port."""
+
+    settings: Settings
+    port: int
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def token(self, user: str = "alice", ttl_s: float = 3600, **claims: Any) -> str:
+        return Authenticator(self.settings).mint(user, ttl_s, **claims)
+
+    def headers(self, user: str = "alice") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token(user)}"}
+
+
+@contextlib.contextmanager
+def run_server(settings: Settings | None = None, **overrides: Any) -> Iterator[LiveServer]:
+    settings = (settings or Settings(jwt_secret=SECRET)).replace(**overrides)
+    port = free_port()
+    config = uvicorn.Config(
+        create_app(settings),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        ws_max_size=settings.max_message_bytes,
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name=f"uvicorn:{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.01)
+    try:
+        yield LiveServer(settings, port)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+
+
+class Client:
+    """A chat.v1 WebSocket client for tests."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.ready: dict[str, Any] = {}
+
+    async def send(self, **frame: Any) -> None:
+        await self.ws.send(orjson.dumps(frame).decode())
+
+    async def recv(self, timeout: float = 10) -> dict[str, Any]:
+        raw = await asyncio.wait_for(self.ws.recv(), timeout)
+        message: dict[str, Any] = orjson.loads(raw)
+        return message
+
+    async def recv_until(
+        self, type: str, timeout: float = 15, run_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Every message up to and including the first of ``type`` (of ``run_id`` if given)."""
+        got: list[dict[str, Any]] = []
+        async with asyncio.timeout(timeout):
+            while True:
+                message = await self.recv(timeout)
+                got.append(message)
+                if message["type"] == type and (run_id is None or message["run_id"] == run_id):
+                    return got
+
+    async def run(self, content: str, **fields: Any) -> list[dict[str, Any]]:
+        """Send a message and return its run's events, up to ``agent_completed``."""
+        await self.send(type="user_message", content=content, **fields)
+        return await self.recv_until("agent_completed")
+
+
+@contextlib.asynccontextmanager
+async def ws_client(
+    server: LiveServer, user: str = "alice", *, token: str | None = None, **kwargs: Any
+) -> AsyncIterator[Client]:
+    token = token if token is not None else server.token(user)
+    async with connect(
+        server.ws, subprotocols=["chat.v1", f"bearer.{token}"], **kwargs  # type: ignore[list-item]
+    ) as ws:
+        client = Client(ws)
+        ready = await client.recv()
+        assert ready["type"] == "connection_ready", ready
+        client.ready = ready
+        yield client
+
+
+def parse_sse(text: str) -> list[dict[str, Any]]:
+    """SSE text into messages: ``{"id", "event", "data"}`` (comments dropped)."""
+    out: list[dict[str, Any]] = []
+    for block in text.split("\n\n"):
+        fields: dict[str, Any] = {}
+        for line in block.split("\n"):
+            if not line or line.startswith(":"):
+                continue
+            name, _, value = line.partition(": ")
+            fields[name] = value
+        if fields:
+            if "data" in fields:
+                fields["data"] = orjson.loads(fields["data"])
+            out.append(fields)
+    return out
+
+
+def http_client(server: LiveServer, **kwargs: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=server.http, timeout=15, **kwargs)
+
+
+RUN_EVENT_ORDER = ("user_message", "agent_started")
+
+
+def check_run_invariants(run_events: list[dict[str, Any]]) -> None:
+    """The contract's invariants over one run's events, as received."""
+    assert run_events, "no events"
+    run_ids = {e["run_id"] for e in run_events}
+    assert len(run_ids) == 1, run_ids
+    seqs = [e["seq"] for e in run_events]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs
+    types = [e["type"] for e in run_events]
+    if seqs[0] == 1:
+        assert types[0] == "user_message", types
+    assert types[-1] == "agent_completed" and types.count("agent_completed") == 1, types
+    assert types[-2] == "response_complete" and types.count("response_complete") == 1, types
+    chunks = [e["data"] for e in run_events if e["type"] == "response_chunk"]
+    if seqs[0] == 1:
+        assert [c["index"] for c in chunks] == list(range(len(chunks)))
+        content = "".join(c["text"] for c in chunks)
+        assert run_events[-2]["data"]["content"] == content
+    opened = [e["data"]["call_id"] for e in run_events if e["type"] == "tool_executing"]
+    closed = [e["data"]["call_id"] for e in run_events if e["type"] == "tool_completed"]
+    if seqs[0] == 1:
+        assert sorted(opened) == sorted(closed), (opened, closed)
+        assert len(set(closed)) == len(closed)
+    paused = False
+    for event in run_events:
+        if event["type"] == "run_status":
+            paused = event["data"]["status"] == "paused"
+        elif paused:
+            # Only a cancel may end a pause without run_status running.
+            assert run_events[-1]["data"]["status"] == "cancelled", event
