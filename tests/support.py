@@ -117,7 +117,9 @@ async def ws_client(
 ) -> AsyncIterator[Client]:
     token = token if token is not None else server.token(user)
     async with connect(
-        server.ws, subprotocols=["chat.v1", f"bearer.{token}"], **kwargs  # type: ignore[list-item]
+        server.ws,
+        subprotocols=["chat.v1", f"bearer.{token}"],
+        **kwargs,  # type: ignore[list-item]
     ) as ws:
         client = Client(ws)
         ready = await client.recv()
