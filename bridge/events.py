@@ -126,8 +126,10 @@ def pong(ref: Ref) -> Event:
     return make_event("pong", {"ref": ref})
 
 
-def ack(ref: Ref, action: str, run_id: str, status: str) -> Event:
-    return make_event("ack", {"ref": ref, "action": action, "run_id": run_id, "status": status})
+def ack(ref: Ref, action: str, run_id: str, status: str, **extra: Any) -> Event:
+    return make_event(
+        "ack", {"ref": ref, "action": action, "run_id": run_id, "status": status, **extra}
+    )
 
 
 def error(code: str, message: str, ref: Ref = None) -> Event:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import math
 import os
 import re
 import sys
@@ -19,10 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import uvicorn
-
 from server.app import create_app
 from server.auth import Authenticator, new_dev_secret
+from server.serve import GatewayServer, uvicorn_config
 from server.settings import ENV_PREFIX, Settings, parse_value
 
 DEV_USER = "dev"
@@ -113,18 +111,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             flush=True,
         )
     app = create_app(settings, dev_secret=dev_secret)
-    config = uvicorn.Config(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level=settings.log_level,
-        ws_max_size=settings.max_message_bytes,
-        ws_ping_interval=settings.heartbeat_s,
-        ws_ping_timeout=settings.heartbeat_s,
-        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s) + 5,
-        proxy_headers=False,
-    )
-    uvicorn.Server(config).run()
+    try:
+        GatewayServer(uvicorn_config(app, settings, args.host, args.port)).run()
+    finally:
+        if dev_secret is not None:
+            # Tokens of this process's secret mean nothing to the next one.
+            DEV_SECRET_FILE.unlink(missing_ok=True)
     return 0
 
 

@@ -5,7 +5,8 @@ The whole tree, under one root::
     GatewayError
     ├── ProtocolError   a client frame or request body is not what the contract says
     ├── AuthError       no token, or a token that does not verify
-    └── RateLimited     a per-user limit was reached
+    ├── RateLimited     a per-user limit was reached
+    └── ShuttingDown    the server takes no new work while it shuts down
 
 Errors of ``bridge`` and ``agents`` carry their own ``code``; :func:`wire_error`
 maps any of them to the code and HTTP status a client sees.
@@ -35,6 +36,13 @@ class AuthError(GatewayError):
 
 class RateLimited(GatewayError):
     code = "rate_limited"
+
+
+class ShuttingDown(GatewayError):
+    # The contract has no code of its own for this; ``internal`` with a clear
+    # message on the socket, 503 on HTTP.
+    code = "internal"
+    http_status = 503
 
 
 HTTP_STATUS: Final[dict[str, int]] = {
@@ -71,5 +79,7 @@ def wire_error(exc: BaseException) -> tuple[str, str, int]:
     code = getattr(exc, "code", "internal")
     if not isinstance(code, str) or code not in HTTP_STATUS:
         code = "internal"
-    message = str(exc) if code != "internal" else "internal error"
-    return code, message, HTTP_STATUS[code]
+    status = getattr(exc, "http_status", HTTP_STATUS[code])
+    if code == "internal" and not isinstance(exc, GatewayError):
+        return code, "internal error", status  # an unexpected error's text stays in the log
+    return code, str(exc), status

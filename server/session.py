@@ -54,8 +54,9 @@ class Session:
     ) -> None:
         self.gateway = gateway
         self.user = user
+        self.user_id = user.user_id
         self.id = session_id
-        self._send = send
+        self._send_raw = send
         self._close = close
         self._control: deque[Event] = deque()
         self._watches: dict[str, Watch] = {}
@@ -64,7 +65,20 @@ class Session:
         self._close_code: int | None = None
         self._close_reason = ""
         self._drain_before_close = True
-        self.closed = asyncio.Event()
+        #: Set when the session must end now, without draining (slow consumer).
+        self.aborted = asyncio.Event()
+        #: Loop time at which the send under way started, None when none is.
+        self.sending_since: float | None = None
+        self._closed = asyncio.Event()
+
+    @property
+    def closed(self) -> asyncio.Event:
+        """Set once the writer has stopped; the socket is closed or being closed."""
+        return self._closed
+
+    @property
+    def close_code(self) -> int | None:
+        return self._close_code
 
     # Outbound -------------------------------------------------------------------
 
@@ -76,18 +90,34 @@ class Session:
         self._wake.set()
 
     def close(self, code: int, reason: str, *, drain: bool = True) -> None:
-        """Ask the writer to close the socket, after what is pending when ``drain``."""
+        """Close the session: after what is ready to send when ``drain``, else at once.
+
+        The first close asked wins, except that closing at once overrides a drain.
+        """
         if self._close_code is not None and (drain or not self._drain_before_close):
             return
         self._close_code = code
         self._close_reason = reason
         self._drain_before_close = drain
+        if not drain:
+            self.aborted.set()
         self._wake.set()
 
-    def _watch_woken(self, watch: Watch) -> None:
-        if watch.lag_bytes() > self.gateway.settings.send_buffer_bytes:
+    def _watch_woken(self, watch: Watch, backlog: int) -> None:
+        # Unsent bytes past the send buffer make a slow consumer; a resume's replay
+        # backlog is allowed on top, since the reader asked for it all at once.
+        if watch.lag_bytes() > self.gateway.settings.send_buffer_bytes + backlog:
             self.close(CLOSE_SLOW, "slow consumer: send buffer overflow", drain=False)
         self._wake.set()
+
+    async def _send(self, text: str) -> None:
+        self.sending_since = asyncio.get_running_loop().time()
+        await self._send_raw(text)
+        self.sending_since = None
+
+    async def close_now(self) -> None:
+        """Send the close frame of an aborted session; the writer must be stopped first."""
+        await self._close(self._close_code or CLOSE_NORMAL, self._close_reason)
 
     async def write_loop(self) -> None:
         """The only code that writes to the socket."""
@@ -95,20 +125,21 @@ class Session:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
-                if self._close_code is not None and not self._drain_before_close:
-                    break
+                if self.aborted.is_set():
+                    return
                 more = await self._write_ready()
                 if more:
                     self._wake.set()
                 elif self._close_code is not None:
                     break
-            with contextlib.suppress(Exception):
-                await self._close(self._close_code or CLOSE_NORMAL, self._close_reason)
+            if self._drain_before_close:
+                with contextlib.suppress(Exception):
+                    await self._close(self._close_code or CLOSE_NORMAL, self._close_reason)
         except Exception as exc:  # the peer went away while we wrote
             log.debug("session %s: writer stopped: %r", self.id, exc)
         finally:
             self.detach_all()
-            self.closed.set()
+            self._closed.set()
 
     async def _write_ready(self) -> bool:
         """Send what is ready; True when more is waiting."""
@@ -196,20 +227,22 @@ class Session:
         await self._watch(
             command.run_id,
             command.after_seq,
-            before=lambda: self.enqueue(events.ack(ref, "resume", command.run_id, record.status)),
+            before=lambda: self.enqueue(
+                events.ack(ref, "resume", command.run_id, record.status, last_seq=record.last_seq)
+            ),
         )
 
     async def _watch(
         self, run_id: str, after_seq: int, before: Callable[[], None] | None = None
     ) -> None:
-        holder: list[Watch] = []
+        holder: list[tuple[Watch, int]] = []
 
         def wake() -> None:
             if holder:
-                self._watch_woken(holder[0])
+                self._watch_woken(*holder[0])
 
         watch = await self.gateway.watch(self.user, run_id, after_seq, wake)
-        holder.append(watch)
+        holder.append((watch, watch.lag_bytes()))
         if before is not None:
             before()
         self._watches[run_id] = watch

@@ -40,6 +40,9 @@ class Settings:
     send_buffer_bytes: int = _opt(
         1 * MiB, "unsent bytes allowed per connection before it is closed as a slow consumer"
     )
+    send_timeout_s: float = _opt(
+        10.0, "a send to a client stuck this long closes it as a slow consumer (4408)"
+    )
     max_connections_per_user: int = _opt(20, "open WebSocket connections per user")
     rate_limit_per_minute: int = _opt(30, "new runs per user per minute")
     max_active_runs_per_user: int = _opt(5, "runs of one user not yet ended")
@@ -95,7 +98,7 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()} must be at least 1")
-        for name in ("heartbeat_s", "detach_grace_s", "resume_window_s"):
+        for name in ("heartbeat_s", "detach_grace_s", "resume_window_s", "send_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()} must be positive")
         for name in ("jwt_leeway_s", "typing_delay_ms", "shutdown_grace_s"):

@@ -1,10 +1,20 @@
-"""The WebSocket endpoint ``/ws``: handshake, authentication, then one session."""
+"""The WebSocket endpoint ``/ws``: handshake checks, then one session until it ends.
+
+Refusals (bad token 4401, foreign origin 4403, too many connections 4429) are
+sent as close codes after the handshake, with ``chat.v1`` selected when it was
+offered, so that a browser can see why.  While the session lives, this task
+watches it: a session aborted as a slow consumer, or whose writer is stuck in a
+send for longer than ``CHAT_SEND_TIMEOUT_S``, is closed with 4408; a session
+whose token expires is closed with 4401.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import time
+from typing import Final
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -13,20 +23,35 @@ from bridge import events
 from server.auth import token_for_websocket
 from server.errors import AuthError
 from server.gateway import Gateway
-from server.session import CLOSE_TOO_BIG, CLOSE_UNAUTHORIZED, Session
+from server.limits import origin_allowed
+from server.session import (
+    CLOSE_FORBIDDEN,
+    CLOSE_SLOW,
+    CLOSE_TOO_BIG,
+    CLOSE_TOO_MANY,
+    CLOSE_UNAUTHORIZED,
+    Session,
+)
 
 log = logging.getLogger("chat.ws")
+
+#: How long closing an aborted session may take before the socket is left to the server.
+ABORT_CLOSE_TIMEOUT_S: Final = 2.0
 
 
 async def websocket_endpoint(websocket: WebSocket) -> None:
     gateway: Gateway = websocket.app.state.gateway
     settings = gateway.settings
-    token, subprotocol = token_for_websocket(websocket.headers, websocket.scope["query_string"])
-    # Refusals are sent after the handshake, as close codes a browser can read.
+    headers = websocket.headers
+    token, subprotocol = token_for_websocket(headers, websocket.scope["query_string"])
     await websocket.accept(subprotocol=subprotocol)
+    if not origin_allowed(headers.get("origin"), headers.get("host"), settings.allowed_origins):
+        await websocket.close(CLOSE_FORBIDDEN, "origin not allowed")
+        return
     try:
         user = gateway.auth.verify(token)
     except AuthError as exc:
+        gateway.counters.auth_failures += 1
         await websocket.close(CLOSE_UNAUTHORIZED, str(exc))
         return
 
@@ -37,27 +62,67 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         await websocket.close(code, reason)
 
     session = Session(gateway, user, new_id("s_"), send, close)
-    gateway.counters.connections += 1
+    if not gateway.add_session(session):
+        limit = settings.max_connections_per_user
+        await websocket.close(CLOSE_TOO_MANY, f"more than {limit} connections for this user")
+        return
     session.enqueue(
         events.connection_ready(
             session.id, user.user_id, settings.heartbeat_s, settings.max_message_bytes
         )
     )
+    loop = asyncio.get_running_loop()
+    expiry = loop.call_later(
+        max(0.0, user.expires_at + gateway.auth.leeway_s - time.time()),
+        session.close,
+        CLOSE_UNAUTHORIZED,
+        "token expired",
+    )
     writer = asyncio.create_task(session.write_loop(), name=f"writer {session.id}")
-    receiver: asyncio.Task[None] = asyncio.create_task(_read_loop(websocket, session))
+    reader = asyncio.create_task(_read_loop(websocket, session), name=f"reader {session.id}")
+    aborted = asyncio.create_task(session.aborted.wait())
     try:
-        await asyncio.wait({writer, receiver}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gateway.counters.connections -= 1
-        receiver.cancel()
-        if not writer.done():
-            # The peer left: nothing more can be written.
+        await _watch_session(session, writer, reader, aborted, settings.send_timeout_s)
+        if session.aborted.is_set():
+            if session.close_code == CLOSE_SLOW:
+                gateway.counters.slow_consumer_closes += 1
             writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await writer
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await receiver
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await writer
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(ABORT_CLOSE_TIMEOUT_S):
+                    await session.close_now()
+    finally:
+        expiry.cancel()
+        gateway.remove_session(session)
+        for task in (reader, writer, aborted):
+            task.cancel()
+        for task in (reader, writer, aborted):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         session.detach_all()
+
+
+async def _watch_session(
+    session: Session,
+    writer: asyncio.Task[None],
+    reader: asyncio.Task[None],
+    aborted: asyncio.Task[bool],
+    send_timeout_s: float,
+) -> None:
+    """Wait until the session ends; abort it if a send stalls past the timeout."""
+    tasks = {writer, reader, aborted}
+    loop = asyncio.get_running_loop()
+    while True:
+        done, _ = await asyncio.wait(
+            tasks, timeout=send_timeout_s / 2, return_when=asyncio.FIRST_COMPLETED
+        )
+        if done:
+            return
+        since = session.sending_since
+        if since is not None and loop.time() - since > send_timeout_s:
+            session.close(CLOSE_SLOW, "slow consumer: send stalled", drain=False)
+            return
 
 
 async def _read_loop(websocket: WebSocket, session: Session) -> None:
@@ -65,8 +130,7 @@ async def _read_loop(websocket: WebSocket, session: Session) -> None:
     try:
         while True:
             message = await websocket.receive()
-            kind = message["type"]
-            if kind == "websocket.disconnect":
+            if message["type"] == "websocket.disconnect":
                 return
             text = message.get("text")
             if text is None:
@@ -77,7 +141,6 @@ async def _read_loop(websocket: WebSocket, session: Session) -> None:
             # A character takes at most 4 bytes: encode only when it could matter.
             if len(text) * 4 > limit and len(text.encode("utf-8", "surrogatepass")) > limit:
                 session.close(CLOSE_TOO_BIG, f"frame larger than {limit} bytes", drain=False)
-                await session.closed.wait()
                 return
             await session.handle_frame(text)
     except WebSocketDisconnect:

@@ -13,11 +13,11 @@ from typing import Any
 
 import httpx
 import orjson
-import uvicorn
 from websockets.asyncio.client import ClientConnection, connect
 
 from server.app import create_app
 from server.auth import Authenticator
+from server.serve import GatewayServer, uvicorn_config
 from server.settings import Settings
 
 SECRET = "test-secret-0123456789-0123456789"
@@ -53,17 +53,11 @@ class LiveServer:
 
 @contextlib.contextmanager
 def run_server(settings: Settings | None = None, **overrides: Any) -> Iterator[LiveServer]:
-    settings = (settings or Settings(jwt_secret=SECRET)).replace(**overrides)
+    base = settings or Settings(jwt_secret=SECRET, log_level="warning")
+    settings = base.replace(**overrides)
     port = free_port()
-    config = uvicorn.Config(
-        create_app(settings),
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        ws_max_size=settings.max_message_bytes,
-        lifespan="on",
-    )
-    server = uvicorn.Server(config)
+    app = create_app(settings)
+    server = GatewayServer(uvicorn_config(app, settings, "127.0.0.1", port, lifespan="on"))
     thread = threading.Thread(target=server.run, name=f"uvicorn:{port}", daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

@@ -1,0 +1,53 @@
+"""Serving the app with uvicorn: one config from the settings, and a graceful shutdown.
+
+uvicorn's own shutdown closes every WebSocket with 1012 at once.  The gateway
+first stops accepting, lets its runs finish for ``CHAT_SHUTDOWN_GRACE_S``,
+cancels the rest (``agent_completed`` with ``cancelled``/``shutdown``), lets each
+session send those last events and close with 1012, and only then hands over to
+uvicorn's shutdown.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+
+from server.gateway import Gateway
+from server.session import CLOSE_RESTART
+from server.settings import Settings
+
+
+def uvicorn_config(
+    app: Starlette, settings: Settings, host: str, port: int, **extra: Any
+) -> uvicorn.Config:
+    """The uvicorn config that goes with the settings: frame size, keepalive, shutdown."""
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=settings.log_level,
+        ws_max_size=settings.max_message_bytes,
+        # Pings every heartbeat; a peer that does not answer within one more is gone.
+        ws_ping_interval=settings.heartbeat_s,
+        ws_ping_timeout=settings.heartbeat_s,
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s) + 10,
+        proxy_headers=False,
+        **extra,
+    )
+
+
+class GatewayServer(uvicorn.Server):
+    """uvicorn's server, with the gateway's drain before uvicorn closes connections."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:
+            server.close()  # stop accepting before anything else
+        app = self.config.app
+        gateway = getattr(getattr(app, "state", None), "gateway", None)
+        if isinstance(gateway, Gateway) and not self.force_exit:
+            await gateway.drain(CLOSE_RESTART)
+        await super().shutdown(sockets)
