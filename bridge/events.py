@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any, Final, Literal, get_args
 
 import orjson
@@ -42,19 +41,54 @@ CRITICAL_EVENT_TYPES: Final[frozenset[str]] = frozenset(
 )
 
 
-@dataclass(frozen=True, slots=True)
 class Event:
-    """One server-to-client message: the contract's envelope and its encoded text."""
+    """One server-to-client message: the contract's envelope as encoded JSON text.
 
-    type: EventType
-    run_id: str | None
-    thread_id: str | None
-    seq: int | None
-    ts: float
-    data: Mapping[str, Any]
-    text: str = field(repr=False, compare=False)
-    #: Bytes the encoded event takes; what the run log and send buffers count.
-    size: int = field(repr=False, compare=False)
+    Only what routing needs is kept as fields (``type``, ``run_id``, ``thread_id``,
+    ``seq``, ``ts``); ``data`` is decoded from the text when asked for.  A run log
+    keeps many events, and the text alone is what every transport sends.
+    """
+
+    __slots__ = ("run_id", "seq", "size", "text", "thread_id", "ts", "type")
+
+    def __init__(
+        self,
+        type: EventType,
+        run_id: str | None,
+        thread_id: str | None,
+        seq: int | None,
+        ts: float,
+        text: str,
+        size: int,
+    ) -> None:
+        self.type = type
+        self.run_id = run_id
+        self.thread_id = thread_id
+        self.seq = seq
+        self.ts = ts
+        #: The envelope, encoded once.
+        self.text = text
+        #: Bytes of the encoded envelope.
+        self.size = size
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """The event's ``data``, decoded from its text (not cached)."""
+        data: dict[str, Any] = orjson.loads(self.text)["data"]
+        return data
+
+    def envelope(self) -> dict[str, Any]:
+        envelope: dict[str, Any] = orjson.loads(self.text)
+        return envelope
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Event) and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+    def __repr__(self) -> str:
+        return f"Event({self.type!r}, run_id={self.run_id!r}, seq={self.seq!r})"
 
     def sse(self) -> bytes:
         """The event as one Server-Sent Events message, ``id`` being its ``seq``."""
@@ -83,7 +117,7 @@ def make_event(
         "data": data,
     }
     raw = orjson.dumps(envelope)
-    return Event(type, run_id, thread_id, seq, ts, data, raw.decode(), len(raw))
+    return Event(type, run_id, thread_id, seq, ts, raw.decode(), len(raw))
 
 
 def decode_event(text: str | bytes) -> Event:
@@ -98,7 +132,6 @@ def decode_event(text: str | bytes) -> Event:
         raw.get("thread_id"),
         raw.get("seq"),
         float(raw["ts"]),
-        raw.get("data") or {},
         encoded.decode(),
         len(encoded),
     )

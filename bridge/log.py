@@ -9,8 +9,15 @@ a partial replay.
 
 from __future__ import annotations
 
+from typing import Final
+
 from bridge.errors import ResumeUnavailable
 from bridge.events import Event
+
+#: What keeping one event costs beyond its encoded text (the record, its fields,
+#: the string header, the log's own entries), measured on CPython 3.11.  Counted
+#: against ``max_bytes`` so that the bound is close to the memory really held.
+EVENT_OVERHEAD: Final = 240
 
 
 class RunLog:
@@ -77,12 +84,12 @@ class RunLog:
         self._events.append(event)
         self.total += event.size
         self._ends.append(self.total)
-        self._held += event.size
+        self._held += event.size + EVENT_OVERHEAD
         if event.type == "agent_completed":
             self.closed = True
         # Drop the oldest first, but always keep the newest event.
         while self._held > self.max_bytes and len(self) > 1:
-            self._held -= self._events[self._head].size
+            self._held -= self._events[self._head].size + EVENT_OVERHEAD
             self._head += 1
         if self._head > 64 and self._head * 2 > len(self._events):
             del self._events[: self._head]

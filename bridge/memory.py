@@ -119,6 +119,10 @@ class InMemoryBroker:
     def runs_in_memory(self) -> int:
         return len(self._runs)
 
+    def held_bytes(self) -> int:
+        """Bytes of events kept for resume, over every run in memory."""
+        return sum(slot.log.held_bytes for slot in self._runs.values())
+
     # Event logs ---------------------------------------------------------------
 
     async def publish(self, event: Event) -> None:

@@ -97,6 +97,14 @@ class Gateway:
             if not sessions:
                 del self._sessions[session.user_id]
 
+    def memory_report(self) -> dict[str, int]:
+        """What the process holds for runs, for the health route."""
+        report = {"runs_in_memory": 0, "run_log_bytes": 0}
+        if isinstance(self.broker, InMemoryBroker):
+            report["runs_in_memory"] = self.broker.runs_in_memory()
+            report["run_log_bytes"] = self.broker.held_bytes()
+        return report
+
     def sessions(self) -> list[LocalSession]:
         return [s for group in self._sessions.values() for s in group]
 

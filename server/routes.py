@@ -22,7 +22,7 @@ from bridge.errors import RunNotFound
 from bridge.events import PROTOCOL
 from server import sse
 from server.auth import Principal, token_for_http
-from server.errors import ProtocolError, wire_error
+from server.errors import AuthError, ProtocolError, wire_error
 from server.gateway import Gateway
 
 log = logging.getLogger("chat.http")
@@ -64,7 +64,11 @@ def gateway_of(request: Request) -> Gateway:
 def authenticate(request: Request) -> Principal:
     gateway = gateway_of(request)
     token = token_for_http(request.headers, request.scope.get("query_string", b""))
-    return gateway.auth.verify(token)
+    try:
+        return gateway.auth.verify(token)
+    except AuthError:
+        gateway.counters.auth_failures += 1
+        raise
 
 
 async def read_json_body(request: Request, limit: int) -> dict[str, Any]:
@@ -181,6 +185,7 @@ async def run_status(request: Request) -> Response:
 
 async def health(request: Request) -> Response:
     gateway = gateway_of(request)
+    counters = gateway.counters
     return OrjsonResponse(
         {
             "status": "shutting_down" if gateway.shutting_down else "healthy",
@@ -196,8 +201,15 @@ async def health(request: Request) -> Response:
             "agents": gateway.agents.names(),
             "default_agent": gateway.agents.default,
             "uptime_s": round(time.time() - gateway.counters.started_at, 3),
-            "connections": gateway.counters.connections,
+            "connections": counters.connections,
             "runs_active": len(gateway.supervisor),
+            "counters": {
+                "runs_started": counters.runs_started,
+                "slow_consumer_closes": counters.slow_consumer_closes,
+                "rate_limited": counters.rate_limited,
+                "auth_failures": counters.auth_failures,
+            },
+            "memory": gateway.memory_report(),
         },
         status_code=503 if gateway.shutting_down else 200,
     )

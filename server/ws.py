@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Final
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -34,9 +33,6 @@ from server.session import (
 )
 
 log = logging.getLogger("chat.ws")
-
-#: How long closing an aborted session may take before the socket is left to the server.
-ABORT_CLOSE_TIMEOUT_S: Final = 2.0
 
 
 async def websocket_endpoint(websocket: WebSocket) -> None:
@@ -90,7 +86,10 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await writer
             with contextlib.suppress(Exception):
-                async with asyncio.timeout(ABORT_CLOSE_TIMEOUT_S):
+                # The close frame waits behind what the peer has not read yet: a
+                # peer that reads again within the send timeout sees 4408; one that
+                # never does is dropped when the timeout ends.
+                async with asyncio.timeout(settings.send_timeout_s):
                     await session.close_now()
     finally:
         expiry.cancel()

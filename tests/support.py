@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,6 +25,7 @@ from server.serve import GatewayServer, uvicorn_config
 from server.settings import Settings
 
 SECRET = "test-secret-0123456789-0123456789"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -175,3 +180,84 @@ def check_run_invariants(run_events: list[dict[str, Any]]) -> None:
         elif paused:
             # Only a cancel may end a pause without run_status running.
             assert run_events[-1]["data"]["status"] == "cancelled", event
+
+
+@dataclass
+class ServerProcess(LiveServer):
+    """A gateway in a process of its own (``python -m server``), for faults and signals."""
+
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    def _status_kib(self, field: str) -> int:
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise KeyError(field)
+
+    def rss_kib(self) -> int:
+        return self._status_kib("VmRSS")
+
+    def peak_rss_kib(self) -> int:
+        return self._status_kib("VmHWM")
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path else ""
+
+
+@contextlib.contextmanager
+def spawn_server(tmp_dir: Path, **env: str) -> Iterator[ServerProcess]:
+    """Start ``python -m server`` on a free loopback port with ``CHAT_*`` settings."""
+    port = free_port()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
+    full = {"CHAT_JWT_SECRET": SECRET, "CHAT_LOG_LEVEL": "warning", **clean, **env}
+    full["PYTHONPATH"] = str(ROOT)
+    settings = Settings.from_env(full)
+    log_path = tmp_dir / f"server-{port}.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "server", "--port", str(port)],
+            cwd=tmp_dir,
+            env=full,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    server = ServerProcess(settings, port, proc, log_path)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{server.log()}")
+            try:
+                if httpx.get(f"{server.http}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start:\n{server.log()}")
+            time.sleep(0.05)
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+async def health(server: LiveServer) -> dict[str, Any]:
+    async with httpx.AsyncClient(base_url=server.http, timeout=10) as client:
+        body: dict[str, Any] = (await client.get("/health")).json()
+    return body
+
+
+async def wait_for(predicate: Any, timeout: float = 15, interval: float = 0.05) -> float:
+    """Poll an async predicate until it holds; the seconds it took."""
+    began = time.monotonic()
+    async with asyncio.timeout(timeout):
+        while not await predicate():
+            await asyncio.sleep(interval)
+    return time.monotonic() - began

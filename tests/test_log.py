@@ -4,7 +4,7 @@ import pytest
 
 from bridge.errors import ResumeUnavailable
 from bridge.events import make_event
-from bridge.log import RunLog
+from bridge.log import EVENT_OVERHEAD, RunLog
 
 
 def ev(seq: int, text: str = "x", run_id: str = "r_1"):  # type: ignore[no-untyped-def]
@@ -38,7 +38,7 @@ def test_rejects_gaps_repeats_other_runs_and_events_after_the_end() -> None:
 
 
 def test_drops_oldest_past_the_byte_bound_and_refuses_partial_replay() -> None:
-    one = ev(1, "a" * 100).size
+    one = ev(1, "a" * 100).size + EVENT_OVERHEAD
     log = RunLog("r_1", max_bytes=one * 10 + one // 2)
     for seq in range(1, 101):
         log.append(ev(seq, "a" * 100))
@@ -53,10 +53,10 @@ def test_drops_oldest_past_the_byte_bound_and_refuses_partial_replay() -> None:
 
 
 def test_memory_stays_bounded_over_many_events() -> None:
-    log = RunLog("r_1", max_bytes=10_000)
+    log = RunLog("r_1", max_bytes=100_000)
     for seq in range(1, 200_001):
         log.append(ev(seq))
-    assert log.held_bytes <= 10_000
+    assert log.held_bytes <= 100_000
     # Compaction keeps the list itself near the kept size, not the run's length.
     assert len(log._events) < 3 * len(log) + 128
     assert [e.seq for e in log.read(199_998)] == [199_999, 200_000]
