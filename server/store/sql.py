@@ -1,0 +1,375 @@
+"""One SQL store over two drivers: SQLite (aiosqlite) and PostgreSQL (asyncpg).
+
+Queries are written once with ``?`` placeholders; the PostgreSQL driver numbers
+them.  SQLite runs in aiosqlite's own thread, so no query blocks the event loop;
+the file is opened in WAL mode.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from server.store.base import MessageRow, RunRow, StoreError, ThreadRow
+from server.store.migrations import LATEST, statements
+
+log = logging.getLogger("chat.store")
+
+Row = Sequence[Any]
+
+
+class Driver(Protocol):
+    dialect: str
+
+    async def connect(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        """Run a statement; the number of rows it changed."""
+        ...
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]: ...
+
+    async def script(self, steps: list[tuple[str, tuple[Any, ...]]]) -> None:
+        """Run statements, each with its arguments, in one transaction."""
+        ...
+
+    async def migrate_step(self, version: int, sqls: list[str]) -> bool:
+        """Apply one migration unless the database has it; False when it had.
+
+        Holds the database's write lock from reading the version to committing, so
+        processes starting together migrate once.
+        """
+        ...
+
+
+VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
+
+
+def _version_steps(current: int, version: int) -> str:
+    if current == 0:
+        return f"INSERT INTO schema_version (version) VALUES ({version})"
+    return f"UPDATE schema_version SET version = {version}"
+
+
+class SqliteDriver:
+    dialect = "sqlite"
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._db: Any = None
+
+    async def connect(self) -> None:
+        import aiosqlite
+
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = await aiosqlite.connect(self.path, isolation_level=None)
+        for pragma in (
+            "PRAGMA journal_mode=WAL",
+            "PRAGMA synchronous=NORMAL",
+            "PRAGMA foreign_keys=ON",
+            "PRAGMA busy_timeout=5000",
+        ):
+            await self._db.execute(pragma)
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        cursor = await self._db.execute(sql, args)
+        count: int = cursor.rowcount
+        await cursor.close()
+        return count
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        cursor = await self._db.execute(sql, args)
+        rows: list[Row] = list(await cursor.fetchall())
+        await cursor.close()
+        return rows
+
+    async def script(self, steps: list[tuple[str, tuple[Any, ...]]]) -> None:
+        await self._db.execute("BEGIN")
+        try:
+            for sql, args in steps:
+                await self._db.execute(sql, args)
+        except BaseException:
+            await self._db.execute("ROLLBACK")
+            raise
+        await self._db.execute("COMMIT")
+
+    async def migrate_step(self, version: int, sqls: list[str]) -> bool:
+        await self._db.execute("BEGIN IMMEDIATE")  # the write lock, before reading
+        try:
+            await self._db.execute(VERSION_TABLE)
+            rows = await self.fetch("SELECT version FROM schema_version")
+            current = int(rows[0][0]) if rows else 0
+            if current >= version:
+                await self._db.execute("ROLLBACK")
+                return False
+            for sql in sqls:
+                await self._db.execute(sql)
+            await self._db.execute(_version_steps(current, version))
+        except BaseException:
+            await self._db.execute("ROLLBACK")
+            raise
+        await self._db.execute("COMMIT")
+        return True
+
+
+def _numbered(sql: str) -> str:
+    parts = sql.split("?")
+    return "".join(part + (f"${i}" if i < len(parts) else "") for i, part in enumerate(parts, 1))
+
+
+class PostgresDriver:
+    dialect = "postgresql"
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self._pool: Any = None
+
+    async def connect(self) -> None:
+        import asyncpg
+
+        self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=10)
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        status: str = await self._pool.execute(_numbered(sql), *args)
+        tail = status.rsplit(" ", 1)[-1]
+        return int(tail) if tail.isdigit() else 0
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        return [tuple(r) for r in await self._pool.fetch(_numbered(sql), *args)]
+
+    async def script(self, steps: list[tuple[str, tuple[Any, ...]]]) -> None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            for sql, args in steps:
+                await conn.execute(_numbered(sql), *args)
+
+    async def migrate_step(self, version: int, sqls: list[str]) -> bool:
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+            await conn.execute(VERSION_TABLE)
+            rows = await conn.fetch("SELECT version FROM schema_version")
+            current = int(rows[0][0]) if rows else 0
+            if current >= version:
+                return False
+            for sql in sqls:
+                await conn.execute(sql)
+            await conn.execute(_version_steps(current, version))
+        return True
+
+
+#: The advisory lock key that serializes migrations across processes.
+MIGRATION_LOCK = 0x63686174  # "chat"
+
+
+_THREAD = "id, owner, title, created_at, updated_at"
+_MESSAGE = "id, thread_id, role, content, run_id, fallback, created_at, pos"
+_RUN = "id, thread_id, owner, agent, status, error_code, created_at, updated_at, last_seq, node"
+
+
+def _thread(row: Row) -> ThreadRow:
+    return ThreadRow(row[0], row[1], row[2], float(row[3]), float(row[4]))
+
+
+def _message(row: Row) -> MessageRow:
+    return MessageRow(
+        row[0], row[1], row[2], row[3], row[4], bool(row[5]), float(row[6]), int(row[7])
+    )
+
+
+def _run(row: Row) -> RunRow:
+    return RunRow(
+        row[0],
+        row[1],
+        row[2],
+        row[3],
+        row[4],
+        row[5],
+        float(row[6]),
+        float(row[7]),
+        int(row[8]),
+        row[9],
+    )
+
+
+class SqlStore:
+    """The :class:`~server.store.base.Store` over a SQL driver."""
+
+    def __init__(self, driver: Driver) -> None:
+        self.driver = driver
+        self.name = driver.dialect
+
+    # Lifecycle ----------------------------------------------------------------
+
+    async def open(self, *, target: int = LATEST) -> None:
+        """Connect and migrate up to ``target`` (the newest version by default)."""
+        try:
+            await self.driver.connect()
+            await self.migrate(target)
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise StoreError(f"cannot open the {self.name} store: {exc}") from exc
+
+    async def migrate(self, target: int = LATEST) -> None:
+        for version in range(1, target + 1):
+            if await self.driver.migrate_step(version, statements(version, self.driver.dialect)):
+                log.info("store %s: schema migrated to version %d", self.name, version)
+
+    async def close(self) -> None:
+        await self.driver.close()
+
+    async def schema_version(self) -> int:
+        await self.driver.execute(VERSION_TABLE)
+        rows = await self.driver.fetch("SELECT version FROM schema_version")
+        return int(rows[0][0]) if rows else 0
+
+    # Threads ------------------------------------------------------------------
+
+    async def get_thread(self, thread_id: str) -> ThreadRow | None:
+        rows = await self.driver.fetch(f"SELECT {_THREAD} FROM threads WHERE id = ?", thread_id)
+        return _thread(rows[0]) if rows else None
+
+    async def create_thread(self, row: ThreadRow) -> None:
+        await self.driver.execute(
+            f"INSERT INTO threads ({_THREAD}) VALUES (?, ?, ?, ?, ?)",
+            row.id,
+            row.owner,
+            row.title,
+            row.created_at,
+            row.updated_at,
+        )
+
+    async def touch_thread(self, thread_id: str, now: float) -> None:
+        await self.driver.execute("UPDATE threads SET updated_at = ? WHERE id = ?", now, thread_id)
+
+    async def list_threads(
+        self, owner: str, limit: int, before: tuple[float, str] | None
+    ) -> list[ThreadRow]:
+        if before is None:
+            rows = await self.driver.fetch(
+                f"SELECT {_THREAD} FROM threads WHERE owner = ? "
+                "ORDER BY updated_at DESC, id DESC LIMIT ?",
+                owner,
+                limit,
+            )
+        else:
+            at, tid = before
+            rows = await self.driver.fetch(
+                f"SELECT {_THREAD} FROM threads WHERE owner = ? "
+                "AND (updated_at < ? OR (updated_at = ? AND id < ?)) "
+                "ORDER BY updated_at DESC, id DESC LIMIT ?",
+                owner,
+                at,
+                at,
+                tid,
+                limit,
+            )
+        return [_thread(r) for r in rows]
+
+    async def delete_thread(self, thread_id: str) -> None:
+        # Children first: not every SQLite build enforces ON DELETE CASCADE.
+        await self.driver.script(
+            [
+                ("DELETE FROM messages WHERE thread_id = ?", (thread_id,)),
+                ("DELETE FROM runs WHERE thread_id = ?", (thread_id,)),
+                ("DELETE FROM threads WHERE id = ?", (thread_id,)),
+            ]
+        )
+
+    # Messages -----------------------------------------------------------------
+
+    async def add_message(self, row: MessageRow) -> None:
+        await self.driver.execute(
+            "INSERT INTO messages (id, thread_id, role, content, run_id, fallback, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            row.id,
+            row.thread_id,
+            row.role,
+            row.content,
+            row.run_id,
+            int(row.fallback),
+            row.created_at,
+        )
+
+    async def list_messages(self, thread_id: str, limit: int, after_pos: int) -> list[MessageRow]:
+        rows = await self.driver.fetch(
+            f"SELECT {_MESSAGE} FROM messages WHERE thread_id = ? AND pos > ? ORDER BY pos LIMIT ?",
+            thread_id,
+            after_pos,
+            limit,
+        )
+        return [_message(r) for r in rows]
+
+    async def recent_messages(self, thread_id: str, limit: int) -> list[MessageRow]:
+        rows = await self.driver.fetch(
+            f"SELECT {_MESSAGE} FROM messages WHERE thread_id = ? ORDER BY pos DESC LIMIT ?",
+            thread_id,
+            limit,
+        )
+        return [_message(r) for r in reversed(rows)]
+
+    # Runs ---------------------------------------------------------------------
+
+    async def upsert_run(self, row: RunRow) -> None:
+        await self.driver.execute(
+            f"INSERT INTO runs ({_RUN}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (id) DO UPDATE SET status = excluded.status, "
+            "error_code = excluded.error_code, updated_at = excluded.updated_at, "
+            "last_seq = excluded.last_seq",
+            row.id,
+            row.thread_id,
+            row.owner,
+            row.agent,
+            row.status,
+            row.error_code,
+            row.created_at,
+            row.updated_at,
+            row.last_seq,
+            row.node,
+        )
+
+    async def get_run(self, run_id: str) -> RunRow | None:
+        rows = await self.driver.fetch(f"SELECT {_RUN} FROM runs WHERE id = ?", run_id)
+        return _run(rows[0]) if rows else None
+
+    async def fail_unfinished_runs(self, error_code: str, now: float) -> int:
+        return await self.driver.execute(
+            "UPDATE runs SET status = 'failed', error_code = ?, updated_at = ? "
+            "WHERE status IN ('queued', 'running', 'paused')",
+            error_code,
+            now,
+        )
+
+
+def open_store(url: str) -> SqlStore:
+    """A store for ``CHAT_DB_URL`` (not yet opened).
+
+    Raises:
+        ValueError: the URL names no supported database.
+    """
+    if url.startswith("sqlite://"):
+        path = url[len("sqlite://") :]
+        if path.startswith("/"):
+            path = path[1:]  # sqlite:///relative.db → relative.db; sqlite:////abs → /abs
+        if not path:
+            raise ValueError("CHAT_DB_URL: sqlite needs a path, e.g. sqlite:///var/chat.db")
+        return SqlStore(SqliteDriver(path))
+    if url.startswith(("postgresql://", "postgres://")):
+        return SqlStore(PostgresDriver(url))
+    raise ValueError(
+        f"CHAT_DB_URL must start with sqlite:// or postgresql://, got {url.split(':', 1)[0]!r}"
+    )

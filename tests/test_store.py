@@ -1,0 +1,280 @@
+"""The conversation store on SQLite and on a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from agents.base import AgentRegistry, RunContext
+from agents.demo import DemoAgent
+from agents.load import LoadAgent
+from agents.supervisor import Supervisor, SupervisorConfig
+from agents.tools import builtin_tools
+from bridge.memory import InMemoryBroker
+from server.persistence import Persistence, title_of
+from server.store import MessageRow, RunRow, ThreadRow, open_store
+from server.store.migrations import LATEST
+from tests.support import check_run_invariants, spawn_server, ws_client
+from tests.test_bridge import collect
+
+
+async def test_migrations_from_empty_and_from_the_previous_schema(db_url: str) -> None:
+    old = open_store(db_url)
+    await old.open(target=LATEST - 1)
+    assert await old.schema_version() == LATEST - 1
+    await old.create_thread(ThreadRow("t_1", "alice", "hello", 1.0, 1.0))
+    await old.add_message(MessageRow("m_1", "t_1", "user", "hello", "r_1", False, 1.0))
+    await old.driver.execute(
+        "INSERT INTO runs (id, thread_id, owner, agent, status, error_code, created_at, "
+        "updated_at, last_seq) VALUES ('r_1', 't_1', 'alice', 'demo', 'running', NULL, 1, 1, 3)"
+    )
+    await old.close()
+
+    store = open_store(db_url)
+    await store.open()  # migrates the old database to the newest schema
+    try:
+        assert await store.schema_version() == LATEST
+        assert (await store.get_thread("t_1")) == ThreadRow("t_1", "alice", "hello", 1.0, 1.0)
+        [message] = await store.list_messages("t_1", 10, 0)
+        assert message.content == "hello" and message.pos >= 1
+        run = await store.get_run("r_1")
+        assert run is not None and run.status == "running" and run.node is None
+        await store.upsert_run(
+            RunRow("r_2", "t_1", "alice", "load", "running", None, 2, 2, 1, "n1")
+        )
+        assert (await store.get_run("r_2")).node == "n1"  # type: ignore[union-attr]
+        await store.migrate()  # idempotent
+        assert await store.schema_version() == LATEST
+    finally:
+        await store.close()
+
+
+async def test_threads_messages_runs_and_pagination(db_url: str) -> None:
+    store = open_store(db_url)
+    await store.open()
+    try:
+        for i in range(5):
+            await store.create_thread(ThreadRow(f"t_{i}", "alice", f"title {i}", i, 10.0 + i))
+        await store.create_thread(ThreadRow("t_bob", "bob", "bob's", 0, 100.0))
+        page1 = await store.list_threads("alice", 2, None)
+        assert [t.id for t in page1] == ["t_4", "t_3"]
+        page2 = await store.list_threads("alice", 2, (page1[-1].updated_at, page1[-1].id))
+        assert [t.id for t in page2] == ["t_2", "t_1"]
+        page3 = await store.list_threads("alice", 2, (page2[-1].updated_at, page2[-1].id))
+        assert [t.id for t in page3] == ["t_0"]
+
+        for i in range(7):
+            role = "user" if i % 2 == 0 else "assistant"
+            await store.add_message(MessageRow(f"m_{i}", "t_1", role, f"text {i}", None, False, i))
+        first = await store.list_messages("t_1", 3, 0)
+        assert [m.id for m in first] == ["m_0", "m_1", "m_2"]
+        rest = await store.list_messages("t_1", 10, first[-1].pos)
+        assert [m.id for m in rest] == ["m_3", "m_4", "m_5", "m_6"]
+        assert [m.id for m in await store.recent_messages("t_1", 2)] == ["m_5", "m_6"]
+
+        await store.upsert_run(RunRow("r_1", "t_1", "alice", "demo", "running", None, 1, 1, 2))
+        await store.upsert_run(RunRow("r_1", "t_1", "alice", "demo", "paused", None, 1, 2, 5))
+        await store.upsert_run(RunRow("r_2", "t_1", "alice", "demo", "completed", None, 1, 2, 9))
+        assert (await store.get_run("r_1")).status == "paused"  # type: ignore[union-attr]
+        assert await store.fail_unfinished_runs("server_restart", 3.0) == 1
+        run = await store.get_run("r_1")
+        assert run is not None and (run.status, run.error_code) == ("failed", "server_restart")
+        assert (await store.get_run("r_2")).status == "completed"  # type: ignore[union-attr]
+
+        await store.delete_thread("t_1")
+        assert await store.get_thread("t_1") is None
+        assert await store.list_messages("t_1", 10, 0) == []
+        assert await store.get_run("r_1") is None
+    finally:
+        await store.close()
+
+
+class HistoryAgent:
+    """Answers with what it was given as context."""
+
+    name = "history"
+    description = "test agent"
+
+    async def run(self, ctx: RunContext) -> None:
+        await ctx.say(" | ".join(f"{m.role}:{m.content}" for m in ctx.history) or "(none)")
+
+
+def supervisor_with(store_url: str) -> tuple[Supervisor, InMemoryBroker, Persistence]:
+    broker = InMemoryBroker(run_log_max_bytes=1 << 20, resume_window_s=60)
+    persistence = Persistence(open_store(store_url), timeout_s=5, history_messages=50, node="n")
+    agents = AgentRegistry([DemoAgent(), LoadAgent(), HistoryAgent()], "demo")
+    sup = Supervisor(broker, agents, builtin_tools(), SupervisorConfig(), recorder=persistence)
+    return sup, broker, persistence
+
+
+async def test_thread_context_reaches_the_agent(db_url: str) -> None:
+    sup, broker, persistence = supervisor_with(db_url)
+    await persistence.store.open()
+    try:
+        first = await sup.start_run(owner="alice", content="What is 2 + 3?")
+        events = await collect(broker, first.run_id)
+        answer = events[-2]["data"]
+        assert answer["stored"] is True and "5" in answer["content"]
+        second = await sup.start_run(
+            owner="alice", content="and again?", thread_id=first.thread_id, agent="history"
+        )
+        events = await collect(broker, second.run_id)
+        check_run_invariants(events)
+        assert events[-2]["data"]["content"] == (
+            f"user:What is 2 + 3? | assistant:{answer['content']}"
+        )
+        stored = await persistence.store.list_messages(first.thread_id, 10, 0)
+        assert [m.role for m in stored] == ["user", "assistant", "user", "assistant"]
+        assert stored[1].id == answer["message_id"]  # response_complete names the stored row
+        assert (
+            stored[0].id == events[0]["data"]["message_id"]
+            or stored[2].id == (events[0]["data"]["message_id"])
+        )
+        thread = await persistence.store.get_thread(first.thread_id)
+        assert thread is not None and thread.title == "What is 2 + 3?"
+        run = await persistence.store.get_run(second.run_id)
+        assert run is not None and run.status == "completed" and run.last_seq == events[-1]["seq"]
+        from bridge.errors import RunNotFound
+
+        with pytest.raises(RunNotFound):
+            await sup.start_run(owner="mallory", content="hi", thread_id=first.thread_id)
+    finally:
+        await persistence.store.close()
+
+
+async def test_cancelled_runs_store_their_partial_answer(db_url: str) -> None:
+    sup, broker, persistence = supervisor_with(db_url)
+    await persistence.store.open()
+    try:
+        record = await sup.start_run(owner="a", content="chunks=500 delay_ms=5", agent="load")
+        while (await broker.get_run(record.run_id)).last_seq < 8:  # type: ignore[union-attr]
+            await asyncio.sleep(0.005)
+        await broker.command(record.run_id, "cancel")
+        events = await collect(broker, record.run_id)
+        complete = events[-2]["data"]
+        assert events[-1]["data"]["status"] == "cancelled" and complete["content"]
+        [_, answer] = await persistence.store.list_messages(record.thread_id, 10, 0)
+        assert answer.id == complete["message_id"] and answer.content == complete["content"]
+    finally:
+        await persistence.store.close()
+
+
+async def test_a_storage_failure_never_loses_the_live_stream(tmp_path: Path) -> None:
+    sup, broker, persistence = supervisor_with(f"sqlite:///{tmp_path}/chat.db")
+    await persistence.store.open()
+    await persistence.store.close()  # the database goes away
+    events = await collect(
+        broker, (await sup.start_run(owner="a", content="What is 6 * 7?")).run_id
+    )
+    check_run_invariants(events)
+    assert events[0]["data"]["stored"] is False
+    assert events[-2]["data"]["stored"] is False and "42" in events[-2]["data"]["content"]
+    assert events[-1]["data"]["status"] == "completed"
+    assert persistence.failures >= 2
+    from server.persistence import StorageUnavailable
+
+    with pytest.raises(StorageUnavailable):  # ownership cannot be checked: refused
+        await sup.start_run(owner="a", content="hi", thread_id="t_some")
+
+
+def test_titles() -> None:
+    assert title_of("  What   is\n12 * 7?  ") == "What is 12 * 7?"
+    assert len(title_of("x" * 500)) == 80
+
+
+# Over HTTP, with real server processes -------------------------------------------------
+
+
+async def api(srv: Any, method: str, url: str, user: str = "alice", **kw: Any) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=srv.http, timeout=15) as client:
+        return await client.request(method, url, headers=srv.headers(user), **kw)
+
+
+async def test_history_survives_a_restart_and_routes_are_owner_only(
+    db_url: str, tmp_path: Path
+) -> None:
+    with spawn_server(tmp_path, CHAT_DB_URL=db_url) as srv:
+        async with ws_client(srv, "alice") as client:
+            first = await client.run("What is 12 * 7?")
+            thread_id = first[0]["thread_id"]
+            for i in range(3):
+                more = await client.run(f"chunks={i + 1}", agent="load", thread_id=thread_id)
+                assert more[0]["thread_id"] == thread_id
+            await client.run("chunks=1", agent="load")  # a second thread
+        run_id = first[0]["run_id"]
+    with spawn_server(tmp_path, CHAT_DB_URL=db_url) as srv:  # a new process, same database
+        threads = (await api(srv, "GET", "/api/threads")).json()
+        assert [t["thread_id"] for t in threads["threads"]][1] == thread_id
+        assert threads["threads"][1]["title"] == "What is 12 * 7?"
+        page = (await api(srv, "GET", "/api/threads", params={"limit": 1})).json()
+        assert len(page["threads"]) == 1 and page["next_cursor"]
+        page2 = (
+            await api(
+                srv, "GET", "/api/threads", params={"limit": 1, "cursor": page["next_cursor"]}
+            )
+        ).json()
+        assert page2["threads"][0]["thread_id"] == thread_id and page2["next_cursor"] is None
+
+        url = f"/api/threads/{thread_id}/messages"
+        messages = (await api(srv, "GET", url, params={"limit": 5})).json()
+        assert [m["role"] for m in messages["messages"]] == ["user", "assistant"] * 2 + ["user"]
+        assert messages["messages"][0]["content"] == "What is 12 * 7?"
+        assert "84" in messages["messages"][1]["content"]
+        assert messages["messages"][1]["message_id"] == first[-2]["data"]["message_id"]
+        rest = (await api(srv, "GET", url, params={"cursor": messages["next_cursor"]})).json()
+        assert len(rest["messages"]) == 3 and rest["next_cursor"] is None
+
+        status = (await api(srv, "GET", f"/api/chat/agents/{run_id}/status")).json()
+        assert status["status"] == "completed" and status["last_seq"] == first[-1]["seq"]
+
+        for method, path in [
+            ("GET", url),
+            ("DELETE", f"/api/threads/{thread_id}"),
+            ("GET", f"/api/chat/agents/{run_id}/status"),
+        ]:
+            resp = await api(srv, method, path, user="mallory")
+            assert resp.status_code == 404, path
+        assert (await api(srv, "GET", "/api/threads", user="mallory")).json()["threads"] == []
+        bad = await api(srv, "GET", "/api/threads", params={"cursor": "!!"})
+        assert bad.status_code == 400
+
+        assert (await api(srv, "DELETE", f"/api/threads/{thread_id}")).status_code == 200
+        assert (await api(srv, "GET", url)).status_code == 404
+        assert len((await api(srv, "GET", "/api/threads")).json()["threads"]) == 1
+
+
+async def test_a_run_killed_with_its_process_is_failed_after_restart(
+    db_url: str, tmp_path: Path
+) -> None:
+    with spawn_server(tmp_path, CHAT_DB_URL=db_url) as srv:
+        async with ws_client(srv, "alice") as client:
+            await client.send(type="user_message", agent="load", content="chunks=1000 delay_ms=20")
+            run_id = (await client.recv())["run_id"]
+            await client.recv_until("response_chunk")
+            status = (await api(srv, "GET", f"/api/chat/agents/{run_id}/status")).json()
+            assert status["status"] == "running"
+            assert srv.proc is not None
+            os.kill(srv.proc.pid, signal.SIGKILL)
+            srv.proc.wait(timeout=10)
+    with spawn_server(tmp_path, CHAT_DB_URL=db_url) as srv:
+        began = time.monotonic()
+        status = (await api(srv, "GET", f"/api/chat/agents/{run_id}/status")).json()
+        assert time.monotonic() - began < 60
+    assert status["status"] == "failed" and status["error_code"] == "server_restart"
+
+
+async def test_processes_starting_together_migrate_once(db_url: str) -> None:
+    stores = [open_store(db_url) for _ in range(4)]
+    try:
+        await asyncio.gather(*(store.open() for store in stores))
+        assert [await store.schema_version() for store in stores] == [LATEST] * 4
+    finally:
+        for store in stores:
+            await store.close()
