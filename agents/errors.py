@@ -6,6 +6,7 @@ The whole tree, under one root::
     ├── LifecycleConflict   an illegal lifecycle transition (stop a completed run, …)
     ├── UnknownAgent        no agent of that name
     ├── AgentInputError     an agent cannot work with the message it was given
+    ├── LLMError            the language model's endpoint failed or could not be reached
     └── ToolError           a tool refused its arguments or failed
         └── CalculatorError the calculator could not evaluate an expression
 
@@ -31,6 +32,12 @@ class UnknownAgent(AgentError):
 
 class AgentInputError(AgentError):
     code = "bad_input"
+
+
+class LLMError(AgentError):
+    """The model's endpoint failed; the message is short and safe to show to clients."""
+
+    code = "llm_error"
 
 
 class ToolError(AgentError):
