@@ -227,6 +227,7 @@ export class ChatClient extends EventTarget {
     this._attempt = 0;
     this._openFailures = 0;
     this._opening = false;
+    this._authRetried = false;
     this._everConnected = false;
     this._started = false;
     this._stopped = false;
@@ -369,6 +370,8 @@ export class ChatClient extends EventTarget {
     if (this._stopped) return;
     if (this.transport === "sse") {
       this.#probeHttp();
+    } else if (this._wsReady) {
+      this.#setState("connected");
     } else if (!this._ws) {
       clearTimeout(this._timer);
       this._attempt = 0;
@@ -377,7 +380,9 @@ export class ChatClient extends EventTarget {
   }
 
   #offline() {
-    if (this._stopped) return;
+    // A gateway on loopback or the LAN may still answer: only a connection that is
+    // already down is shown as offline; the next failure tells the rest.
+    if (this._stopped || this.state === "connected") return;
     this.#setState("offline", { reason: "the browser is offline" });
   }
 
@@ -386,10 +391,10 @@ export class ChatClient extends EventTarget {
   }
 
   #fatal(reason, detail) {
-    this.#emit("auth", { reason, detail });
     this.#rejectPending(() => true, new ChatError(reason, detail || reason));
     this.close();
     this.#setState("offline", { reason });
+    this.#emit("auth", { reason, detail });
   }
 
   async #token() {
@@ -523,12 +528,7 @@ export class ChatClient extends EventTarget {
 
   async #openSocket() {
     clearTimeout(this._timer);
-    if (this._stopped || this._ws) return;
-    if (this.#isBrowserOffline()) {
-      this.#setState("offline", { reason: "the browser is offline" });
-      return;
-    }
-    if (this._opening) return;
+    if (this._stopped || this._ws || this._opening) return;
     if (!this._everConnected && this._attempt === 0) this.#setState("connecting");
     let token;
     this._opening = true;
@@ -551,7 +551,9 @@ export class ChatClient extends EventTarget {
     }
     this._ws = ws;
     const openTimer = setTimeout(() => {
-      if (this._ws === ws && !this._wsReady) this.#dropSocket("the connection did not open in time");
+      if (this._ws === ws && !this._wsReady) {
+        this.#dropSocket("the connection did not open in time");
+      }
     }, this.openTimeoutMs);
     ws.onmessage = (message) => {
       if (this._ws !== ws) return;
@@ -602,6 +604,12 @@ export class ChatClient extends EventTarget {
     for (const pending of this._pending.values()) pending.sent = false;
     if (this._stopped) return;
     const fatal = FATAL_CLOSE_CODES.get(close.code);
+    if (fatal === "unauthorized" && typeof this.token === "function" && !this._authRetried) {
+      // The token may have expired: ask for a fresh one, once, before giving up.
+      this._authRetried = true;
+      this.#scheduleReconnect(close.reason || "token refused");
+      return;
+    }
     if (fatal) {
       this.#fatal(fatal, close.reason);
       return;
@@ -690,6 +698,7 @@ export class ChatClient extends EventTarget {
   #ready(data) {
     this.session = data;
     this._wsReady = true;
+    this._authRetried = false;
     this._attempt = 0;
     this._openFailures = 0;
     this.stats.connects++;
@@ -953,7 +962,10 @@ export class ChatClient extends EventTarget {
         let broken = false;
         try {
           const response = await this.fetchImpl(url, {
-            headers: { Authorization: `Bearer ${await this.#token()}`, Accept: "text/event-stream" },
+            headers: {
+              Authorization: `Bearer ${await this.#token()}`,
+              Accept: "text/event-stream",
+            },
             cache: "no-store",
             signal: controller.signal,
           });

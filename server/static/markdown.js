@@ -270,10 +270,26 @@ function renderTable(lines, i, parent, doc) {
 
 // Inline -----------------------------------------------------------------------------
 
+// Groups: 1 escaped character, 2 code span ticks, 3 link or image opener, 4 <autolink>,
+// 5 bare URL, 6 double delimiter (** __ ~~), 7 single delimiter (* _).
 const INLINE =
   /\\([!-/:-@[-`{-~])|(`+)|(!?\[)|<((?:https?:\/\/|mailto:)[^\s<>]+)>|(https?:\/\/[^\s<>]*[^\s<>.,:;"')\]!?*_~])|(\*\*|__|~~)|([*_])/g;
 
 const WORD = /[\p{L}\p{N}]/u;
+
+const ENTITIES = { amp: "&", lt: "<", gt: ">", quot: '"', apos: "'", nbsp: "\u00a0" };
+const ENTITY = /&(?:#(\d{1,7})|#[xX]([0-9a-fA-F]{1,6})|(amp|lt|gt|quot|apos|nbsp));/g;
+
+/** Character references as the characters they name (they stay text). */
+function decodeEntities(text) {
+  return text.replace(ENTITY, (whole, dec, hex, name) => {
+    if (name) return ENTITIES[name];
+    const code = dec ? Number(dec) : parseInt(hex, 16);
+    return code > 0 && code <= 0x10ffff && !(code >= 0xd800 && code <= 0xdfff)
+      ? String.fromCodePoint(code)
+      : whole;
+  });
+}
 
 function appendText(parent, text, doc) {
   if (!text) return;
@@ -352,7 +368,7 @@ function renderInline(text, parent, doc, depth = 0) {
     const match = INLINE.exec(text);
     if (!match) break;
     const at = match.index;
-    appendText(parent, text.slice(pos, at), doc);
+    appendText(parent, decodeEntities(text.slice(pos, at)), doc);
     const [whole, escaped, ticks, bracket, autolink, bare, double, single] = match;
     pos = at + whole.length;
     if (escaped !== undefined) {
@@ -411,5 +427,5 @@ function renderInline(text, parent, doc, depth = 0) {
       }
     }
   }
-  appendText(parent, text.slice(pos), doc);
+  appendText(parent, decodeEntities(text.slice(pos)), doc);
 }

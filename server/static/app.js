@@ -1,0 +1,650 @@
+// The browser chat page: sign-in, transcript, streaming answers, tool cards, run controls.
+//
+// Query parameters: `?agent=<name>` preselects an agent; `?transport=auto|websocket|sse`
+// picks the transport (default auto: WebSocket, SSE when a WebSocket cannot be opened).
+// Whatever a user typed or a model produced goes into the page as text nodes, or through
+// the Markdown renderer, which builds elements and never parses HTML.
+
+import { ChatClient } from "./chat-client.js";
+import { renderInto } from "./markdown.js";
+
+const TOKEN_KEY = "chat.token";
+const LIVE_RUNS_KEY = "chat.liveRuns";
+const LIVE_STATUSES = new Set(["queued", "running", "paused"]);
+
+const $ = (id) => document.getElementById(id);
+const ui = {
+  transcript: $("transcript"),
+  empty: $("empty"),
+  agent: $("agent"),
+  newChat: $("new-chat"),
+  connection: $("connection"),
+  who: $("who"),
+  signOut: $("sign-out"),
+  runbar: $("runbar"),
+  runLabel: $("run-label"),
+  stop: $("stop"),
+  resume: $("resume"),
+  cancel: $("cancel"),
+  notice: $("notice"),
+  composer: $("composer"),
+  message: $("message"),
+  send: $("send"),
+  signin: $("signin"),
+  signinForm: $("signin-form"),
+  token: $("token"),
+  signinError: $("signin-error"),
+};
+
+const params = new URLSearchParams(location.search);
+
+// Storage: sessionStorage when the browser allows it, memory otherwise. -----------------
+
+const memory = new Map();
+const store = {
+  get(key) {
+    try {
+      return sessionStorage.getItem(key);
+    } catch {
+      return memory.get(key) ?? null;
+    }
+  },
+  set(key, value) {
+    try {
+      sessionStorage.setItem(key, value);
+    } catch {
+      memory.set(key, value);
+    }
+  },
+  remove(key) {
+    try {
+      sessionStorage.removeItem(key);
+    } catch {
+      memory.delete(key);
+    }
+  },
+};
+
+/** Take `#token=` out of the address bar (into sessionStorage); return the token to use. */
+function takeTokenFromUrl() {
+  const hash = new URLSearchParams(location.hash.slice(1));
+  const token = hash.get("token");
+  if (token) {
+    store.set(TOKEN_KEY, token);
+    hash.delete("token");
+    const rest = hash.toString();
+    const url = location.pathname + location.search + (rest ? `#${rest}` : "");
+    history.replaceState(history.state, "", url);
+  }
+  return store.get(TOKEN_KEY);
+}
+
+/** The token's `sub`, for display only (the gateway does the verifying). */
+function subjectOf(token) {
+  try {
+    const payload = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    const claims = JSON.parse(atob(payload.padEnd(Math.ceil(payload.length / 4) * 4, "=")));
+    return typeof claims.sub === "string" ? claims.sub : null;
+  } catch {
+    return null;
+  }
+}
+
+// Small DOM helpers ----------------------------------------------------------------------
+
+function el(tag, className, parent, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  if (parent) parent.appendChild(node);
+  return node;
+}
+
+function formatDuration(ms) {
+  if (typeof ms !== "number" || !Number.isFinite(ms)) return "";
+  if (ms < 1) return "<1 ms";
+  if (ms < 1000) return `${Math.round(ms)} ms`;
+  if (ms < 60000) return `${(ms / 1000).toFixed(1)} s`;
+  return `${Math.floor(ms / 60000)} min ${Math.round((ms % 60000) / 1000)} s`;
+}
+
+function formatValue(value) {
+  if (typeof value === "string") return value;
+  try {
+    const pretty = JSON.stringify(value, null, 2);
+    if (pretty === undefined) return String(value);
+    // Short values on one line: {"expression": "12 * 7"}.
+    // (JSON text has newlines only between tokens, never inside strings.)
+    const flat = JSON.stringify(value, null, 1)
+      .replace(/([[{])\n\s*/g, "$1")
+      .replace(/\n\s*([\]}])/g, "$1")
+      .replace(/\n\s*/g, " ");
+    return flat.length <= 72 ? flat : pretty;
+  } catch {
+    return String(value);
+  }
+}
+
+function stickToBottom(action) {
+  const box = ui.transcript;
+  const near = box.scrollHeight - box.scrollTop - box.clientHeight < 80;
+  action();
+  if (near) box.scrollTop = box.scrollHeight;
+}
+
+/** Run `fn` once per frame at most (with a timer as a fallback for hidden tabs). */
+function frameBatcher(fn) {
+  let scheduled = false;
+  const run = () => {
+    if (!scheduled) return;
+    scheduled = false;
+    fn();
+  };
+  return {
+    schedule() {
+      if (scheduled) return;
+      scheduled = true;
+      requestAnimationFrame(run);
+      setTimeout(run, 100);
+    },
+    flush() {
+      scheduled = true;
+      run();
+    },
+  };
+}
+
+const STATUS_LABELS = {
+  sending: "Sending",
+  queued: "Queued",
+  running: "Answering",
+  paused: "Paused",
+  completed: "Done",
+  cancelled: "Cancelled",
+  failed: "Failed",
+  lost: "Lost",
+  error: "Not sent",
+};
+
+// One exchange: the user's message and the assistant's answer. ---------------------------
+
+class Turn {
+  constructor({ userText = null, ref = null } = {}) {
+    this.ref = ref;
+    this.runId = null;
+    this.text = "";
+    this.nextIndex = 0;
+    this.tools = new Map();
+    this.thinkingToggled = false;
+
+    this.root = el("article", "turn");
+    this.user = el("div", "msg user", this.root);
+    this.userBubble = el("div", "bubble", this.user);
+    if (userText !== null) this.userBubble.textContent = userText;
+    else this.user.hidden = true;
+
+    this.assistant = el("section", "msg assistant", this.root);
+    this.assistant.setAttribute("aria-label", "Answer");
+    const head = el("div", "meta", this.assistant);
+    this.agentLabel = el("span", "agent-name", head, "assistant");
+    this.badge = el("span", "badge", head);
+    this.time = el("span", "elapsed", head);
+
+    this.thinking = el("details", "thinking", this.assistant);
+    this.thinking.hidden = true;
+    this.thinking.open = true;
+    const summary = el("summary", "", this.thinking);
+    el("span", "thinking-title", summary, "Thinking");
+    this.thinkingCount = el("span", "thinking-count", summary);
+    this.thinkingSteps = el("div", "thinking-steps", this.thinking);
+    // A click on the summary (or Enter/Space on it) is the user's choice: keep it.
+    summary.addEventListener("click", () => {
+      this.thinkingToggled = true;
+    });
+
+    this.toolList = el("div", "tools", this.assistant);
+    this.answer = el("div", "answer markdown", this.assistant);
+    this.answer.setAttribute("aria-live", "polite");
+    this.answer.setAttribute("aria-busy", "true");
+    this.typing = el("div", "typing", this.assistant);
+    this.typing.setAttribute("aria-hidden", "true");
+    for (let i = 0; i < 3; i++) el("span", "", this.typing);
+    this.note = el("p", "note", this.assistant);
+    this.note.hidden = true;
+
+    this.renderer = frameBatcher(() => stickToBottom(() => renderInto(this.answer, this.text)));
+    this.setStatus(userText !== null ? "sending" : "queued");
+    stickToBottom(() => ui.transcript.appendChild(this.root));
+  }
+
+  setStatus(status) {
+    this.status = status;
+    this.assistant.dataset.status = status;
+    this.badge.textContent = STATUS_LABELS[status] ?? status;
+    this.badge.dataset.status = status;
+    this.typing.hidden = !(status === "sending" || status === "queued" || status === "running");
+  }
+
+  bind(run) {
+    this.runId = run.runId;
+    this.assistant.dataset.runId = run.runId;
+    if (run.ref && !this.ref) this.ref = run.ref;
+  }
+
+  showNote(text, kind = "error") {
+    this.note.hidden = false;
+    this.note.className = `note ${kind}`;
+    this.note.textContent = text;
+  }
+
+  notSent(error) {
+    this.setStatus("error");
+    this.answer.setAttribute("aria-busy", "false");
+    this.showNote(`Not sent: ${error.message}`);
+  }
+
+  lost(error) {
+    if (this.user.hidden && !this.text) {
+      // A run remembered from before a reload that is gone: nothing to show.
+      this.root.remove();
+      ui.empty.hidden = ui.transcript.querySelector(".turn") !== null;
+      return;
+    }
+    this.setStatus("lost");
+    this.renderer.flush();
+    this.answer.setAttribute("aria-busy", "false");
+    this.showNote(
+      `The rest of this answer could not be recovered (${error.code}: ${error.message}).`,
+    );
+  }
+
+  onEvent(event) {
+    const data = event.data ?? {};
+    this.assistant.dataset.seq = String(event.seq);
+    switch (event.type) {
+      case "user_message":
+        if (this.user.hidden) {
+          this.userBubble.textContent = data.content ?? "";
+          this.user.hidden = false;
+        }
+        if (this.status === "sending") this.setStatus("queued");
+        break;
+      case "agent_started":
+        this.agentLabel.textContent = data.agent ?? "assistant";
+        this.setStatus("running");
+        break;
+      case "agent_thinking":
+        stickToBottom(() => {
+          this.thinking.hidden = false;
+          el("p", "step", this.thinkingSteps, data.text ?? "");
+          const n = this.thinkingSteps.childElementCount;
+          this.thinkingCount.textContent = n === 1 ? "1 step" : `${n} steps`;
+        });
+        break;
+      case "tool_executing":
+        stickToBottom(() => this.toolStarted(data));
+        break;
+      case "tool_completed":
+        stickToBottom(() => this.toolCompleted(data));
+        break;
+      case "response_chunk":
+        if (data.index !== this.nextIndex) this.answer.dataset.outOfOrder = "true";
+        this.nextIndex = (data.index ?? this.nextIndex) + 1;
+        this.text += data.text ?? "";
+        this.collapseThinking();
+        this.renderer.schedule();
+        break;
+      case "run_status":
+        this.setStatus(data.status);
+        this.renderer.flush(); // a paused answer shows all it has
+        break;
+      case "response_complete":
+        if (typeof data.content === "string" && data.content !== this.text) {
+          // The streamed chunks and the final text disagree: show the final text, say so.
+          this.answer.dataset.repaired = "true";
+          this.text = data.content;
+        }
+        this.collapseThinking();
+        this.renderer.flush();
+        if (data.fallback) this.showNote("The agent failed; this is a fallback reply.", "warn");
+        break;
+      case "agent_completed":
+        this.finish(data);
+        break;
+      default:
+        break;
+    }
+  }
+
+  collapseThinking() {
+    if (this.thinking.open && !this.thinkingToggled) this.thinking.open = false;
+  }
+
+  finish(data) {
+    this.setStatus(data.status ?? "completed");
+    this.renderer.flush();
+    this.answer.setAttribute("aria-busy", "false");
+    this.time.textContent = formatDuration(data.duration_ms);
+    for (const card of this.tools.values()) {
+      if (card.root.dataset.state === "running") {
+        this.toolCompleted({ call_id: card.callId, ok: false, error: "ended" });
+      }
+    }
+    if (data.status !== "completed" && data.error) {
+      const { code, message } = data.error;
+      const label = STATUS_LABELS[data.status] ?? data.status;
+      const text = code === data.status ? `${label}.` : `${label}: ${message || code} [${code}]`;
+      this.showNote(text, data.status === "cancelled" ? "info" : "error");
+    }
+  }
+
+  toolStarted(data) {
+    const root = el("details", "tool", this.toolList);
+    root.open = true;
+    root.dataset.state = "running";
+    root.dataset.callId = data.call_id ?? "";
+    const summary = el("summary", "tool-head", root);
+    const icon = el("span", "tool-icon", summary);
+    icon.setAttribute("aria-hidden", "true");
+    el("span", "tool-name", summary, data.tool ?? "tool");
+    const status = el("span", "tool-status", summary, "running…");
+    const time = el("span", "tool-time", summary);
+    const body = el("div", "tool-body", root);
+    el("div", "tool-label", body, "Arguments");
+    el("pre", "tool-args", body, formatValue(data.args ?? {}));
+    const outLabel = el("div", "tool-label", body, "Result");
+    const out = el("pre", "tool-result", body, "…");
+    const began = performance.now();
+    const callId = data.call_id;
+    this.tools.set(callId, { root, status, time, out, outLabel, callId, began });
+  }
+
+  toolCompleted(data) {
+    let card = this.tools.get(data.call_id);
+    if (!card) {
+      this.toolStarted({ call_id: data.call_id, tool: data.tool, args: {} });
+      card = this.tools.get(data.call_id);
+    }
+    const ok = data.ok !== false;
+    card.root.dataset.state = ok ? "ok" : "error";
+    card.status.textContent = ok ? "done" : "failed";
+    const ms =
+      typeof data.duration_ms === "number" ? data.duration_ms : performance.now() - card.began;
+    card.time.textContent = formatDuration(ms);
+    if (ok) {
+      card.out.textContent = formatValue(data.result);
+    } else {
+      card.outLabel.textContent = "Error";
+      const error = data.error;
+      card.out.textContent =
+        typeof error === "object" && error !== null
+          ? (error.message ?? formatValue(error))
+          : String(error ?? "failed");
+      card.out.classList.add("tool-error");
+    }
+  }
+}
+
+// The page ------------------------------------------------------------------------------
+
+let client = null;
+let threadId = null;
+let current = null; // the client's record of the live run the controls act on
+let sending = false;
+const turnsByRef = new Map();
+const turnsByRun = new Map();
+
+function turnFor(run) {
+  let turn = turnsByRun.get(run.runId);
+  if (!turn && run.ref !== null) turn = turnsByRef.get(run.ref);
+  if (!turn) {
+    ui.empty.hidden = true;
+    turn = new Turn();
+  }
+  if (!turn.runId) {
+    turn.bind(run);
+    turnsByRun.set(run.runId, turn);
+  }
+  return turn;
+}
+
+function rememberLiveRuns() {
+  if (!client) return;
+  const live = client.liveRuns().map((run) => run.runId);
+  if (live.length) store.set(LIVE_RUNS_KEY, JSON.stringify(live));
+  else store.remove(LIVE_RUNS_KEY);
+}
+
+function storedLiveRuns() {
+  try {
+    const ids = JSON.parse(store.get(LIVE_RUNS_KEY) ?? "[]");
+    return Array.isArray(ids) ? ids.filter((id) => typeof id === "string") : [];
+  } catch {
+    return [];
+  }
+}
+
+function showNotice(text) {
+  ui.notice.textContent = text;
+  ui.notice.hidden = !text;
+}
+
+function updateRunbar() {
+  if (current && current.done) current = client?.liveRuns().at(-1) ?? null;
+  const live = current && !current.done ? current : null;
+  ui.runbar.hidden = !live;
+  const busy = sending || Boolean(live);
+  ui.send.disabled = busy;
+  ui.newChat.disabled = busy;
+  ui.composer.dataset.busy = String(busy);
+  if (!live) return;
+  const status = live.status;
+  ui.runbar.dataset.status = status;
+  ui.runLabel.textContent =
+    status === "paused" ? "Paused" : status === "queued" ? "Starting…" : "Answering…";
+  ui.stop.disabled = !(status === "running" || status === "queued");
+  ui.resume.disabled = status !== "paused";
+  ui.cancel.disabled = !LIVE_STATUSES.has(status);
+}
+
+const CONNECTION_LABELS = {
+  idle: "Not connected",
+  connecting: "Connecting…",
+  connected: "Connected",
+  reconnecting: "Reconnecting…",
+  offline: "Offline",
+  closed: "Disconnected",
+};
+
+function showConnection(state, transport) {
+  ui.connection.dataset.state = state;
+  ui.connection.dataset.transport = transport ?? "";
+  ui.connection.querySelector(".label").textContent = CONNECTION_LABELS[state] ?? state;
+  ui.connection.querySelector(".transport").textContent = transport === "sse" ? "SSE" : "";
+  const name = transport === "sse" ? "Server-Sent Events" : "WebSocket";
+  ui.connection.title = transport ? `Transport: ${name}` : "";
+}
+
+function startClient(token) {
+  client?.close();
+  const asked = params.get("transport");
+  const transport = ["auto", "websocket", "sse"].includes(asked) ? asked : "auto";
+  client = new ChatClient({ token, transport });
+  const who = subjectOf(token);
+  ui.who.textContent = who ? `Signed in as ${who}` : "";
+  ui.signOut.hidden = false;
+  ui.signin.hidden = true;
+  document.body.dataset.signedIn = "true";
+
+  client.addEventListener("state", (e) => showConnection(e.detail.state, e.detail.transport));
+  client.addEventListener("ready", (e) => {
+    ui.who.textContent = `Signed in as ${e.detail.user_id}`;
+  });
+  client.addEventListener("event", (e) => {
+    const { event, run } = e.detail;
+    const turn = turnFor(run);
+    turn.onEvent(event);
+    if (!run.done && (!current || current.done || current === run)) current = run;
+    if (event.type === "user_message" && run.threadId) threadId = run.threadId;
+    updateRunbar();
+  });
+  client.addEventListener("run", (e) => {
+    const { run } = e.detail;
+    if (run.lost) turnFor(run).lost(run.error);
+    rememberLiveRuns();
+    updateRunbar();
+  });
+  client.addEventListener("error", (e) => {
+    if (!e.detail.run) showNotice(`${e.detail.error.code}: ${e.detail.error.message}`);
+  });
+  client.addEventListener("auth", (e) => {
+    signOut(`The gateway refused the token (${e.detail.detail || e.detail.reason}).`);
+  });
+  showConnection("connecting", null);
+  client.connect();
+  for (const runId of storedLiveRuns()) client.resume(runId, 0);
+  loadAgents();
+  ui.message.focus();
+}
+
+function signOut(message = "") {
+  client?.close();
+  client = null;
+  current = null;
+  store.remove(TOKEN_KEY);
+  store.remove(LIVE_RUNS_KEY);
+  showConnection("idle", null);
+  ui.who.textContent = "";
+  ui.signOut.hidden = true;
+  ui.runbar.hidden = true;
+  document.body.dataset.signedIn = "false";
+  ui.signinError.textContent = message;
+  ui.signin.hidden = false;
+  ui.token.value = "";
+  ui.token.focus();
+}
+
+async function loadAgents() {
+  const wanted = params.get("agent");
+  let agents = [];
+  let fallback = null;
+  try {
+    const response = await fetch("health", { cache: "no-store" });
+    const health = await response.json();
+    agents = Array.isArray(health.agents) ? health.agents.filter((a) => typeof a === "string") : [];
+    fallback = typeof health.default_agent === "string" ? health.default_agent : null;
+  } catch {
+    // the list is a convenience: the default agent answers anyway
+  }
+  if (wanted && !agents.includes(wanted)) agents.push(wanted);
+  const options = [el("option", "", null, fallback ? `default (${fallback})` : "default")];
+  options[0].value = "";
+  for (const name of agents) {
+    const option = el("option", "", null, name);
+    option.value = name;
+    options.push(option);
+  }
+  ui.agent.replaceChildren(...options);
+  ui.agent.value = wanted ?? "";
+}
+
+async function submit() {
+  const text = ui.message.value;
+  if (!client || !text.trim() || sending || (current && !current.done)) return;
+  ui.empty.hidden = true;
+  showNotice("");
+  ui.message.value = "";
+  autosize();
+  const ref = client.newId();
+  const turn = new Turn({ userText: text, ref });
+  turnsByRef.set(ref, turn);
+  sending = true;
+  updateRunbar();
+  try {
+    const agent = ui.agent.value || undefined;
+    const result = await client.send(text, { id: ref, agent, threadId });
+    threadId = result.threadId ?? threadId;
+    if (!current || current.done) current = client.runs.get(result.runId) ?? current;
+  } catch (error) {
+    turn.notSent(error);
+    if (!ui.message.value) {
+      ui.message.value = text; // give the text back, to try again
+      autosize();
+    }
+  } finally {
+    sending = false;
+    turnsByRef.delete(ref);
+    rememberLiveRuns();
+    updateRunbar();
+  }
+}
+
+function control(action) {
+  const run = current;
+  if (!client || !run || run.done) return;
+  const button = { stop: ui.stop, start: ui.resume, cancel: ui.cancel }[action];
+  button.disabled = true;
+  client[action](run.runId)
+    .catch((error) => showNotice(`${action} failed: ${error.code}: ${error.message}`))
+    .finally(updateRunbar);
+}
+
+function autosize() {
+  ui.message.style.height = "auto";
+  ui.message.style.height = `${Math.min(ui.message.scrollHeight, 200)}px`;
+}
+
+// Wiring --------------------------------------------------------------------------------
+
+ui.composer.addEventListener("submit", (e) => {
+  e.preventDefault();
+  submit();
+});
+ui.message.addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey && !e.altKey && !e.ctrlKey && !e.metaKey && !e.isComposing) {
+    e.preventDefault();
+    submit();
+  }
+});
+ui.message.addEventListener("input", autosize);
+ui.stop.addEventListener("click", () => control("stop"));
+ui.resume.addEventListener("click", () => control("start"));
+ui.cancel.addEventListener("click", () => control("cancel"));
+ui.signOut.addEventListener("click", () => signOut());
+ui.newChat.addEventListener("click", () => {
+  if (current && !current.done) return;
+  threadId = null;
+  turnsByRun.clear();
+  for (const node of [...ui.transcript.children]) if (node !== ui.empty) node.remove();
+  ui.empty.hidden = false;
+  showNotice("");
+  ui.message.focus();
+});
+for (const button of document.querySelectorAll(".example")) {
+  button.addEventListener("click", () => {
+    ui.message.value = button.textContent;
+    submit();
+  });
+}
+ui.signinForm.addEventListener("submit", (e) => {
+  e.preventDefault();
+  const token = ui.token.value.trim();
+  if (!token) return;
+  store.set(TOKEN_KEY, token);
+  ui.token.value = "";
+  ui.signinError.textContent = "";
+  startClient(token);
+});
+
+// Devtools and tests can reach the client here; it holds nothing the page does not.
+Object.defineProperty(window, "chat", {
+  value: Object.freeze({
+    get client() {
+      return client;
+    },
+  }),
+});
+
+const token = takeTokenFromUrl();
+if (token) startClient(token);
+else signOut();
