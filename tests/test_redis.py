@@ -1,0 +1,268 @@
+"""Several gateway processes sharing a real redis-server: any process serves any run."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support import (
+    ROOT,
+    SECRET,
+    check_run_invariants,
+    free_port,
+    health,
+    spawn_server,
+    ws_client,
+)
+from tests.test_faults import record_figures
+
+
+def of_run(messages: list[dict[str, Any]], run_id: str) -> list[dict[str, Any]]:
+    return [m for m in messages if m.get("run_id") == run_id]
+
+
+async def test_a_run_started_on_one_process_is_served_by_another(
+    redis_url: str, tmp_path: Path
+) -> None:
+    env = {"CHAT_BROKER_URL": redis_url, "CHAT_DB_URL": f"sqlite:///{tmp_path}/chat.db"}
+    with spawn_server(tmp_path, **env) as a, spawn_server(tmp_path, **env) as b:
+        async with ws_client(a, "alice") as on_a, ws_client(b, "alice") as on_b:
+            await on_a.send(type="user_message", agent="load", content="chunks=300 delay_ms=10")
+            first = await on_a.recv()
+            run_id = first["run_id"]
+            # Watched and resumed on the other process.
+            await on_b.send(type="resume", run_id=run_id, after_seq=0, id="rb")
+            ack = await on_b.recv()
+            assert ack["type"] == "ack" and ack["data"]["status"] in ("queued", "running")
+            seen_b = await on_b.recv_until("response_chunk")
+
+            async with httpx.AsyncClient(base_url=b.http, headers=b.headers("alice")) as rest:
+                base = f"/api/chat/agents/{run_id}"
+                stopped = await rest.post(f"{base}/stop")
+                assert stopped.status_code == 200 and stopped.json()["status"] == "paused"
+                seen_a = await on_a.recv_until("run_status")
+                status_a = await httpx.AsyncClient(base_url=a.http, headers=a.headers("alice")).get(
+                    f"{base}/status"
+                )
+                assert status_a.json()["status"] == "paused"
+                assert (await rest.get(f"{base}/status")).json()["status"] == "paused"
+                assert (await rest.post(f"{base}/start")).json()["status"] == "running"
+                await asyncio.sleep(0.2)
+                assert (await rest.post(f"{base}/cancel")).json()["status"] == "cancelled"
+                other = await rest.post(f"{base}/cancel", headers=b.headers("mallory"))
+                assert other.status_code == 404
+            from_a = of_run(seen_a + await on_a.recv_until("agent_completed"), run_id)
+            from_b = of_run(seen_b + await on_b.recv_until("agent_completed"), run_id)
+        whole = [first, *from_a]
+        check_run_invariants(whole)
+        assert whole[-1]["data"]["status"] == "cancelled"
+        # Both processes delivered the same events, gap-free, in the same order.
+        assert from_b == whole
+        statuses = [m["data"]["status"] for m in whole if m["type"] == "run_status"]
+        assert statuses == ["paused", "running"]
+
+        async with ws_client(b, "alice") as again:  # a finished run replays from either
+            await again.send(type="resume", run_id=run_id, after_seq=0)
+            replay = of_run(await again.recv_until("agent_completed"), run_id)
+        assert replay == whole
+
+
+async def test_per_user_limits_are_shared(redis_url: str, tmp_path: Path) -> None:
+    env = {
+        "CHAT_BROKER_URL": redis_url,
+        "CHAT_DB_URL": f"sqlite:///{tmp_path}/chat.db",
+        "CHAT_MAX_CONNECTIONS_PER_USER": "2",
+        "CHAT_RATE_LIMIT_PER_MINUTE": "2",
+    }
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    with spawn_server(tmp_path, **env) as a, spawn_server(tmp_path, **env) as b:
+        async with ws_client(a, "carol") as one, ws_client(b, "carol"):
+            protocols: list[Any] = ["chat.v1", f"bearer.{a.token('carol')}"]
+            async with connect(a.ws, subprotocols=protocols) as third:
+                with pytest.raises(ConnectionClosed) as info:
+                    await asyncio.wait_for(third.recv(), 10)
+            assert info.value.rcvd is not None and info.value.rcvd.code == 4429
+            await one.run("chunks=1", agent="load")
+        async with ws_client(b, "carol") as two:
+            await two.run("chunks=1", agent="load")
+            await two.send(type="user_message", agent="load", content="chunks=1")
+            assert (await two.recv())["data"]["code"] == "rate_limited"
+
+
+async def test_killed_process_runs_end_node_lost_on_the_other(
+    redis_url: str, tmp_path: Path
+) -> None:
+    env = {
+        "CHAT_BROKER_URL": redis_url,
+        "CHAT_DB_URL": f"sqlite:///{tmp_path}/chat.db",
+        "CHAT_RUN_LEASE_S": "2",
+    }
+    with spawn_server(tmp_path, **env) as a, spawn_server(tmp_path, **env) as b:
+        async with ws_client(a, "dave") as on_a:
+            await on_a.send(
+                type="user_message", agent="load", content="tools=1 tool_ms=60000 chunks=3"
+            )
+            run_id = (await on_a.recv())["run_id"]
+            await on_a.recv_until("tool_executing")
+            async with ws_client(b, "dave") as on_b:
+                await on_b.send(type="resume", run_id=run_id, after_seq=0)
+                seen = await on_b.recv_until("tool_executing")
+                assert a.proc is not None
+                killed_at = time.monotonic()
+                os.kill(a.proc.pid, signal.SIGKILL)
+                rest = await on_b.recv_until("agent_completed", timeout=30)
+                noticed_s = time.monotonic() - killed_at
+        events = of_run(seen + rest, run_id)
+        check_run_invariants(events)
+        end = events[-1]["data"]
+        assert end["status"] == "failed" and end["error"]["code"] == "node_lost"
+        assert events[-2]["data"]["fallback"] is True
+        tool = next(e for e in events if e["type"] == "tool_completed")
+        assert tool["data"]["ok"] is False
+        async with httpx.AsyncClient(base_url=b.http, headers=b.headers("dave")) as rest_b:
+            status = (await rest_b.get(f"/api/chat/agents/{run_id}/status")).json()
+        assert status["status"] == "failed" and status["error_code"] == "node_lost"
+        body = await health(b)
+        assert body["broker"] == "redis" and body["broker_reachable"] is True
+    record_figures("node_lost", {"lease_s": 2, "killed_to_agent_completed_s": round(noticed_s, 3)})
+    assert noticed_s < 30  # the bound of the wait above, not a performance target
+
+
+async def test_redis_outage_is_reported_and_survived(tmp_path: Path) -> None:
+    from tests.redis_server import redis_server_bin
+
+    binary = redis_server_bin()
+    if binary is None:
+        pytest.skip("redis-server not installed")
+    port = free_port()
+    argv = [
+        binary,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(tmp_path),
+    ]
+
+    async def start_redis() -> asyncio.subprocess.Process:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+        )
+        for _ in range(200):
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                return proc
+            except OSError:
+                await asyncio.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    redis_proc = await start_redis()
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        with spawn_server(tmp_path, CHAT_BROKER_URL=url) as srv:
+            assert (await health(srv))["broker_reachable"] is True
+            redis_proc.kill()  # Redis goes away
+            await redis_proc.wait()
+            async with httpx.AsyncClient(base_url=srv.http, timeout=15) as client:
+                during = await client.get("/health")
+                assert during.status_code == 503
+                assert during.json()["status"] == "degraded"
+                started = await client.post(
+                    "/api/chat/stream",
+                    json={"message": "chunks=1", "agent": "load"},
+                    headers=srv.headers("erin"),
+                )
+                assert started.status_code == 503
+                assert "unreachable" in started.json()["error"]["message"]
+                redis_proc = await start_redis()  # and comes back
+                after = await client.get("/health")
+                assert after.status_code == 200 and after.json()["broker_reachable"] is True
+            async with ws_client(srv, "erin") as ws:  # reconnected by itself: runs work again
+                events = await ws.run("chunks=2", agent="load")
+                assert events[-1]["data"]["status"] == "completed"
+    finally:
+        if redis_proc.returncode is None:
+            redis_proc.kill()
+            await redis_proc.wait()
+
+
+def test_workers_refused_without_a_shared_broker() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "server", "--workers", "2"],
+        env={**env, "PYTHONPATH": str(ROOT), "CHAT_JWT_SECRET": SECRET},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "--workers > 1 needs a shared broker" in done.stderr
+
+
+async def test_two_workers_share_one_port(redis_url: str, tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
+    env.update(
+        PYTHONPATH=str(ROOT),
+        CHAT_JWT_SECRET=SECRET,
+        CHAT_BROKER_URL=redis_url,
+        CHAT_DB_URL=f"sqlite:///{tmp_path}/chat.db",
+        CHAT_LOG_LEVEL="warning",
+    )
+    log = (tmp_path / "workers.log").open("wb")
+    proc = subprocess.Popen(  # noqa: ASYNC220 - started once, then awaited over the network
+        [sys.executable, "-m", "server", "--workers", "2", "--port", str(port)],
+        env=env,
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        pids: set[int] = set()
+        deadline = time.monotonic() + 60
+        async with httpx.AsyncClient(timeout=5) as client:
+            while len(pids) < 2 and time.monotonic() < deadline:
+                try:
+                    resp = await client.get(
+                        f"http://127.0.0.1:{port}/health", headers={"Connection": "close"}
+                    )
+                    pids.add(resp.json()["pid"])
+                except httpx.HTTPError:
+                    await asyncio.sleep(0.1)
+        assert len(pids) == 2, (tmp_path / "workers.log").read_text()[-3000:]
+        from server.settings import Settings
+        from tests.support import LiveServer
+
+        live = LiveServer(Settings(jwt_secret=SECRET), port)
+        async with ws_client(live, "frank") as one:
+            await one.send(type="user_message", agent="load", content="chunks=50 delay_ms=5")
+            run_id = (await one.recv())["run_id"]
+            for _ in range(4):  # whichever worker each connection lands on
+                async with ws_client(live, "frank") as other:
+                    await other.send(type="resume", run_id=run_id, after_seq=0)
+                    got = of_run(await other.recv_until("agent_completed"), run_id)
+                    check_run_invariants(got)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
