@@ -1,0 +1,101 @@
+"""Prometheus metrics at ``/metrics``, with prometheus-client.
+
+Counts the hot path already keeps (connections, events, closes) are read when
+scraped, by a collector; nothing is added per event.  Two histograms are observed
+once per run.  Each app has a registry of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from server.gateway import Gateway
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Metrics:
+    """The gateway's metrics, and the supervisor's run observer."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.first_event = Histogram(
+            "chat_time_to_first_event_seconds",
+            "From a run's creation to its agent_started",
+            ["agent"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=self.registry,
+        )
+        self.run_duration = Histogram(
+            "chat_run_duration_seconds",
+            "From a run's creation to its agent_completed",
+            ["agent", "status"],
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+            registry=self.registry,
+        )
+
+    def bind(self, gateway: Gateway) -> None:
+        self.registry.register(_GatewayCollector(gateway))
+
+    # RunObserver ------------------------------------------------------------------
+
+    def run_started(self, agent: str, wait_s: float) -> None:
+        self.first_event.labels(agent).observe(wait_s)
+
+    def run_finished(self, agent: str, status: str, duration_s: float, events: int) -> None:
+        self.run_duration.labels(agent, status).observe(duration_s)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _GatewayCollector(Collector):
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    def collect(self) -> Iterator[Metric]:
+        gw = self.gateway
+        counters = gw.counters
+        yield GaugeMetricFamily(
+            "chat_connections_open", "Open WebSocket sessions", value=counters.connections
+        )
+        runs = GaugeMetricFamily(
+            "chat_runs", "Runs held by this process, by status", labels=["status"]
+        )
+        statuses = gw.supervisor.statuses()
+        for status in ("queued", "running", "paused", "cancelled"):
+            runs.add_metric([status], statuses.get(status, 0))
+        yield runs
+        yield CounterMetricFamily("chat_runs_started", "Runs started", value=counters.runs_started)
+        yield CounterMetricFamily(
+            "chat_events_emitted", "Run events published", value=gw.supervisor.events_emitted()
+        )
+        yield CounterMetricFamily(
+            "chat_events_delivered",
+            "Run events written to WebSocket and SSE clients",
+            value=counters.events_delivered,
+        )
+        yield CounterMetricFamily(
+            "chat_slow_consumer_closes",
+            "Connections closed with 4408",
+            value=counters.slow_consumer_closes,
+        )
+        yield CounterMetricFamily(
+            "chat_auth_failures",
+            "Requests and sockets refused for their token",
+            value=counters.auth_failures,
+        )
+        yield CounterMetricFamily(
+            "chat_rate_limited", "Runs refused by a per-user limit", value=counters.rate_limited
+        )
+        yield CounterMetricFamily(
+            "chat_store_failures",
+            "Database calls that failed or timed out",
+            value=gw.persistence.failures,
+        )
