@@ -10,20 +10,21 @@ the run is cancelled with ``client_gone``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
-from agents.base import Agent, AgentRegistry, Message, RunContext
+from agents.base import Agent, AgentRegistry, RunContext
 from agents.errors import AgentError
 from agents.lifecycle import Action, Lifecycle, RunStatus
+from agents.recorder import MemoryRecorder, Recorder
 from agents.tools import ToolRegistry
 from bridge.bridge import EventAdapter, RunBridge
 from bridge.broker import Broker, RunRecord
-from bridge.errors import BridgeError, RunClosed, RunGone, RunNotFound
+from bridge.errors import BridgeError, RunClosed, RunGone
 
 log = logging.getLogger("chat.runs")
 
@@ -37,6 +38,24 @@ APOLOGY: Final = (
 
 def new_id(prefix: str) -> str:
     return f"{prefix}{secrets.token_urlsafe(12)}"
+
+
+class RunObserver(Protocol):
+    """Told of each run's start and end (the server's metrics)."""
+
+    def run_started(self, agent: str, wait_s: float) -> None:
+        """The agent started, ``wait_s`` after the run was created."""
+        ...
+
+    def run_finished(self, agent: str, status: str, duration_s: float, events: int) -> None: ...
+
+
+class _NoObserver:
+    def run_started(self, agent: str, wait_s: float) -> None:
+        return None
+
+    def run_finished(self, agent: str, status: str, duration_s: float, events: int) -> None:
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +94,7 @@ class RunHandle:
         self._started = False
         self._cancel_error: RunError | None = None
         self._grace: asyncio.TimerHandle | None = None
+        self.created = time.perf_counter()
 
     @property
     def run_id(self) -> str:
@@ -100,7 +120,7 @@ class RunHandle:
             self.bridge.gate.set()
         else:
             self._cancel(RunError("cancelled", "the run was cancelled"))
-        await self.broker.set_status(self.run_id, str(transition.after))
+        await self.set_status(transition.after)
         return str(transition.after)
 
     def watchers_changed(self, count: int) -> None:
@@ -133,10 +153,19 @@ class RunHandle:
         return True
 
     def _spawn_status_update(self) -> None:
-        task = asyncio.get_running_loop().create_task(
-            self.broker.set_status(self.run_id, str(RunStatus.CANCELLED))
-        )
+        task = asyncio.get_running_loop().create_task(self.set_status(RunStatus.CANCELLED))
         self._supervisor.keep(task)
+
+    async def set_status(self, status: RunStatus, error_code: str | None = None) -> None:
+        """Record a new status in the broker (for every process) and the recorder."""
+        record = self.record
+        record.status = str(status)
+        record.updated_at = time.time()
+        record.last_seq = self.bridge.seq
+        if error_code is not None:
+            record.error_code = error_code
+        await self.broker.set_status(self.run_id, record.status, error_code)
+        await self._supervisor.recorder.run_changed(dataclasses.replace(record))
 
     def _cancel(self, error: RunError) -> None:
         self._cancel_error = error
@@ -152,7 +181,7 @@ class RunHandle:
 
     async def drive(self) -> None:
         self._started = True
-        started = time.perf_counter()
+        started = self.created
         status = RunStatus.COMPLETED
         error: RunError | None = None
         adapter = self.ctx.emit
@@ -161,8 +190,9 @@ class RunHandle:
                 raise asyncio.CancelledError
             transition = self.lifecycle.begin()
             if transition.changed:
-                await self.broker.set_status(self.run_id, str(transition.after))
+                await self.set_status(transition.after)
             await adapter.agent_started(self.agent.name)
+            self._supervisor.observer.run_started(self.agent.name, time.perf_counter() - started)
             await self.agent.run(self.ctx)
         except asyncio.CancelledError:
             self._uncancel()
@@ -181,6 +211,10 @@ class RunHandle:
         try:
             await self._finish(status, error, started)
         finally:
+            self._supervisor.observer.run_finished(
+                self.agent.name, self.record.status, time.perf_counter() - started, self.bridge.seq
+            )
+            self._supervisor.events_finished += self.bridge.seq
             adapter.detach()
             if self._grace is not None:
                 self._grace.cancel()
@@ -223,12 +257,20 @@ class RunHandle:
                 text = separator + piece if i == 0 else piece
                 await bridge.emit("response_chunk", {"text": text}, gated=gated)
         if not self._response_completed:
+            fallback = status is RunStatus.FAILED
+            if self._answer_id is None:
+                # Stored once, before it is announced: its id is the stored message's.
+                self._answer_id = new_id("m_")
+                self._answer_stored = await self._supervisor.recorder.answer(
+                    self.record, self._answer_id, bridge.content, fallback
+                )
             await bridge.emit(
                 "response_complete",
                 {
-                    "message_id": self.message_id,
+                    "message_id": self._answer_id,
                     "content": bridge.content,
-                    "fallback": status is RunStatus.FAILED,
+                    "fallback": fallback,
+                    "stored": self._answer_stored,
                 },
                 gated=gated,
             )
@@ -244,16 +286,12 @@ class RunHandle:
         if error is not None and status is not RunStatus.COMPLETED:
             data["error"] = error.wire()
         await bridge.emit("agent_completed", data, gated=False)
-        await self.broker.set_status(
-            self.run_id, str(status), error.code if error is not None else None
-        )
+        await self.set_status(status, error.code if error is not None else None)
 
     _apologized = False
     _response_completed = False
-
-    @property
-    def message_id(self) -> str:
-        return f"m_{self.run_id[2:]}"
+    _answer_id: str | None = None
+    _answer_stored = False
 
     def _call_started(self, call_id: str, default: float) -> float:
         return self.bridge.call_started.get(call_id, default)
@@ -281,11 +319,17 @@ class Supervisor:
         agents: AgentRegistry,
         tools: ToolRegistry,
         config: SupervisorConfig,
+        recorder: Recorder | None = None,
+        observer: RunObserver | None = None,
     ) -> None:
         self.broker = broker
         self.agents = agents
         self.tools = tools
         self.config = config
+        self.recorder: Recorder = recorder if recorder is not None else MemoryRecorder()
+        self.observer: RunObserver = observer if observer is not None else _NoObserver()
+        #: Events of runs that ended in this process (live runs: :meth:`events_emitted`).
+        self.events_finished = 0
         self._runs: dict[str, RunHandle] = {}
         self._background: set[asyncio.Task[None]] = set()
 
@@ -300,9 +344,10 @@ class Supervisor:
         thread_id: str | None = None,
         agent: str | None = None,
         ref: str | int | None = None,
-        history: Sequence[Message] = (),
     ) -> RunRecord:
-        """Create a run, publish its ``user_message`` (seq 1) and start its agent.
+        """Create a run, record and publish its ``user_message`` (seq 1), start its agent.
+
+        The agent gets the thread's earlier messages as its history.
 
         Raises:
             UnknownAgent: no agent of that name.
@@ -310,8 +355,7 @@ class Supervisor:
         """
         chosen = self.agents.get(agent)
         thread = thread_id or new_id("t_")
-        if not await self.broker.claim_thread(thread, owner):
-            raise RunNotFound(f"no thread {thread}")
+        history = await self.recorder.open_thread(owner, thread, content, new=thread_id is None)
         run_id = new_id("r_")
         now = time.time()
         record = RunRecord(run_id, thread, owner, chosen.name, str(RunStatus.QUEUED), now, now)
@@ -331,14 +375,32 @@ class Supervisor:
         handle = RunHandle(self, record, chosen, ctx, bridge)
         await self.broker.create_run(record, handle)
         self._runs[run_id] = handle
+        message_id = new_id("m_")
+        stored = await self.recorder.user_message(record, message_id, content)
+        await self.recorder.run_changed(dataclasses.replace(record))
         await bridge.emit(
             "user_message",
-            {"message_id": new_id("m_"), "content": content, "ref": ref},
+            {"message_id": message_id, "content": content, "ref": ref, "stored": stored},
             gated=False,
         )
         handle.watchers_changed(0)  # until a watcher attaches, the detach grace runs
         handle.task = asyncio.get_running_loop().create_task(handle.drive(), name=f"run {run_id}")
         return record
+
+    def events_emitted(self) -> int:
+        """Every event the runs of this process published."""
+        return self.events_finished + sum(h.bridge.seq for h in self._runs.values())
+
+    def statuses(self) -> dict[str, int]:
+        """Runs held by this process, by status."""
+        counts: dict[str, int] = {}
+        for handle in self._runs.values():
+            key = str(handle.lifecycle.status)
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def runs_of_thread(self, thread_id: str) -> list[RunHandle]:
+        return [h for h in self._runs.values() if h.record.thread_id == thread_id]
 
     def forget(self, run_id: str) -> None:
         self._runs.pop(run_id, None)

@@ -126,13 +126,26 @@ class Broker(Protocol):
         """Record the run's new status."""
         ...
 
-    async def claim_thread(self, thread_id: str, owner: str) -> bool:
-        """Make ``thread_id`` the owner's if it is new; True when it is (now) theirs."""
-        ...
-
     async def active_runs(self, owner: str) -> int:
         """How many of the owner's runs have not ended."""
         ...
+
+    async def healthy(self) -> bool:
+        """Whether the broker can be used right now."""
+        ...
+
+    # Per-user limits, counted wherever the broker's processes are ------------------
+    async def connection_opened(self, user: str, limit: int) -> bool:
+        """Count a connection of ``user``; False (and not counted) when it would pass ``limit``."""
+        ...
+
+    async def connection_closed(self, user: str) -> None: ...
+
+    async def new_run_wait(self, user: str, limit: int, window_s: float) -> float:
+        """0 when ``user`` may start a run now, else the seconds until they may."""
+        ...
+
+    async def new_run_started(self, user: str, window_s: float) -> None: ...
 
     # Event logs ---------------------------------------------------------------
     async def publish(self, event: Event) -> None:

@@ -7,7 +7,9 @@ The whole tree, under one root::
     ├── RunGone             an agent emitted into a run whose clients are gone for good
     ├── RunClosed           an event was emitted after the run's ``agent_completed``
     ├── RunNotFound         no such run (or not one the caller may see)
-    └── ResumeUnavailable   the events asked for are no longer kept
+    ├── RunConflict         a lifecycle command the run's status does not allow
+    ├── ResumeUnavailable   the events asked for are no longer kept
+    └── BrokerUnavailable   the shared broker (Redis) cannot be reached
 
 Each error knows the ``error.code`` it has on the wire.
 """
@@ -49,3 +51,18 @@ class ResumeUnavailable(BridgeError):
     """The events after the asked ``seq`` were dropped from the run's log."""
 
     code = "resume_unavailable"
+
+
+class RunConflict(BridgeError):
+    """A lifecycle command that the run's status does not allow."""
+
+    code = "conflict"
+
+
+class BrokerUnavailable(BridgeError):
+    """The shared broker cannot be reached; nothing was done."""
+
+    code = "internal"
+    http_status = 503
+    #: Its message is meant for clients (it names no secret).
+    public = True

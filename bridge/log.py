@@ -35,9 +35,13 @@ class RunLog:
         "total",
     )
 
-    def __init__(self, run_id: str, max_bytes: int) -> None:
+    def __init__(self, run_id: str, max_bytes: int, *, first_seq: int = 1) -> None:
+        """A log whose first event will be ``first_seq`` (1 for a run's own log; a
+        mirror of a run kept elsewhere may start later)."""
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+        if first_seq < 1:
+            raise ValueError(f"first_seq must be >= 1, got {first_seq}")
         self.run_id = run_id
         self.max_bytes = max_bytes
         # Events live in a list whose first ``_head`` slots are already dropped;
@@ -45,7 +49,7 @@ class RunLog:
         self._events: list[Event] = []
         self._ends: list[int] = []  # cumulative bytes up to and including each event
         self._head = 0
-        self._compacted = 0  # events removed from the front of the list by compaction
+        self._compacted = first_seq - 1  # events before the list: compacted or never held
         self._held = 0  # bytes of the events still kept
         self.total = 0  # bytes of every event ever appended
         self.closed = False  # True once ``agent_completed`` was appended

@@ -9,6 +9,7 @@ import time
 from bridge.broker import RunController, RunRecord, Wake
 from bridge.errors import RunNotFound
 from bridge.events import Event
+from bridge.limits import SlidingWindow
 from bridge.log import RunLog
 
 
@@ -69,8 +70,9 @@ class InMemoryBroker:
         self._max_bytes = run_log_max_bytes
         self._window = resume_window_s
         self._runs: dict[str, _Slot] = {}
-        self._threads: dict[str, str] = {}
         self._active: dict[str, set[str]] = {}
+        self._connections: dict[str, int] = {}
+        self._rate: SlidingWindow | None = None
 
     async def start(self) -> None:
         return None
@@ -110,11 +112,44 @@ class InMemoryBroker:
                 if not active:
                     del self._active[record.owner]
 
-    async def claim_thread(self, thread_id: str, owner: str) -> bool:
-        return self._threads.setdefault(thread_id, owner) == owner
-
     async def active_runs(self, owner: str) -> int:
         return len(self._active.get(owner, ()))
+
+    async def healthy(self) -> bool:
+        return True
+
+    async def connection_opened(self, user: str, limit: int) -> bool:
+        count = self._connections.get(user, 0)
+        if count >= limit:
+            return False
+        self._connections[user] = count + 1
+        return True
+
+    async def connection_closed(self, user: str) -> None:
+        count = self._connections.get(user, 0) - 1
+        if count > 0:
+            self._connections[user] = count
+        else:
+            self._connections.pop(user, None)
+
+    async def new_run_wait(self, user: str, limit: int, window_s: float) -> float:
+        window = self._window_for(limit, window_s)
+        now = time.monotonic()
+        if window.allows(user, now):
+            return 0.0
+        return max(window.retry_after(user, now), 0.001)
+
+    async def new_run_started(self, user: str, window_s: float) -> None:
+        if self._rate is not None:
+            now = time.monotonic()
+            self._rate.hit(user, now)
+            if len(self._rate) > 10_000:
+                self._rate.forget_idle(now)
+
+    def _window_for(self, limit: int, window_s: float) -> SlidingWindow:
+        if self._rate is None or self._rate.limit != limit or self._rate.window_s != window_s:
+            self._rate = SlidingWindow(limit, window_s)
+        return self._rate
 
     def runs_in_memory(self) -> int:
         return len(self._runs)

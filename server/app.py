@@ -39,11 +39,20 @@ def create_app(settings: Settings | None = None, *, dev_secret: str | None = Non
 
     route_list: list[BaseRoute] = [
         Route("/health", routes.health, methods=["GET"]),
+        Route("/metrics", routes.metrics, methods=["GET"]),
         WebSocketRoute("/ws", websocket_endpoint),
         Route("/api/chat/stream", routes.chat_stream, methods=["POST"]),
         Route("/api/chat/runs/{run_id}/events", routes.run_events, methods=["GET"]),
         Route("/api/chat/agents/{run_id}/status", routes.run_status, methods=["GET"]),
         Route("/api/chat/agents/{run_id}/{action}", routes.lifecycle, methods=["POST"]),
+        Route("/api/threads", routes.list_threads, methods=["GET"]),
+        Route("/api/threads/{thread_id}/messages", routes.thread_messages, methods=["GET"]),
+        Route("/api/threads/{thread_id}", routes.delete_thread, methods=["DELETE"]),
+        Route(
+            "/api/{rest:path}",
+            routes.api_not_found,
+            methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+        ),
         Mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static"),
     ]
     middleware = [

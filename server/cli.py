@@ -22,6 +22,7 @@ from server.app import create_app
 from server.auth import Authenticator, new_dev_secret
 from server.serve import GatewayServer, uvicorn_config
 from server.settings import ENV_PREFIX, Settings, parse_value
+from server.workers import run_workers
 
 DEV_USER = "dev"
 DEV_TOKEN_TTL_S = 12 * 3600
@@ -36,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to bind (8000)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="gateway processes sharing the port (more than 1 needs CHAT_BROKER_URL=redis://…)",
+    )
     settings = parser.add_argument_group("settings (each also read from CHAT_<NAME>)")
     for f in dataclasses.fields(Settings):
         flag = "--" + f.name.replace("_", "-")
@@ -93,6 +100,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = settings_from(args)
     except (ValueError, OSError) as exc:
         parser.error(str(exc))
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    if args.workers > 1 and not (settings.broker_url or "").startswith(("redis", "unix")):
+        parser.error(
+            "--workers > 1 needs a shared broker: set CHAT_BROKER_URL=redis://host:port/0 "
+            "(with the in-memory broker each worker would see only its own runs)"
+        )
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -110,13 +124,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"  Token for '{DEV_USER}' (valid {DEV_TOKEN_TTL_S // 3600} h): {token}",
             flush=True,
         )
-    app = create_app(settings, dev_secret=dev_secret)
-    try:
-        GatewayServer(uvicorn_config(app, settings, args.host, args.port)).run()
-    finally:
+
+    def forget_dev_secret() -> None:
+        # Tokens of this process's secret mean nothing to the next one.
         if dev_secret is not None:
-            # Tokens of this process's secret mean nothing to the next one.
             DEV_SECRET_FILE.unlink(missing_ok=True)
+
+    if args.workers > 1:
+        try:
+            return run_workers(settings, args.host, args.port, args.workers, dev_secret)
+        finally:
+            forget_dev_secret()
+    app = create_app(settings, dev_secret=dev_secret)
+    config = uvicorn_config(app, settings, args.host, args.port)
+    GatewayServer(config, after_shutdown=forget_dev_secret).run()
+    forget_dev_secret()  # also when the server never started
     return 0
 
 

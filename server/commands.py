@@ -76,8 +76,8 @@ def parse_command(frame: str | bytes) -> Command:
         return UserMessage(
             content=_content(raw, ref),
             id=ref,
-            thread_id=_optional_id(raw, "thread_id", ref),
-            agent=_optional_id(raw, "agent", ref),
+            thread_id=optional_id(raw, "thread_id", ref),
+            agent=optional_id(raw, "agent", ref),
         )
     if kind in ("stop", "start", "cancel"):
         return Control(action=kind, run_id=_run_id(raw, ref), id=ref)  # type: ignore[arg-type]
@@ -120,7 +120,7 @@ def _run_id(raw: dict[str, Any], ref: Ref) -> str:
     return run_id
 
 
-def _optional_id(raw: dict[str, Any], name: str, ref: Ref) -> str | None:
+def optional_id(raw: dict[str, Any], name: str, ref: Ref = None) -> str | None:
     value = raw.get(name)
     if value is None:
         return None

@@ -80,6 +80,6 @@ def wire_error(exc: BaseException) -> tuple[str, str, int]:
     if not isinstance(code, str) or code not in HTTP_STATUS:
         code = "internal"
     status = getattr(exc, "http_status", HTTP_STATUS[code])
-    if code == "internal" and not isinstance(exc, GatewayError):
+    if code == "internal" and not getattr(exc, "public", isinstance(exc, GatewayError)):
         return code, "internal error", status  # an unexpected error's text stays in the log
     return code, str(exc), status

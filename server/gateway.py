@@ -8,22 +8,75 @@ another session's objects or an agent's task.
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
+import os
+import secrets
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from agents.base import AgentRegistry
+from agents.base import Agent, AgentRegistry
 from agents.demo import DemoAgent
+from agents.llm import LLMAgent, LLMConfig
 from agents.load import LoadAgent
-from agents.supervisor import Supervisor, SupervisorConfig
+from agents.supervisor import RunError, Supervisor, SupervisorConfig
 from agents.tools import builtin_tools
 from bridge.broker import Broker, RunRecord, Wake, Watch
 from bridge.errors import RunNotFound
 from bridge.memory import InMemoryBroker
+from bridge.redis import RedisBroker
 from server.auth import Authenticator, Principal
 from server.errors import ProtocolError, RateLimited, ShuttingDown
-from server.limits import SlidingWindow
+from server.metrics import Metrics
+from server.persistence import Persistence
 from server.settings import Settings
+from server.store import ThreadRow, open_store
+
+log = logging.getLogger("chat")
+
+
+def make_broker(settings: Settings) -> Broker:
+    """The broker ``CHAT_BROKER_URL`` names: in-memory when unset, Redis for ``redis://``."""
+    url = settings.broker_url
+    if not url or url == "memory":
+        return InMemoryBroker(
+            run_log_max_bytes=settings.run_log_max_bytes,
+            resume_window_s=settings.resume_window_s,
+        )
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        return RedisBroker(
+            url,
+            run_log_max_bytes=settings.run_log_max_bytes,
+            resume_window_s=settings.resume_window_s,
+            lease_s=settings.run_lease_s,
+            node=f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}",
+        )
+    raise ValueError("CHAT_BROKER_URL must be unset, 'memory', or a redis:// URL")
+
+
+def llm_agent(settings: Settings) -> LLMAgent | None:
+    """The ``llm`` agent when an endpoint and a model are configured.
+
+    Raises:
+        RuntimeError: they are, but the ``openai`` package is not installed.
+    """
+    if not (settings.llm_base_url and settings.llm_model):
+        return None
+    return LLMAgent(
+        LLMConfig(
+            base_url=settings.llm_base_url,
+            model=settings.llm_model,
+            api_key=settings.llm_api_key,
+            max_steps=settings.llm_max_steps,
+            retries=settings.llm_retries,
+            max_history=settings.llm_max_history,
+            system_prompt=settings.llm_system_prompt,
+            timeout_s=settings.llm_timeout_s,
+            retry_backoff_s=settings.llm_retry_backoff_s,
+        )
+    )
 
 
 @dataclass(slots=True)
@@ -36,6 +89,7 @@ class Counters:
     rate_limited: int = 0
     slow_consumer_closes: int = 0
     auth_failures: int = 0
+    events_delivered: int = 0
 
 
 class LocalSession(Protocol):
@@ -59,11 +113,21 @@ class Gateway:
     ) -> None:
         self.settings = settings
         self.auth = auth
-        self.broker: Broker = broker or InMemoryBroker(
-            run_log_max_bytes=settings.run_log_max_bytes,
-            resume_window_s=settings.resume_window_s,
+        self.broker: Broker = broker or make_broker(settings)
+        agents: list[Agent] = [DemoAgent(), LoadAgent()]
+        llm = llm_agent(settings)
+        if llm is not None:
+            agents.append(llm)
+        default = settings.default_agent or ("llm" if llm is not None else "demo")
+        self.agents = AgentRegistry(agents, default=default)
+        self.store = open_store(settings.db_url)
+        self.metrics = Metrics()
+        self.persistence = Persistence(
+            self.store,
+            timeout_s=settings.store_timeout_s,
+            history_messages=settings.history_messages,
+            node=f"{socket.gethostname()}:{os.getpid()}",
         )
-        self.agents = AgentRegistry([DemoAgent(), LoadAgent()], default=settings.default_agent)
         self.supervisor = Supervisor(
             self.broker,
             self.agents,
@@ -72,30 +136,39 @@ class Gateway:
                 detach_grace_s=settings.detach_grace_s,
                 typing_delay_ms=settings.typing_delay_ms,
             ),
+            recorder=self.persistence,
+            observer=self.metrics,
         )
+        self.metrics.bind(self)
         self.counters = Counters()
         self.shutting_down = False
         self._sessions: dict[str, set[LocalSession]] = {}
-        self._new_runs = SlidingWindow(settings.rate_limit_per_minute, 60.0)
+        if isinstance(self.broker, RedisBroker):
+            self.broker.on_reaped = self.persistence.run_changed
 
     # Sessions -----------------------------------------------------------------
 
-    def add_session(self, session: LocalSession) -> bool:
-        """Count a new connection; False when its user already has the most allowed."""
-        sessions = self._sessions.setdefault(session.user_id, set())
-        if len(sessions) >= self.settings.max_connections_per_user:
+    async def add_session(self, session: LocalSession) -> bool:
+        """Count a new connection; False when its user already has the most allowed
+        (counted across every process sharing the broker)."""
+        limit = self.settings.max_connections_per_user
+        if not await self.broker.connection_opened(session.user_id, limit):
             return False
-        sessions.add(session)
+        self._sessions.setdefault(session.user_id, set()).add(session)
         self.counters.connections += 1
         return True
 
-    def remove_session(self, session: LocalSession) -> None:
+    async def remove_session(self, session: LocalSession) -> None:
         sessions = self._sessions.get(session.user_id)
         if sessions is not None and session in sessions:
             sessions.discard(session)
             self.counters.connections -= 1
             if not sessions:
                 del self._sessions[session.user_id]
+            await self.broker.connection_closed(session.user_id)
+
+    def count_delivered(self, events: int) -> None:
+        self.counters.events_delivered += events
 
     def memory_report(self) -> dict[str, int]:
         """What the process holds for runs, for the health route."""
@@ -109,6 +182,14 @@ class Gateway:
         return [s for group in self._sessions.values() for s in group]
 
     async def start(self) -> None:
+        await self.store.open()
+        if isinstance(self.broker, InMemoryBroker):
+            # Runs are this process's alone: whatever is unfinished died with the last one.
+            # With a shared broker, other processes may be running theirs; a dead
+            # process's runs are failed by lease instead (node_lost).
+            failed = await self.store.fail_unfinished_runs("server_restart", time.time())
+            if failed:
+                log.warning("marked %d runs left unfinished by the last process failed", failed)
         await self.broker.start()
 
     async def drain(self, close_code: int) -> None:
@@ -129,6 +210,7 @@ class Gateway:
         self.shutting_down = True
         await self.supervisor.shutdown(self.settings.shutdown_grace_s)
         await self.broker.close()
+        await self.store.close()
 
     async def start_run(
         self,
@@ -145,6 +227,8 @@ class Gateway:
         record = await self.supervisor.start_run(
             owner=user.user_id, content=content, thread_id=thread_id, agent=agent, ref=ref
         )
+        # Only runs that started count against the per-minute window.
+        await self.broker.new_run_started(user.user_id, 60.0)
         self.counters.runs_started += 1
         return record
 
@@ -154,15 +238,13 @@ class Gateway:
         if active >= limit:
             self.counters.rate_limited += 1
             raise RateLimited(f"{active} runs are still going; at most {limit} at once")
-        now = time.monotonic()
-        if not self._new_runs.allow(user.user_id, now):
+        limit = self.settings.rate_limit_per_minute
+        wait = await self.broker.new_run_wait(user.user_id, limit, 60.0)
+        if wait > 0:
             self.counters.rate_limited += 1
-            wait = self._new_runs.retry_after(user.user_id, now)
             raise RateLimited(
-                f"more than {self._new_runs.limit} new runs in a minute; try again in {wait:.0f} s"
+                f"more than {limit} new runs in a minute; try again in {math.ceil(wait)} s"
             )
-        if len(self._new_runs) > 10_000:
-            self._new_runs.forget_idle(now)
 
     async def find_run(self, user: Principal, run_id: str) -> RunRecord:
         """The user's run; someone else's is as unknown as a missing one."""
@@ -170,6 +252,42 @@ class Gateway:
         if record is None or record.owner != user.user_id:
             raise RunNotFound(f"no run {run_id}")
         return record
+
+    async def run_status(self, user: Principal, run_id: str) -> dict[str, object]:
+        """The run's status, from memory while it is there, else from the store."""
+        record = await self.broker.get_run(run_id)
+        if record is not None:
+            if record.owner != user.user_id:
+                raise RunNotFound(f"no run {run_id}")
+            return record.public()
+        row = await self.store.get_run(run_id)
+        if row is None or row.owner != user.user_id:
+            raise RunNotFound(f"no run {run_id}")
+        return {
+            "run_id": row.id,
+            "thread_id": row.thread_id,
+            "agent": row.agent,
+            "status": row.status,
+            "last_seq": row.last_seq,
+            "created_at": row.created_at,
+            "updated_at": row.updated_at,
+            "error_code": row.error_code,
+        }
+
+    # Threads ------------------------------------------------------------------
+
+    async def own_thread(self, user: Principal, thread_id: str) -> ThreadRow:
+        thread = await self.store.get_thread(thread_id)
+        if thread is None or thread.owner != user.user_id:
+            raise RunNotFound(f"no thread {thread_id}")
+        return thread
+
+    async def delete_thread(self, user: Principal, thread_id: str) -> None:
+        """Delete a thread, its messages and runs; its live runs are cancelled first."""
+        await self.own_thread(user, thread_id)
+        for handle in self.supervisor.runs_of_thread(thread_id):
+            handle.cancel_for(RunError("cancelled", "the thread was deleted"))
+        await self.store.delete_thread(thread_id)
 
     async def control(self, user: Principal, run_id: str, action: str) -> str:
         await self.find_run(user, run_id)

@@ -8,8 +8,11 @@ with the status that fits the code.
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
+import hmac
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
@@ -21,9 +24,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from bridge.errors import RunNotFound
 from bridge.events import PROTOCOL
 from server import sse
-from server.auth import Principal, token_for_http
+from server.auth import Principal, bearer_from_headers, token_for_http
+from server.commands import optional_id
 from server.errors import AuthError, ProtocolError, wire_error
 from server.gateway import Gateway
+from server.metrics import CONTENT_TYPE
 
 log = logging.getLogger("chat.http")
 
@@ -94,15 +99,6 @@ class _TooLarge(ProtocolError):
         super().__init__("too_large", message)
 
 
-def _optional_str(body: dict[str, Any], name: str) -> str | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value or len(value) > 128:
-        raise ProtocolError("bad_message", f"field {name!r} must be a non-empty string")
-    return value
-
-
 def _sse_response(stream: Any) -> StreamingResponse:
     return StreamingResponse(stream, media_type="text/event-stream", headers=sse.HEADERS)
 
@@ -119,8 +115,8 @@ async def chat_stream(request: Request) -> Response:
     record = await gateway.start_run(
         user,
         message,
-        thread_id=_optional_str(body, "thread_id"),
-        agent=_optional_str(body, "agent"),
+        thread_id=optional_id(body, "thread_id"),
+        agent=optional_id(body, "agent"),
     )
     wake = asyncio.Event()
     watch = await gateway.watch(user, record.run_id, 0, wake.set)
@@ -131,6 +127,7 @@ async def chat_stream(request: Request) -> Response:
         gateway.settings.heartbeat_s,
         head=sse.frame("stream_start", ids),
         tail=lambda status: sse.frame("stream_end", {**ids, "status": status}),
+        sent=gateway.count_delivered,
     )
     return _sse_response(stream)
 
@@ -158,7 +155,8 @@ async def run_events(request: Request) -> Response:
     after = _after_seq(request)
     wake = asyncio.Event()
     watch = await gateway.watch(user, run_id, after, wake.set)
-    return _sse_response(sse.stream_run(watch, wake, gateway.settings.heartbeat_s))
+    stream = sse.stream_run(watch, wake, gateway.settings.heartbeat_s, sent=gateway.count_delivered)
+    return _sse_response(stream)
 
 
 @api
@@ -179,16 +177,126 @@ async def run_status(request: Request) -> Response:
     """``GET /api/chat/agents/{run_id}/status``."""
     gateway = gateway_of(request)
     user = authenticate(request)
-    record = await gateway.find_run(user, request.path_params["run_id"])
-    return OrjsonResponse({"ok": True, **record.public()})
+    status = await gateway.run_status(user, request.path_params["run_id"])
+    return OrjsonResponse({"ok": True, **status})
+
+
+# Threads --------------------------------------------------------------------------
+
+MAX_PAGE: Final = 100
+
+
+def _limit(request: Request, default: int = 20) -> int:
+    raw = request.query_params.get("limit")
+    if raw is None:
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
+        raise ProtocolError("bad_message", f"limit must be an integer from 1 to {MAX_PAGE}")
+    return int(raw)
+
+
+def encode_cursor(value: object) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps(value)).decode().rstrip("=")
+
+
+def decode_cursor(request: Request) -> Any:
+    raw = request.query_params.get("cursor")
+    if not raw:
+        return None
+    try:
+        return orjson.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
+    except (ValueError, orjson.JSONDecodeError):
+        raise ProtocolError("bad_message", "cursor is not one this server gave") from None
+
+
+@api
+async def list_threads(request: Request) -> Response:
+    """``GET /api/threads``: the user's threads, newest first, by cursor."""
+    gateway = gateway_of(request)
+    user = authenticate(request)
+    limit = _limit(request)
+    cursor = decode_cursor(request)
+    before: tuple[float, str] | None = None
+    if cursor is not None:
+        if (
+            not isinstance(cursor, list)
+            or len(cursor) != 2
+            or not isinstance(cursor[0], int | float)
+            or not isinstance(cursor[1], str)
+        ):
+            raise ProtocolError("bad_message", "cursor is not one this server gave")
+        before = (float(cursor[0]), cursor[1])
+    rows = await gateway.store.list_threads(user.user_id, limit + 1, before)
+    page, more = rows[:limit], len(rows) > limit
+    next_cursor = encode_cursor([page[-1].updated_at, page[-1].id]) if more else None
+    return OrjsonResponse(
+        {"ok": True, "threads": [t.public() for t in page], "next_cursor": next_cursor}
+    )
+
+
+@api
+async def thread_messages(request: Request) -> Response:
+    """``GET /api/threads/{thread_id}/messages``: oldest first, by cursor."""
+    gateway = gateway_of(request)
+    user = authenticate(request)
+    thread = await gateway.own_thread(user, request.path_params["thread_id"])
+    limit = _limit(request, 50)
+    cursor = decode_cursor(request)
+    if cursor is not None and (isinstance(cursor, bool) or not isinstance(cursor, int)):
+        raise ProtocolError("bad_message", "cursor is not one this server gave")
+    rows = await gateway.store.list_messages(thread.id, limit + 1, cursor or 0)
+    page, more = rows[:limit], len(rows) > limit
+    return OrjsonResponse(
+        {
+            "ok": True,
+            "thread": thread.public(),
+            "messages": [m.public() for m in page],
+            "next_cursor": encode_cursor(page[-1].pos) if more else None,
+        }
+    )
+
+
+@api
+async def delete_thread(request: Request) -> Response:
+    """``DELETE /api/threads/{thread_id}``."""
+    gateway = gateway_of(request)
+    user = authenticate(request)
+    thread_id = request.path_params["thread_id"]
+    await gateway.delete_thread(user, thread_id)
+    return OrjsonResponse({"ok": True, "thread_id": thread_id, "deleted": True})
+
+
+async def metrics(request: Request) -> Response:
+    """``GET /metrics``: Prometheus text format; off, open, or behind its own token."""
+    gateway = gateway_of(request)
+    settings = gateway.settings
+    if settings.metrics == "off":
+        return error_response(RunNotFound("metrics are off"))
+    if settings.metrics_token is not None:
+        given = bearer_from_headers(request.headers) or ""
+        if not hmac.compare_digest(given.encode(), settings.metrics_token.encode()):
+            gateway.counters.auth_failures += 1
+            return error_response(AuthError("metrics need their bearer token"))
+    return Response(gateway.metrics.render(), media_type=CONTENT_TYPE)
+
+
+async def api_not_found(request: Request) -> Response:
+    """Any other ``/api/`` path: the contract's JSON error, not the static files' 404."""
+    return error_response(RunNotFound(f"no route {request.method} {request.url.path}"))
 
 
 async def health(request: Request) -> Response:
     gateway = gateway_of(request)
     counters = gateway.counters
+    reachable = await gateway.broker.healthy()
+    status = "healthy"
+    if gateway.shutting_down:
+        status = "shutting_down"
+    elif not reachable:
+        status = "degraded"  # the broker is out: no new runs until it is back
     return OrjsonResponse(
         {
-            "status": "shutting_down" if gateway.shutting_down else "healthy",
+            "status": status,
             "protocol": PROTOCOL,
             "features": {
                 "chat_streaming": True,
@@ -196,8 +304,13 @@ async def health(request: Request) -> Response:
                 "websocket_events": True,
                 "sse_events": True,
                 "resumable_runs": True,
+                "threads": True,
             },
             "broker": gateway.broker.name,
+            "broker_reachable": reachable,
+            "pid": os.getpid(),
+            "store": gateway.store.name,
+            "store_failures": gateway.persistence.failures,
             "agents": gateway.agents.names(),
             "default_agent": gateway.agents.default,
             "uptime_s": round(time.time() - gateway.counters.started_at, 3),
@@ -211,5 +324,5 @@ async def health(request: Request) -> Response:
             },
             "memory": gateway.memory_report(),
         },
-        status_code=503 if gateway.shutting_down else 200,
+        status_code=200 if status == "healthy" else 503,
     )

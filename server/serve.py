@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
@@ -43,6 +44,14 @@ def uvicorn_config(
 class GatewayServer(uvicorn.Server):
     """uvicorn's server, with the gateway's drain before uvicorn closes connections."""
 
+    def __init__(
+        self, config: uvicorn.Config, *, after_shutdown: Callable[[], None] | None = None
+    ) -> None:
+        super().__init__(config)
+        # uvicorn re-raises a caught SIGTERM once it is done, so a ``finally`` around
+        # ``run()`` would never run: what must happen last happens here.
+        self._after_shutdown = after_shutdown
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         for server in self.servers:
             server.close()  # stop accepting before anything else
@@ -50,4 +59,8 @@ class GatewayServer(uvicorn.Server):
         gateway = getattr(getattr(app, "state", None), "gateway", None)
         if isinstance(gateway, Gateway) and not self.force_exit:
             await gateway.drain(CLOSE_RESTART)
-        await super().shutdown(sockets)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            if self._after_shutdown is not None:
+                self._after_shutdown()

@@ -159,6 +159,7 @@ class Session:
                 continue
             for event in batch:
                 await self._send(event.text)
+            self.gateway.counters.events_delivered += len(batch)
             if len(batch) == BATCH:
                 more = True
             elif watch.finished:

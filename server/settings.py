@@ -17,14 +17,16 @@ KiB: Final = 1024
 MiB: Final = 1024 * KiB
 
 
-def _opt(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+def _opt(default: Any, help: str, *, repr: bool = True) -> Any:
+    return field(default=default, repr=repr, metadata={"help": help})
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
     # Identity -----------------------------------------------------------------
-    jwt_secret: str | None = _opt(None, "HS256 secret; unset: dev mode with a random secret")
+    jwt_secret: str | None = _opt(
+        None, "HS256 secret; unset: dev mode with a random secret", repr=False
+    )
     jwt_public_key: str | None = _opt(
         None, "RS256 public key (PEM text or a path to a PEM file); when set, only RS256"
     )
@@ -50,10 +52,42 @@ class Settings:
     detach_grace_s: float = _opt(60.0, "a run with no client for this long is cancelled")
     resume_window_s: float = _opt(120.0, "how long a finished run's events stay resumable")
     run_log_max_bytes: int = _opt(32 * MiB, "events kept per run for resume; oldest dropped")
-    default_agent: str = _opt("demo", "agent that answers when a message names none")
+    default_agent: str | None = _opt(
+        None, "agent that answers when a message names none (llm when configured, else demo)"
+    )
     typing_delay_ms: float = _opt(0.0, "pause between the demo agent's chunks")
+    llm_base_url: str | None = _opt(
+        None, "OpenAI-compatible endpoint (http://127.0.0.1:11434/v1); with llm_model: llm agent"
+    )
+    llm_api_key: str | None = _opt(
+        None, "API key for the llm endpoint (local servers need none)", repr=False
+    )
+    llm_model: str | None = _opt(None, "model name the llm endpoint serves")
+    llm_max_steps: int = _opt(6, "model requests per run of the llm agent (tool-calling turns)")
+    llm_retries: int = _opt(2, "retries of a failed llm request before its first token")
+    llm_max_history: int = _opt(20, "earlier messages of the thread sent to the model")
+    llm_system_prompt: str | None = _opt(None, "system prompt for the llm agent")
+    llm_timeout_s: float = _opt(60.0, "llm connect and read timeout, in seconds")
+    llm_retry_backoff_s: float = _opt(0.5, "first backoff between llm retries; doubles each time")
     shutdown_grace_s: float = _opt(10.0, "on shutdown, how long runs may go on finishing")
+    # Broker -------------------------------------------------------------------
+    broker_url: str | None = _opt(
+        None, "unset: in-memory, one process; redis://host:port/0 to share runs across processes"
+    )
+    run_lease_s: float = _opt(
+        10.0, "with Redis: a process silent this long has its runs failed with node_lost"
+    )
+    # Storage ------------------------------------------------------------------
+    db_url: str = _opt(
+        "sqlite:///var/chat.db", "sqlite:///path.db (default, WAL) or postgresql://user@host/db"
+    )
+    store_timeout_s: float = _opt(5.0, "a database call slower than this counts as failed")
+    history_messages: int = _opt(50, "earlier messages of a thread given to agents as context")
     # Server -------------------------------------------------------------------
+    metrics: str = _opt("on", "serve Prometheus metrics at /metrics: on or off")
+    metrics_token: str | None = _opt(
+        None, "when set, /metrics needs 'Authorization: Bearer <this token>'", repr=False
+    )
     log_level: str = _opt("info", "debug, info, warning or error")
 
     @property
@@ -88,6 +122,8 @@ class Settings:
 
     def check(self) -> None:
         """Raise ValueError for settings that cannot work together."""
+        if self.metrics not in ("on", "off"):
+            raise ValueError(f"{ENV_PREFIX}METRICS must be on or off, got {self.metrics!r}")
         for name in (
             "max_message_bytes",
             "send_buffer_bytes",
@@ -95,15 +131,35 @@ class Settings:
             "rate_limit_per_minute",
             "max_active_runs_per_user",
             "run_log_max_bytes",
+            "history_messages",
+            "llm_max_steps",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()} must be at least 1")
-        for name in ("heartbeat_s", "detach_grace_s", "resume_window_s", "send_timeout_s"):
+        for name in (
+            "heartbeat_s",
+            "detach_grace_s",
+            "resume_window_s",
+            "send_timeout_s",
+            "store_timeout_s",
+            "llm_timeout_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()} must be positive")
-        for name in ("jwt_leeway_s", "typing_delay_ms", "shutdown_grace_s"):
+        for name in (
+            "jwt_leeway_s",
+            "typing_delay_ms",
+            "shutdown_grace_s",
+            "llm_retries",
+            "llm_max_history",
+            "llm_retry_backoff_s",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()} must not be negative")
+        if (self.llm_base_url is None) != (self.llm_model is None):
+            raise ValueError(
+                f"{ENV_PREFIX}LLM_BASE_URL and {ENV_PREFIX}LLM_MODEL are set together, or neither"
+            )
 
 
 def base_type(f: "dataclasses.Field[Any]") -> type:

@@ -38,12 +38,13 @@ async def stream_run(
     *,
     head: bytes | None = None,
     tail: Callable[[str | None], bytes] | None = None,
+    sent: Callable[[int], None] | None = None,
 ) -> AsyncIterator[bytes]:
     """Yield the run's events from the watch's cursor until ``agent_completed``.
 
-    ``tail`` gets the run's final status (None when the stream ended early) and
-    makes the last message.  The watch is closed when the stream ends, however it
-    ends; the run itself goes on.
+    ``sent`` is told how many events each write carried.  ``tail`` gets the run's
+    final status (None when the stream ended early) and makes the last message.
+    The watch is closed when the stream ends, however it ends; the run goes on.
     """
     status: str | None = None
     try:
@@ -62,6 +63,8 @@ async def stream_run(
                 if last.type == "agent_completed":
                     status = str(last.data.get("status"))
                 yield b"".join(event.sse() for event in batch)
+                if sent is not None:
+                    sent(len(batch))
                 continue
             if watch.finished:
                 break

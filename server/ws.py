@@ -22,7 +22,7 @@ from bridge import events
 from server.auth import token_for_websocket
 from server.errors import AuthError
 from server.gateway import Gateway
-from server.limits import origin_allowed
+from server.origin import origin_allowed
 from server.session import (
     CLOSE_FORBIDDEN,
     CLOSE_SLOW,
@@ -58,7 +58,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         await websocket.close(code, reason)
 
     session = Session(gateway, user, new_id("s_"), send, close)
-    if not gateway.add_session(session):
+    if not await gateway.add_session(session):
         limit = settings.max_connections_per_user
         await websocket.close(CLOSE_TOO_MANY, f"more than {limit} connections for this user")
         return
@@ -93,7 +93,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
                     await session.close_now()
     finally:
         expiry.cancel()
-        gateway.remove_session(session)
+        await gateway.remove_session(session)
         for task in (reader, writer, aborted):
             task.cancel()
         for task in (reader, writer, aborted):

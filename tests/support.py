@@ -58,7 +58,7 @@ class LiveServer:
 
 @contextlib.contextmanager
 def run_server(settings: Settings | None = None, **overrides: Any) -> Iterator[LiveServer]:
-    base = settings or Settings(jwt_secret=SECRET, log_level="warning")
+    base = settings or Settings(jwt_secret=SECRET, log_level="warning", db_url="sqlite:///:memory:")
     settings = base.replace(**overrides)
     port = free_port()
     app = create_app(settings)

@@ -203,7 +203,8 @@ async def test_hs_rs_confusion_rejected(tmp_path: Path) -> None:
     from tests.test_auth import claims, rsa_pair
 
     private, public = rsa_pair()
-    with run_server(Settings(jwt_public_key=public, log_level="warning")) as srv:
+    settings = Settings(jwt_public_key=public, log_level="warning", db_url="sqlite:///:memory:")
+    with run_server(settings) as srv:
 
         def b64(data: bytes) -> str:
             return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
@@ -248,6 +249,9 @@ async def test_connection_cap_closes_the_newest_4429(user: str) -> None:
 async def test_rate_limit_per_minute_socket_and_http(user: str) -> None:
     with run_server(rate_limit_per_minute=3) as srv:
         async with ws_client(srv, user) as client:
+            for _ in range(2):  # refused runs do not count against the window
+                await client.send(type="user_message", content="hi", agent="nobody")
+                assert (await client.recv())["data"]["code"] == "bad_message"
             for _ in range(3):
                 await client.run("chunks=1", agent="load")
             await client.send(type="user_message", content="chunks=1", agent="load", id="x")

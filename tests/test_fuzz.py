@@ -72,9 +72,15 @@ async def exchange(server: LiveServer, batch: list[str]) -> None:
             await client.ws.send(frame)
         await client.send(type="ping", id="end-of-batch")
         answers = 0
+        ended = False
         async with asyncio.timeout(30):
             while True:
-                message = await client.recv()
+                try:
+                    # After the batch's last pong, what is still coming is run events:
+                    # session messages may overtake them (only an ack is ordered).
+                    message = await client.recv(timeout=0.2 if ended else 30)
+                except TimeoutError:
+                    break
                 assert set(message) >= {"type", "run_id", "thread_id", "seq", "ts", "data"}
                 kind = message["type"]
                 if kind == "error":
@@ -84,13 +90,14 @@ async def exchange(server: LiveServer, batch: list[str]) -> None:
                     answers += 1
                 elif kind == "pong":
                     if message["data"]["ref"] == "end-of-batch":
-                        break
-                    answers += 1
+                        ended = True
+                    else:
+                        answers += 1
         assert answers == len(batch)
 
 
 @settings(
-    max_examples=40,
+    max_examples=25,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )

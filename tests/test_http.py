@@ -107,7 +107,7 @@ async def test_lifecycle_routes(server: LiveServer, user: str) -> None:
         status = (await client.get(f"{base}/status", headers=headers)).json()
         assert status["ok"] is True and status["status"] == "paused"
         assert status["run_id"] == run_id and status["thread_id"] == first["thread_id"]
-        assert status["agent"] == "load" and status["last_seq"] >= 3
+        assert status["agent"] == "load" and status["last_seq"] >= 2
         assert status["created_at"] <= status["updated_at"]
 
         resp = await client.post(f"{base}/start", headers=headers)
@@ -205,6 +205,14 @@ async def test_bad_bodies(server: LiveServer, user: str) -> None:
         assert resp.status_code == 413 and resp.json()["error"]["code"] == "too_large"
 
 
+async def test_unknown_api_paths_get_json_errors(server: LiveServer, user: str) -> None:
+    async with http_client(server) as client:
+        for method, url in [("GET", "/api/nothing"), ("GET", "/api/chat/stream")]:
+            resp = await client.request(method, url, headers=server.headers(user))
+            assert resp.status_code in (404, 405), url
+            assert resp.json()["ok"] is False, url
+
+
 async def test_health(server: LiveServer) -> None:
     async with http_client(server) as client:
         resp = await client.get("/health")
@@ -216,8 +224,10 @@ async def test_health(server: LiveServer) -> None:
         "websocket_events": True,
         "sse_events": True,
         "resumable_runs": True,
+        "threads": True,
     }
-    assert body["broker"] == "memory" and "demo" in body["agents"]
+    assert body["broker"] in ("memory", "redis") and body["broker_reachable"] is True
+    assert "demo" in body["agents"]
 
 
 async def test_cors_for_allowed_origins_only(user: str) -> None:

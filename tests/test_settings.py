@@ -106,7 +106,8 @@ def test_dev_mode_prints_a_signed_in_url(tmp_path: Path) -> None:
                 url, token = match.group(1), match.group(2)
         assert url is not None and url.startswith(f"http://127.0.0.1:{port}/#token=")
         assert (tmp_path / "var" / "dev_secret").stat().st_mode & 0o777 == 0o600
-        for _ in range(200):
+        deadline = time.monotonic() + 30
+        while True:
             try:
                 resp = httpx.get(
                     f"http://127.0.0.1:{port}/api/chat/agents/r_none/status",
@@ -114,6 +115,7 @@ def test_dev_mode_prints_a_signed_in_url(tmp_path: Path) -> None:
                 )
                 break
             except httpx.ConnectError:
+                assert time.monotonic() < deadline, "the dev server did not answer"
                 time.sleep(0.05)
         # The printed token is accepted: the route answers 404 for the unknown run, not 401.
         assert resp.status_code == 404
@@ -124,3 +126,5 @@ def test_dev_mode_prints_a_signed_in_url(tmp_path: Path) -> None:
         proc.wait(timeout=20)
         if proc.stdout is not None:
             proc.stdout.close()
+    # SIGTERM ends the process cleanly, and the secret goes with it.
+    assert not (tmp_path / "var" / "dev_secret").exists()
