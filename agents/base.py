@@ -6,7 +6,7 @@ import asyncio
 import itertools
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -43,7 +43,19 @@ class RunContext:
     tools: ToolRegistry
     history: Sequence[Message] = ()
     typing_delay_s: float = 0.0
-    _call_ids: Iterable[int] = field(default_factory=lambda: itertools.count(1))
+    _call_ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+
+    def new_call_id(self) -> str:
+        """The next tool call id of this run (``call_1``, ``call_2``, …)."""
+        return f"call_{next(self._call_ids)}"
+
+    async def refuse_tool(self, name: str, error: str) -> ToolOutcome:
+        """Announce a call that cannot run (bad arguments from a model, an unknown tool)
+        and answer it failed at once, so that whoever asked sees why."""
+        call_id = self.new_call_id()
+        await self.emit.tool_executing(call_id, name, {})
+        await self.emit.tool_completed(call_id, name, ok=False, error=error, duration_ms=0.0)
+        return ToolOutcome(call_id, False, error=error)
 
     async def call_tool(self, name: str, args: Mapping[str, Any]) -> ToolOutcome:
         """Announce, run and answer one tool call.
@@ -52,7 +64,7 @@ class RunContext:
         ``tool_completed`` answers it, ``ok`` or with the error.  A tool's failure
         (bad arguments, timeout, exception) is the call's result, not the run's.
         """
-        call_id = f"call_{next(iter(self._call_ids))}"
+        call_id = self.new_call_id()
         await self.emit.tool_executing(call_id, name, args)
         started = time.perf_counter()
         try:

@@ -673,7 +673,7 @@ class LLMAgent:
             args = parse_arguments(call.arguments)
         except ValueError as exc:
             name = call.name or "unnamed"
-            return await refuse_call(ctx, name, f"{name}: {exc}")
+            return await ctx.refuse_tool(name, f"{name}: {exc}")
         return await ctx.call_tool(call.name, args)
 
     def _detail(self, exc: BaseException) -> str:
@@ -688,14 +688,6 @@ class LLMAgent:
 
 def redact(text: str, secret: str | None) -> str:
     return text.replace(secret, "[redacted]") if secret else text
-
-
-async def refuse_call(ctx: RunContext, tool: str, error: str) -> ToolOutcome:
-    """Announce a call that cannot run and answer it failed at once, for the model to see."""
-    call_id = f"call_{next(iter(ctx._call_ids))}"  # the run's own call ids, as call_tool's
-    await ctx.emit.tool_executing(call_id, tool, {})
-    await ctx.emit.tool_completed(call_id, tool, ok=False, error=error, duration_ms=0.0)
-    return ToolOutcome(call_id, False, error=error)
 
 
 async def _emit(ctx: RunContext, outputs: Sequence[Output]) -> None:

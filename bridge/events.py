@@ -165,5 +165,5 @@ def ack(ref: Ref, action: str, run_id: str, status: str, **extra: Any) -> Event:
     )
 
 
-def error(code: str, message: str, ref: Ref = None) -> Event:
-    return make_event("error", {"code": code, "message": message, "ref": ref})
+def error(code: str, message: str, ref: Ref = None, **extra: Any) -> Event:
+    return make_event("error", {"code": code, "message": message, "ref": ref, **extra})

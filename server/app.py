@@ -6,12 +6,14 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Final
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import routes
 from server.auth import Authenticator
@@ -21,6 +23,36 @@ from server.ws import websocket_endpoint
 
 STATIC_DIR = Path(__file__).parent / "static"
 log = logging.getLogger("chat")
+
+
+class SecurityHeaders:
+    """Headers a browser honours for the page and every response (pure ASGI middleware)."""
+
+    HEADERS: Final = [
+        (b"x-content-type-options", b"nosniff"),
+        (b"referrer-policy", b"no-referrer"),
+        (
+            b"content-security-policy",
+            b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+            b"connect-src 'self'; object-src 'none'; frame-ancestors 'none'; base-uri 'none'; "
+            b"form-action 'none'",
+        ),
+    ]
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *self.HEADERS]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 def create_app(settings: Settings | None = None, *, dev_secret: str | None = None) -> Starlette:
@@ -64,6 +96,7 @@ def create_app(settings: Settings | None = None, *, dev_secret: str | None = Non
             max_age=600,
         )
     ]
+    middleware.append(Middleware(SecurityHeaders))
     app = Starlette(routes=route_list, middleware=middleware, lifespan=lifespan)
     app.state.gateway = gateway
     app.state.settings = settings

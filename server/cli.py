@@ -135,7 +135,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_workers(settings, args.host, args.port, args.workers, dev_secret)
         finally:
             forget_dev_secret()
-    app = create_app(settings, dev_secret=dev_secret)
+    try:
+        app = create_app(settings, dev_secret=dev_secret)
+    except (ValueError, RuntimeError) as exc:
+        forget_dev_secret()
+        parser.error(str(exc))
     config = uvicorn_config(app, settings, args.host, args.port)
     GatewayServer(config, after_shutdown=forget_dev_secret).run()
     forget_dev_secret()  # also when the server never started

@@ -68,7 +68,7 @@ def parse_command(frame: str | bytes) -> Command:
         raise ProtocolError("bad_json", f"frame is not valid JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise ProtocolError("bad_message", "a frame must be a JSON object")
-    ref = _ref(raw)
+    ref = client_ref(raw)
     kind = raw.get("type")
     if not isinstance(kind, str):
         raise ProtocolError("bad_message", "field 'type' must be a string", ref)
@@ -95,7 +95,7 @@ def parse_command(frame: str | bytes) -> Command:
     )
 
 
-def _ref(raw: dict[str, Any]) -> Ref:
+def client_ref(raw: dict[str, Any]) -> Ref:
     value = raw.get("id")
     if value is None:
         return None

@@ -25,7 +25,7 @@ from bridge.errors import RunNotFound
 from bridge.events import PROTOCOL
 from server import sse
 from server.auth import Principal, bearer_from_headers, token_for_http
-from server.commands import optional_id
+from server.commands import client_ref, optional_id
 from server.errors import AuthError, ProtocolError, wire_error
 from server.gateway import Gateway
 from server.metrics import CONTENT_TYPE
@@ -117,6 +117,7 @@ async def chat_stream(request: Request) -> Response:
         message,
         thread_id=optional_id(body, "thread_id"),
         agent=optional_id(body, "agent"),
+        ref=client_ref(body),
     )
     wake = asyncio.Event()
     watch = await gateway.watch(user, record.run_id, 0, wake.set)

@@ -153,9 +153,10 @@ class Session:
             try:
                 batch = await watch.read(BATCH)
             except ResumeUnavailable as exc:
+                # The reader fell behind what the run's log keeps: say which run.
                 self._unwatch(run_id)
                 code, message, _ = wire_error(exc)
-                await self._send(events.error(code, message).text)
+                await self._send(events.error(code, message, run_id=run_id).text)
                 continue
             for event in batch:
                 await self._send(event.text)

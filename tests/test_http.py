@@ -213,6 +213,22 @@ async def test_unknown_api_paths_get_json_errors(server: LiveServer, user: str) 
             assert resp.json()["ok"] is False, url
 
 
+async def test_page_and_responses_carry_security_headers(server: LiveServer) -> None:
+    async with http_client(server) as client:
+        page = await client.get("/")
+    assert page.status_code == 200
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    assert page.headers["x-content-type-options"] == "nosniff"
+
+
+async def test_sse_carries_the_client_id_as_ref(server: LiveServer, user: str) -> None:
+    async with http_client(server) as client:
+        _, messages = await stream(
+            client, {"message": "chunks=1", "agent": "load", "id": "c-9"}, server.headers(user)
+        )
+    assert messages[1]["data"]["data"]["ref"] == "c-9"
+
+
 async def test_health(server: LiveServer) -> None:
     async with http_client(server) as client:
         resp = await client.get("/health")
