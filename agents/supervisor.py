@@ -376,11 +376,11 @@ class Supervisor:
         await self.broker.create_run(record, handle)
         self._runs[run_id] = handle
         message_id = new_id("m_")
-        stored = await self.recorder.user_message(record, message_id, content)
+        await self.recorder.user_message(record, message_id, content)
         await self.recorder.run_changed(dataclasses.replace(record))
         await bridge.emit(
             "user_message",
-            {"message_id": message_id, "content": content, "ref": ref, "stored": stored},
+            {"message_id": message_id, "content": content, "ref": ref},
             gated=False,
         )
         handle.watchers_changed(0)  # until a watcher attaches, the detach grace runs

@@ -183,6 +183,7 @@ class Gateway:
 
     async def start(self) -> None:
         await self.store.open()
+        self.persistence.start()
         if isinstance(self.broker, InMemoryBroker):
             # Runs are this process's alone: whatever is unfinished died with the last one.
             # With a shared broker, other processes may be running theirs; a dead
@@ -210,6 +211,7 @@ class Gateway:
         self.shutting_down = True
         await self.supervisor.shutdown(self.settings.shutdown_grace_s)
         await self.broker.close()
+        await self.persistence.stop()
         await self.store.close()
 
     async def start_run(

@@ -1,19 +1,24 @@
 """The gateway's recorder: the database behind the supervisor, never in the stream's way.
 
-Every write has a timeout.  A write that fails or times out is logged and counted,
-and the live stream goes on: the run's events still reach its clients, and
-``response_complete`` says ``stored: false``.  Only a thread's ownership is checked
-strictly: when it cannot be read, a run that names an existing thread is refused
-(a run on a new thread goes on).
+Writes go, in order, through one writer task, so that a run's first events never
+wait for the database: a new thread, the user's message and each status change
+are queued and written behind the stream.  The answer is the one write a run
+waits for, at its end, because ``response_complete`` names the stored message and
+says whether it was stored.  Every write has a timeout; one that fails or times
+out is logged and counted, and the live stream goes on (``stored: false``).
+
+Only a thread's ownership is checked strictly: when it cannot be read, a run that
+names an existing thread is refused (a run on a new thread goes on).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Sequence
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final
 
 from agents.base import Message
 from bridge.broker import RunRecord
@@ -22,9 +27,12 @@ from server.errors import GatewayError
 from server.store import MessageRow, RunRow, Store, ThreadRow
 
 log = logging.getLogger("chat.store")
-T = TypeVar("T")
 
-TITLE_CHARS = 80
+TITLE_CHARS: Final = 80
+#: Writes that may wait for the database; past it a write is counted as failed.
+MAX_QUEUED_WRITES: Final = 10_000
+
+Write = Callable[[], Awaitable[Any]]
 
 
 class StorageUnavailable(GatewayError):
@@ -46,55 +54,113 @@ class Persistence:
         self.history_messages = history_messages
         self.node = node
         self.failures = 0
+        self._queue: asyncio.Queue[tuple[str, Write, asyncio.Future[bool] | None]] | None = None
+        self._writer: asyncio.Task[None] | None = None
 
-    async def _guard(self, what: str, call: Awaitable[T]) -> T | None:
+    # The writer -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._queue = asyncio.Queue(MAX_QUEUED_WRITES)
+        self._writer = asyncio.get_running_loop().create_task(self._write_loop(), name="store")
+
+    async def flush(self) -> None:
+        """Wait until every write queued so far is done."""
+        if self._queue is not None:
+            await self._queue.join()
+
+    async def stop(self, timeout_s: float = 5.0) -> None:
+        """Write what is queued (for up to ``timeout_s``), then stop the writer."""
+        if self._queue is not None and self._writer is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await self._queue.join()
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+        self._writer = None
+
+    def _submit(
+        self, what: str, write: Write, *, wait: bool = False
+    ) -> asyncio.Future[bool] | None:
+        future: asyncio.Future[bool] | None = None
+        if wait:
+            future = asyncio.get_running_loop().create_future()
+        if self._queue is None:
+            self.start()
+        assert self._queue is not None
+        try:
+            self._queue.put_nowait((what, write, future))
+        except asyncio.QueueFull:
+            self._failed(what, "too many writes waiting for the database")
+            if future is not None:
+                future.set_result(False)
+        return future
+
+    async def _write_loop(self) -> None:
+        assert self._queue is not None
+        while True:
+            what, write, future = await self._queue.get()
+            try:
+                ok = await self._write(what, write)
+                if future is not None and not future.done():
+                    future.set_result(ok)
+            finally:
+                self._queue.task_done()
+
+    async def _write(self, what: str, write: Write) -> bool:
         try:
             async with asyncio.timeout(self.timeout_s):
-                return await call
+                await write()
         except Exception as exc:
-            self.failures += 1
-            log.error("store: %s failed: %r", what, exc)
-            return None
+            self._failed(what, repr(exc))
+            return False
+        return True
+
+    def _failed(self, what: str, why: str) -> None:
+        self.failures += 1
+        log.error("store: %s failed: %s", what, why)
+
+    # Recorder ---------------------------------------------------------------------
 
     async def open_thread(
         self, owner: str, thread_id: str, first_message: str, *, new: bool
     ) -> Sequence[Message]:
+        now = time.time()
+        row = ThreadRow(thread_id, owner, title_of(first_message), now, now)
+        if new:  # an id just made: nothing to check or load
+            self._submit(f"creating thread {thread_id}", lambda: self.store.create_thread(row))
+            return []
         try:
             async with asyncio.timeout(self.timeout_s):
                 thread = await self.store.get_thread(thread_id)
-                if thread is None:
-                    now = time.time()
-                    await self.store.create_thread(
-                        ThreadRow(thread_id, owner, title_of(first_message), now, now)
-                    )
-                    return []
-                if thread.owner != owner:
+                if thread is not None and thread.owner != owner:
                     raise RunNotFound(f"no thread {thread_id}")
                 rows = await self.store.recent_messages(thread_id, self.history_messages)
         except RunNotFound:
             raise
         except Exception as exc:
-            self.failures += 1
-            log.error("store: opening thread %s failed: %r", thread_id, exc)
-            if new:
-                return []  # nothing to check or load: the run goes on, unstored
+            self._failed(f"opening thread {thread_id}", repr(exc))
             raise StorageUnavailable("the conversation store is unavailable") from None
-        return [Message(row.role, row.content) for row in rows]
+        if thread is None:  # a client-chosen id seen for the first time
+            self._submit(f"creating thread {thread_id}", lambda: self.store.create_thread(row))
+        return [Message(r.role, r.content) for r in rows]
 
     async def user_message(self, run: RunRecord, message_id: str, content: str) -> bool:
         row = MessageRow(message_id, run.thread_id, "user", content, run.run_id, False, time.time())
-        return await self._guard("storing a user message", self._add(row)) is not None
+        self._submit(f"storing user message {message_id}", lambda: self._add(row))
+        return True
 
     async def answer(self, run: RunRecord, message_id: str, content: str, fallback: bool) -> bool:
         row = MessageRow(
             message_id, run.thread_id, "assistant", content, run.run_id, fallback, time.time()
         )
-        return await self._guard("storing an answer", self._add(row)) is not None
+        future = self._submit(f"storing answer {message_id}", lambda: self._add(row), wait=True)
+        assert future is not None
+        return await future
 
-    async def _add(self, row: MessageRow) -> bool:
+    async def _add(self, row: MessageRow) -> None:
         await self.store.add_message(row)
         await self.store.touch_thread(row.thread_id, row.created_at)
-        return True
 
     async def run_changed(self, run: RunRecord) -> None:
         row = RunRow(
@@ -109,4 +175,4 @@ class Persistence:
             run.last_seq,
             self.node,
         )
-        await self._guard(f"recording run {run.run_id}", self.store.upsert_run(row))
+        self._submit(f"recording run {run.run_id}", lambda: self.store.upsert_run(row))
