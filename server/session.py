@@ -18,7 +18,7 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import Any, Final
 
 from bridge import events
 from bridge.broker import Watch
@@ -44,7 +44,8 @@ CLOSE_FORBIDDEN: Final = 4403
 CLOSE_SLOW: Final = 4408
 CLOSE_TOO_MANY: Final = 4429
 
-Send = Callable[[str], Awaitable[None]]
+#: The ASGI ``send`` of the connection: frames go straight to the server, one message each.
+Send = Callable[[dict[str, Any]], Awaitable[None]]
 Close = Callable[[int, str], Awaitable[None]]
 
 
@@ -104,16 +105,17 @@ class Session:
         self._wake.set()
 
     def _watch_woken(self, watch: Watch, backlog: int) -> None:
+        if not self._wake.is_set():
+            # The writer had caught up: what it has not sent is this one event.
+            self._wake.set()
+            return
         # Unsent bytes past the send buffer make a slow consumer; a resume's replay
         # backlog is allowed on top, since the reader asked for it all at once.
         if watch.lag_bytes() > self.gateway.settings.send_buffer_bytes + backlog:
             self.close(CLOSE_SLOW, "slow consumer: send buffer overflow", drain=False)
-        self._wake.set()
 
     async def _send(self, text: str) -> None:
-        self.sending_since = asyncio.get_running_loop().time()
-        await self._send_raw(text)
-        self.sending_since = None
+        await self._send_raw({"type": "websocket.send", "text": text})
 
     async def close_now(self) -> None:
         """Send the close frame of an aborted session; the writer must be stopped first."""
@@ -143,6 +145,14 @@ class Session:
 
     async def _write_ready(self) -> bool:
         """Send what is ready; True when more is waiting."""
+        # What is sent in one turn counts as one send for stall detection.
+        self.sending_since = asyncio.get_running_loop().time()
+        try:
+            return await self._write_turn()
+        finally:
+            self.sending_since = None
+
+    async def _write_turn(self) -> bool:
         control = self._control
         while control:
             await self._send(control.popleft().text)

@@ -51,13 +51,12 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         await websocket.close(CLOSE_UNAUTHORIZED, str(exc))
         return
 
-    async def send(text: str) -> None:
-        await websocket.send({"type": "websocket.send", "text": text})
-
     async def close(code: int, reason: str) -> None:
         await websocket.close(code, reason)
 
-    session = Session(gateway, user, new_id("s_"), send, close)
+    # Frames go through the connection's own ASGI send: Starlette's wrapper checks
+    # its state on every message, which the one writer does not need.
+    session = Session(gateway, user, new_id("s_"), websocket._send, close)
     if not await gateway.add_session(session):
         limit = settings.max_connections_per_user
         await websocket.close(CLOSE_TOO_MANY, f"more than {limit} connections for this user")
