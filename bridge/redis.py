@@ -215,6 +215,7 @@ class RedisBroker:
             if self._pubsub is not None:
                 await self._pubsub.aclose()
             await self.r.delete(self.k("node", self.node), self.k("conns", self.node))
+            await self.r.srem(self.k("nodes"), self.node)
         for client in (self._r, self._tail_r):
             if client is not None:
                 with contextlib.suppress(Exception):

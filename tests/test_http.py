@@ -229,6 +229,18 @@ async def test_sse_carries_the_client_id_as_ref(server: LiveServer, user: str) -
     assert messages[1]["data"]["data"]["ref"] == "c-9"
 
 
+def test_sse_sends_a_ping_comment_each_heartbeat(user: str) -> None:
+    from tests.support import run_server
+
+    with run_server(heartbeat_s=0.2) as live, httpx.Client(base_url=live.http, timeout=15) as http:
+        body = {"message": "tools=1 tool_ms=1000", "agent": "load"}
+        with http.stream("POST", "/api/chat/stream", json=body, headers=live.headers(user)) as r:
+            lines = list(r.iter_lines())
+    pings = [line for line in lines if line == ": ping"]
+    assert len(pings) >= 3, lines  # a one-second tool call, a ping every 0.2 s
+    assert parse_sse("\n".join(lines))[-1]["event"] == "stream_end"
+
+
 async def test_health(server: LiveServer) -> None:
     async with http_client(server) as client:
         resp = await client.get("/health")
