@@ -50,9 +50,8 @@ async def test_a_run_started_on_one_process_is_served_by_another(
                 stopped = await rest.post(f"{base}/stop")
                 assert stopped.status_code == 200 and stopped.json()["status"] == "paused"
                 seen_a = await on_a.recv_until("run_status")
-                status_a = await httpx.AsyncClient(base_url=a.http, headers=a.headers("alice")).get(
-                    f"{base}/status"
-                )
+                async with httpx.AsyncClient(base_url=a.http, headers=a.headers("alice")) as at_a:
+                    status_a = await at_a.get(f"{base}/status")
                 assert status_a.json()["status"] == "paused"
                 assert (await rest.get(f"{base}/status")).json()["status"] == "paused"
                 assert (await rest.post(f"{base}/start")).json()["status"] == "running"
