@@ -179,6 +179,14 @@ class RunHandle:
 
     # The run --------------------------------------------------------------------
 
+    async def begin(self) -> None:
+        """Start the run: ``running``, and ``agent_started`` right behind ``user_message``."""
+        transition = self.lifecycle.begin()
+        if transition.changed:
+            await self.set_status(transition.after)
+        await self.ctx.emit.agent_started(self.agent.name)
+        self._supervisor.observer.run_started(self.agent.name, time.perf_counter() - self.created)
+
     async def drive(self) -> None:
         self._started = True
         started = self.created
@@ -188,11 +196,6 @@ class RunHandle:
         try:
             if self._cancel_error is not None:
                 raise asyncio.CancelledError
-            transition = self.lifecycle.begin()
-            if transition.changed:
-                await self.set_status(transition.after)
-            await adapter.agent_started(self.agent.name)
-            self._supervisor.observer.run_started(self.agent.name, time.perf_counter() - started)
             await self.agent.run(self.ctx)
         except asyncio.CancelledError:
             self._uncancel()
@@ -384,6 +387,9 @@ class Supervisor:
             gated=False,
         )
         handle.watchers_changed(0)  # until a watcher attaches, the detach grace runs
+        # agent_started goes out now, in the same turn of the session's writer as
+        # user_message, not one scheduling round later when the agent's task starts.
+        await handle.begin()
         handle.task = asyncio.get_running_loop().create_task(handle.drive(), name=f"run {run_id}")
         return record
 

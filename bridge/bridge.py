@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from bridge.broker import Broker
@@ -47,6 +47,7 @@ class RunBridge:
         #: Once set, every emit from the agent raises this error.
         self.agent_error: BridgeError | None = None
         self._since_yield = 0
+        self._publish_now: Callable[[Event], None] | None = getattr(broker, "publish_now", None)
 
     @property
     def content(self) -> str:
@@ -76,7 +77,10 @@ class RunBridge:
         event = make_event(type, data, run_id=self.run_id, thread_id=self.thread_id, seq=self.seq)
         if type == "agent_completed":
             self.completed = True
-        await self.broker.publish(event)
+        if self._publish_now is not None:
+            self._publish_now(event)  # a broker that never waits: no coroutine per event
+        else:
+            await self.broker.publish(event)
         self._since_yield += 1
         if self._since_yield >= YIELD_EVERY:
             self._since_yield = 0
@@ -165,7 +169,13 @@ class EventAdapter:
         return await self._emit("tool_completed", data)
 
     async def chunk(self, text: str) -> Event:
-        return await self._emit("response_chunk", {"text": text})
+        # The hot path of every answer: the checks of _emit, without its extra coroutine.
+        bridge = self._bridge
+        if bridge is None:
+            raise BridgeNotAttached("no run is bound to this adapter; cannot emit response_chunk")
+        if bridge.agent_error is not None:
+            raise bridge.agent_error
+        return await bridge.emit("response_chunk", {"text": text})
 
     async def agent_completed(
         self, status: str, duration_ms: float, error: Mapping[str, str] | None = None

@@ -161,16 +161,24 @@ class InMemoryBroker:
     # Event logs ---------------------------------------------------------------
 
     async def publish(self, event: Event) -> None:
+        self.publish_now(event)
+
+    def publish_now(self, event: Event) -> None:
+        """:meth:`publish` without a coroutine: this broker never waits to publish."""
         run_id = event.run_id
         if run_id is None:
             raise ValueError(f"{event.type} is not a run event")
-        slot = self._slot(run_id)
-        slot.log.append(event)
-        slot.record.last_seq = slot.log.last_seq
-        slot.record.updated_at = event.ts
+        slot = self._runs.get(run_id)
+        if slot is None:
+            raise RunNotFound(f"no run {run_id}")
+        log = slot.log
+        log.append(event)
+        record = slot.record
+        record.last_seq = log.last_seq
+        record.updated_at = event.ts
         for watcher in slot.watchers:
             watcher.wake()
-        if slot.log.closed:
+        if log.closed:
             loop = asyncio.get_running_loop()
             slot.expiry = loop.call_later(self._window, self._expire, run_id)
 

@@ -11,9 +11,10 @@ from typing import Final
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 from server import routes
 from server.auth import Authenticator
@@ -55,7 +56,7 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
-def create_app(settings: Settings | None = None, *, dev_secret: str | None = None) -> Starlette:
+def create_app(settings: Settings | None = None, *, dev_secret: str | None = None) -> GatewayApp:
     """Build the gateway's ASGI app.  ``dev_secret`` signs tokens when no secret is set."""
     settings = settings or Settings.from_env()
     auth = Authenticator(settings, dev_secret=dev_secret)
@@ -72,7 +73,6 @@ def create_app(settings: Settings | None = None, *, dev_secret: str | None = Non
     route_list: list[BaseRoute] = [
         Route("/health", routes.health, methods=["GET"]),
         Route("/metrics", routes.metrics, methods=["GET"]),
-        WebSocketRoute("/ws", websocket_endpoint),
         Route("/api/chat/stream", routes.chat_stream, methods=["POST"]),
         Route("/api/chat/runs/{run_id}/events", routes.run_events, methods=["GET"]),
         Route("/api/chat/agents/{run_id}/status", routes.run_status, methods=["GET"]),
@@ -100,4 +100,25 @@ def create_app(settings: Settings | None = None, *, dev_secret: str | None = Non
     app = Starlette(routes=route_list, middleware=middleware, lifespan=lifespan)
     app.state.gateway = gateway
     app.state.settings = settings
-    return app
+    return GatewayApp(app, gateway)
+
+
+class GatewayApp:
+    """The ASGI app: ``/ws`` straight to the gateway, everything else to Starlette.
+
+    Every frame a session writes goes through the ASGI ``send``; reaching the
+    endpoint outside Starlette's middleware stack keeps that ``send`` the
+    server's own, with no wrapper per frame.  (CORS, exception pages and the
+    security headers concern HTTP only.)
+    """
+
+    def __init__(self, starlette: Starlette, gateway: Gateway) -> None:
+        self.starlette = starlette
+        self.gateway = gateway
+        self.state = starlette.state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and scope["path"] == "/ws":
+            await websocket_endpoint(self.gateway, WebSocket(scope, receive, send))
+            return
+        await self.starlette(scope, receive, send)

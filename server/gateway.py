@@ -96,6 +96,8 @@ class LocalSession(Protocol):
     """What the gateway needs of a session in this process: its user, and a way to close it."""
 
     user_id: str
+    #: Loop time at which the writer's current turn began, None while it is idle.
+    sending_since: float | None
 
     def close(self, code: int, reason: str, *, drain: bool = True) -> None: ...
 
@@ -143,6 +145,7 @@ class Gateway:
         self.counters = Counters()
         self.shutting_down = False
         self._sessions: dict[str, set[LocalSession]] = {}
+        self._watchdog: asyncio.Task[None] | None = None
         if isinstance(self.broker, RedisBroker):
             self.broker.on_reaped = self.persistence.run_changed
 
@@ -192,6 +195,7 @@ class Gateway:
             if failed:
                 log.warning("marked %d runs left unfinished by the last process failed", failed)
         await self.broker.start()
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch_stalls())
 
     async def drain(self, close_code: int) -> None:
         """Shut down gracefully: no new runs; runs finish for up to the grace, then are
@@ -207,7 +211,24 @@ class Gateway:
         if sessions:
             await asyncio.wait([asyncio.create_task(s.closed.wait()) for s in sessions], timeout=5)
 
+    async def _watch_stalls(self) -> None:
+        """Abort sessions whose writer is stuck in a send past ``CHAT_SEND_TIMEOUT_S``.
+
+        One task for every session of the process: an idle connection costs no timer.
+        """
+        timeout = self.settings.send_timeout_s
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            now = loop.time()
+            for session in self.sessions():
+                since = session.sending_since
+                if since is not None and now - since > timeout:
+                    session.close(4408, "slow consumer: send stalled", drain=False)
+
     async def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         self.shutting_down = True
         await self.supervisor.shutdown(self.settings.shutdown_grace_s)
         await self.broker.close()

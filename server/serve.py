@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import uvicorn
-from starlette.applications import Starlette
+from starlette.types import ASGIApp
 
 from server.gateway import Gateway
 from server.session import CLOSE_RESTART
@@ -23,7 +23,7 @@ from server.settings import Settings
 
 
 def uvicorn_config(
-    app: Starlette, settings: Settings, host: str, port: int, **extra: Any
+    app: ASGIApp, settings: Settings, host: str, port: int, **extra: Any
 ) -> uvicorn.Config:
     """The uvicorn config that goes with the settings: frame size, keepalive, shutdown."""
     return uvicorn.Config(

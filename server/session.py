@@ -105,10 +105,7 @@ class Session:
         self._wake.set()
 
     def _watch_woken(self, watch: Watch, backlog: int) -> None:
-        if not self._wake.is_set():
-            # The writer had caught up: what it has not sent is this one event.
-            self._wake.set()
-            return
+        """The writer is behind on ``watch``'s run: is it too far behind?"""
         # Unsent bytes past the send buffer make a slow consumer; a resume's replay
         # backlog is allowed on top, since the reader asked for it all at once.
         if watch.lag_bytes() > self.gateway.settings.send_buffer_bytes + backlog:
@@ -168,8 +165,9 @@ class Session:
                 code, message, _ = wire_error(exc)
                 await self._send(events.error(code, message, run_id=run_id).text)
                 continue
+            send = self._send_raw
             for event in batch:
-                await self._send(event.text)
+                await send({"type": "websocket.send", "text": event.text})
             self.gateway.counters.events_delivered += len(batch)
             if len(batch) == BATCH:
                 more = True
@@ -248,9 +246,12 @@ class Session:
         self, run_id: str, after_seq: int, before: Callable[[], None] | None = None
     ) -> None:
         holder: list[tuple[Watch, int]] = []
+        woken = self._wake
 
-        def wake() -> None:
-            if holder:
+        def wake() -> None:  # called for every event the run publishes
+            if not woken.is_set():
+                woken.set()  # the writer had caught up: nothing more to check
+            elif holder:
                 self._watch_woken(*holder[0])
 
         watch = await self.gateway.watch(self.user, run_id, after_seq, wake)

@@ -35,8 +35,9 @@ from server.session import (
 log = logging.getLogger("chat.ws")
 
 
-async def websocket_endpoint(websocket: WebSocket) -> None:
-    gateway: Gateway = websocket.app.state.gateway
+async def websocket_endpoint(gateway: Gateway, websocket: WebSocket) -> None:
+    """Serve one connection.  ``websocket`` is built on the server's own ASGI ``send``
+    (see :func:`server.app.create_app`), which the session's writer uses for frames."""
     settings = gateway.settings
     headers = websocket.headers
     token, subprotocol = token_for_websocket(headers, websocket.scope["query_string"])
@@ -54,8 +55,6 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     async def close(code: int, reason: str) -> None:
         await websocket.close(code, reason)
 
-    # Frames go through the connection's own ASGI send: Starlette's wrapper checks
-    # its state on every message, which the one writer does not need.
     session = Session(gateway, user, new_id("s_"), websocket._send, close)
     if not await gateway.add_session(session):
         limit = settings.max_connections_per_user
@@ -77,7 +76,8 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     reader = asyncio.create_task(_read_loop(websocket, session), name=f"reader {session.id}")
     aborted = asyncio.create_task(session.aborted.wait())
     try:
-        await _watch_session(session, writer, reader, aborted, settings.send_timeout_s)
+        # A stalled send is found by the gateway's watchdog, which aborts the session.
+        await asyncio.wait({writer, reader, aborted}, return_when=asyncio.FIRST_COMPLETED)
         if session.aborted.is_set():
             if session.close_code == CLOSE_SLOW:
                 gateway.counters.slow_consumer_closes += 1
@@ -99,28 +99,6 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         session.detach_all()
-
-
-async def _watch_session(
-    session: Session,
-    writer: asyncio.Task[None],
-    reader: asyncio.Task[None],
-    aborted: asyncio.Task[bool],
-    send_timeout_s: float,
-) -> None:
-    """Wait until the session ends; abort it if a send stalls past the timeout."""
-    tasks = {writer, reader, aborted}
-    loop = asyncio.get_running_loop()
-    while True:
-        done, _ = await asyncio.wait(
-            tasks, timeout=send_timeout_s / 2, return_when=asyncio.FIRST_COMPLETED
-        )
-        if done:
-            return
-        since = session.sending_since
-        if since is not None and loop.time() - since > send_timeout_s:
-            session.close(CLOSE_SLOW, "slow consumer: send stalled", drain=False)
-            return
 
 
 async def _read_loop(websocket: WebSocket, session: Session) -> None:
