@@ -1,11 +1,12 @@
 """The gateway's recorder: the database behind the supervisor, never in the stream's way.
 
-Writes go, in order, through one writer task, so that a run's first events never
-wait for the database: a new thread, the user's message and each status change
-are queued and written behind the stream.  The answer is the one write a run
-waits for, at its end, because ``response_complete`` names the stored message and
-says whether it was stored.  Every write has a timeout; one that fails or times
-out is logged and counted, and the live stream goes on (``stored: false``).
+Writes go, in order, through one writer task that commits whatever is queued in
+one transaction, so that a run's first events never wait for the database: a new
+thread, the user's message and each status change are queued and written behind
+the stream.  The answer is the one write a run waits for, at its end, because
+``response_complete`` names the stored message and says whether it was stored.
+Every write has a timeout; one that fails or times out is logged and counted,
+and the live stream goes on (``stored: false``).
 
 Only a thread's ownership is checked strictly: when it cannot be read, a run that
 names an existing thread is refused (a run on a new thread goes on).
@@ -17,22 +18,31 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Final
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
 
 from agents.base import Message
 from bridge.broker import RunRecord
 from bridge.errors import RunNotFound
 from server.errors import GatewayError
 from server.store import MessageRow, RunRow, Store, ThreadRow
+from server.store.base import Step
 
 log = logging.getLogger("chat.store")
 
 TITLE_CHARS: Final = 80
 #: Writes that may wait for the database; past it a write is counted as failed.
 MAX_QUEUED_WRITES: Final = 10_000
+#: Writes committed together in one transaction at most.
+MAX_BATCH: Final = 256
 
-Write = Callable[[], Awaitable[Any]]
+
+@dataclass(frozen=True, slots=True)
+class _Write:
+    what: str
+    steps: list[Step]
+    done: asyncio.Future[bool] | None
 
 
 class StorageUnavailable(GatewayError):
@@ -54,7 +64,7 @@ class Persistence:
         self.history_messages = history_messages
         self.node = node
         self.failures = 0
-        self._queue: asyncio.Queue[tuple[str, Write, asyncio.Future[bool] | None]] | None = None
+        self._queue: asyncio.Queue[_Write] | None = None
         self._writer: asyncio.Task[None] | None = None
 
     # The writer -------------------------------------------------------------------
@@ -80,39 +90,49 @@ class Persistence:
         self._writer = None
 
     def _submit(
-        self, what: str, write: Write, *, wait: bool = False
+        self, what: str, steps: list[Step], *, wait: bool = False
     ) -> asyncio.Future[bool] | None:
-        future: asyncio.Future[bool] | None = None
+        done: asyncio.Future[bool] | None = None
         if wait:
-            future = asyncio.get_running_loop().create_future()
+            done = asyncio.get_running_loop().create_future()
         if self._queue is None:
             self.start()
         assert self._queue is not None
         try:
-            self._queue.put_nowait((what, write, future))
+            self._queue.put_nowait(_Write(what, steps, done))
         except asyncio.QueueFull:
             self._failed(what, "too many writes waiting for the database")
-            if future is not None:
-                future.set_result(False)
-        return future
+            if done is not None:
+                done.set_result(False)
+        return done
 
     async def _write_loop(self) -> None:
-        assert self._queue is not None
+        """Commit what is queued, in order, many writes to a transaction."""
+        queue = self._queue
+        assert queue is not None
         while True:
-            what, write, future = await self._queue.get()
+            batch = [await queue.get()]
+            while len(batch) < MAX_BATCH and not queue.empty():
+                batch.append(queue.get_nowait())
             try:
-                ok = await self._write(what, write)
-                if future is not None and not future.done():
-                    future.set_result(ok)
+                if await self._write(batch):
+                    results = [True] * len(batch)
+                else:  # one bad write must not fail the others: each again, alone
+                    results = [await self._write([w]) for w in batch]
+                for write, ok in zip(batch, results, strict=True):
+                    if write.done is not None and not write.done.done():
+                        write.done.set_result(ok)
             finally:
-                self._queue.task_done()
+                for _ in batch:
+                    queue.task_done()
 
-    async def _write(self, what: str, write: Write) -> bool:
+    async def _write(self, batch: list[_Write]) -> bool:
         try:
             async with asyncio.timeout(self.timeout_s):
-                await write()
+                await self.store.write([step for w in batch for step in w.steps])
         except Exception as exc:
-            self._failed(what, repr(exc))
+            if len(batch) == 1:  # a batch's failure is counted write by write
+                self._failed(batch[0].what, repr(exc))
             return False
         return True
 
@@ -128,7 +148,7 @@ class Persistence:
         now = time.time()
         row = ThreadRow(thread_id, owner, title_of(first_message), now, now)
         if new:  # an id just made: nothing to check or load
-            self._submit(f"creating thread {thread_id}", lambda: self.store.create_thread(row))
+            self._submit(f"creating thread {thread_id}", self.store.thread_steps(row))
             return []
         try:
             async with asyncio.timeout(self.timeout_s):
@@ -142,25 +162,23 @@ class Persistence:
             self._failed(f"opening thread {thread_id}", repr(exc))
             raise StorageUnavailable("the conversation store is unavailable") from None
         if thread is None:  # a client-chosen id seen for the first time
-            self._submit(f"creating thread {thread_id}", lambda: self.store.create_thread(row))
+            self._submit(f"creating thread {thread_id}", self.store.thread_steps(row))
         return [Message(r.role, r.content) for r in rows]
 
     async def user_message(self, run: RunRecord, message_id: str, content: str) -> bool:
         row = MessageRow(message_id, run.thread_id, "user", content, run.run_id, False, time.time())
-        self._submit(f"storing user message {message_id}", lambda: self._add(row))
+        self._submit(f"storing user message {message_id}", self.store.message_steps(row))
         return True
 
     async def answer(self, run: RunRecord, message_id: str, content: str, fallback: bool) -> bool:
         row = MessageRow(
             message_id, run.thread_id, "assistant", content, run.run_id, fallback, time.time()
         )
-        future = self._submit(f"storing answer {message_id}", lambda: self._add(row), wait=True)
-        assert future is not None
-        return await future
-
-    async def _add(self, row: MessageRow) -> None:
-        await self.store.add_message(row)
-        await self.store.touch_thread(row.thread_id, row.created_at)
+        done = self._submit(
+            f"storing answer {message_id}", self.store.message_steps(row), wait=True
+        )
+        assert done is not None
+        return await done
 
     async def run_changed(self, run: RunRecord) -> None:
         row = RunRow(
@@ -175,4 +193,4 @@ class Persistence:
             run.last_seq,
             self.node,
         )
-        self._submit(f"recording run {run.run_id}", lambda: self.store.upsert_run(row))
+        self._submit(f"recording run {run.run_id}", self.store.run_steps(row))

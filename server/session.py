@@ -33,6 +33,8 @@ log = logging.getLogger("chat.ws")
 
 #: Events read from one run per writer turn before the writer looks at the others.
 BATCH: Final = 256
+#: While the writer is behind, how often (in events) its lag is measured; a power of 2.
+LAG_CHECK_EVERY: Final = 16
 #: Session messages (acks, errors, pongs) that may wait for the writer.
 MAX_CONTROL_QUEUE: Final = 1024
 
@@ -247,11 +249,16 @@ class Session:
     ) -> None:
         holder: list[tuple[Watch, int]] = []
         woken = self._wake
+        behind = 0
 
         def wake() -> None:  # called for every event the run publishes
+            nonlocal behind
             if not woken.is_set():
                 woken.set()  # the writer had caught up: nothing more to check
-            elif holder:
+                behind = 0
+                return
+            behind += 1
+            if behind & (LAG_CHECK_EVERY - 1) == 0 and holder:
                 self._watch_woken(*holder[0])
 
         watch = await self.gateway.watch(self.user, run_id, after_seq, wake)

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+#: One SQL statement and its arguments.
+Step = tuple[str, tuple[Any, ...]]
+
 
 class StoreError(Exception):
     """The database failed or is unreachable; the store's own errors are mapped to this."""
@@ -109,4 +112,17 @@ class Store(Protocol):
 
     async def fail_unfinished_runs(self, error_code: str, now: float) -> int:
         """Mark every run still ``queued``, ``running`` or ``paused`` as failed."""
+        ...
+
+    # Writes as steps, so that many can go in one transaction -------------------------
+    def thread_steps(self, row: ThreadRow) -> list[Step]: ...
+
+    def message_steps(self, row: MessageRow) -> list[Step]:
+        """Add the message and touch its thread."""
+        ...
+
+    def run_steps(self, row: RunRow) -> list[Step]: ...
+
+    async def write(self, steps: list[Step]) -> None:
+        """Run the steps, in order, in one transaction."""
         ...

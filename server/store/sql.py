@@ -1,23 +1,27 @@
-"""One SQL store over two drivers: SQLite (aiosqlite) and PostgreSQL (asyncpg).
+"""One SQL store over two drivers: SQLite (on a thread of its own) and PostgreSQL (asyncpg).
 
 Queries are written once with ``?`` placeholders; the PostgreSQL driver numbers
-them.  SQLite runs in aiosqlite's own thread, so no query blocks the event loop;
-the file is opened in WAL mode.
+them.  SQLite runs on a thread of its own, so no query blocks the event loop, and
+a batch of writes is one hop to it and one transaction; the file is in WAL mode.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Sequence
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
-from server.store.base import MessageRow, RunRow, StoreError, ThreadRow
+from server.store.base import MessageRow, RunRow, Step, StoreError, ThreadRow
 from server.store.migrations import LATEST, statements
 
 log = logging.getLogger("chat.store")
 
 Row = Sequence[Any]
+T = TypeVar("T")
 
 
 class Driver(Protocol):
@@ -56,69 +60,91 @@ def _version_steps(current: int, version: int) -> str:
 
 
 class SqliteDriver:
+    """SQLite on a thread of its own: every call is one hop to it, and a whole
+    transaction (:meth:`script`, :meth:`migrate_step`) is a single hop."""
+
     dialect = "sqlite"
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._db: Any = None
+        self._conn: sqlite3.Connection | None = None
+        self._thread: ThreadPoolExecutor | None = None
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._thread is None:
+            raise StoreError("the SQLite store is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreError("the SQLite store is closed")
+        return self._conn
 
     async def connect(self) -> None:
-        import aiosqlite
-
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = await aiosqlite.connect(self.path, isolation_level=None)
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite")
+        self._conn = await self._run(self._open)
+
+    def _open(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         for pragma in (
             "PRAGMA journal_mode=WAL",
             "PRAGMA synchronous=NORMAL",
             "PRAGMA foreign_keys=ON",
             "PRAGMA busy_timeout=5000",
         ):
-            await self._db.execute(pragma)
+            conn.execute(pragma)
+        return conn
 
     async def close(self) -> None:
-        if self._db is not None:
-            await self._db.close()
-            self._db = None
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await asyncio.get_running_loop().run_in_executor(self._thread, conn.close)
+        if self._thread is not None:
+            self._thread.shutdown(wait=False)
+            self._thread = None
 
     async def execute(self, sql: str, *args: Any) -> int:
-        cursor = await self._db.execute(sql, args)
-        count: int = cursor.rowcount
-        await cursor.close()
-        return count
+        return await self._run(lambda: self._db().execute(sql, args).rowcount)
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
-        cursor = await self._db.execute(sql, args)
-        rows: list[Row] = list(await cursor.fetchall())
-        await cursor.close()
-        return rows
+        return await self._run(lambda: list(self._db().execute(sql, args).fetchall()))
 
     async def script(self, steps: list[tuple[str, tuple[Any, ...]]]) -> None:
-        await self._db.execute("BEGIN")
+        await self._run(self._transaction, "BEGIN", steps)
+
+    def _transaction(self, begin: str, steps: list[tuple[str, tuple[Any, ...]]]) -> None:
+        db = self._db()
+        db.execute(begin)
         try:
             for sql, args in steps:
-                await self._db.execute(sql, args)
+                db.execute(sql, args)
         except BaseException:
-            await self._db.execute("ROLLBACK")
+            db.execute("ROLLBACK")
             raise
-        await self._db.execute("COMMIT")
+        db.execute("COMMIT")
 
     async def migrate_step(self, version: int, sqls: list[str]) -> bool:
-        await self._db.execute("BEGIN IMMEDIATE")  # the write lock, before reading
+        return await self._run(self._migrate_step, version, sqls)
+
+    def _migrate_step(self, version: int, sqls: list[str]) -> bool:
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")  # the write lock, before reading
         try:
-            await self._db.execute(VERSION_TABLE)
-            rows = await self.fetch("SELECT version FROM schema_version")
+            db.execute(VERSION_TABLE)
+            rows = db.execute("SELECT version FROM schema_version").fetchall()
             current = int(rows[0][0]) if rows else 0
             if current >= version:
-                await self._db.execute("ROLLBACK")
+                db.execute("ROLLBACK")
                 return False
             for sql in sqls:
-                await self._db.execute(sql)
-            await self._db.execute(_version_steps(current, version))
+                db.execute(sql)
+            db.execute(_version_steps(current, version))
         except BaseException:
-            await self._db.execute("ROLLBACK")
+            db.execute("ROLLBACK")
             raise
-        await self._db.execute("COMMIT")
+        db.execute("COMMIT")
         return True
 
 
@@ -244,14 +270,19 @@ class SqlStore:
         return _thread(rows[0]) if rows else None
 
     async def create_thread(self, row: ThreadRow) -> None:
-        await self.driver.execute(
-            f"INSERT INTO threads ({_THREAD}) VALUES (?, ?, ?, ?, ?)",
-            row.id,
-            row.owner,
-            row.title,
-            row.created_at,
-            row.updated_at,
-        )
+        await self.write(self.thread_steps(row))
+
+    def thread_steps(self, row: ThreadRow) -> list[Step]:
+        return [
+            (
+                f"INSERT INTO threads ({_THREAD}) VALUES (?, ?, ?, ?, ?)",
+                (row.id, row.owner, row.title, row.created_at, row.updated_at),
+            )
+        ]
+
+    async def write(self, steps: list[Step]) -> None:
+        """Run writes made by the ``*_steps`` methods, in order, in one transaction."""
+        await self.driver.script(steps)
 
     async def touch_thread(self, thread_id: str, now: float) -> None:
         await self.driver.execute("UPDATE threads SET updated_at = ? WHERE id = ?", now, thread_id)
@@ -293,17 +324,26 @@ class SqlStore:
     # Messages -----------------------------------------------------------------
 
     async def add_message(self, row: MessageRow) -> None:
-        await self.driver.execute(
-            "INSERT INTO messages (id, thread_id, role, content, run_id, fallback, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            row.id,
-            row.thread_id,
-            row.role,
-            row.content,
-            row.run_id,
-            int(row.fallback),
-            row.created_at,
-        )
+        await self.write(self.message_steps(row))
+
+    def message_steps(self, row: MessageRow) -> list[Step]:
+        """Add the message and make its thread the most recently updated."""
+        return [
+            (
+                "INSERT INTO messages (id, thread_id, role, content, run_id, fallback, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    row.id,
+                    row.thread_id,
+                    row.role,
+                    row.content,
+                    row.run_id,
+                    int(row.fallback),
+                    row.created_at,
+                ),
+            ),
+            ("UPDATE threads SET updated_at = ? WHERE id = ?", (row.created_at, row.thread_id)),
+        ]
 
     async def list_messages(self, thread_id: str, limit: int, after_pos: int) -> list[MessageRow]:
         rows = await self.driver.fetch(
@@ -325,22 +365,29 @@ class SqlStore:
     # Runs ---------------------------------------------------------------------
 
     async def upsert_run(self, row: RunRow) -> None:
-        await self.driver.execute(
-            f"INSERT INTO runs ({_RUN}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (id) DO UPDATE SET status = excluded.status, "
-            "error_code = excluded.error_code, updated_at = excluded.updated_at, "
-            "last_seq = excluded.last_seq",
-            row.id,
-            row.thread_id,
-            row.owner,
-            row.agent,
-            row.status,
-            row.error_code,
-            row.created_at,
-            row.updated_at,
-            row.last_seq,
-            row.node,
-        )
+        await self.write(self.run_steps(row))
+
+    def run_steps(self, row: RunRow) -> list[Step]:
+        return [
+            (
+                f"INSERT INTO runs ({_RUN}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET status = excluded.status, "
+                "error_code = excluded.error_code, updated_at = excluded.updated_at, "
+                "last_seq = excluded.last_seq",
+                (
+                    row.id,
+                    row.thread_id,
+                    row.owner,
+                    row.agent,
+                    row.status,
+                    row.error_code,
+                    row.created_at,
+                    row.updated_at,
+                    row.last_seq,
+                    row.node,
+                ),
+            )
+        ]
 
     async def get_run(self, run_id: str) -> RunRow | None:
         rows = await self.driver.fetch(f"SELECT {_RUN} FROM runs WHERE id = ?", run_id)
