@@ -32,6 +32,8 @@ def uvicorn_config(
         port=port,
         log_level=settings.log_level,
         ws_max_size=settings.max_message_bytes,
+        # Events are small JSON: compressing each costs more CPU than it saves bytes.
+        ws_per_message_deflate=settings.ws_compression == "on",
         # Pings every heartbeat; a peer that does not answer within one more is gone.
         ws_ping_interval=settings.heartbeat_s,
         ws_ping_timeout=settings.heartbeat_s,

@@ -45,6 +45,9 @@ class Settings:
     send_timeout_s: float = _opt(
         10.0, "a send to a client stuck this long closes it as a slow consumer (4408)"
     )
+    ws_compression: str = _opt(
+        "off", "permessage-deflate for WebSocket clients that offer it: on or off (costs CPU)"
+    )
     max_connections_per_user: int = _opt(20, "open WebSocket connections per user")
     rate_limit_per_minute: int = _opt(30, "new runs per user per minute")
     max_active_runs_per_user: int = _opt(5, "runs of one user not yet ended")
@@ -122,6 +125,10 @@ class Settings:
 
     def check(self) -> None:
         """Raise ValueError for settings that cannot work together."""
+        if self.ws_compression not in ("on", "off"):
+            raise ValueError(
+                f"{ENV_PREFIX}WS_COMPRESSION must be on or off, got {self.ws_compression!r}"
+            )
         if self.metrics not in ("on", "off"):
             raise ValueError(f"{ENV_PREFIX}METRICS must be on or off, got {self.metrics!r}")
         for name in (

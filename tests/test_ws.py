@@ -244,3 +244,12 @@ async def test_resume_of_dropped_events_is_unavailable(user: str) -> None:
             assert [m["type"] for m in tail] == ["ack", "response_complete", "agent_completed"]
             await client.send(type="resume", run_id=run_id, after_seq=10_000)
             assert (await client.recv())["data"]["code"] == "bad_message"
+
+
+async def test_compression_is_off_unless_configured(user: str) -> None:
+    for setting, negotiated in (("off", False), ("on", True)):
+        with run_server(ws_compression=setting) as live:
+            async with ws_client(live, user) as client:
+                extensions = client.ws.response.headers.get("Sec-WebSocket-Extensions", "")
+                assert ("permessage-deflate" in extensions) is negotiated, setting
+                assert (await client.run("chunks=2", agent="load"))[-1]["type"] == "agent_completed"
