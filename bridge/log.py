@@ -82,24 +82,27 @@ class RunLog:
             raise ValueError(f"event of run {event.run_id!r} appended to log of {self.run_id!r}")
         if self.closed:
             raise ValueError(f"run {self.run_id} already ended; {event.type} cannot follow")
-        expected = self.last_seq + 1
+        events = self._events
+        expected = self._compacted + len(events) + 1
         if event.seq != expected:
             raise ValueError(f"run {self.run_id}: expected seq {expected}, got {event.seq}")
-        self._events.append(event)
-        self.total += event.size
-        self._ends.append(self.total)
-        self._held += event.size + EVENT_OVERHEAD
+        size = event.size
+        events.append(event)
+        self.total = total = self.total + size
+        self._ends.append(total)
+        self._held = held = self._held + size + EVENT_OVERHEAD
         if event.type == "agent_completed":
             self.closed = True
-        # Drop the oldest first, but always keep the newest event.
-        while self._held > self.max_bytes and len(self) > 1:
-            self._held -= self._events[self._head].size + EVENT_OVERHEAD
-            self._head += 1
-        if self._head > 64 and self._head * 2 > len(self._events):
-            del self._events[: self._head]
-            del self._ends[: self._head]
-            self._compacted += self._head
-            self._head = 0
+        if held > self.max_bytes:
+            # Drop the oldest first, but always keep the newest event.
+            while self._held > self.max_bytes and len(events) - self._head > 1:
+                self._held -= events[self._head].size + EVENT_OVERHEAD
+                self._head += 1
+            if self._head > 64 and self._head * 2 > len(events):
+                del events[: self._head]
+                del self._ends[: self._head]
+                self._compacted += self._head
+                self._head = 0
 
     def read(self, after_seq: int, limit: int = 1 << 30) -> list[Event]:
         """Events with ``seq > after_seq``, oldest first, at most ``limit`` of them.

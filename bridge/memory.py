@@ -174,7 +174,7 @@ class InMemoryBroker:
         log = slot.log
         log.append(event)
         record = slot.record
-        record.last_seq = log.last_seq
+        record.last_seq = event.seq or 0
         record.updated_at = event.ts
         for watcher in slot.watchers:
             watcher.wake()
