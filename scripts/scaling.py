@@ -1,0 +1,183 @@
+"""How throughput scales with gateway processes: ``--workers 1`` against ``--workers 2``.
+
+Starts a redis-server and, for each worker count, ``chat-gateway --workers N`` on the
+Redis broker (loopback, free ports), then drives it with ``scripts/loadtest.py``
+(the same clients, runs and sizes each time) and prints events per second and the
+ratio.  Every run is bounded; traffic stays on 127.0.0.1.
+
+    python scripts/scaling.py [--clients 40] [--messages 3] [--chunks 2000] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "scaling-secret-0123456789-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_http(url: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer")
+
+
+def run_once(
+    workers: int, redis_url: str, workdir: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
+    env.update(
+        PYTHONPATH=str(ROOT),
+        CHAT_JWT_SECRET=SECRET,
+        CHAT_BROKER_URL=redis_url,
+        CHAT_DB_URL=f"sqlite:///{workdir}/chat-{workers}-{port}.db",
+        CHAT_LOG_LEVEL="warning",
+        CHAT_RATE_LIMIT_PER_MINUTE="1000000",
+        CHAT_MAX_ACTIVE_RUNS_PER_USER="1000",
+        CHAT_MAX_CONNECTIONS_PER_USER="1000",
+    )
+    server = subprocess.Popen(
+        [sys.executable, "-m", "server", "--workers", str(workers), "--port", str(port)],
+        env=env,
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health")
+        time.sleep(1.0)  # let every worker finish starting
+        done = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "scripts" / "loadtest.py"),
+                "--url",
+                f"ws://127.0.0.1:{port}/ws",
+                "--secret",
+                SECRET,
+                "--clients",
+                str(args.clients),
+                "--messages",
+                str(args.messages),
+                "--ramp-s",
+                "0.5",
+                "--message",
+                f"chunks={args.chunks} chunk_chars=8",
+                "--timeout-s",
+                "240",
+                "--json",
+                "--no-progress",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        report: dict[str, Any] = json.loads(done.stdout)
+        return report
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def events_per_s(report: dict[str, Any]) -> float:
+    return float(report["events"]["per_s"] or 0.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=40)
+    parser.add_argument("--messages", type=int, default=3)
+    parser.add_argument("--chunks", type=int, default=2000)
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    binary = shutil.which("redis-server")
+    if binary is None:
+        print("scaling.py needs redis-server (Debian package redis-server)", file=sys.stderr)
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="chat-scaling-"))
+    redis_port = free_port()
+    redis = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(redis_port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    results: dict[int, list[float]] = {}
+    errors: dict[int, list[Any]] = {}
+    try:
+        time.sleep(0.3)
+        url = f"redis://127.0.0.1:{redis_port}/0"
+        for _ in range(args.reps):
+            for workers in (1, 2):
+                report = run_once(workers, url, workdir, args)
+                results.setdefault(workers, []).append(events_per_s(report))
+                errors.setdefault(workers, []).append(
+                    report.get("errors") or report.get("integrity")
+                )
+    finally:
+        redis.terminate()
+        redis.wait(timeout=10)
+        shutil.rmtree(workdir, ignore_errors=True)
+    best = {w: max(v) for w, v in results.items()}
+    summary = {
+        "clients": args.clients,
+        "messages": args.messages,
+        "chunks": args.chunks,
+        "events_per_s": results,
+        "best_events_per_s": best,
+        "two_workers_over_one": round(best[2] / best[1], 3) if best.get(1) else None,
+        "errors": errors,
+        "cores": os.cpu_count(),
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        for workers in (1, 2):
+            runs = ", ".join(f"{v:,.0f}" for v in results[workers])
+            print(f"--workers {workers}: {runs} events/s (best {best[workers]:,.0f})")
+        print(f"two workers / one: {summary['two_workers_over_one']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
