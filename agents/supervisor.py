@@ -95,6 +95,14 @@ class RunHandle:
         self._cancel_error: RunError | None = None
         self._grace: asyncio.TimerHandle | None = None
         self.created = time.perf_counter()
+        #: Why :meth:`begin` failed, for :meth:`drive` to end the run with.
+        self.begin_error: Exception | None = None
+        self._announced = False  # agent_started published
+        # How far the ending got: an ending interrupted by a cancel resumes from there.
+        self._apologized = False
+        self._response_completed = False
+        self._answer_id: str | None = None
+        self._answer_stored = False
 
     @property
     def run_id(self) -> str:
@@ -184,7 +192,12 @@ class RunHandle:
         transition = self.lifecycle.begin()
         if transition.changed:
             await self.set_status(transition.after)
+        if self.bridge.gate.is_set():  # a stop that came in meanwhile leaves it to the task
+            await self._agent_started()
+
+    async def _agent_started(self) -> None:
         await self.ctx.emit.agent_started(self.agent.name)
+        self._announced = True
         self._supervisor.observer.run_started(self.agent.name, time.perf_counter() - self.created)
 
     async def drive(self) -> None:
@@ -196,6 +209,10 @@ class RunHandle:
         try:
             if self._cancel_error is not None:
                 raise asyncio.CancelledError
+            if self.begin_error is not None:
+                raise self.begin_error
+            if not self._announced:
+                await self._agent_started()  # waits while the run is paused
             await self.agent.run(self.ctx)
         except asyncio.CancelledError:
             self._uncancel()
@@ -213,6 +230,10 @@ class RunHandle:
             self._cancel_error = RunError("cancelled", "the run was cancelled")
         try:
             await self._finish(status, error, started)
+        except Exception:
+            # The run's last events could not be published (the broker is gone): the
+            # broker's own recovery (a lease, a restart) ends the run for its clients.
+            log.exception("run %s: its ending could not be published", self.run_id)
         finally:
             self._supervisor.observer.run_finished(
                 self.agent.name, self.record.status, time.perf_counter() - started, self.bridge.seq
@@ -291,10 +312,6 @@ class RunHandle:
         await bridge.emit("agent_completed", data, gated=False)
         await self.set_status(status, error.code if error is not None else None)
 
-    _apologized = False
-    _response_completed = False
-    _answer_id: str | None = None
-    _answer_stored = False
 
     def _call_started(self, call_id: str, default: float) -> float:
         return self.bridge.call_started.get(call_id, default)
@@ -389,7 +406,10 @@ class Supervisor:
         handle.watchers_changed(0)  # until a watcher attaches, the detach grace runs
         # agent_started goes out now, in the same turn of the session's writer as
         # user_message, not one scheduling round later when the agent's task starts.
-        await handle.begin()
+        try:
+            await handle.begin()
+        except Exception as exc:
+            handle.begin_error = exc  # the task ends the run, failed, with its invariants
         handle.task = asyncio.get_running_loop().create_task(handle.drive(), name=f"run {run_id}")
         return record
 

@@ -51,6 +51,8 @@ FLUSH_BATCH: Final = 512
 #: How long the XREAD loop blocks before it looks at the set of mirrored runs again.
 TAIL_BLOCK_MS: Final = 100
 COMMAND_TIMEOUT_S: Final = 10.0
+#: How long a run's events wait for an unreachable Redis before its publishes fail.
+OUTAGE_GIVE_UP_S: Final = 30.0
 NODE_LOST_APOLOGY: Final = "Sorry, the server working on this answer stopped. Please try again."
 
 Reaped = Callable[[RunRecord], Awaitable[None]]
@@ -343,55 +345,93 @@ class RedisBroker:
             )
 
     async def _flush(self, owned: _Owned) -> None:
+        """Append what the run published, in order; ride out a short Redis outage.
+
+        While Redis is unreachable the events wait here (the agent waits too, once
+        too many are pending) and each batch is tried again with a growing pause;
+        only after ``OUTAGE_GIVE_UP_S`` does the run's next publish fail.
+        """
         run_id = owned.record.run_id
-        log_key = self.k("log", run_id)
-        try:
-            while owned.pending:
-                batch = owned.pending[:FLUSH_BATCH]
-                del owned.pending[:FLUSH_BATCH]
-                pipe = self.r.pipeline(transaction=False)
-                for event in batch:
-                    pipe.xadd(log_key, {"e": event.text}, id=_seq_id(event.seq or 0))
-                    owned.sizes.append((event.seq or 0, event.size + EVENT_OVERHEAD))
-                    owned.held += event.size + EVENT_OVERHEAD
-                first_kept = None
-                while owned.held > self.max_bytes and len(owned.sizes) > 1:
-                    _, size = owned.sizes.popleft()
-                    owned.held -= size
-                    first_kept = owned.sizes[0][0]
-                if first_kept is not None:
-                    pipe.xtrim(log_key, minid=_seq_id(first_kept))
-                    pipe.hset(self.k("run", run_id), "first_seq", first_kept)
-                last = batch[-1]
-                pipe.hset(
-                    self.k("run", run_id),
-                    mapping={"last_seq": last.seq or 0, "updated_at": last.ts},
-                )
-                ended = last.type == "agent_completed"
-                if ended:
-                    # The run's end and its status land together: whoever reads the
-                    # record after seeing agent_completed finds the run ended.
-                    final = last.data
-                    pipe.hset(
-                        self.k("run", run_id),
-                        mapping={
-                            "status": final["status"],
-                            "error_code": (final.get("error") or {}).get("code", ""),
-                        },
-                    )
-                    pipe.srem(self.k("active", owned.record.owner), run_id)
-                    pipe.srem(self.k("runs", self.node), run_id)
-                    for key in (log_key, self.k("run", run_id), self.k("watchers", run_id)):
-                        pipe.expire(key, max(1, int(self.window_s)))
-                await pipe.execute()
+        while owned.pending:
+            batch = owned.pending[:FLUSH_BATCH]
+            del owned.pending[:FLUSH_BATCH]
+            pause, gave_up_at = 0.05, time.monotonic() + OUTAGE_GIVE_UP_S
+            while True:
+                try:
+                    await self._append(owned, batch)
+                    break
+                except (RedisError, OSError) as exc:
+                    self.reachable = False
+                    if time.monotonic() > gave_up_at:
+                        owned.failure = exc
+                        log.error("run %s: appending to Redis failed: %r", run_id, exc)
+                        return
+                    log.warning("run %s: Redis unreachable (%r); trying again", run_id, exc)
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 1.0)
+                    # A batch may have landed before the connection broke: keep the rest.
+                    batch = await self._not_yet_appended(run_id, batch)
+            self.reachable = True
+            last = batch[-1] if batch else None
+            if last is not None:
                 owned.flushed_seq = last.seq or 0
                 self._mirror_append(run_id, batch)
-                if ended:
+                if last.type == "agent_completed":
                     self._owned.pop(run_id, None)
-        except (RedisError, OSError) as exc:
-            self.reachable = False
-            owned.failure = exc
-            log.error("run %s: appending to Redis failed: %r", run_id, exc)
+
+    async def _not_yet_appended(self, run_id: str, batch: list[Event]) -> list[Event]:
+        try:
+            newest = await self.r.xrevrange(self.k("log", run_id), "+", "-", count=1)
+        except (RedisError, OSError):
+            return batch
+        stored = _seq_of(newest[0][0]) if newest else 0
+        return [event for event in batch if (event.seq or 0) > stored]
+
+    async def _append(self, owned: _Owned, batch: list[Event]) -> None:
+        if not batch:
+            return
+        run_id = owned.record.run_id
+        log_key = self.k("log", run_id)
+        pipe = self.r.pipeline(transaction=True)
+        added = [(event.seq or 0, event.size + EVENT_OVERHEAD) for event in batch]
+        for event in batch:
+            pipe.xadd(log_key, {"e": event.text}, id=_seq_id(event.seq or 0))
+        # The oldest first, over what the stream keeps and this batch, keeping the newest.
+        kept, held = owned.sizes, owned.held + sum(size for _, size in added)
+        count, drop = len(kept) + len(added), 0
+
+        def entry(i: int) -> tuple[int, int]:
+            return kept[i] if i < len(kept) else added[i - len(kept)]
+
+        while held > self.max_bytes and count - drop > 1:
+            held -= entry(drop)[1]
+            drop += 1
+        first_kept = entry(drop)[0] if drop else None
+        if first_kept is not None:
+            pipe.xtrim(log_key, minid=_seq_id(first_kept))
+            pipe.hset(self.k("run", run_id), "first_seq", first_kept)
+        last = batch[-1]
+        pipe.hset(self.k("run", run_id), mapping={"last_seq": last.seq or 0, "updated_at": last.ts})
+        if last.type == "agent_completed":
+            # The run's end and its status land together: whoever reads the record
+            # after seeing agent_completed finds the run ended.
+            final = last.data
+            pipe.hset(
+                self.k("run", run_id),
+                mapping={
+                    "status": final["status"],
+                    "error_code": (final.get("error") or {}).get("code", ""),
+                },
+            )
+            pipe.srem(self.k("active", owned.record.owner), run_id)
+            pipe.srem(self.k("runs", self.node), run_id)
+            for key in (log_key, self.k("run", run_id), self.k("watchers", run_id)):
+                pipe.expire(key, max(1, int(self.window_s)))
+        await pipe.execute()
+        kept.extend(added)
+        for _ in range(drop):
+            kept.popleft()
+        owned.held = held
 
     def _mirror_append(self, run_id: str, events: list[Event]) -> None:
         mirror = self._mirrors.get(run_id)

@@ -196,6 +196,19 @@ async def test_redis_outage_is_reported_and_survived(tmp_path: Path) -> None:
             async with ws_client(srv, "erin") as ws:  # reconnected by itself: runs work again
                 events = await ws.run("chunks=2", agent="load")
                 assert events[-1]["data"]["status"] == "completed"
+
+                # A run streaming through an outage: its events wait, then go on.
+                await ws.send(type="user_message", agent="load", content="chunks=150 delay_ms=20")
+                seen = await ws.recv_until("response_chunk")
+                redis_proc.kill()
+                await redis_proc.wait()
+                await asyncio.sleep(1.0)
+                redis_proc = await start_redis()
+                seen += await ws.recv_until("agent_completed", timeout=60)
+            run = [m for m in seen if m.get("run_id") == seen[0]["run_id"]]
+            check_run_invariants(run)
+            assert run[-1]["data"]["status"] == "completed"
+            assert sum(1 for m in run if m["type"] == "response_chunk") == 150
     finally:
         if redis_proc.returncode is None:
             redis_proc.kill()
