@@ -141,8 +141,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         forget_dev_secret()
         parser.error(str(exc))
     config = uvicorn_config(app, settings, args.host, args.port)
-    GatewayServer(config, after_shutdown=forget_dev_secret).run()
-    forget_dev_secret()  # also when the server never started
+    try:
+        GatewayServer(config, after_shutdown=forget_dev_secret).run()
+    finally:
+        forget_dev_secret()  # also when the server never started (uvicorn exits on that)
     return 0
 
 

@@ -8,6 +8,7 @@ another session's objects or an agent's task.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -310,6 +311,12 @@ class Gateway:
         await self.own_thread(user, thread_id)
         for handle in self.supervisor.runs_of_thread(thread_id):
             handle.cancel_for(RunError("cancelled", "the thread was deleted"))
+        # Runs of the thread that other processes execute (shared broker) are cancelled
+        # through the broker; the store knows which are still going.
+        await self.persistence.flush()
+        for run_id in await self.store.unfinished_runs(thread_id):
+            with contextlib.suppress(Exception):  # ended meanwhile, or its process is gone
+                await self.broker.command(run_id, "cancel")
         await self.store.delete_thread(thread_id)
 
     async def control(self, user: Principal, run_id: str, action: str) -> str:

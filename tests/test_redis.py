@@ -278,3 +278,19 @@ async def test_two_workers_share_one_port(redis_url: str, tmp_path: Path) -> Non
             proc.kill()
             proc.wait()
         log.close()
+
+
+async def test_deleting_a_thread_cancels_its_runs_on_other_processes(
+    redis_url: str, tmp_path: Path
+) -> None:
+    env = {"CHAT_BROKER_URL": redis_url, "CHAT_DB_URL": f"sqlite:///{tmp_path}/chat.db"}
+    with spawn_server(tmp_path, **env) as a, spawn_server(tmp_path, **env) as b:
+        async with ws_client(a, "gina") as on_a:
+            await on_a.send(type="user_message", agent="load", content="chunks=500 delay_ms=20")
+            first = await on_a.recv()
+            await on_a.recv_until("response_chunk")
+            async with httpx.AsyncClient(base_url=b.http, headers=b.headers("gina")) as rest:
+                deleted = await rest.delete(f"/api/threads/{first['thread_id']}")
+            assert deleted.status_code == 200
+            end = await on_a.recv_until("agent_completed")
+        assert end[-1]["data"]["status"] == "cancelled"

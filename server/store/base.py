@@ -110,6 +110,10 @@ class Store(Protocol):
 
     async def get_run(self, run_id: str) -> RunRow | None: ...
 
+    async def unfinished_runs(self, thread_id: str) -> list[str]:
+        """Ids of the thread's runs still ``queued``, ``running`` or ``paused``."""
+        ...
+
     async def fail_unfinished_runs(self, error_code: str, now: float) -> int:
         """Mark every run still ``queued``, ``running`` or ``paused`` as failed."""
         ...

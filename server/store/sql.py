@@ -393,6 +393,13 @@ class SqlStore:
         rows = await self.driver.fetch(f"SELECT {_RUN} FROM runs WHERE id = ?", run_id)
         return _run(rows[0]) if rows else None
 
+    async def unfinished_runs(self, thread_id: str) -> list[str]:
+        rows = await self.driver.fetch(
+            "SELECT id FROM runs WHERE thread_id = ? AND status IN ('queued', 'running', 'paused')",
+            thread_id,
+        )
+        return [str(row[0]) for row in rows]
+
     async def fail_unfinished_runs(self, error_code: str, now: float) -> int:
         return await self.driver.execute(
             "UPDATE runs SET status = 'failed', error_code = ?, updated_at = ? "
