@@ -312,7 +312,6 @@ class RunHandle:
         await bridge.emit("agent_completed", data, gated=False)
         await self.set_status(status, error.code if error is not None else None)
 
-
     def _call_started(self, call_id: str, default: float) -> float:
         return self.bridge.call_started.get(call_id, default)
 
