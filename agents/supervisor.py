@@ -98,6 +98,7 @@ class RunHandle:
         #: Why :meth:`begin` failed, for :meth:`drive` to end the run with.
         self.begin_error: Exception | None = None
         self._announced = False  # agent_started published
+        self._commands = asyncio.Lock()
         # How far the ending got: an ending interrupted by a cancel resumes from there.
         self._apologized = False
         self._response_completed = False
@@ -115,6 +116,11 @@ class RunHandle:
     # RunController ------------------------------------------------------------
 
     async def apply(self, action: str) -> str:
+        # One command at a time: the status, its announcement and the gate move together.
+        async with self._commands:
+            return await self._apply(action)
+
+    async def _apply(self, action: str) -> str:
         transition = self.lifecycle.apply(action)
         if not transition.changed:
             return str(transition.after)
@@ -196,8 +202,13 @@ class RunHandle:
             await self._agent_started()
 
     async def _agent_started(self) -> None:
-        await self.ctx.emit.agent_started(self.agent.name)
+        gate = self.bridge.gate
+        while not gate.is_set():
+            await gate.wait()
+        # The gate is open, so it is published before the emit can yield: marked first,
+        # a cancel right after it must not make the ending publish it again.
         self._announced = True
+        await self.ctx.emit.agent_started(self.agent.name)
         self._supervisor.observer.run_started(self.agent.name, time.perf_counter() - self.created)
 
     async def drive(self) -> None:
@@ -288,17 +299,18 @@ class RunHandle:
                 self._answer_stored = await self._supervisor.recorder.answer(
                     self.record, self._answer_id, bridge.content, fallback
                 )
-            await bridge.emit(
-                "response_complete",
-                {
-                    "message_id": self._answer_id,
-                    "content": bridge.content,
-                    "fallback": fallback,
-                    "stored": self._answer_stored,
-                },
-                gated=gated,
-            )
+            complete = {
+                "message_id": self._answer_id,
+                "content": bridge.content,
+                "fallback": fallback,
+                "stored": self._answer_stored,
+            }
+            while gated and not bridge.gate.is_set():
+                await bridge.gate.wait()
+            # Marked before the await: the event is published before emit can yield, so
+            # an ending resumed after a cancel must not publish it again.
             self._response_completed = True
+            await bridge.emit("response_complete", complete, gated=False)
         while gated and not bridge.gate.is_set():
             await bridge.gate.wait()
         if status is not RunStatus.CANCELLED:
@@ -409,6 +421,11 @@ class Supervisor:
             await handle.begin()
         except Exception as exc:
             handle.begin_error = exc  # the task ends the run, failed, with its invariants
+        except BaseException:
+            # Cancelled while starting (the client went away): the run still gets its task.
+            handle.begin_error = RuntimeError("the run was interrupted while starting")
+            handle.task = asyncio.get_running_loop().create_task(handle.drive())
+            raise
         handle.task = asyncio.get_running_loop().create_task(handle.drive(), name=f"run {run_id}")
         return record
 

@@ -25,6 +25,7 @@ class RunLog:
 
     __slots__ = (
         "_compacted",
+        "_compacted_bytes",
         "_ends",
         "_events",
         "_head",
@@ -50,6 +51,7 @@ class RunLog:
         self._ends: list[int] = []  # cumulative bytes up to and including each event
         self._head = 0
         self._compacted = first_seq - 1  # events before the list: compacted or never held
+        self._compacted_bytes = 0  # bytes of the compacted events
         self._held = 0  # bytes of the events still kept
         self.total = 0  # bytes of every event ever appended
         self.closed = False  # True once ``agent_completed`` was appended
@@ -99,6 +101,7 @@ class RunLog:
                 self._held -= events[self._head].size + EVENT_OVERHEAD
                 self._head += 1
             if self._head > 64 and self._head * 2 > len(events):
+                self._compacted_bytes = self._ends[self._head - 1]
                 del events[: self._head]
                 del self._ends[: self._head]
                 self._compacted += self._head
@@ -127,5 +130,5 @@ class RunLog:
             return 0
         index = after_seq - self._compacted
         if index <= 0:
-            return self.total
+            return self.total - self._compacted_bytes
         return self.total - self._ends[index - 1]

@@ -487,7 +487,11 @@ class RedisBroker:
             self._mirrors_changed.set()
         watch = _RedisWatch(self, run_id, after_seq, wake)
         mirror.watchers.add(watch)
-        await self._watchers_changed(run_id, record)
+        try:
+            await self._watchers_changed(run_id, record)
+        except BaseException:
+            watch.close()  # never handed out: nobody else would close it
+            raise
         if mirror.log.last_seq > after_seq or record.last_seq > after_seq:
             wake()
         return watch

@@ -110,7 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    logging.getLogger("uvicorn.access").addFilter(RedactTokens())
+    for name in ("uvicorn.access", "uvicorn.error"):  # both log the request's path
+        logging.getLogger(name).addFilter(RedactTokens())
     dev_secret = None
     if settings.dev_mode:
         dev_secret = new_dev_secret()

@@ -153,7 +153,12 @@ class Persistence:
         try:
             async with asyncio.timeout(self.timeout_s):
                 thread = await self.store.get_thread(thread_id)
-                if thread is not None and thread.owner != owner:
+                if thread is None:
+                    # A client-chosen id seen for the first time: claimed now, not behind
+                    # the stream, so that whoever names it first owns it.
+                    await self.store.write(self.store.thread_steps(row))
+                    thread = await self.store.get_thread(thread_id)
+                if thread is None or thread.owner != owner:
                     raise RunNotFound(f"no thread {thread_id}")
                 rows = await self.store.recent_messages(thread_id, self.history_messages)
         except RunNotFound:
@@ -161,8 +166,6 @@ class Persistence:
         except Exception as exc:
             self._failed(f"opening thread {thread_id}", repr(exc))
             raise StorageUnavailable("the conversation store is unavailable") from None
-        if thread is None:  # a client-chosen id seen for the first time
-            self._submit(f"creating thread {thread_id}", self.store.thread_steps(row))
         return [Message(r.role, r.content) for r in rows]
 
     async def user_message(self, run: RunRecord, message_id: str, content: str) -> bool:

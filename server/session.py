@@ -131,8 +131,8 @@ class Session:
                 more = await self._write_ready()
                 if more:
                     self._wake.set()
-                elif self._close_code is not None:
-                    break
+                elif self._close_code is not None and not self._holds:
+                    break  # (a command in flight still has events to let through)
             if self._drain_before_close:
                 with contextlib.suppress(Exception):
                     await self._close(self._close_code or CLOSE_NORMAL, self._close_reason)

@@ -36,7 +36,8 @@ def _worker(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
     )
-    logging.getLogger("uvicorn.access").addFilter(RedactTokens())
+    for name in ("uvicorn.access", "uvicorn.error"):  # both log the request's path
+        logging.getLogger(name).addFilter(RedactTokens())
     app = create_app(settings, dev_secret=secret)
     GatewayServer(uvicorn_config(app, settings, host, port)).run(sockets=[sock])
 

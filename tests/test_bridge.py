@@ -230,3 +230,69 @@ async def test_threads_belong_to_their_owner() -> None:
 
     with pytest.raises(RunNotFound):
         await sup.start_run(owner="bob", content="hi", thread_id=first.thread_id)
+
+
+class ThinkThenAnswer:
+    """Thinks 28 times (so that a yield of the bridge falls inside a command), then waits."""
+
+    name = "think"
+    description = "test agent"
+
+    def __init__(self) -> None:
+        self.go = asyncio.Event()
+
+    async def run(self, ctx: RunContext) -> None:
+        for i in range(28):
+            await ctx.emit.thinking(f"t{i}")
+        await self.go.wait()
+        await ctx.emit.chunk("hello")
+
+
+async def test_concurrent_start_and_stop_keep_the_gate_and_the_status_together() -> None:
+    agent = ThinkThenAnswer()
+    sup, broker = make_supervisor(agents=[agent])
+    record = await sup.start_run(owner="u", content="x", agent="think")
+    while (await broker.get_run(record.run_id)).last_seq < 30:  # type: ignore[union-attr]
+        await asyncio.sleep(0.005)
+    assert await broker.command(record.run_id, "stop") == "paused"
+    start, stop = await asyncio.gather(
+        broker.command(record.run_id, "start"), broker.command(record.run_id, "stop")
+    )
+    assert (start, stop) == ("running", "paused")
+    agent.go.set()
+    await asyncio.sleep(0.1)
+    held = (await broker.get_run(record.run_id)).last_seq  # type: ignore[union-attr]
+    # Paused: nothing after the last run_status, whatever the agent does meanwhile.
+    assert (await broker.get_run(record.run_id)).status == "paused"  # type: ignore[union-attr]
+    await broker.command(record.run_id, "start")
+    events = await collect(broker, record.run_id)
+    check_run_invariants(events)
+    assert events[held - 1]["type"] == "run_status"
+    assert events[-1]["data"]["status"] == "completed"
+
+
+class Chunks:
+    name = "chunks"
+    description = "test agent"
+
+    async def run(self, ctx: RunContext) -> None:
+        for i in range(29):
+            await ctx.emit.chunk(f"c{i} ")
+
+
+async def test_a_cancel_right_after_response_complete_does_not_repeat_it() -> None:
+    sup, broker = make_supervisor(agents=[Chunks()])
+    record = await sup.start_run(owner="u", content="x", agent="chunks")
+    cancels: list[asyncio.Task[str]] = []
+
+    def wake() -> None:  # cancel in the very tick response_complete is published
+        events = broker._runs[record.run_id].log.read(0)
+        if events[-1].type == "response_complete" and not cancels:
+            cancels.append(asyncio.ensure_future(broker.command(record.run_id, "cancel")))
+
+    watch = await broker.watch(record.run_id, 0, wake)
+    events = await collect(broker, record.run_id)
+    watch.close()
+    assert cancels, "the cancel was not sent"
+    assert [e["type"] for e in events].count("response_complete") == 1
+    check_run_invariants(events)

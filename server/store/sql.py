@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -87,14 +88,25 @@ class SqliteDriver:
         self._conn = await self._run(self._open)
 
     def _open(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=5.0
+        )
         for pragma in (
+            "PRAGMA busy_timeout=5000",
             "PRAGMA journal_mode=WAL",
             "PRAGMA synchronous=NORMAL",
             "PRAGMA foreign_keys=ON",
-            "PRAGMA busy_timeout=5000",
         ):
-            conn.execute(pragma)
+            # Switching to WAL while another process opens the file can answer "locked"
+            # without waiting for the busy timeout: try again for a while.
+            for attempt in range(100):
+                try:
+                    conn.execute(pragma)
+                    break
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or attempt == 99:
+                        raise
+                    time.sleep(0.05)
         return conn
 
     async def close(self) -> None:
@@ -273,9 +285,11 @@ class SqlStore:
         await self.write(self.thread_steps(row))
 
     def thread_steps(self, row: ThreadRow) -> list[Step]:
+        """Create the thread; nothing when a thread of that id exists already."""
         return [
             (
-                f"INSERT INTO threads ({_THREAD}) VALUES (?, ?, ?, ?, ?)",
+                f"INSERT INTO threads ({_THREAD}) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (id) DO NOTHING",
                 (row.id, row.owner, row.title, row.created_at, row.updated_at),
             )
         ]
