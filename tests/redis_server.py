@@ -18,6 +18,23 @@ def redis_server_bin() -> str | None:
     return shutil.which("redis-server")
 
 
+def redis_argv(binary: str, port: int, workdir: str) -> list[str]:
+    """A redis-server on loopback that keeps nothing on disk."""
+    return [
+        binary,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        workdir,
+    ]
+
+
 @contextlib.contextmanager
 def redis_server() -> Iterator[str]:
     binary = redis_server_bin()
@@ -26,21 +43,7 @@ def redis_server() -> Iterator[str]:
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="chat-redis-")
     proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            workdir,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        redis_argv(binary, port, workdir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     url = f"redis://127.0.0.1:{port}/0"
     try:

@@ -139,25 +139,13 @@ async def test_killed_process_runs_end_node_lost_on_the_other(
 
 
 async def test_redis_outage_is_reported_and_survived(tmp_path: Path) -> None:
-    from tests.redis_server import redis_server_bin
+    from tests.redis_server import redis_argv, redis_server_bin
 
     binary = redis_server_bin()
     if binary is None:
         pytest.skip("redis-server not installed")
     port = free_port()
-    argv = [
-        binary,
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--dir",
-        str(tmp_path),
-    ]
+    argv = redis_argv(binary, port, str(tmp_path))
 
     async def start_redis() -> asyncio.subprocess.Process:
         proc = await asyncio.create_subprocess_exec(
