@@ -1652,12 +1652,21 @@ def build_parser() -> argparse.ArgumentParser:
         "measured ones (py-spy pauses the process for each sample: these runs are not "
         "measured)",
     )
+    parser.add_argument(
+        "--scaling",
+        action="store_true",
+        help="instead, the scaling figure: chat-gateway --workers 2 against --workers 1 on "
+        "the Redis broker (scripts/scaling.py; needs redis-server)",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.scaling:
+        scaling = [sys.executable, str(Path(__file__).with_name("scaling.py"))]
+        return subprocess.call([*scaling, *(["--json"] if args.json else [])])
     known = (*WS_SERVERS, *SSE_SERVERS)
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     unknown = [s for s in args.servers if s not in known]

@@ -236,3 +236,38 @@ def test_bench_quick_runs_every_server_and_scenario() -> None:
     assert bare["events_per_rep"] == gateway["events_per_rep"]
     assert abs(bare["bytes_per_event"] - gateway["bytes_per_event"]) < 1.0
     assert {t["target"] for t in report["targets"]} >= {"gateway / bare, one stream"}
+
+
+def test_scaling_compares_one_and_two_workers() -> None:
+    import json
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server not installed (Debian package redis-server)")
+    script = Path(__file__).resolve().parent.parent / "scripts" / "scaling.py"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--clients",
+            "4",
+            "--messages",
+            "1",
+            "--chunks",
+            "200",
+            "--reps",
+            "1",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=True,
+    )
+    report = json.loads(done.stdout)
+    assert set(report["best_events_per_s"]) == {"1", "2"}
+    assert all(v > 0 for v in report["best_events_per_s"].values())
+    assert report["two_workers_over_one"] > 0

@@ -352,6 +352,27 @@ export class ChatClient extends EventTarget {
     return [...this.runs.values()].filter((run) => !run.done);
   }
 
+  /**
+   * An authenticated request to one of the gateway's JSON routes (`path` relative to the
+   * gateway, e.g. `api/threads`; `query` an object of parameters; `method` default GET).
+   * Resolves with the parsed body; rejects with a `ChatError` (HTTP 401 also emits `auth`).
+   */
+  async request(path, { method = "GET", query = null } = {}) {
+    if (this._stopped) throw new ChatError("closed", "the client was closed");
+    const url = new URL(path, this.baseUrl);
+    for (const [key, value] of Object.entries(query ?? {})) {
+      if (value !== undefined && value !== null) url.searchParams.set(key, String(value));
+    }
+    const response = await this.fetchImpl(url, {
+      method,
+      headers: { Authorization: `Bearer ${await this.#token()}` },
+      cache: "no-store",
+      signal: this._abort.signal,
+    });
+    if (!response.ok) throw await this.#httpFailure(response);
+    return response.json();
+  }
+
   // State ------------------------------------------------------------------------------
 
   #setState(state, extra = {}) {
