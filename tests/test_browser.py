@@ -437,3 +437,76 @@ def test_sign_in_with_the_token_field(page: Page, gateway: LiveServer, user: str
     expect(page.locator("#signin")).to_be_hidden()
     expect(page.locator("#connection")).to_have_attribute("data-state", "connected")
     expect(page.locator("#who")).to_have_text(f"Signed in as {user}")
+
+
+def test_threads_sidebar_lists_reopens_and_deletes_conversations(
+    page: Page, gateway: LiveServer, user: str
+) -> None:
+    open_chat(page, gateway.http, gateway.token(user))
+    items = page.locator("#thread-list .thread-item")
+    expect(items).to_have_count(0)
+    expect(page.locator("#threads-empty")).to_be_visible()
+
+    # Two questions in one conversation, then one in a new chat.
+    for question in ("What is 12 * 7?", "What is 2 + 3?"):
+        send(page, question)
+        expect(page.locator(".msg.assistant").last).to_have_attribute("data-status", "completed")
+    expect(items).to_have_count(1)  # refreshed once the run completed
+    page.locator("#new-chat").click()
+    expect(page.locator(".turn")).to_have_count(0)
+    send(page, "What time is it in Tokyo?")
+    expect(page.locator(".msg.assistant").last).to_have_attribute("data-status", "completed")
+    expect(items).to_have_count(2)
+
+    page.reload()
+    expect(page.locator("#connection")).to_have_attribute("data-state", "connected")
+    expect(page.locator(".turn")).to_have_count(0)
+    # Newest first: the older conversation is the second, titled by its first message.
+    expect(items).to_have_count(2)
+    expect(items.locator(".thread-title")).to_have_text(
+        ["What time is it in Tokyo?", "What is 12 * 7?"]
+    )
+    expect(items.first.locator(".thread-time")).to_have_text("just now")
+    expect(page.locator("#threads-more")).to_be_hidden()
+
+    older = items.nth(1)
+    older.locator(".thread-open").click()
+    expect(older).to_have_attribute("data-current", "true")
+    expect(older.locator(".thread-open")).to_have_attribute("aria-current", "true")
+    turns = page.locator(".turn")
+    expect(turns).to_have_count(2)
+    expect(turns.locator(".msg.user")).to_have_text(["What is 12 * 7?", "What is 2 + 3?"])
+    expect(turns.nth(0).locator(".answer")).to_contain_text("84")
+    expect(turns.nth(1).locator(".answer")).to_contain_text("5")
+    for turn in turns.all():
+        expect(turn.locator(".msg.assistant")).to_have_attribute("data-status", "completed")
+    thread_id = older.get_attribute("data-thread-id")
+
+    # The next message continues that thread: it moves to the top of the list.
+    send(page, "What is 6 * 7?")
+    expect(turns).to_have_count(3)
+    expect(turns.last.locator(".answer")).to_contain_text("42")
+    expect(items.first).to_have_attribute("data-thread-id", thread_id or "")
+    expect(items).to_have_count(2)
+
+    # Delete asks for a second click; the first only arms the button.
+    target = items.first
+    remove = target.locator(".thread-delete")
+    expect(remove).to_have_attribute("aria-label", "Delete conversation: What is 12 * 7?")
+    remove.click()
+    expect(remove).to_have_attribute("data-confirm", "true")
+    expect(remove).to_have_text("Delete?")
+    expect(items).to_have_count(2)
+    remove.click()
+    expect(items).to_have_count(1)
+    expect(items.locator(".thread-title")).to_have_text(["What time is it in Tokyo?"])
+    # It was the open conversation: the view is a new chat again.
+    expect(page.locator(".turn")).to_have_count(0)
+    expect(page.locator("#empty")).to_be_visible()
+    status = page.evaluate(
+        """async (id) => (await fetch(`/api/threads/${id}/messages`, {
+            headers: { Authorization: `Bearer ${sessionStorage.getItem("chat.token")}` },
+        })).status""",
+        thread_id,
+    )
+    assert status == 404

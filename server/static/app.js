@@ -34,6 +34,12 @@ const ui = {
   signinForm: $("signin-form"),
   token: $("token"),
   signinError: $("signin-error"),
+  threadsToggle: $("threads-toggle"),
+  threads: $("threads"),
+  threadsStatus: $("threads-status"),
+  threadList: $("thread-list"),
+  threadsEmpty: $("threads-empty"),
+  threadsMore: $("threads-more"),
 };
 
 const params = new URLSearchParams(location.search);
@@ -316,6 +322,22 @@ class Turn {
     }
   }
 
+  /** Show a saved answer (or that none was saved): a past exchange, no live run behind it. */
+  showSaved(message) {
+    this.root.dataset.history = "true";
+    if (message) {
+      this.assistant.dataset.messageId = message.message_id ?? "";
+      this.text = message.content;
+      this.setStatus("completed");
+      if (message.fallback) this.showNote("The agent failed; this is a fallback reply.", "warn");
+    } else {
+      this.setStatus("lost");
+      this.showNote("No answer was saved for this message.", "info");
+    }
+    this.renderer.flush();
+    this.answer.setAttribute("aria-busy", "false");
+  }
+
   collapseThinking() {
     if (this.thinking.open && !this.thinkingToggled) this.thinking.open = false;
   }
@@ -429,6 +451,10 @@ function showNotice(text) {
   ui.notice.hidden = !text;
 }
 
+function isBusy() {
+  return sending || Boolean(current && !current.done);
+}
+
 function updateRunbar() {
   if (current && current.done) current = client?.liveRuns().at(-1) ?? null;
   const live = current && !current.done ? current : null;
@@ -436,6 +462,7 @@ function updateRunbar() {
   const busy = sending || Boolean(live);
   ui.send.disabled = busy;
   ui.newChat.disabled = busy;
+  markThreads();
   ui.composer.dataset.busy = String(busy);
   if (!live) return;
   const status = live.status;
@@ -465,6 +492,262 @@ function showConnection(state, transport) {
   ui.connection.title = transport ? `Transport: ${name}` : "";
 }
 
+// The threads sidebar ---------------------------------------------------------------------
+
+const THREAD_PAGE = 20;
+const MAX_PAGE = 100;
+const threads = { cursor: null, generation: 0, refreshTimer: 0 };
+let historyLoad = 0; // bumped by every history load and New chat: a stale load is dropped
+const narrow = matchMedia("(max-width: 640px)");
+
+function relativeTime(seconds) {
+  if (typeof seconds !== "number" || !Number.isFinite(seconds)) return "";
+  const diff = Date.now() / 1000 - seconds;
+  if (diff < 45) return "just now";
+  if (diff < 3600) return `${Math.max(1, Math.round(diff / 60))} min ago`;
+  if (diff < 86400) return `${Math.round(diff / 3600)} h ago`;
+  if (diff < 7 * 86400) return `${Math.round(diff / 86400)} d ago`;
+  const date = new Date(seconds * 1000);
+  const sameYear = date.getFullYear() === new Date().getFullYear();
+  return date.toLocaleDateString(undefined, {
+    day: "numeric",
+    month: "short",
+    year: sameYear ? undefined : "numeric",
+  });
+}
+
+function setThreadsOpen(open) {
+  ui.threads.hidden = !open;
+  ui.threadsToggle.setAttribute("aria-expanded", String(open));
+}
+
+/** Mark the thread the conversation view shows; disable what a live run forbids. */
+function markThreads() {
+  const busy = isBusy();
+  for (const item of ui.threadList.children) {
+    const isCurrent = item.dataset.threadId === threadId;
+    item.dataset.current = String(isCurrent);
+    const open = item.querySelector(".thread-open");
+    if (isCurrent) open.setAttribute("aria-current", "true");
+    else open.removeAttribute("aria-current");
+    open.disabled = busy;
+    item.querySelector(".thread-delete").disabled = busy && isCurrent;
+  }
+}
+
+function disarm(button) {
+  if (button.dataset.confirm !== "true") return;
+  clearTimeout(Number(button.dataset.timer));
+  button.dataset.confirm = "false";
+  button.textContent = "×";
+  button.setAttribute("aria-label", `Delete conversation: ${button.dataset.title}`);
+  if (ui.threadsStatus.textContent === "Press again to delete") ui.threadsStatus.textContent = "";
+}
+
+function threadItem(thread) {
+  const title = typeof thread.title === "string" && thread.title ? thread.title : "Untitled";
+  const item = el("li", "thread-item");
+  item.dataset.threadId = thread.thread_id;
+  const open = el("button", "thread-open", item);
+  open.type = "button";
+  open.title = title;
+  el("span", "thread-title", open, title);
+  const time = el("time", "thread-time", open, relativeTime(thread.updated_at));
+  if (typeof thread.updated_at === "number" && Number.isFinite(thread.updated_at)) {
+    const date = new Date(thread.updated_at * 1000);
+    time.dateTime = date.toISOString();
+    time.title = date.toLocaleString();
+  }
+  open.addEventListener("click", () => openThread(thread.thread_id));
+
+  const remove = el("button", "thread-delete", item, "×");
+  remove.type = "button";
+  remove.dataset.title = title;
+  remove.dataset.confirm = "false";
+  remove.setAttribute("aria-label", `Delete conversation: ${title}`);
+  remove.addEventListener("click", () => {
+    if (remove.dataset.confirm === "true") {
+      disarm(remove);
+      deleteThread(thread.thread_id, item);
+      return;
+    }
+    // The first click arms the button; a second one (within a few seconds) deletes.
+    remove.dataset.confirm = "true";
+    remove.textContent = "Delete?";
+    remove.setAttribute("aria-label", `Confirm: delete conversation ${title}`);
+    remove.dataset.timer = String(setTimeout(() => disarm(remove), 4000));
+    ui.threadsStatus.textContent = "Press again to delete";
+  });
+  remove.addEventListener("blur", () => disarm(remove));
+  remove.addEventListener("keydown", (e) => {
+    if (e.key === "Escape") disarm(remove);
+  });
+  return item;
+}
+
+/** Load the first page of threads (or, with `more`, the next one) into the sidebar. */
+async function loadThreads(more = false) {
+  const c = client;
+  if (!c || (more && !threads.cursor)) return;
+  if (!more) clearTimeout(threads.refreshTimer);
+  const generation = more ? threads.generation : ++threads.generation;
+  // A refresh keeps as many threads as were shown (up to a page of the server's maximum).
+  const shown = ui.threadList.childElementCount;
+  const limit = more ? THREAD_PAGE : Math.min(MAX_PAGE, Math.max(THREAD_PAGE, shown));
+  ui.threadsMore.disabled = true;
+  try {
+    const body = await c.request("api/threads", {
+      query: { limit, cursor: more ? threads.cursor : null },
+    });
+    if (c !== client || generation !== threads.generation) return;
+    const known = new Set(more ? [...ui.threadList.children].map((li) => li.dataset.threadId) : []);
+    const items = (Array.isArray(body.threads) ? body.threads : [])
+      .filter((t) => t && typeof t.thread_id === "string" && !known.has(t.thread_id))
+      .map(threadItem);
+    if (more) {
+      ui.threadList.append(...items);
+    } else {
+      const focused = document.activeElement;
+      const focusedId = ui.threadList.contains(focused)
+        ? focused.closest(".thread-item")?.dataset.threadId
+        : null;
+      ui.threadList.replaceChildren(...items);
+      if (focusedId) {
+        const again = ui.threadList.querySelector(`[data-thread-id="${CSS.escape(focusedId)}"]`);
+        const which = focused.classList.contains("thread-delete") ? "delete" : "open";
+        again?.querySelector(`.thread-${which}`)?.focus();
+      }
+    }
+    threads.cursor = typeof body.next_cursor === "string" ? body.next_cursor : null;
+    ui.threadsMore.hidden = !threads.cursor;
+    ui.threadsEmpty.hidden = ui.threadList.childElementCount > 0;
+    ui.threadsStatus.textContent = "";
+    markThreads();
+  } catch (error) {
+    if (c !== client || generation !== threads.generation) return;
+    ui.threadsStatus.textContent = "Could not load";
+    ui.threadsStatus.title = `${error.code}: ${error.message}`;
+  } finally {
+    ui.threadsMore.disabled = false;
+  }
+}
+
+function scheduleThreadsRefresh() {
+  clearTimeout(threads.refreshTimer);
+  threads.refreshTimer = setTimeout(() => loadThreads(), 150);
+}
+
+function clearThreads() {
+  threads.generation++;
+  threads.cursor = null;
+  clearTimeout(threads.refreshTimer);
+  ui.threadList.replaceChildren();
+  ui.threadsMore.hidden = true;
+  ui.threadsEmpty.hidden = true;
+  ui.threadsStatus.textContent = "";
+}
+
+/** Empty the conversation view; the next message starts a new thread. */
+function clearConversation() {
+  threadId = null;
+  turnsByRun.clear();
+  for (const node of [...ui.transcript.children]) if (node !== ui.empty) node.remove();
+  ui.empty.hidden = false;
+  showNotice("");
+  markThreads();
+}
+
+/** Show a thread's saved messages, oldest first, paired into turns. */
+function showHistory(messages) {
+  let turn = null;
+  let answered = true;
+  const settle = () => {
+    if (turn && !answered) turn.showSaved(null);
+  };
+  for (const message of messages) {
+    if (!message || typeof message.content !== "string") continue;
+    if (message.role === "user") {
+      settle();
+      turn = new Turn({ userText: message.content });
+      answered = false;
+    } else if (message.role === "assistant") {
+      if (answered) turn = new Turn();
+      turn.showSaved(message);
+      answered = true;
+    }
+  }
+  settle();
+  ui.empty.hidden = ui.transcript.querySelector(".turn") !== null;
+  ui.transcript.scrollTop = ui.transcript.scrollHeight;
+}
+
+/** Load every page of a thread's history into the view; the next message continues it. */
+async function openThread(id) {
+  const c = client;
+  if (!c || isBusy()) return;
+  const load = ++historyLoad;
+  ui.threadsStatus.textContent = "Loading…";
+  const messages = [];
+  try {
+    let cursor = null;
+    do {
+      const body = await c.request(`api/threads/${encodeURIComponent(id)}/messages`, {
+        query: { limit: MAX_PAGE, cursor },
+      });
+      if (load !== historyLoad || c !== client) return;
+      if (Array.isArray(body.messages)) messages.push(...body.messages);
+      const next = typeof body.next_cursor === "string" ? body.next_cursor : null;
+      cursor = next !== cursor ? next : null;
+    } while (cursor);
+  } catch (error) {
+    if (load !== historyLoad || c !== client) return;
+    ui.threadsStatus.textContent = "";
+    if (error.status === 404) {
+      showNotice("That conversation no longer exists.");
+      scheduleThreadsRefresh();
+    } else {
+      showNotice(`Could not load the conversation (${error.code}: ${error.message}).`);
+    }
+    return;
+  }
+  ui.threadsStatus.textContent = "";
+  if (isBusy()) return; // a run started meanwhile: leave its view alone
+  clearConversation();
+  threadId = id;
+  showHistory(messages);
+  markThreads();
+  if (narrow.matches) setThreadsOpen(false);
+  ui.message.focus();
+}
+
+async function deleteThread(id, item) {
+  const c = client;
+  if (!c) return;
+  for (const button of item.querySelectorAll("button")) button.disabled = true;
+  const hadFocus = item.contains(document.activeElement);
+  const next = item.nextElementSibling ?? item.previousElementSibling;
+  try {
+    await c.request(`api/threads/${encodeURIComponent(id)}`, { method: "DELETE" });
+  } catch (error) {
+    if (c !== client) return;
+    if (error.status !== 404) {
+      showNotice(`Could not delete the conversation (${error.code}: ${error.message}).`);
+      markThreads();
+      for (const button of item.querySelectorAll("button")) button.disabled = false;
+      return;
+    }
+  }
+  if (c !== client) return;
+  item.remove();
+  ui.threadsEmpty.hidden = ui.threadList.childElementCount > 0;
+  if (id === threadId && !isBusy()) {
+    historyLoad++;
+    clearConversation();
+  }
+  if (hadFocus) (next?.querySelector(".thread-open") ?? ui.message).focus();
+  await loadThreads();
+}
+
 function startClient(token) {
   client?.close();
   const asked = params.get("transport");
@@ -491,6 +774,7 @@ function startClient(token) {
   client.addEventListener("run", (e) => {
     const { run } = e.detail;
     if (run.lost) turnFor(run).lost(run.error);
+    if (run.done) scheduleThreadsRefresh();
     rememberLiveRuns();
     updateRunbar();
   });
@@ -503,6 +787,8 @@ function startClient(token) {
   showConnection("connecting", null);
   client.connect();
   for (const runId of storedLiveRuns()) client.resume(runId, 0);
+  clearThreads();
+  loadThreads();
   loadAgents();
   ui.message.focus();
 }
@@ -517,6 +803,7 @@ function signOut(message = "") {
   ui.who.textContent = "";
   ui.signOut.hidden = true;
   ui.runbar.hidden = true;
+  clearThreads();
   document.body.dataset.signedIn = "false";
   ui.signinError.textContent = message;
   ui.signin.hidden = false;
@@ -563,7 +850,9 @@ async function submit() {
   try {
     const agent = ui.agent.value || undefined;
     const result = await client.send(text, { id: ref, agent, threadId });
+    if (result.threadId && result.threadId !== threadId) scheduleThreadsRefresh();
     threadId = result.threadId ?? threadId;
+    markThreads();
     if (!current || current.done) current = client.runs.get(result.runId) ?? current;
   } catch (error) {
     turn.notSent(error);
@@ -612,14 +901,14 @@ ui.resume.addEventListener("click", () => control("start"));
 ui.cancel.addEventListener("click", () => control("cancel"));
 ui.signOut.addEventListener("click", () => signOut());
 ui.newChat.addEventListener("click", () => {
-  if (current && !current.done) return;
-  threadId = null;
-  turnsByRun.clear();
-  for (const node of [...ui.transcript.children]) if (node !== ui.empty) node.remove();
-  ui.empty.hidden = false;
-  showNotice("");
+  if (isBusy()) return;
+  historyLoad++;
+  clearConversation();
   ui.message.focus();
 });
+ui.threadsToggle.addEventListener("click", () => setThreadsOpen(ui.threads.hidden));
+ui.threadsMore.addEventListener("click", () => loadThreads(true));
+setThreadsOpen(!narrow.matches);
 for (const button of document.querySelectorAll(".example")) {
   button.addEventListener("click", () => {
     ui.message.value = button.textContent;
