@@ -265,6 +265,9 @@ def test_question_with_a_tool_call_streams_the_answer(
     expect(answer).to_have_attribute("aria-busy", "false")
     expect(page.locator("#runbar")).to_be_hidden()
 
+    # The sidebar lists the conversation once its run has ended.
+    expect(page.locator("#thread-list li")).to_have_count(1)
+
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     path = SCREENSHOTS / "conversation.png"
     page.screenshot(path=str(path))
