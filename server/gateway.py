@@ -146,6 +146,7 @@ class Gateway:
         self.counters = Counters()
         self.shutting_down = False
         self._sessions: dict[str, set[LocalSession]] = {}
+        self._starting: dict[str, int] = {}  # runs being started, per user
         self._watchdog: asyncio.Task[None] | None = None
         if isinstance(self.broker, RedisBroker):
             self.broker.on_reaped = self.persistence.run_changed
@@ -247,17 +248,29 @@ class Gateway:
     ) -> RunRecord:
         if self.shutting_down:
             raise ShuttingDown("the server is shutting down; start the run again shortly")
-        await self._check_run_limits(user)
-        record = await self.supervisor.start_run(
-            owner=user.user_id, content=content, thread_id=thread_id, agent=agent, ref=ref
-        )
-        # Only runs that started count against the per-minute window.
-        await self.broker.new_run_started(user.user_id, 60.0)
+        uid = user.user_id
+        # Runs of this user being started right now count against the limits too, so
+        # that requests arriving together cannot all pass the same check.
+        starting = self._starting.get(uid, 0)
+        self._starting[uid] = starting + 1
+        try:
+            await self._check_run_limits(user, starting)
+            record = await self.supervisor.start_run(
+                owner=uid, content=content, thread_id=thread_id, agent=agent, ref=ref
+            )
+            # Only runs that started count against the per-minute window.
+            await self.broker.new_run_started(uid, 60.0)
+        finally:
+            left = self._starting[uid] - 1
+            if left:
+                self._starting[uid] = left
+            else:
+                del self._starting[uid]
         self.counters.runs_started += 1
         return record
 
-    async def _check_run_limits(self, user: Principal) -> None:
-        active = await self.broker.active_runs(user.user_id)
+    async def _check_run_limits(self, user: Principal, starting: int) -> None:
+        active = await self.broker.active_runs(user.user_id) + starting
         limit = self.settings.max_active_runs_per_user
         if active >= limit:
             self.counters.rate_limited += 1

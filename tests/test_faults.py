@@ -359,3 +359,31 @@ async def test_sigterm_ends_runs_then_closes_1012(tmp_path: Path) -> None:
     record_figures(
         "sigterm", {"shutdown_grace_s": 1, "sigterm_to_all_closed_s": round(shutdown_s, 3)}
     )
+
+
+async def test_runs_started_together_cannot_pass_the_active_limit(user: str) -> None:
+    with run_server(max_active_runs_per_user=2) as srv:
+        async with ws_client(srv, user) as first:
+            thread_id = (await first.run("chunks=1", agent="load"))[0]["thread_id"]
+
+        async def start_one(i: int) -> str:
+            # Each on its own connection, naming a thread (so each start waits for the
+            # database): the five starts are in flight at once.
+            async with ws_client(srv, user) as client:
+                await client.send(
+                    type="user_message",
+                    agent="load",
+                    content="tools=1 tool_ms=2000",
+                    thread_id=thread_id,
+                    id=f"m{i}",
+                )
+                reply = await client.recv()
+                if reply["type"] == "error":
+                    assert reply["data"]["code"] == "rate_limited", reply
+                    return "refused"
+                assert reply["type"] == "user_message"
+                await client.recv_until("agent_completed")
+                return "started"
+
+        outcomes = await asyncio.gather(*(start_one(i) for i in range(5)))
+    assert sorted(outcomes) == ["refused"] * 3 + ["started"] * 2
