@@ -77,10 +77,6 @@ class Event:
         data: dict[str, Any] = orjson.loads(self.text)["data"]
         return data
 
-    def envelope(self) -> dict[str, Any]:
-        envelope: dict[str, Any] = orjson.loads(self.text)
-        return envelope
-
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Event) and other.text == self.text
 

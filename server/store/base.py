@@ -86,8 +86,6 @@ class Store(Protocol):
 
     async def create_thread(self, row: ThreadRow) -> None: ...
 
-    async def touch_thread(self, thread_id: str, now: float) -> None: ...
-
     async def list_threads(
         self, owner: str, limit: int, before: tuple[float, str] | None
     ) -> list[ThreadRow]:

@@ -298,9 +298,6 @@ class SqlStore:
         """Run writes made by the ``*_steps`` methods, in order, in one transaction."""
         await self.driver.script(steps)
 
-    async def touch_thread(self, thread_id: str, now: float) -> None:
-        await self.driver.execute("UPDATE threads SET updated_at = ? WHERE id = ?", now, thread_id)
-
     async def list_threads(
         self, owner: str, limit: int, before: tuple[float, str] | None
     ) -> list[ThreadRow]:
