@@ -5,6 +5,11 @@ events, ``tools`` calls of the ``sleep`` tool lasting ``tool_ms`` each, then
 exactly ``chunks`` response chunks of ``chunk_chars`` characters with
 ``delay_ms`` between them; with ``fail=1`` it then raises, so the fallback path
 runs.
+
+Its answer is held to the run's bound like any agent's (``CHAT_MAX_ANSWER_BYTES``):
+a spec whose ``chunks`` × ``chunk_chars`` is larger ends the run ``failed`` with
+``answer_too_large`` after the chunks that fit.  Parameters outside their bounds
+below are refused (``bad_input``), never clamped.
 """
 
 from __future__ import annotations
@@ -19,11 +24,11 @@ from agents.errors import AgentInputError
 
 #: Each parameter's default and its inclusive bounds.
 PARAMS: Final[dict[str, tuple[int, int, int]]] = {
-    "chunks": (20, 0, 10_000_000),
+    "chunks": (20, 0, 1_000_000),
     "chunk_chars": (8, 1, 65_536),
     "delay_ms": (0, 0, 60_000),
-    "thinking": (1, 0, 100_000),
-    "tools": (0, 0, 10_000),
+    "thinking": (1, 0, 10_000),
+    "tools": (0, 0, 1_000),
     "tool_ms": (0, 0, 600_000),
     "fail": (0, 0, 1),
 }

@@ -62,6 +62,8 @@ class _NoObserver:
 class SupervisorConfig:
     detach_grace_s: float = 60.0
     typing_delay_ms: float = 0.0
+    #: The most UTF-8 bytes an agent's answer may have (None: no bound).
+    max_answer_bytes: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,12 +241,19 @@ class RunHandle:
             # Cancelled from outside the supervisor (the event loop is closing).
             self.lifecycle.status = RunStatus.CANCELLED
             self._cancel_error = RunError("cancelled", "the run was cancelled")
+        limit = self.bridge.limit_error
+        if limit is not None and status is not RunStatus.CANCELLED:
+            # The answer reached its bound: whatever the agent made of the error (caught
+            # it, returned, raised another), the run fails with it.
+            status = RunStatus.FAILED
+            error = _run_error(limit)
         try:
             await self._finish(status, error, started)
-        except Exception:
-            # The run's last events could not be published (the broker is gone): the
-            # broker's own recovery (a lease, a restart) ends the run for its clients.
-            log.exception("run %s: its ending could not be published", self.run_id)
+        except Exception as exc:
+            # The ending failed part way (out of memory, a recorder's or broker's error):
+            # the run still ends, failed, with whatever of its ending is missing.
+            log.exception("run %s: its ending failed; ending it failed", self.run_id)
+            await self._end_anyway(exc, started)
         finally:
             self._supervisor.observer.run_finished(
                 self.agent.name, self.record.status, time.perf_counter() - started, self.bridge.seq
@@ -287,7 +296,7 @@ class RunHandle:
             )
         if status is RunStatus.FAILED and not self._apologized:
             self._apologized = True
-            separator = "\n\n" if bridge.content and not bridge.content[-1].isspace() else ""
+            separator = "" if bridge.ends_with_space else "\n\n"
             for i, piece in enumerate(APOLOGY):
                 text = separator + piece if i == 0 else piece
                 await bridge.emit("response_chunk", {"text": text}, gated=gated)
@@ -296,9 +305,15 @@ class RunHandle:
             if self._answer_id is None:
                 # Stored once, before it is announced: its id is the stored message's.
                 self._answer_id = new_id("m_")
-                self._answer_stored = await self._supervisor.recorder.answer(
-                    self.record, self._answer_id, bridge.content, fallback
-                )
+                try:
+                    self._answer_stored = await self._supervisor.recorder.answer(
+                        self.record, self._answer_id, bridge.content, fallback
+                    )
+                except Exception:
+                    # Not stored, whatever went wrong in the recorder (a MemoryError
+                    # included): the stream goes on, as for a failed write.
+                    log.exception("run %s: its answer could not be recorded", self.run_id)
+                    self._answer_stored = False
             complete = {
                 "message_id": self._answer_id,
                 "content": bridge.content,
@@ -310,7 +325,11 @@ class RunHandle:
             # Marked before the await: the event is published before emit can yield, so
             # an ending resumed after a cancel must not publish it again.
             self._response_completed = True
-            await bridge.emit("response_complete", complete, gated=False)
+            try:
+                await bridge.emit("response_complete", complete, gated=False)
+            except Exception:
+                self._response_completed = False  # it raised before it was published
+                raise
         while gated and not bridge.gate.is_set():
             await bridge.gate.wait()
         if status is not RunStatus.CANCELLED:
@@ -322,7 +341,88 @@ class RunHandle:
         if error is not None and status is not RunStatus.COMPLETED:
             data["error"] = error.wire()
         await bridge.emit("agent_completed", data, gated=False)
-        await self.set_status(status, error.code if error is not None else None)
+        await self._record_end(status, error.code if error is not None else None)
+
+    async def _end_anyway(self, cause: Exception, started: float) -> None:
+        """End a run whose ending failed part way: ``failed`` with ``internal``.
+
+        What the ending had not published yet is published now, each step on its
+        own, so that one more failure does not cost the ones after it:
+        ``agent_completed`` goes out whenever the broker takes it, and the run's end
+        is recorded whatever was published.
+        """
+        bridge = self.bridge
+        error = RunError("internal", f"the run's ending failed ({type(cause).__name__})")
+        status = RunStatus.FAILED
+        if bridge.completed:
+            # agent_completed is out: only recording the end failed.
+            status = self.lifecycle.status if self.lifecycle.status.terminal else status
+            await self._record_end(status, self.record.error_code)
+            return
+        self.lifecycle.status = status
+        now = time.perf_counter()
+        try:
+            for call_id, tool in list(bridge.open_calls.items()):
+                started_at = self._call_started(call_id, now)
+                await bridge.emit(
+                    "tool_completed",
+                    {
+                        "call_id": call_id,
+                        "tool": tool,
+                        "ok": False,
+                        "error": "the run failed",
+                        "duration_ms": round((now - started_at) * 1000, 3),
+                    },
+                    gated=False,
+                )
+            if not self._response_completed:
+                self._response_completed = True
+                await bridge.emit(
+                    "response_complete",
+                    {
+                        "message_id": self._answer_id or new_id("m_"),
+                        "content": bridge.content,
+                        "fallback": True,
+                        "stored": self._answer_stored,
+                    },
+                    gated=False,
+                )
+        except Exception:
+            log.exception("run %s: its ending could not be completed", self.run_id)
+        bridge.open_calls.clear()  # whatever was not answered, agent_completed must go out
+        try:
+            await bridge.emit(
+                "agent_completed",
+                {
+                    "status": str(status),
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                    "error": error.wire(),
+                },
+                gated=False,
+            )
+        except Exception:
+            # The broker itself is gone: its own recovery (a lease, a restart) ends the
+            # run for its clients.
+            log.exception("run %s: agent_completed could not be published", self.run_id)
+        await self._record_end(status, error.code)
+
+    async def _record_end(self, status: RunStatus, error_code: str | None) -> None:
+        """Record the run's end in the broker and the recorder, each whatever the other
+        does; a recorder that fails is asked once more, so the stored run is not left
+        ``running``."""
+        try:
+            await self.set_status(status, error_code)
+            return
+        except Exception:
+            log.exception("run %s: its end could not be recorded; trying again", self.run_id)
+        record = self.record
+        record.status = str(status)
+        record.error_code = error_code or record.error_code
+        record.last_seq = self.bridge.seq
+        try:
+            await self._supervisor.recorder.run_changed(dataclasses.replace(record))
+        except Exception:
+            log.exception("run %s: its end could not be recorded", self.run_id)
 
     def _call_started(self, call_id: str, default: float) -> float:
         return self.bridge.call_started.get(call_id, default)
@@ -390,7 +490,9 @@ class Supervisor:
         run_id = new_id("r_")
         now = time.time()
         record = RunRecord(run_id, thread, owner, chosen.name, str(RunStatus.QUEUED), now, now)
-        bridge = RunBridge(self.broker, run_id, thread)
+        bridge = RunBridge(
+            self.broker, run_id, thread, max_answer_bytes=self.config.max_answer_bytes
+        )
         adapter = EventAdapter()
         adapter.attach(bridge)
         ctx = RunContext(

@@ -14,12 +14,13 @@ either published, or its emitter gets an exception.
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from bridge.broker import Broker
-from bridge.errors import BridgeError, BridgeNotAttached, RunClosed
+from bridge.errors import AnswerTooLarge, BridgeError, BridgeNotAttached, RunClosed
 from bridge.events import Event, RunEventType, make_event
 
 #: Give the event loop a turn after this many events of one run, so that a fast
@@ -30,7 +31,14 @@ YIELD_EVERY: Final = 32
 class RunBridge:
     """Numbers, gates and publishes the events of one run."""
 
-    def __init__(self, broker: Broker, run_id: str, thread_id: str) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        run_id: str,
+        thread_id: str,
+        *,
+        max_answer_bytes: int | None = None,
+    ) -> None:
         self.broker = broker
         self.run_id = run_id
         self.thread_id = thread_id
@@ -42,7 +50,19 @@ class RunBridge:
         self.open_calls: dict[str, str] = {}
         #: When each open call was announced (``time.perf_counter()``).
         self.call_started: dict[str, float] = {}
-        self.chunks: list[str] = []
+        #: The answer so far, every chunk's text in ``index`` order.  Kept as one
+        #: buffer, not a list of chunks: its memory is the answer's, however small the
+        #: chunks are.
+        self._content = io.StringIO()
+        #: Response chunks published so far (the next chunk's ``index``).
+        self.chunk_count = 0
+        #: UTF-8 bytes of the answer so far.
+        self.answer_bytes = 0
+        #: The most ``answer_bytes`` the agent's chunks may reach (None: no bound).
+        self.max_answer_bytes = max_answer_bytes
+        #: Set when the agent's answer reached its bound; the run then fails with it.
+        self.limit_error: AnswerTooLarge | None = None
+        self._last_char = ""
         self.completed = False
         #: Once set, every emit from the agent raises this error.
         self.agent_error: BridgeError | None = None
@@ -52,7 +72,12 @@ class RunBridge:
     @property
     def content(self) -> str:
         """The response so far: every chunk's text in ``index`` order."""
-        return "".join(self.chunks)
+        return self._content.getvalue()
+
+    @property
+    def ends_with_space(self) -> bool:
+        """Whether the response so far is empty or ends with whitespace."""
+        return not self._last_char or self._last_char.isspace()
 
     async def emit(
         self, type: RunEventType, data: Mapping[str, Any], *, gated: bool = True
@@ -73,8 +98,12 @@ class RunBridge:
         if self.completed:
             raise RunClosed(f"run {self.run_id} has ended; {type} cannot follow agent_completed")
         data = self._book(type, data)
-        self.seq += 1
-        event = make_event(type, data, run_id=self.run_id, thread_id=self.thread_id, seq=self.seq)
+        seq = self.seq + 1
+        # Encoded before anything is booked: an event that cannot be made (out of
+        # memory) leaves no gap in seq and no chunk that was never sent.
+        event = make_event(type, data, run_id=self.run_id, thread_id=self.thread_id, seq=seq)
+        self._commit(type, data)
+        self.seq = seq
         if type == "agent_completed":
             self.completed = True
         if self._publish_now is not None:
@@ -88,18 +117,38 @@ class RunBridge:
         return event
 
     async def chunk(self, text: str) -> Event:
-        """Publish a response chunk: :meth:`emit`, inlined for the hottest event."""
-        if self.completed or not self.gate.is_set() or self._publish_now is None:
-            return await self.emit("response_chunk", {"text": text})
+        """Publish a response chunk of the agent's answer: :meth:`emit`, inlined for the
+        hottest event, and held to the answer's bound.
+
+        Raises:
+            AnswerTooLarge: the chunk would make the answer larger than
+                ``max_answer_bytes``; it is not published, and every later emit of
+                the agent raises the same error.
+        """
         if not isinstance(text, str) or not text:
             raise ValueError("a response chunk needs non-empty text")
-        chunks = self.chunks
-        data = {"text": text, "index": len(chunks)}
-        chunks.append(text)
-        self.seq = seq = self.seq + 1
+        nbytes = _utf8_len(text)
+        limit = self.max_answer_bytes
+        if limit is not None and self.answer_bytes + nbytes > limit:
+            error = AnswerTooLarge(
+                f"the answer would pass {limit} bytes, the most a run may answer"
+            )
+            self.limit_error = error
+            if self.agent_error is None:
+                self.agent_error = error
+            raise error
+        if self.completed or not self.gate.is_set() or self._publish_now is None:
+            return await self.emit("response_chunk", {"text": text})
+        seq = self.seq + 1
         event = make_event(
-            "response_chunk", data, run_id=self.run_id, thread_id=self.thread_id, seq=seq
+            "response_chunk",
+            {"text": text, "index": self.chunk_count},
+            run_id=self.run_id,
+            thread_id=self.thread_id,
+            seq=seq,
         )
+        self._add_chunk(text, nbytes)
+        self.seq = seq
         self._publish_now(event)
         self._since_yield += 1
         if self._since_yield >= YIELD_EVERY:
@@ -107,28 +156,48 @@ class RunBridge:
             await asyncio.sleep(0)
         return event
 
+    def _add_chunk(self, text: str, nbytes: int) -> None:
+        self._content.write(text)
+        self.chunk_count += 1
+        self.answer_bytes += nbytes
+        self._last_char = text[-1]
+
     def _book(self, type: RunEventType, data: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The event's data if it keeps the run's invariants (nothing is changed yet)."""
         if type == "response_chunk":
             text = data["text"]
             if not isinstance(text, str) or not text:
                 raise ValueError("a response chunk needs non-empty text")
-            data = {"text": text, "index": len(self.chunks)}
-            self.chunks.append(text)
+            return {"text": text, "index": self.chunk_count}
+        if type == "tool_executing":
+            if data["call_id"] in self.open_calls:
+                raise ValueError(f"tool call {data['call_id']} is already open")
+        elif type == "tool_completed":
+            if data["call_id"] not in self.open_calls:
+                raise ValueError(
+                    f"tool call {data['call_id']} was never announced or already completed"
+                )
+        elif type == "agent_completed" and self.open_calls:
+            raise ValueError(f"tool calls still open: {sorted(self.open_calls)}")
+        return data
+
+    def _commit(self, type: RunEventType, data: Mapping[str, Any]) -> None:
+        """Record what the event changes, once it is made."""
+        if type == "response_chunk":
+            text = data["text"]
+            self._add_chunk(text, _utf8_len(text))
         elif type == "tool_executing":
             call_id = data["call_id"]
-            if call_id in self.open_calls:
-                raise ValueError(f"tool call {call_id} is already open")
             self.open_calls[call_id] = data["tool"]
             self.call_started[call_id] = time.perf_counter()
         elif type == "tool_completed":
             call_id = data["call_id"]
-            if call_id not in self.open_calls:
-                raise ValueError(f"tool call {call_id} was never announced or already completed")
             del self.open_calls[call_id]
             self.call_started.pop(call_id, None)
-        elif type == "agent_completed" and self.open_calls:
-            raise ValueError(f"tool calls still open: {sorted(self.open_calls)}")
-        return data
+
+
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode())
 
 
 class EventAdapter:

@@ -9,6 +9,7 @@ The whole tree, under one root::
     ├── RunNotFound         no such run (or not one the caller may see)
     ├── RunConflict         a lifecycle command the run's status does not allow
     ├── ResumeUnavailable   the events asked for are no longer kept
+    ├── AnswerTooLarge      a response chunk would make the answer larger than allowed
     └── BrokerUnavailable   the shared broker (Redis) cannot be reached
 
 Each error knows the ``error.code`` it has on the wire.
@@ -51,6 +52,12 @@ class ResumeUnavailable(BridgeError):
     """The events after the asked ``seq`` were dropped from the run's log."""
 
     code = "resume_unavailable"
+
+
+class AnswerTooLarge(BridgeError):
+    """A response chunk would make the run's answer larger than its bound; the run fails."""
+
+    code = "answer_too_large"
 
 
 class RunConflict(BridgeError):

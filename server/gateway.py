@@ -117,7 +117,9 @@ class Gateway:
         self.settings = settings
         self.auth = auth
         self.broker: Broker = broker or make_broker(settings)
-        agents: list[Agent] = [DemoAgent(), LoadAgent()]
+        agents: list[Agent] = [DemoAgent()]
+        if settings.load_agent == "on":
+            agents.append(LoadAgent())
         llm = llm_agent(settings)
         if llm is not None:
             agents.append(llm)
@@ -138,6 +140,7 @@ class Gateway:
             SupervisorConfig(
                 detach_grace_s=settings.detach_grace_s,
                 typing_delay_ms=settings.typing_delay_ms,
+                max_answer_bytes=settings.max_answer_bytes,
             ),
             recorder=self.persistence,
             observer=self.metrics,

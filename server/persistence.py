@@ -122,6 +122,13 @@ class Persistence:
                 for write, ok in zip(batch, results, strict=True):
                     if write.done is not None and not write.done.done():
                         write.done.set_result(ok)
+            except Exception as exc:
+                # The writer outlives anything a batch does (a MemoryError included):
+                # if it stopped, every answer after it would wait for good.
+                self._failed(f"writing {len(batch)} queued writes", repr(exc))
+                for write in batch:
+                    if write.done is not None and not write.done.done():
+                        write.done.set_result(False)
             finally:
                 for _ in batch:
                     queue.task_done()
@@ -181,6 +188,9 @@ class Persistence:
             f"storing answer {message_id}", self.store.message_steps(row), wait=True
         )
         assert done is not None
+        if self._writer is not None and self._writer.done() and not done.done():
+            self._failed(f"storing answer {message_id}", "the writer has stopped")
+            return False
         return await done
 
     async def run_changed(self, run: RunRecord) -> None:

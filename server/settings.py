@@ -15,6 +15,9 @@ from typing import Any, Final, Union, get_args, get_origin
 ENV_PREFIX: Final = "CHAT_"
 KiB: Final = 1024
 MiB: Final = 1024 * KiB
+#: The most ``max_answer_bytes`` may be: an answer is stored as one row, and SQLite
+#: refuses strings of more than 1,000,000,000 bytes by default.
+MAX_ANSWER_BYTES_LIMIT: Final = 256 * MiB
 
 
 def _opt(default: Any, help: str, *, repr: bool = True) -> Any:
@@ -55,6 +58,10 @@ class Settings:
     detach_grace_s: float = _opt(60.0, "a run with no client for this long is cancelled")
     resume_window_s: float = _opt(120.0, "how long a finished run's events stay resumable")
     run_log_max_bytes: int = _opt(32 * MiB, "events kept per run for resume; oldest dropped")
+    max_answer_bytes: int = _opt(
+        1 * MiB, "largest answer of a run (UTF-8 bytes); past it the run fails answer_too_large"
+    )
+    load_agent: str = _opt("on", "offer the load agent (tests, load scripts): on or off")
     default_agent: str | None = _opt(
         None, "agent that answers when a message names none (llm when configured, else demo)"
     )
@@ -131,6 +138,12 @@ class Settings:
             )
         if self.metrics not in ("on", "off"):
             raise ValueError(f"{ENV_PREFIX}METRICS must be on or off, got {self.metrics!r}")
+        if self.load_agent not in ("on", "off"):
+            raise ValueError(f"{ENV_PREFIX}LOAD_AGENT must be on or off, got {self.load_agent!r}")
+        if self.max_answer_bytes > MAX_ANSWER_BYTES_LIMIT:
+            raise ValueError(
+                f"{ENV_PREFIX}MAX_ANSWER_BYTES must be at most {MAX_ANSWER_BYTES_LIMIT}"
+            )
         for name in (
             "max_message_bytes",
             "send_buffer_bytes",
@@ -138,6 +151,7 @@ class Settings:
             "rate_limit_per_minute",
             "max_active_runs_per_user",
             "run_log_max_bytes",
+            "max_answer_bytes",
             "history_messages",
             "llm_max_steps",
         ):
