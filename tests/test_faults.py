@@ -63,7 +63,10 @@ async def test_slow_consumer_is_closed_4408_others_unaffected_memory_bounded(
     # A log bound that keeps the whole run (about 410 bytes an event, counted with its
     # overhead), so that the reader cut off early can still resume from where it was.
     log_bound = 160 * MiB
-    with spawn_server(tmp_path, CHAT_RUN_LOG_MAX_BYTES=str(log_bound)) as srv:
+    # Its answer (2.4 MB) is larger than the default answer bound.
+    with spawn_server(
+        tmp_path, CHAT_RUN_LOG_MAX_BYTES=str(log_bound), CHAT_MAX_ANSWER_BYTES=str(4 * MiB)
+    ) as srv:
         rss_before = srv.rss_kib()
         async with ws_client(srv, "slow-reader") as slow, ws_client(srv, "bystander") as fast:
             await slow.send(
