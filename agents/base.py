@@ -103,6 +103,9 @@ _WORD = re.compile(r"\s*\S+\s*")
 
 def split_words(text: str) -> list[str]:
     """Split text into word-sized pieces whose concatenation is the text."""
+    if text.isspace() or not text:
+        # No word at all: the pattern would try every position (quadratic).
+        return [text] if text else []
     pieces = _WORD.findall(text)
     if "".join(pieces) != text:  # leading/trailing whitespace only: keep it whole
         return [text] if text else []

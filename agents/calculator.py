@@ -13,7 +13,10 @@ from agents.errors import CalculatorError
 
 MAX_EXPRESSION_CHARS: Final = 256
 MAX_DEPTH: Final = 64
-#: Largest integer result, in bits; keeps ``9**9**9`` from eating the server.
+#: Largest integer, in bits, of the result and of every step towards it; keeps
+#: ``9**9**9`` (or a long product of large powers) from eating the server.  With at
+#: most 256 characters, that bounds the whole evaluation to a few hundred operations
+#: on numbers of at most this size: microseconds.
 MAX_INT_BITS: Final = 4096
 
 Number = int | float
@@ -77,13 +80,28 @@ def _eval(node: ast.expr, depth: int) -> Number:
         right = _eval(node.right, depth + 1)
         if isinstance(node.op, ast.Pow):
             _check_power(left, right)
+        elif isinstance(node.op, ast.Mult):
+            _check_product(left, right)
         try:
-            return _BINARY[type(node.op)](left, right)
+            value = _BINARY[type(node.op)](left, right)
         except ZeroDivisionError as exc:
             raise CalculatorError("division by zero") from exc
         except OverflowError as exc:
             raise CalculatorError("the result is too large") from exc
+        if isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
+            raise CalculatorError("the result is too large")
+        return value
     raise CalculatorError(f"unsupported syntax: {ast.unparse(node)!r}")
+
+
+def _check_product(left: Number, right: Number) -> None:
+    # Checked before multiplying: the product of two big integers is not even computed.
+    if (
+        isinstance(left, int)
+        and isinstance(right, int)
+        and left.bit_length() + right.bit_length() > MAX_INT_BITS + 1
+    ):
+        raise CalculatorError("the result is too large")
 
 
 def _check_power(base: Number, exponent: Number) -> None:

@@ -12,6 +12,7 @@ import asyncio
 import datetime as dt
 import zoneinfo
 from collections.abc import Awaitable, Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, Final
@@ -115,8 +116,21 @@ class ToolRegistry:
 # Built-in tools -----------------------------------------------------------------
 
 
-async def _calculator(args: Mapping[str, Any]) -> int | float:
-    return evaluate(args["expression"])
+#: Where CPU-bound tool work runs, off the event loop: a few threads, so that tool
+#: calls cannot take every thread of the process either.
+_CPU_WORKERS: Final = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tools")
+#: Integers beyond this are answered as their decimal text: JSON numbers past 2**53
+#: lose digits in most clients (and the event encoder refuses ints past 64 bits).
+MAX_EXACT_INT: Final = 2**53
+
+
+async def _calculator(args: Mapping[str, Any]) -> int | float | str:
+    value = await asyncio.get_running_loop().run_in_executor(
+        _CPU_WORKERS, evaluate, args["expression"]
+    )
+    if isinstance(value, int) and abs(value) > MAX_EXACT_INT:
+        return str(value)
+    return value
 
 
 @cache
@@ -126,6 +140,25 @@ def _zones_by_city() -> dict[str, str]:
         city = name.rsplit("/", 1)[-1].replace("_", " ").lower()
         zones.setdefault(city, name)
     return zones
+
+
+@cache
+def _zone_names() -> frozenset[str]:
+    return frozenset(zoneinfo.available_timezones())
+
+
+@cache
+def _longest_zone_name() -> int:
+    return max(max(map(len, _zone_names()), default=0), max(map(len, _zones_by_city())))
+
+
+def is_zone_name(name: str) -> bool:
+    """Whether ``name`` is a time zone's IANA name or city, without touching the disk;
+    time linear in its length."""
+    text = name.strip()
+    if not text or len(text) > _longest_zone_name():
+        return False
+    return text in _zone_names() or text.replace("_", " ").lower() in _zones_by_city()
 
 
 def resolve_zone(name: str) -> zoneinfo.ZoneInfo:

@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+import random
+import re
+
 import pytest
 
 from agents.base import split_words
-from agents.demo import find_expression, find_zone
+from agents.demo import _OPERATOR, _WORD_OPS, MAX_PLACE_WORDS, find_expression, find_zone
 from agents.errors import AgentInputError, ToolError
 from agents.load import LoadSpec, chunk_text
-from agents.tools import CALCULATOR, CLOCK, SLEEP, resolve_zone
+from agents.tools import CALCULATOR, CLOCK, SLEEP, is_zone_name, resolve_zone
 
 
 @pytest.mark.parametrize(
@@ -85,3 +88,86 @@ def test_load_spec() -> None:
 def test_split_words_keeps_the_text() -> None:
     for text in ["Hello world.", "  lead", "trail  ", "a\nb  c", "", "   "]:
         assert "".join(split_words(text)) == text
+
+
+# Linear in the message, whatever it holds ----------------------------------------------
+# Each of these inputs took seconds (up to 30 s) of the event loop before.
+
+_OLD_EXPRESSION = re.compile(r"[-+(]*\s*\d[\d\s.+\-*/×÷^%()]*")
+
+
+def reference_find_expression(message: str) -> str | None:
+    """The search as first written (quadratic on long runs): the meaning to keep."""
+    text = message
+    for pattern, op in _WORD_OPS:
+        text = pattern.sub(f" {op} ", text)
+    best: str | None = None
+    for match in _OLD_EXPRESSION.finditer(text):
+        candidate = match.group().strip().rstrip(".").strip()
+        while candidate.endswith(")") and candidate.count(")") > candidate.count("("):
+            candidate = candidate[:-1].rstrip()
+        candidate = " ".join(candidate.split())
+        if _OPERATOR.search(candidate) and (best is None or len(candidate) > len(best)):
+            best = candidate
+    return best
+
+
+def test_find_expression_means_what_it_meant() -> None:
+    rng = random.Random(11)
+    alphabet = "12 (()) +-*/.^%x times ab?"
+    for _ in range(20_000):
+        message = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 24)))
+        assert find_expression(message) == reference_find_expression(message), repr(message)
+
+
+@pytest.mark.parametrize(
+    ("message", "expression"),
+    [
+        ("1+1" + ")" * 64_000, "1+1"),
+        ("(" * 64_000, None),
+        ("+" * 64_000, None),
+        ("-(" * 32_000, None),
+        ("1" + "+" * 64_000, None),
+        (
+            "What is " + "(" * 20_000 + "2+3" + ")" * 20_001 + "?",
+            "(" * 20_000 + "2+3" + ")" * 20_000,
+        ),
+        ("2 * 3 " + "a " * 30_000 + "4 - 1", "2 * 3"),
+    ],
+)
+def test_find_expression_on_huge_messages(message: str, expression: str | None) -> None:
+    assert find_expression(message) == expression
+
+
+def test_find_zone_tries_a_few_places_however_many_words(monkeypatch: pytest.MonkeyPatch) -> None:
+    import agents.demo
+
+    tried: list[str] = []
+
+    def counting(name: str) -> bool:
+        tried.append(name)
+        return is_zone_name(name)
+
+    monkeypatch.setattr(agents.demo, "is_zone_name", counting)
+    assert find_zone("what time is it in " + "Ab " * 21_000) is None
+    assert len(tried) == MAX_PLACE_WORDS
+    tried.clear()
+    assert find_zone("what time is it in New York " + "Ab " * 21_000) == "New York"
+    assert tried[-1] == "New York" and len(tried) == MAX_PLACE_WORDS - 1
+    tried.clear()
+    assert find_zone("time " + "in Ab " * 10_000) is None
+    assert len(tried) == 10_000  # one place per "in": linear in the message
+    # Still the longest known place first, and every city of the table is found.
+    assert find_zone("What time is it in Ho Chi Minh City now?") == "Ho Chi Minh"
+    assert find_zone("What time is it in Buenos_Aires?") == "Buenos_Aires"
+
+
+def test_zone_names_are_checked_without_the_disk() -> None:
+    assert is_zone_name("Europe/Paris") and is_zone_name("tokyo") and is_zone_name("UTC")
+    assert not is_zone_name("Ab" * 30_000) and not is_zone_name("") and not is_zone_name("Ab")
+
+
+def test_split_words_on_huge_texts() -> None:
+    assert split_words(" " * 64_000) == [" " * 64_000]
+    words = split_words("word " * 20_000)
+    assert len(words) == 20_000 and "".join(words) == "word " * 20_000

@@ -53,3 +53,38 @@ def test_evaluates(expression: str, value: float) -> None:
 def test_refuses(expression: str, message: str) -> None:
     with pytest.raises(CalculatorError, match=message):
         evaluate(expression)
+
+
+def test_every_step_is_bounded_not_only_powers() -> None:
+    assert evaluate("2 ** 2000 * 2 ** 2000") == 2**4000
+    for expression in (
+        "2 ** 4000 * 2 ** 4000",
+        " * ".join(["2 ** 4000"] * 20),
+        "(2 ** 3000 * 2 ** 1000) * 2 ** 1000",
+        "2 ** 4096 + 2 ** 4096",
+    ):
+        with pytest.raises(CalculatorError, match="too large"):
+            evaluate(expression)
+
+
+async def test_the_calculator_tool_runs_off_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import threading
+
+    import agents.tools
+    from agents.tools import CALCULATOR
+
+    threads: list[str] = []
+
+    def recording(expression: str) -> int | float:
+        threads.append(threading.current_thread().name)
+        return evaluate(expression)
+
+    monkeypatch.setattr(agents.tools, "evaluate", recording)
+    assert await CALCULATOR.fn({"expression": "12 * 7"}) == 84
+    assert threads and threads[0].startswith("tools") and threads[0] != "MainThread"
+    # Integers past 2**53 are answered exactly, as their digits.
+    assert await CALCULATOR.fn({"expression": "2 ** 100"}) == str(2**100)
+    assert await CALCULATOR.fn({"expression": "-(2 ** 60)"}) == str(-(2**60))
+    assert await CALCULATOR.fn({"expression": "2 ** 53"}) == 2**53
