@@ -254,7 +254,8 @@ async def test_a_store_or_memory_failure_still_ends_the_run(
 
         monkeypatch.setattr(Persistence, "run_changed", failing_run_changed)
 
-    with run_server(db_url=f"sqlite:///{tmp_path}/chat.db") as srv:
+    # A short resume window, so that the status route soon answers from the database.
+    with run_server(db_url=f"sqlite:///{tmp_path}/chat.db", resume_window_s=0.3) as srv:
         async with ws_client(srv, user) as client:
             events = await client.run("chunks=3", agent="load")
             check_run_invariants(events)
@@ -270,7 +271,8 @@ async def test_a_store_or_memory_failure_still_ends_the_run(
             stored = events[-2]["data"]["stored"]
             assert stored is (fault in ("encode_memory_error", "status_memory_error"))
             assert events[-2]["data"]["content"] == "a" * 8 + "b" * 8 + "c" * 8
-            # The stored run is not left running.
+            # The stored run is not left running (read once the broker forgot the run).
+            await asyncio.sleep(0.6)
             status = await wait_for_status(srv, user, events[0]["run_id"])
             assert status[0] == completed["status"]
             # And the gateway goes on serving runs.
