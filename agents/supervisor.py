@@ -252,7 +252,7 @@ class RunHandle:
         except Exception as exc:
             # The ending failed part way (out of memory, a recorder's or broker's error):
             # the run still ends, failed, with whatever of its ending is missing.
-            log.exception("run %s: its ending failed; ending it failed", self.run_id)
+            log.exception("run %s: its ending failed; ending it as failed", self.run_id)
             await self._end_anyway(exc, started)
         finally:
             self._supervisor.observer.run_finished(
