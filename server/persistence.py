@@ -2,9 +2,11 @@
 
 Writes go, in order, through one writer task that commits whatever is queued in
 one transaction: a new thread, the user's message and each status change are
-queued and written behind the stream.  The answer is the one write a run waits
-for, at its end, because ``response_complete`` names the stored message and says
-whether it was stored.
+queued and written behind the stream.  A run waits for two writes: its first
+record (with its thread and its message, in the same transaction), before its
+first event is published, so that a run a client has seen is in the database
+even if the process dies the next moment; and its answer, at its end, because
+``response_complete`` names the stored message and says whether it was stored.
 Every write has a timeout; one that fails or times out is logged and counted,
 and the live stream goes on (``stored: false``).
 
@@ -28,6 +30,7 @@ from enum import Enum
 from typing import Final
 
 from agents.base import Message
+from agents.lifecycle import RunStatus
 from bridge.broker import RunRecord
 from bridge.errors import RunNotFound
 from server.errors import GatewayError
@@ -225,6 +228,15 @@ class Persistence:
         return await done is Outcome.STORED
 
     async def run_changed(self, run: RunRecord) -> None:
+        """Record the run's status.
+
+        Its first record (``queued``) is awaited, and with it everything queued before
+        it (the thread of a new run, the user's message): the supervisor publishes the
+        run's first event only after this returns, so a run that a client has seen is
+        in the database, and a restart can fail it (``server_restart``) rather than
+        forget it.  The wait is bounded by the store timeout, so a slow database delays
+        a run's start by at most that, and never fails it.
+        """
         row = RunRow(
             run.run_id,
             run.thread_id,
@@ -237,4 +249,11 @@ class Persistence:
             run.last_seq,
             self.node,
         )
-        self._submit(f"recording run {run.run_id}", self.store.run_steps(row), run=run)
+        first = run.status == RunStatus.QUEUED
+        done = self._submit(
+            f"recording run {run.run_id}", self.store.run_steps(row), wait=first, run=run
+        )
+        if done is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.timeout_s):
+                    await asyncio.shield(done)

@@ -521,3 +521,44 @@ async def test_a_deleted_threads_id_never_carries_a_run_into_another_users_threa
         # How many of the cancels were of a run whose first record the store refused.
         outcomes["of which refused by the store"] = log.count("was deleted; cancelled")
     record_figures(f"thread_delete_race_{db_url.split(':', 1)[0]}", {"tries": tries, **outcomes})
+
+
+async def test_runs_started_just_before_a_kill_answer_server_restart(tmp_path: Path) -> None:
+    """``kill -9`` right as the ``user_message`` of 5 new runs arrives: after a restart on
+    the same database, every run the client saw answers failed / server_restart."""
+    db_url = f"sqlite:///{tmp_path}/chat.db"
+    rounds = 3
+    seen: list[list[str]] = []
+    statuses: list[dict[str, Any]] = []
+    for round_ in range(rounds + 1):
+        with spawn_server(tmp_path, CHAT_DB_URL=db_url) as srv:
+            if seen:
+                for run_id in seen[-1]:
+                    resp = await api(srv, "GET", f"/api/chat/agents/{run_id}/status")
+                    statuses.append({"run_id": run_id, "http": resp.status_code, **resp.json()})
+            if round_ == rounds:
+                break
+            async with ws_client(srv, "alice") as client:
+                for i in range(5):
+                    await client.send(
+                        type="user_message", agent="load", content="chunks=500 delay_ms=20", id=i
+                    )
+                run_ids: list[str] = []
+                while len(run_ids) < 5:
+                    message = await client.recv()
+                    if message["type"] == "user_message":
+                        run_ids.append(message["run_id"])
+                assert srv.proc is not None
+                os.kill(srv.proc.pid, signal.SIGKILL)
+                srv.proc.wait(timeout=10)
+                seen.append(run_ids)
+    wrong = [
+        s
+        for s in statuses
+        if (s.get("status"), s.get("error_code")) != ("failed", "server_restart")
+    ]
+    record_figures(
+        "crash_after_start",
+        {"runs_seen": len(statuses), "not_failed_server_restart": len(wrong)},
+    )
+    assert not wrong, wrong
