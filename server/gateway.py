@@ -37,6 +37,8 @@ from server.store import ThreadRow, open_store
 
 log = logging.getLogger("chat")
 
+THREAD_DELETED = RunError("cancelled", "the thread was deleted")
+
 
 def make_broker(settings: Settings) -> Broker:
     """The broker ``CHAT_BROKER_URL`` names: in-memory when unset, Redis for ``redis://``."""
@@ -151,6 +153,7 @@ class Gateway:
         self._sessions: dict[str, set[LocalSession]] = {}
         self._starting: dict[str, int] = {}  # runs being started, per user
         self._watchdog: asyncio.Task[None] | None = None
+        self.persistence.on_refused = self._refused_by_store
         if isinstance(self.broker, RedisBroker):
             self.broker.on_reaped = self.persistence.run_changed
 
@@ -199,6 +202,8 @@ class Gateway:
             failed = await self.store.fail_unfinished_runs("server_restart", time.time())
             if failed:
                 log.warning("marked %d runs left unfinished by the last process failed", failed)
+        # Deleted threads whose last runs ended without recording it (their process died).
+        await self.store.purge_deleted_threads()
         await self.broker.start()
         self._watchdog = asyncio.get_running_loop().create_task(self._watch_stalls())
 
@@ -323,17 +328,34 @@ class Gateway:
         return thread
 
     async def delete_thread(self, user: Principal, thread_id: str) -> None:
-        """Delete a thread, its messages and runs; its live runs are cancelled first."""
-        await self.own_thread(user, thread_id)
+        """Delete a thread, its messages and runs, and cancel its runs still going.
+
+        The store orders the delete against every run's start: a run's first record is
+        written only if its thread is still there and its owner's, in one transaction
+        with that check.  So a run either was recorded before the delete, and is
+        cancelled here, or finds the thread deleted, and is cancelled as its record is
+        refused (:meth:`_refused_by_store`).  The thread's id stays taken until the
+        runs it had have ended.
+        """
+        if not await self.store.delete_thread(thread_id, user.user_id, time.time()):
+            raise RunNotFound(f"no thread {thread_id}")
         for handle in self.supervisor.runs_of_thread(thread_id):
-            handle.cancel_for(RunError("cancelled", "the thread was deleted"))
+            if handle.record.owner == user.user_id:
+                handle.cancel_for(THREAD_DELETED)
         # Runs of the thread that other processes execute (shared broker) are cancelled
         # through the broker; the store knows which are still going.
-        await self.persistence.flush()
-        for run_id in await self.store.unfinished_runs(thread_id):
+        for run_id in await self.store.unfinished_runs(thread_id, user.user_id):
             with contextlib.suppress(Exception):  # ended meanwhile, or its process is gone
                 await self.broker.command(run_id, "cancel")
-        await self.store.delete_thread(thread_id)
+
+    def _refused_by_store(self, run: RunRecord) -> None:
+        """A write of the run was refused: its thread was deleted (or passed to another
+        user) after the run started.  Nothing of it is stored; it must not go on."""
+        for handle in self.supervisor.runs_of_thread(run.thread_id):
+            if handle.run_id == run.run_id and handle.cancel_for(THREAD_DELETED):
+                log.warning(
+                    "run %s: its thread %s was deleted; cancelled", run.run_id, run.thread_id
+                )
 
     async def control(self, user: Principal, run_id: str, action: str) -> str:
         await self.find_run(user, run_id)

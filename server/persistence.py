@@ -1,15 +1,21 @@
 """The gateway's recorder: the database behind the supervisor, never in the stream's way.
 
 Writes go, in order, through one writer task that commits whatever is queued in
-one transaction, so that a run's first events never wait for the database: a new
-thread, the user's message and each status change are queued and written behind
-the stream.  The answer is the one write a run waits for, at its end, because
+one transaction: a new thread, the user's message and each status change are
+queued and written behind the stream.  A run waits for two writes: its first
+record (with its thread and its message, in the same transaction), before its
+first event is published, so that a run a client has seen is in the database
+even if the process dies the next moment; and its answer, at its end, because
 ``response_complete`` names the stored message and says whether it was stored.
 Every write has a timeout; one that fails or times out is logged and counted,
 and the live stream goes on (``stored: false``).
 
 Only a thread's ownership is checked strictly: when it cannot be read, a run that
-names an existing thread is refused (a run on a new thread goes on).
+names an existing thread is refused (a run on a new thread goes on).  The store
+checks it again in every message and run write: a write the store refuses (the
+thread was deleted meanwhile, or its id passed to someone else) is never made,
+and the run it belongs to is reported to :attr:`Persistence.on_refused`, which
+cancels it.
 """
 
 from __future__ import annotations
@@ -18,16 +24,18 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from typing import Final
 
 from agents.base import Message
+from agents.lifecycle import RunStatus
 from bridge.broker import RunRecord
 from bridge.errors import RunNotFound
 from server.errors import GatewayError
 from server.store import MessageRow, RunRow, Store, ThreadRow
-from server.store.base import Step
+from server.store.base import Step, refused
 
 log = logging.getLogger("chat.store")
 
@@ -38,11 +46,21 @@ MAX_QUEUED_WRITES: Final = 10_000
 MAX_BATCH: Final = 256
 
 
+class Outcome(Enum):
+    STORED = "stored"
+    #: The store refused it: the run's thread is deleted or not its owner's.
+    REFUSED = "refused"
+    #: The database failed or timed out.
+    FAILED = "failed"
+
+
 @dataclass(frozen=True, slots=True)
 class _Write:
     what: str
     steps: list[Step]
-    done: asyncio.Future[bool] | None
+    done: asyncio.Future[Outcome] | None
+    #: The run a message or run write belongs to; the store may refuse such a write.
+    run: RunRecord | None = None
 
 
 class StorageUnavailable(GatewayError):
@@ -64,6 +82,8 @@ class Persistence:
         self.history_messages = history_messages
         self.node = node
         self.failures = 0
+        #: Told of a run one of whose writes the store refused (the gateway cancels it).
+        self.on_refused: Callable[[RunRecord], None] | None = None
         self._queue: asyncio.Queue[_Write] | None = None
         self._writer: asyncio.Task[None] | None = None
 
@@ -90,20 +110,20 @@ class Persistence:
         self._writer = None
 
     def _submit(
-        self, what: str, steps: list[Step], *, wait: bool = False
-    ) -> asyncio.Future[bool] | None:
-        done: asyncio.Future[bool] | None = None
+        self, what: str, steps: list[Step], *, wait: bool = False, run: RunRecord | None = None
+    ) -> asyncio.Future[Outcome] | None:
+        done: asyncio.Future[Outcome] | None = None
         if wait:
             done = asyncio.get_running_loop().create_future()
         if self._queue is None:
             self.start()
         assert self._queue is not None
         try:
-            self._queue.put_nowait(_Write(what, steps, done))
+            self._queue.put_nowait(_Write(what, steps, done, run))
         except asyncio.QueueFull:
             self._failed(what, "too many writes waiting for the database")
             if done is not None:
-                done.set_result(False)
+                done.set_result(Outcome.FAILED)
         return done
 
     async def _write_loop(self) -> None:
@@ -115,33 +135,57 @@ class Persistence:
             while len(batch) < MAX_BATCH and not queue.empty():
                 batch.append(queue.get_nowait())
             try:
-                if await self._write(batch):
-                    results = [True] * len(batch)
-                else:  # one bad write must not fail the others: each again, alone
-                    results = [await self._write([w]) for w in batch]
-                for write, ok in zip(batch, results, strict=True):
+                results = await self._write(batch)
+                if results is None:  # one bad write must not fail the others: each again, alone
+                    results = []
+                    for write in batch:
+                        alone = await self._write([write])
+                        results.append(alone[0] if alone else Outcome.FAILED)
+                for write, outcome in zip(batch, results, strict=True):
+                    if outcome is Outcome.REFUSED:
+                        self._refused(write)
                     if write.done is not None and not write.done.done():
-                        write.done.set_result(ok)
+                        write.done.set_result(outcome)
             except Exception as exc:
                 # The writer outlives anything a batch does (a MemoryError included):
                 # if it stopped, every answer after it would wait for good.
                 self._failed(f"writing {len(batch)} queued writes", repr(exc))
                 for write in batch:
                     if write.done is not None and not write.done.done():
-                        write.done.set_result(False)
+                        write.done.set_result(Outcome.FAILED)
             finally:
                 for _ in batch:
                     queue.task_done()
 
-    async def _write(self, batch: list[_Write]) -> bool:
+    async def _write(self, batch: list[_Write]) -> list[Outcome] | None:
+        """Commit the batch in one transaction: each write's outcome, or None if it failed."""
         try:
             async with asyncio.timeout(self.timeout_s):
-                await self.store.write([step for w in batch for step in w.steps])
+                counts = await self.store.write([step for w in batch for step in w.steps])
         except Exception as exc:
             if len(batch) == 1:  # a batch's failure is counted write by write
                 self._failed(batch[0].what, repr(exc))
-            return False
-        return True
+            return None
+        outcomes: list[Outcome] = []
+        at = 0
+        for write in batch:
+            mine = counts[at : at + len(write.steps)]
+            at += len(write.steps)
+            checked = write.run is not None
+            outcomes.append(Outcome.REFUSED if checked and refused(mine) else Outcome.STORED)
+        return outcomes
+
+    def _refused(self, write: _Write) -> None:
+        run = write.run
+        assert run is not None
+        log.warning(
+            "store: %s refused: thread %s is deleted or not %s's",
+            write.what,
+            run.thread_id,
+            run.owner,
+        )
+        if self.on_refused is not None:
+            self.on_refused(run)
 
     def _failed(self, what: str, why: str) -> None:
         self.failures += 1
@@ -177,23 +221,32 @@ class Persistence:
 
     async def user_message(self, run: RunRecord, message_id: str, content: str) -> bool:
         row = MessageRow(message_id, run.thread_id, "user", content, run.run_id, False, time.time())
-        self._submit(f"storing user message {message_id}", self.store.message_steps(row))
+        steps = self.store.message_steps(row, run.owner)
+        self._submit(f"storing user message {message_id}", steps, run=run)
         return True
 
     async def answer(self, run: RunRecord, message_id: str, content: str, fallback: bool) -> bool:
         row = MessageRow(
             message_id, run.thread_id, "assistant", content, run.run_id, fallback, time.time()
         )
-        done = self._submit(
-            f"storing answer {message_id}", self.store.message_steps(row), wait=True
-        )
+        steps = self.store.message_steps(row, run.owner)
+        done = self._submit(f"storing answer {message_id}", steps, wait=True, run=run)
         assert done is not None
         if self._writer is not None and self._writer.done() and not done.done():
             self._failed(f"storing answer {message_id}", "the writer has stopped")
             return False
-        return await done
+        return await done is Outcome.STORED
 
     async def run_changed(self, run: RunRecord) -> None:
+        """Record the run's status.
+
+        Its first record (``queued``) is awaited, and with it everything queued before
+        it (the thread of a new run, the user's message): the supervisor publishes the
+        run's first event only after this returns, so a run that a client has seen is
+        in the database, and a restart can fail it (``server_restart``) rather than
+        forget it.  The wait is bounded by the store timeout, so a slow database delays
+        a run's start by at most that, and never fails it.
+        """
         row = RunRow(
             run.run_id,
             run.thread_id,
@@ -206,4 +259,11 @@ class Persistence:
             run.last_seq,
             self.node,
         )
-        self._submit(f"recording run {run.run_id}", self.store.run_steps(row))
+        first = run.status == RunStatus.QUEUED
+        done = self._submit(
+            f"recording run {run.run_id}", self.store.run_steps(row), wait=first, run=run
+        )
+        if done is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.timeout_s):
+                    await asyncio.shield(done)

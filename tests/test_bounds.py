@@ -219,11 +219,11 @@ async def test_a_store_or_memory_failure_still_ends_the_run(
     if fault == "blob_too_big":  # what SQLite said of the 1 GiB answer
         write = SqlStore.write
 
-        async def refusing_write(self: SqlStore, steps: list[Any]) -> None:
+        async def refusing_write(self: SqlStore, steps: list[Any]) -> list[int]:
             if any("assistant" in params for _, params in steps):
                 raised.append(fault)
                 raise sqlite3.DataError("string or blob too big")
-            await write(self, steps)
+            return await write(self, steps)
 
         monkeypatch.setattr(SqlStore, "write", refusing_write)
     elif fault == "answer_memory_error":

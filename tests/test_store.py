@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +22,24 @@ from bridge.memory import InMemoryBroker
 from server.persistence import Persistence, title_of
 from server.store import MessageRow, RunRow, ThreadRow, open_store
 from server.store.migrations import LATEST
-from tests.support import check_run_invariants, spawn_server, ws_client
+from tests.support import check_run_invariants, parse_sse, spawn_server, ws_client
 from tests.test_bridge import collect
+from tests.test_faults import record_figures
 
 
 async def test_migrations_from_empty_and_from_the_previous_schema(db_url: str) -> None:
     old = open_store(db_url)
     await old.open(target=LATEST - 1)
     assert await old.schema_version() == LATEST - 1
-    await old.create_thread(ThreadRow("t_1", "alice", "hello", 1.0, 1.0))
-    await old.add_message(MessageRow("m_1", "t_1", "user", "hello", "r_1", False, 1.0))
+    # Rows written as the previous version's code wrote them.
+    await old.driver.execute(
+        "INSERT INTO threads (id, owner, title, created_at, updated_at) "
+        "VALUES ('t_1', 'alice', 'hello', 1, 1)"
+    )
+    await old.driver.execute(
+        "INSERT INTO messages (id, thread_id, role, content, run_id, fallback, created_at) "
+        "VALUES ('m_1', 't_1', 'user', 'hello', 'r_1', 0, 1)"
+    )
     await old.driver.execute(
         "INSERT INTO runs (id, thread_id, owner, agent, status, error_code, created_at, "
         "updated_at, last_seq) VALUES ('r_1', 't_1', 'alice', 'demo', 'running', NULL, 1, 1, 3)"
@@ -72,7 +81,8 @@ async def test_threads_messages_runs_and_pagination(db_url: str) -> None:
 
         for i in range(7):
             role = "user" if i % 2 == 0 else "assistant"
-            await store.add_message(MessageRow(f"m_{i}", "t_1", role, f"text {i}", None, False, i))
+            row = MessageRow(f"m_{i}", "t_1", role, f"text {i}", None, False, i)
+            assert await store.add_message(row, "alice")
         first = await store.list_messages("t_1", 3, 0)
         assert [m.id for m in first] == ["m_0", "m_1", "m_2"]
         rest = await store.list_messages("t_1", 10, first[-1].pos)
@@ -88,7 +98,9 @@ async def test_threads_messages_runs_and_pagination(db_url: str) -> None:
         assert run is not None and (run.status, run.error_code) == ("failed", "server_restart")
         assert (await store.get_run("r_2")).status == "completed"  # type: ignore[union-attr]
 
-        await store.delete_thread("t_1")
+        assert not await store.delete_thread("t_1", "bob", 4.0)  # not bob's
+        assert await store.delete_thread("t_1", "alice", 4.0)
+        assert not await store.delete_thread("t_1", "alice", 5.0)  # gone already
         assert await store.get_thread("t_1") is None
         assert await store.list_messages("t_1", 10, 0) == []
         assert await store.get_run("r_1") is None
@@ -180,6 +192,119 @@ async def test_a_storage_failure_never_loses_the_live_stream(tmp_path: Path) -> 
 
     with pytest.raises(StorageUnavailable):  # ownership cannot be checked: refused
         await sup.start_run(owner="a", content="hi", thread_id="t_some")
+
+
+def run_row(run_id: str, thread_id: str, owner: str, status: str, seq: int = 1) -> RunRow:
+    return RunRow(run_id, thread_id, owner, "load", status, None, 1.0, 1.0 + seq, seq)
+
+
+async def test_a_deleted_thread_takes_no_writes_and_keeps_its_id_until_its_runs_end(
+    db_url: str,
+) -> None:
+    store = open_store(db_url)
+    await store.open()
+    try:
+        await store.create_thread(ThreadRow("t", "alice", "notes", 1.0, 1.0))
+        assert await store.upsert_run(run_row("r_a", "t", "alice", "running"))
+        assert await store.add_message(
+            MessageRow("m_1", "t", "user", "hi", "r_a", False, 2), "alice"
+        )
+        # Bob's writes never land in Alice's thread.
+        assert not await store.add_message(
+            MessageRow("m_b", "t", "user", "x", "r_b", False, 3), "bob"
+        )
+        assert not await store.upsert_run(run_row("r_b", "t", "bob", "running"))
+        assert await store.get_run("r_b") is None
+        assert [m.id for m in await store.list_messages("t", 10, 0)] == ["m_1"]
+
+        assert await store.delete_thread("t", "alice", 4.0)
+        assert await store.get_thread("t") is None
+        assert await store.list_threads("alice", 10, None) == []
+        assert await store.list_messages("t", 10, 0) == []
+        assert await store.unfinished_runs("t", "alice") == ["r_a"]
+        # The id is not free while r_a can still write: Bob's claim takes nothing.
+        await store.create_thread(ThreadRow("t", "bob", "mine", 5.0, 5.0))
+        assert await store.get_thread("t") is None
+        # r_a's answer is refused, its status is still recorded; no new run is admitted.
+        assert not await store.add_message(
+            MessageRow("m_2", "t", "assistant", "late", "r_a", False, 6), "alice"
+        )
+        assert await store.upsert_run(run_row("r_a", "t", "alice", "running", 7))
+        assert not await store.upsert_run(run_row("r_a2", "t", "alice", "queued"))
+        assert await store.purge_deleted_threads() == 0
+        # r_a ends: it goes, and the tombstone with it.
+        assert await store.upsert_run(run_row("r_a", "t", "alice", "cancelled", 9))
+        assert await store.get_run("r_a") is None
+
+        await store.create_thread(ThreadRow("t", "bob", "mine", 10.0, 10.0))
+        thread = await store.get_thread("t")
+        assert thread is not None and thread.owner == "bob"
+        # Late writes of Alice's ended run find Bob's thread: refused, nothing lands.
+        assert not await store.add_message(
+            MessageRow("m_3", "t", "assistant", "late", "r_a", False, 11), "alice"
+        )
+        assert not await store.upsert_run(run_row("r_a", "t", "alice", "completed", 12))
+        assert await store.list_messages("t", 10, 0) == []
+        assert await store.get_run("r_a") is None
+        assert (await store.get_thread("t")) == thread  # not even touched
+
+        # A tombstone whose run died with its process is removed once the run is failed.
+        await store.create_thread(ThreadRow("u", "alice", "other", 1.0, 1.0))
+        assert await store.upsert_run(run_row("r_u", "u", "alice", "running"))
+        assert await store.delete_thread("u", "alice", 13.0)
+        assert await store.fail_unfinished_runs("server_restart", 14.0) == 1
+        assert await store.purge_deleted_threads() == 1
+        await store.create_thread(ThreadRow("u", "bob", "free", 15.0, 15.0))
+        assert (await store.get_thread("u")).owner == "bob"  # type: ignore[union-attr]
+    finally:
+        await store.close()
+
+
+async def test_a_delete_and_runs_starting_in_its_thread_are_ordered(db_url: str) -> None:
+    """Runs are admitted to a thread (their first record written, then a message) from
+    one connection while the thread is deleted from another: every admitted run is one
+    the delete then sees as unfinished, none is admitted after it, and no message is
+    written after it."""
+    starts, delete = open_store(db_url), open_store(db_url)
+    await starts.open()
+    await delete.open()
+    admitted_total = refused_total = 0
+    try:
+        for i in range(30):
+            tid = f"t_{i}"
+            await starts.create_thread(ThreadRow(tid, "alice", "race", 1.0, 1.0))
+
+            async def admit(n: int, tid: str = tid) -> bool:
+                await asyncio.sleep(n * 0.0005)
+                run_id = f"r_{tid}_{n}"
+                ok = await starts.upsert_run(run_row(run_id, tid, "alice", "queued"))
+                message = MessageRow(f"m_{tid}_{n}", tid, "user", "hi", run_id, False, 3.0)
+                await starts.add_message(message, "alice")
+                return ok
+
+            async def delete_then_look(tid: str = tid) -> list[str]:
+                await asyncio.sleep(0.002)
+                assert await delete.delete_thread(tid, "alice", 2.0)
+                return await delete.unfinished_runs(tid, "alice")
+
+            *admissions, seen = await asyncio.gather(
+                *(admit(n) for n in range(10)), delete_then_look()
+            )
+            admitted = {f"r_{tid}_{n}" for n, ok in enumerate(admissions) if ok}
+            assert admitted <= set(seen), (i, admitted, seen)
+            assert set(await delete.unfinished_runs(tid, "alice")) == admitted
+            # The delete took the messages written before it; none was written after.
+            assert await delete.list_messages(tid, 100, 0) == [], i
+            admitted_total += len(admitted)
+            refused_total += len(admissions) - len(admitted)
+    finally:
+        await starts.close()
+        await delete.close()
+    record_figures(
+        f"delete_ordering_{db_url.split(':', 1)[0]}",
+        {"admitted_before_the_delete": admitted_total, "refused_after_it": refused_total},
+    )
+    assert admitted_total and refused_total  # both sides of the race were taken
 
 
 def test_titles() -> None:
@@ -284,3 +409,156 @@ async def test_processes_starting_together_migrate_once(db_url: str) -> None:
     finally:
         for store in stores:
             await store.close()
+
+
+# Deleting a thread while a run starts in it; a crash right after runs start ---------------
+
+
+async def sse_run(
+    http: httpx.AsyncClient, srv: Any, user: str, body: dict[str, Any]
+) -> tuple[int, list[dict[str, Any]]]:
+    """``POST /api/chat/stream`` read to its end: the status code and the run's events."""
+    async with http.stream(
+        "POST", "/api/chat/stream", json=body, headers=srv.headers(user)
+    ) as resp:
+        text = "".join([chunk async for chunk in resp.aiter_text()])
+    if resp.status_code != 200:
+        return resp.status_code, []
+    return 200, [m["data"] for m in parse_sse(text) if "id" in m]
+
+
+async def test_a_deleted_threads_id_never_carries_a_run_into_another_users_thread(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Alice deletes her thread and, a moment later, sends a slow message to it; Bob then
+    claims the freed id.  Whatever the interleaving, Bob's thread never holds anything of
+    Alice's, and a run of Alice's in the deleted thread is refused or cancelled: it can
+    only complete as the first run of a new thread of hers, started after the delete."""
+    tries = 40
+    outcomes: Counter[str] = Counter()
+    limits = {"CHAT_RATE_LIMIT_PER_MINUTE": "100000", "CHAT_MAX_ACTIVE_RUNS_PER_USER": "100"}
+    with spawn_server(tmp_path, CHAT_DB_URL=db_url, **limits) as srv:
+        clients = [httpx.AsyncClient(base_url=srv.http, timeout=30) for _ in range(4)]
+        seeder, deleter, starter, bob = clients
+        try:
+            for i in range(tries):
+                thread_id = f"team-notes-{i}"
+                status, seed = await sse_run(
+                    seeder,
+                    srv,
+                    "alice",
+                    {"message": "chunks=2", "agent": "load", "thread_id": thread_id},
+                )
+                assert status == 200 and seed[-1]["data"]["status"] == "completed"
+                # The message goes from 2 ms before the DELETE to 4 ms after it.
+                offset_s = (i % 7 - 2) / 1000
+
+                async def delete(
+                    thread_id: str = thread_id, delay_s: float = max(0.0, -offset_s)
+                ) -> httpx.Response:
+                    await asyncio.sleep(delay_s)
+                    return await deleter.delete(
+                        f"/api/threads/{thread_id}", headers=srv.headers("alice")
+                    )
+
+                async def start(
+                    thread_id: str = thread_id, delay_s: float = max(0.0, offset_s)
+                ) -> tuple[int, list[dict[str, Any]]]:
+                    await asyncio.sleep(delay_s)
+                    body = {"message": "chunks=20 delay_ms=10", "agent": "load"}
+                    return await sse_run(starter, srv, "alice", {**body, "thread_id": thread_id})
+
+                async def claim(
+                    deleting: asyncio.Task[httpx.Response], thread_id: str = thread_id
+                ) -> tuple[int, list[dict[str, Any]]]:
+                    await deleting
+                    body = {"message": "chunks=1", "agent": "load", "thread_id": thread_id}
+                    return await sse_run(bob, srv, "bob", body)
+
+                deleting = asyncio.create_task(delete())
+                (a_status, a_events), (b_status, b_events) = await asyncio.gather(
+                    start(), claim(deleting)
+                )
+                deleted = (await deleting).json()
+                assert deleted == {"ok": True, "thread_id": thread_id, "deleted": True}
+
+                url = f"/api/threads/{thread_id}/messages"
+                bobs = await bob.get(url, headers=srv.headers("bob"))
+                alices = await bob.get(url, headers=srv.headers("alice"))
+                alice_runs = {e["run_id"] for e in seed + a_events}
+                if bobs.status_code == 200:  # Bob owns the id now: nothing of Alice's in it
+                    held = bobs.json()["messages"]
+                    assert b_status == 200 and {m["run_id"] for m in held} == {
+                        b_events[0]["run_id"]
+                    }, (i, held)
+                    assert not alice_runs & {m["run_id"] for m in held}, (i, held)
+                    assert alices.status_code == 404
+                if a_status != 200:
+                    assert a_status == 404, a_status
+                    outcomes["alice refused"] += 1
+                    continue
+                check_run_invariants(a_events)
+                end = a_events[-1]["data"]
+                if end["status"] == "cancelled":
+                    assert end["error"] == {
+                        "code": "cancelled",
+                        "message": "the thread was deleted",
+                    }
+                    outcomes["alice cancelled"] += 1
+                    continue
+                # Completed: only as the first run of a thread of her own, made after the
+                # delete (whoever names a free id first owns it); Bob was refused.
+                assert end["status"] == "completed", (i, end)
+                assert b_status == 404 and bobs.status_code == 404, (i, b_status)
+                held = alices.json()["messages"]
+                assert [m["run_id"] for m in held] == [a_events[0]["run_id"]] * 2, (i, held)
+                outcomes["alice ran in a new thread"] += 1
+        finally:
+            for client in clients:
+                await client.aclose()
+        log = srv.log()
+        assert "Traceback" not in log
+        # How many of the cancels were of a run whose first record the store refused.
+        outcomes["of which refused by the store"] = log.count("was deleted; cancelled")
+    record_figures(f"thread_delete_race_{db_url.split(':', 1)[0]}", {"tries": tries, **outcomes})
+
+
+async def test_runs_started_just_before_a_kill_answer_server_restart(tmp_path: Path) -> None:
+    """``kill -9`` right as the ``user_message`` of 5 new runs arrives: after a restart on
+    the same database, every run the client saw answers failed / server_restart."""
+    db_url = f"sqlite:///{tmp_path}/chat.db"
+    rounds = 3
+    seen: list[list[str]] = []
+    statuses: list[dict[str, Any]] = []
+    for round_ in range(rounds + 1):
+        with spawn_server(tmp_path, CHAT_DB_URL=db_url) as srv:
+            if seen:
+                for run_id in seen[-1]:
+                    resp = await api(srv, "GET", f"/api/chat/agents/{run_id}/status")
+                    statuses.append({"run_id": run_id, "http": resp.status_code, **resp.json()})
+            if round_ == rounds:
+                break
+            async with ws_client(srv, "alice") as client:
+                for i in range(5):
+                    await client.send(
+                        type="user_message", agent="load", content="chunks=500 delay_ms=20", id=i
+                    )
+                run_ids: list[str] = []
+                while len(run_ids) < 5:
+                    message = await client.recv()
+                    if message["type"] == "user_message":
+                        run_ids.append(message["run_id"])
+                assert srv.proc is not None
+                os.kill(srv.proc.pid, signal.SIGKILL)
+                srv.proc.wait(timeout=10)
+                seen.append(run_ids)
+    wrong = [
+        s
+        for s in statuses
+        if (s.get("status"), s.get("error_code")) != ("failed", "server_restart")
+    ]
+    record_figures(
+        "crash_after_start",
+        {"runs_seen": len(statuses), "not_failed_server_restart": len(wrong)},
+    )
+    assert not wrong, wrong

@@ -1,12 +1,33 @@
-"""Rows and the store interface."""
+"""Rows and the store interface.
+
+Ownership is enforced by the writes themselves: a message or run write changes
+nothing unless the thread exists, is not deleted and belongs to the run's owner,
+checked in the same transaction as the write.  A deleted thread is kept as a
+tombstone (its id still taken, its messages gone) until every run it had has
+ended, so that its id cannot pass to another user while one of them can write.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 #: One SQL statement and its arguments.
 Step = tuple[str, tuple[Any, ...]]
+
+#: Run statuses of a run that has not ended (and may still write).
+UNFINISHED: Final = ("queued", "running", "paused")
+
+#: The leading steps of a :meth:`Store.message_steps` or :meth:`Store.run_steps` write
+#: that check the thread: when none of them changed a row, the store refused the write.
+CHECKED_STEPS: Final = 2
+
+
+def refused(counts: Sequence[int]) -> bool:
+    """Whether a message or run write, given the rows each of its steps changed, was
+    refused: its thread is missing, deleted, or not its run's owner's."""
+    return not any(count > 0 for count in counts[:CHECKED_STEPS])
 
 
 class StoreError(Exception):
@@ -82,7 +103,9 @@ class Store(Protocol):
 
     async def schema_version(self) -> int: ...
 
-    async def get_thread(self, thread_id: str) -> ThreadRow | None: ...
+    async def get_thread(self, thread_id: str) -> ThreadRow | None:
+        """The thread, or None when there is none or it was deleted."""
+        ...
 
     async def create_thread(self, row: ThreadRow) -> None: ...
 
@@ -92,9 +115,19 @@ class Store(Protocol):
         """The owner's threads, newest first, strictly after the cursor ``before``."""
         ...
 
-    async def delete_thread(self, thread_id: str) -> None: ...
+    async def delete_thread(self, thread_id: str, owner: str, now: float) -> bool:
+        """Delete the owner's thread, its messages and its finished runs, in one
+        transaction; False when it is not the owner's or is already deleted.
 
-    async def add_message(self, row: MessageRow) -> None: ...
+        A thread that still has unfinished runs stays as a tombstone: no run or message
+        can be written to it any more and its id cannot be claimed, until the last of
+        those runs records its end.
+        """
+        ...
+
+    async def add_message(self, row: MessageRow, owner: str) -> bool:
+        """Add a message of ``owner``'s run; False when the store refused it."""
+        ...
 
     async def list_messages(self, thread_id: str, limit: int, after_pos: int) -> list[MessageRow]:
         """Messages of the thread, oldest first, with ``pos > after_pos``."""
@@ -104,27 +137,40 @@ class Store(Protocol):
         """The thread's last ``limit`` messages, oldest first."""
         ...
 
-    async def upsert_run(self, row: RunRow) -> None: ...
+    async def upsert_run(self, row: RunRow) -> bool:
+        """Record a run; False when the store refused it."""
+        ...
 
     async def get_run(self, run_id: str) -> RunRow | None: ...
 
-    async def unfinished_runs(self, thread_id: str) -> list[str]:
-        """Ids of the thread's runs still ``queued``, ``running`` or ``paused``."""
+    async def unfinished_runs(self, thread_id: str, owner: str) -> list[str]:
+        """Ids of the owner's runs of the thread still ``queued``, ``running`` or ``paused``."""
         ...
 
     async def fail_unfinished_runs(self, error_code: str, now: float) -> int:
         """Mark every run still ``queued``, ``running`` or ``paused`` as failed."""
         ...
 
-    # Writes as steps, so that many can go in one transaction -------------------------
-    def thread_steps(self, row: ThreadRow) -> list[Step]: ...
-
-    def message_steps(self, row: MessageRow) -> list[Step]:
-        """Add the message and touch its thread."""
+    async def purge_deleted_threads(self) -> int:
+        """Remove the tombstones whose runs have all ended (and those runs); how many."""
         ...
 
-    def run_steps(self, row: RunRow) -> list[Step]: ...
+    # Writes as steps, so that many can go in one transaction -------------------------
+    def thread_steps(self, row: ThreadRow) -> list[Step]:
+        """Create the thread; nothing when its id is taken (a deleted thread's included)."""
+        ...
 
-    async def write(self, steps: list[Step]) -> None:
-        """Run the steps, in order, in one transaction."""
+    def message_steps(self, row: MessageRow, owner: str) -> list[Step]:
+        """Add the message and touch its thread, only if the thread is ``owner``'s and not
+        deleted; see :func:`refused`."""
+        ...
+
+    def run_steps(self, row: RunRow) -> list[Step]:
+        """Update the run, or insert it if its thread is its owner's and not deleted;
+        see :func:`refused`.  A run's end on a deleted thread removes the run, and the
+        thread's tombstone with its last run."""
+        ...
+
+    async def write(self, steps: list[Step]) -> list[int]:
+        """Run the steps, in order, in one transaction; the rows each one changed."""
         ...

@@ -53,6 +53,10 @@ MIGRATIONS: Final[list[list[str]]] = [
         "CREATE INDEX runs_unfinished ON runs (status)",
         "ALTER TABLE runs ADD COLUMN node TEXT",
     ],
+    # 3: a deleted thread stays as a tombstone (its id taken) while its runs can still write.
+    [
+        "ALTER TABLE threads ADD COLUMN deleted_at {real}",
+    ],
 ]
 
 LATEST: Final = len(MIGRATIONS)

@@ -14,9 +14,17 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
-from server.store.base import MessageRow, RunRow, Step, StoreError, ThreadRow
+from server.store.base import (
+    UNFINISHED,
+    MessageRow,
+    RunRow,
+    Step,
+    StoreError,
+    ThreadRow,
+    refused,
+)
 from server.store.migrations import LATEST, statements
 
 log = logging.getLogger("chat.store")
@@ -38,8 +46,9 @@ class Driver(Protocol):
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]: ...
 
-    async def script(self, steps: list[tuple[str, tuple[Any, ...]]]) -> None:
-        """Run statements, each with its arguments, in one transaction."""
+    async def script(self, steps: list[tuple[str, tuple[Any, ...]]]) -> list[int]:
+        """Run statements, each with its arguments, in one transaction; the rows each
+        one changed."""
         ...
 
     async def migrate_step(self, version: int, sqls: list[str]) -> bool:
@@ -123,19 +132,21 @@ class SqliteDriver:
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
         return await self._run(lambda: list(self._db().execute(sql, args).fetchall()))
 
-    async def script(self, steps: list[tuple[str, tuple[Any, ...]]]) -> None:
-        await self._run(self._transaction, "BEGIN", steps)
+    async def script(self, steps: list[tuple[str, tuple[Any, ...]]]) -> list[int]:
+        # The write lock first: a transaction that reads before it writes cannot then
+        # fail to upgrade because another process wrote meanwhile.
+        return await self._run(self._transaction, "BEGIN IMMEDIATE", steps)
 
-    def _transaction(self, begin: str, steps: list[tuple[str, tuple[Any, ...]]]) -> None:
+    def _transaction(self, begin: str, steps: list[tuple[str, tuple[Any, ...]]]) -> list[int]:
         db = self._db()
         db.execute(begin)
         try:
-            for sql, args in steps:
-                db.execute(sql, args)
+            counts = [db.execute(sql, args).rowcount for sql, args in steps]
         except BaseException:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
+        return counts
 
     async def migrate_step(self, version: int, sqls: list[str]) -> bool:
         return await self._run(self._migrate_step, version, sqls)
@@ -158,6 +169,12 @@ class SqliteDriver:
             raise
         db.execute("COMMIT")
         return True
+
+
+def _changed(status: str) -> int:
+    """The row count of a command tag such as ``INSERT 0 1`` or ``UPDATE 3``."""
+    tail = status.rsplit(" ", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
 
 
 def _numbered(sql: str) -> str:
@@ -183,17 +200,14 @@ class PostgresDriver:
             self._pool = None
 
     async def execute(self, sql: str, *args: Any) -> int:
-        status: str = await self._pool.execute(_numbered(sql), *args)
-        tail = status.rsplit(" ", 1)[-1]
-        return int(tail) if tail.isdigit() else 0
+        return _changed(await self._pool.execute(_numbered(sql), *args))
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
         return [tuple(r) for r in await self._pool.fetch(_numbered(sql), *args)]
 
-    async def script(self, steps: list[tuple[str, tuple[Any, ...]]]) -> None:
+    async def script(self, steps: list[tuple[str, tuple[Any, ...]]]) -> list[int]:
         async with self._pool.acquire() as conn, conn.transaction():
-            for sql, args in steps:
-                await conn.execute(_numbered(sql), *args)
+            return [_changed(await conn.execute(_numbered(sql), *args)) for sql, args in steps]
 
     async def migrate_step(self, version: int, sqls: list[str]) -> bool:
         async with self._pool.acquire() as conn, conn.transaction():
@@ -278,14 +292,17 @@ class SqlStore:
     # Threads ------------------------------------------------------------------
 
     async def get_thread(self, thread_id: str) -> ThreadRow | None:
-        rows = await self.driver.fetch(f"SELECT {_THREAD} FROM threads WHERE id = ?", thread_id)
+        rows = await self.driver.fetch(
+            f"SELECT {_THREAD} FROM threads WHERE id = ? AND deleted_at IS NULL", thread_id
+        )
         return _thread(rows[0]) if rows else None
 
     async def create_thread(self, row: ThreadRow) -> None:
         await self.write(self.thread_steps(row))
 
     def thread_steps(self, row: ThreadRow) -> list[Step]:
-        """Create the thread; nothing when a thread of that id exists already."""
+        """Create the thread; nothing when a thread of that id exists already (a deleted
+        one's tombstone included)."""
         return [
             (
                 f"INSERT INTO threads ({_THREAD}) VALUES (?, ?, ?, ?, ?) "
@@ -294,16 +311,16 @@ class SqlStore:
             )
         ]
 
-    async def write(self, steps: list[Step]) -> None:
+    async def write(self, steps: list[Step]) -> list[int]:
         """Run writes made by the ``*_steps`` methods, in order, in one transaction."""
-        await self.driver.script(steps)
+        return await self.driver.script(steps)
 
     async def list_threads(
         self, owner: str, limit: int, before: tuple[float, str] | None
     ) -> list[ThreadRow]:
         if before is None:
             rows = await self.driver.fetch(
-                f"SELECT {_THREAD} FROM threads WHERE owner = ? "
+                f"SELECT {_THREAD} FROM threads WHERE owner = ? AND deleted_at IS NULL "
                 "ORDER BY updated_at DESC, id DESC LIMIT ?",
                 owner,
                 limit,
@@ -311,7 +328,7 @@ class SqlStore:
         else:
             at, tid = before
             rows = await self.driver.fetch(
-                f"SELECT {_THREAD} FROM threads WHERE owner = ? "
+                f"SELECT {_THREAD} FROM threads WHERE owner = ? AND deleted_at IS NULL "
                 "AND (updated_at < ? OR (updated_at = ? AND id < ?)) "
                 "ORDER BY updated_at DESC, id DESC LIMIT ?",
                 owner,
@@ -322,27 +339,70 @@ class SqlStore:
             )
         return [_thread(r) for r in rows]
 
-    async def delete_thread(self, thread_id: str) -> None:
-        # Children first: not every SQLite build enforces ON DELETE CASCADE.
-        await self.driver.script(
+    async def delete_thread(self, thread_id: str, owner: str, now: float) -> bool:
+        tombstone = _TOMBSTONE_OF_OWNER
+        counts = await self.write(
             [
-                ("DELETE FROM messages WHERE thread_id = ?", (thread_id,)),
-                ("DELETE FROM runs WHERE thread_id = ?", (thread_id,)),
-                ("DELETE FROM threads WHERE id = ?", (thread_id,)),
+                # The thread's row first.  On PostgreSQL this row lock orders the delete
+                # against every write that checks the thread, since they lock it too;
+                # SQLite has one writing transaction at a time.
+                (
+                    "UPDATE threads SET deleted_at = ? "
+                    "WHERE id = ? AND owner = ? AND deleted_at IS NULL",
+                    (now, thread_id, owner),
+                ),
+                # Children before the thread: not every SQLite build enforces ON DELETE
+                # CASCADE.  Runs not yet ended are kept until they record their end.
+                (
+                    f"DELETE FROM messages WHERE thread_id = ? AND {tombstone}",
+                    (thread_id, thread_id, owner),
+                ),
+                (
+                    f"DELETE FROM runs WHERE thread_id = ? AND status NOT IN {_UNFINISHED} "
+                    f"AND {tombstone}",
+                    (thread_id, thread_id, owner),
+                ),
+                _purge_step(thread_id),
             ]
         )
+        return counts[0] == 1
+
+    async def purge_deleted_threads(self) -> int:
+        counts = await self.write(
+            [
+                (
+                    f"DELETE FROM runs WHERE status NOT IN {_UNFINISHED} AND thread_id IN "
+                    "(SELECT id FROM threads WHERE deleted_at IS NOT NULL)",
+                    (),
+                ),
+                (
+                    "DELETE FROM threads WHERE deleted_at IS NOT NULL AND NOT EXISTS "
+                    "(SELECT 1 FROM runs WHERE runs.thread_id = threads.id)",
+                    (),
+                ),
+            ]
+        )
+        return counts[1]
 
     # Messages -----------------------------------------------------------------
 
-    async def add_message(self, row: MessageRow) -> None:
-        await self.write(self.message_steps(row))
+    async def add_message(self, row: MessageRow, owner: str) -> bool:
+        return not refused(await self.write(self.message_steps(row, owner)))
 
-    def message_steps(self, row: MessageRow) -> list[Step]:
-        """Add the message and make its thread the most recently updated."""
+    def message_steps(self, row: MessageRow, owner: str) -> list[Step]:
+        """Make the thread the most recently updated and add the message, if the thread
+        is ``owner``'s and not deleted."""
         return [
+            # The update first: on PostgreSQL it locks the thread's row, so a delete
+            # waits for this transaction, or this one sees the delete.
+            (
+                f"UPDATE threads SET updated_at = ? WHERE {_LIVE_OF_OWNER}",
+                (row.created_at, row.thread_id, owner),
+            ),
             (
                 "INSERT INTO messages (id, thread_id, role, content, run_id, fallback, "
-                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "created_at) SELECT ?, ?, ?, ?, ?, ?, ? "
+                f"WHERE EXISTS (SELECT 1 FROM threads WHERE {_LIVE_OF_OWNER})",
                 (
                     row.id,
                     row.thread_id,
@@ -351,9 +411,10 @@ class SqlStore:
                     row.run_id,
                     int(row.fallback),
                     row.created_at,
+                    row.thread_id,
+                    owner,
                 ),
             ),
-            ("UPDATE threads SET updated_at = ? WHERE id = ?", (row.created_at, row.thread_id)),
         ]
 
     async def list_messages(self, thread_id: str, limit: int, after_pos: int) -> list[MessageRow]:
@@ -375,16 +436,24 @@ class SqlStore:
 
     # Runs ---------------------------------------------------------------------
 
-    async def upsert_run(self, row: RunRow) -> None:
-        await self.write(self.run_steps(row))
+    async def upsert_run(self, row: RunRow) -> bool:
+        return not refused(await self.write(self.run_steps(row)))
 
     def run_steps(self, row: RunRow) -> list[Step]:
-        return [
+        """Insert the run if its thread is its owner's and not deleted, else update it.
+
+        An existing row is updated even once its thread is deleted: that is how the
+        tombstone learns that the run has ended.
+        """
+        # On PostgreSQL the check locks the thread's row (FOR SHARE): a delete waits for
+        # this transaction, or this one sees the delete.  Taken before the run's row, in
+        # the order a delete takes them.
+        share = " FOR SHARE" if self.driver.dialect == "postgresql" else ""
+        steps: list[Step] = [
             (
-                f"INSERT INTO runs ({_RUN}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (id) DO UPDATE SET status = excluded.status, "
-                "error_code = excluded.error_code, updated_at = excluded.updated_at, "
-                "last_seq = excluded.last_seq",
+                f"INSERT INTO runs ({_RUN}) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ? "
+                f"WHERE EXISTS (SELECT 1 FROM threads WHERE {_LIVE_OF_OWNER}{share}) "
+                "ON CONFLICT (id) DO NOTHING",
                 (
                     row.id,
                     row.thread_id,
@@ -396,28 +465,66 @@ class SqlStore:
                     row.updated_at,
                     row.last_seq,
                     row.node,
+                    row.thread_id,
+                    row.owner,
                 ),
-            )
+            ),
+            (
+                "UPDATE runs SET status = ?, error_code = ?, updated_at = ?, last_seq = ? "
+                "WHERE id = ? AND owner = ?",
+                (row.status, row.error_code, row.updated_at, row.last_seq, row.id, row.owner),
+            ),
         ]
+        if row.status not in UNFINISHED:
+            # The end of a run of a deleted thread: the run goes, and with the last one
+            # the tombstone, which frees the id.
+            steps.append(
+                (
+                    "DELETE FROM runs WHERE id = ? AND EXISTS "
+                    "(SELECT 1 FROM threads WHERE id = ? AND deleted_at IS NOT NULL)",
+                    (row.id, row.thread_id),
+                )
+            )
+            steps.append(_purge_step(row.thread_id))
+        return steps
 
     async def get_run(self, run_id: str) -> RunRow | None:
         rows = await self.driver.fetch(f"SELECT {_RUN} FROM runs WHERE id = ?", run_id)
         return _run(rows[0]) if rows else None
 
-    async def unfinished_runs(self, thread_id: str) -> list[str]:
+    async def unfinished_runs(self, thread_id: str, owner: str) -> list[str]:
         rows = await self.driver.fetch(
-            "SELECT id FROM runs WHERE thread_id = ? AND status IN ('queued', 'running', 'paused')",
+            f"SELECT id FROM runs WHERE thread_id = ? AND owner = ? AND status IN {_UNFINISHED}",
             thread_id,
+            owner,
         )
         return [str(row[0]) for row in rows]
 
     async def fail_unfinished_runs(self, error_code: str, now: float) -> int:
         return await self.driver.execute(
             "UPDATE runs SET status = 'failed', error_code = ?, updated_at = ? "
-            "WHERE status IN ('queued', 'running', 'paused')",
+            f"WHERE status IN {_UNFINISHED}",
             error_code,
             now,
         )
+
+
+_UNFINISHED: Final = "(" + ", ".join(f"'{status}'" for status in UNFINISHED) + ")"
+#: The thread ``?`` exists, is ``?``'s, and is not deleted.
+_LIVE_OF_OWNER: Final = "id = ? AND owner = ? AND deleted_at IS NULL"
+#: The thread ``?`` is ``?``'s and deleted.
+_TOMBSTONE_OF_OWNER: Final = (
+    "EXISTS (SELECT 1 FROM threads WHERE id = ? AND owner = ? AND deleted_at IS NOT NULL)"
+)
+
+
+def _purge_step(thread_id: str) -> Step:
+    """Remove the thread's tombstone once it has no runs left."""
+    return (
+        "DELETE FROM threads WHERE id = ? AND deleted_at IS NOT NULL "
+        "AND NOT EXISTS (SELECT 1 FROM runs WHERE thread_id = ?)",
+        (thread_id, thread_id),
+    )
 
 
 def open_store(url: str) -> SqlStore:
