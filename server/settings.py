@@ -33,6 +33,9 @@ class Settings:
     jwt_audience: str | None = _opt(None, "required 'aud' claim, when set")
     jwt_issuer: str | None = _opt(None, "required 'iss' claim, when set")
     jwt_leeway_s: float = _opt(0.0, "clock skew allowed on 'exp' and 'iat', in seconds")
+    max_token_bytes: int = _opt(
+        8 * KiB, "largest token accepted (header, subprotocol or query); longer: 401 / 4401"
+    )
     allowed_origins: tuple[str, ...] = _opt(
         (), "comma-separated origins allowed besides the server's own (CORS and /ws)"
     )
@@ -140,6 +143,7 @@ class Settings:
             "run_log_max_bytes",
             "history_messages",
             "llm_max_steps",
+            "max_token_bytes",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()} must be at least 1")
