@@ -89,6 +89,16 @@ class Settings:
     )
     store_timeout_s: float = _opt(5.0, "a database call slower than this counts as failed")
     history_messages: int = _opt(50, "earlier messages of a thread given to agents as context")
+    # Connections --------------------------------------------------------------
+    header_timeout_s: float = _opt(
+        10.0, "time from accept (or a later request's first byte) to a complete request head"
+    )
+    max_opening_per_address: int = _opt(
+        64, "connections of one client address not yet past their request head; more: 429"
+    )
+    max_head_bytes: int = _opt(
+        64 * KiB, "largest request head (request line and headers); larger: 431"
+    )
     # Server -------------------------------------------------------------------
     metrics: str = _opt("on", "serve Prometheus metrics at /metrics: on or off")
     metrics_token: str | None = _opt(
@@ -144,6 +154,8 @@ class Settings:
             "history_messages",
             "llm_max_steps",
             "max_token_bytes",
+            "max_opening_per_address",
+            "max_head_bytes",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()} must be at least 1")
@@ -154,6 +166,7 @@ class Settings:
             "send_timeout_s",
             "store_timeout_s",
             "llm_timeout_s",
+            "header_timeout_s",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()} must be positive")
