@@ -13,12 +13,13 @@ here rather than by python-jose, which converts them with ``int()`` (so that
 from __future__ import annotations
 
 import math
+import re
 import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, unquote_plus
 
 from jose import jwt
 from jose.exceptions import JOSEError
@@ -28,6 +29,8 @@ from server.settings import Settings
 
 SUBPROTOCOL = "chat.v1"
 BEARER_PREFIX = "bearer."
+#: The query parameter a token may come in, after percent-decoding its name.
+TOKEN_PARAM: Final = "access_token"
 #: The largest NumericDate accepted in ``exp``, ``nbf`` and ``iat``: 9999-12-31T23:59:59Z.
 MAX_NUMERIC_DATE: Final = 253_402_300_799
 
@@ -176,8 +179,28 @@ def bearer_from_headers(headers: Mapping[str, str]) -> str | None:
 
 def token_from_query(query_string: bytes | str) -> str | None:
     text = query_string.decode("latin-1") if isinstance(query_string, bytes) else query_string
-    values = parse_qs(text).get("access_token")
+    values = parse_qs(text).get(TOKEN_PARAM)
     return values[0] if values else None
+
+
+# A query parameter: its raw name, after ``?`` or ``&``, and its value up to the next
+# ``&`` or whitespace (which ends a path in a log line).
+_QUERY_PARAM: Final = re.compile(r"(?<=[?&])([^=&?\s]*)=([^&\s]*)")
+
+
+def redact_query_tokens(text: str) -> str:
+    """``text`` with the value of every query parameter that :func:`token_from_query`
+    could read as the token replaced by ``[redacted]``, however its name is spelled
+    (``access%5Ftoken``, ``%61ccess_token``): names are decoded as ``parse_qs`` does."""
+    if "=" not in text:
+        return text
+
+    def redact(match: re.Match[str]) -> str:
+        if unquote_plus(match.group(1)) != TOKEN_PARAM:
+            return match.group(0)
+        return match.group(1) + "=[redacted]"
+
+    return _QUERY_PARAM.sub(redact, text)
 
 
 def offered_subprotocols(headers: Mapping[str, str]) -> list[str]:
