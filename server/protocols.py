@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import http
+import ipaddress
 import logging
 from collections import Counter
 from typing import Any, ClassVar, Final
@@ -59,6 +60,20 @@ class OpeningLimiter:
         return self._opening[address]
 
 
+def address_key(host: str) -> str:
+    """What the limiter counts by: the address, or for IPv6 its /64 network (one
+    subscriber's share, which holds any number of addresses)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
 def plain_response(status: int, text: str) -> bytes:
     """A whole ``Connection: close`` response with a short text body."""
     body = text.encode()
@@ -92,7 +107,7 @@ class HeadLimitedHttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if self.client is not None:
-            address = self.client[0]
+            address = address_key(self.client[0])
             if not self.limiter.admit(address):
                 log.debug("refused a connection of %s: too many being opened", address)
                 self._refuse(429, "too many connections being opened from this address")

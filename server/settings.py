@@ -94,7 +94,7 @@ class Settings:
         10.0, "time from accept (or a later request's first byte) to a complete request head"
     )
     max_opening_per_address: int = _opt(
-        64, "connections of one client address not yet past their request head; more: 429"
+        256, "connections of one client address not yet past their request head; more: 429"
     )
     max_head_bytes: int = _opt(
         64 * KiB, "largest request head (request line and headers); larger: 431"

@@ -21,7 +21,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from server.protocols import OpeningLimiter
+from server.protocols import OpeningLimiter, address_key
 from tests.support import LiveServer, check_run_invariants, run_server, ws_client
 from tests.test_faults import record_figures
 
@@ -47,6 +47,9 @@ def test_opening_limiter_counts_per_address() -> None:
         limiter.release("a")
     limiter.release("b")
     assert limiter.opening("a") == limiter.opening("b") == 0
+    assert address_key("127.0.0.1") == address_key("::ffff:127.0.0.1") == "127.0.0.1"
+    assert address_key("2001:db8:1:2:3::4") == address_key("2001:db8:1:2::9") == "2001:db8:1:2::/64"
+    assert address_key("2001:db8:1:3::1") != address_key("2001:db8:1:2::1")
 
 
 async def _first_line(reader: asyncio.StreamReader, timeout: float) -> bytes:
