@@ -12,14 +12,13 @@ import argparse
 import dataclasses
 import logging
 import os
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from server.app import create_app
-from server.auth import Authenticator, new_dev_secret
+from server.auth import Authenticator, new_dev_secret, redact_query_tokens
 from server.serve import GatewayServer, uvicorn_config
 from server.settings import ENV_PREFIX, Settings, parse_value
 from server.workers import run_workers
@@ -71,18 +70,16 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 class RedactTokens(logging.Filter):
-    """Keep ``access_token=…`` out of the access log."""
-
-    _TOKEN = re.compile(r"(access_token=)[^&\s\"]+")
+    """Keep query tokens (``access_token=…``, however its name is percent-encoded) out
+    of the access and error logs."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
             record.args = tuple(
-                self._TOKEN.sub(r"\1[redacted]", a) if isinstance(a, str) else a
-                for a in record.args
+                redact_query_tokens(a) if isinstance(a, str) else a for a in record.args
             )
-        elif isinstance(record.msg, str):
-            record.msg = self._TOKEN.sub(r"\1[redacted]", record.msg)
+        if isinstance(record.msg, str):
+            record.msg = redact_query_tokens(record.msg)
         return True
 
 

@@ -14,6 +14,7 @@ import orjson
 
 from bridge.events import Ref
 from server.errors import ProtocolError
+from server.params import INT64_MAX
 
 MAX_ID_CHARS: Final = 128
 MAX_THREAD_ID_CHARS: Final = 128
@@ -83,8 +84,10 @@ def parse_command(frame: str | bytes) -> Command:
         return Control(action=kind, run_id=_run_id(raw, ref), id=ref)  # type: ignore[arg-type]
     if kind == "resume":
         after = raw.get("after_seq")
-        if isinstance(after, bool) or not isinstance(after, int) or after < 0:
-            raise ProtocolError("bad_message", "field 'after_seq' must be an integer >= 0", ref)
+        if isinstance(after, bool) or not isinstance(after, int) or not 0 <= after <= INT64_MAX:
+            raise ProtocolError(
+                "bad_message", f"field 'after_seq' must be an integer from 0 to {INT64_MAX}", ref
+            )
         return Resume(run_id=_run_id(raw, ref), after_seq=after, id=ref)
     if kind == "ping":
         return Ping(id=ref)

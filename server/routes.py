@@ -12,6 +12,7 @@ import base64
 import functools
 import hmac
 import logging
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -25,10 +26,11 @@ from bridge.errors import RunNotFound
 from bridge.events import PROTOCOL
 from server import sse
 from server.auth import Principal, bearer_from_headers, token_for_http
-from server.commands import client_ref, optional_id
+from server.commands import MAX_THREAD_ID_CHARS, client_ref, optional_id
 from server.errors import AuthError, ProtocolError, wire_error
 from server.gateway import Gateway
 from server.metrics import CONTENT_TYPE
+from server.params import check_int, parse_int
 
 log = logging.getLogger("chat.http")
 
@@ -78,7 +80,7 @@ def authenticate(request: Request) -> Principal:
 
 async def read_json_body(request: Request, limit: int) -> dict[str, Any]:
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and parse_int(declared, "Content-Length") > limit:
         raise _TooLarge(f"body larger than {limit} bytes")
     body = b""
     async for chunk in request.stream():
@@ -141,10 +143,7 @@ def _after_seq(request: Request) -> int:
         source = "after_seq"
     if raw is None or raw.strip() == "":
         return 0
-    text = raw.strip()
-    if not text.isdigit():
-        raise ProtocolError("bad_message", f"{source} must be an integer >= 0, got {raw[:32]!r}")
-    return int(text)
+    return parse_int(raw, source)
 
 
 @api
@@ -191,9 +190,7 @@ def _limit(request: Request, default: int = 20) -> int:
     raw = request.query_params.get("limit")
     if raw is None:
         return default
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
-        raise ProtocolError("bad_message", f"limit must be an integer from 1 to {MAX_PAGE}")
-    return int(raw)
+    return parse_int(raw, "limit", minimum=1, maximum=MAX_PAGE)
 
 
 def encode_cursor(value: object) -> str:
@@ -207,7 +204,11 @@ def decode_cursor(request: Request) -> Any:
     try:
         return orjson.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
     except (ValueError, orjson.JSONDecodeError):
-        raise ProtocolError("bad_message", "cursor is not one this server gave") from None
+        raise _bad_cursor() from None
+
+
+def _bad_cursor() -> ProtocolError:
+    return ProtocolError("bad_message", "cursor is not one this server gave")
 
 
 @api
@@ -222,10 +223,13 @@ async def list_threads(request: Request) -> Response:
         if (
             not isinstance(cursor, list)
             or len(cursor) != 2
+            or isinstance(cursor[0], bool)
             or not isinstance(cursor[0], int | float)
+            or not math.isfinite(cursor[0])
             or not isinstance(cursor[1], str)
+            or len(cursor[1]) > MAX_THREAD_ID_CHARS
         ):
-            raise ProtocolError("bad_message", "cursor is not one this server gave")
+            raise _bad_cursor()
         before = (float(cursor[0]), cursor[1])
     rows = await gateway.store.list_threads(user.user_id, limit + 1, before)
     page, more = rows[:limit], len(rows) > limit
@@ -243,9 +247,13 @@ async def thread_messages(request: Request) -> Response:
     thread = await gateway.own_thread(user, request.path_params["thread_id"])
     limit = _limit(request, 50)
     cursor = decode_cursor(request)
-    if cursor is not None and (isinstance(cursor, bool) or not isinstance(cursor, int)):
-        raise ProtocolError("bad_message", "cursor is not one this server gave")
-    rows = await gateway.store.list_messages(thread.id, limit + 1, cursor or 0)
+    after_pos = 0
+    if cursor is not None:
+        try:
+            after_pos = check_int(cursor, "cursor")  # a position the store can compare
+        except ProtocolError:
+            raise _bad_cursor() from None
+    rows = await gateway.store.list_messages(thread.id, limit + 1, after_pos)
     page, more = rows[:limit], len(rows) > limit
     return OrjsonResponse(
         {

@@ -18,6 +18,7 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from server.gateway import Gateway
+from server.protocols import RefusingWebSocketsProtocol, http_protocol
 from server.session import CLOSE_RESTART
 from server.settings import Settings
 
@@ -25,12 +26,17 @@ from server.settings import Settings
 def uvicorn_config(
     app: ASGIApp, settings: Settings, host: str, port: int, **extra: Any
 ) -> uvicorn.Config:
-    """The uvicorn config that goes with the settings: frame size, keepalive, shutdown."""
+    """The uvicorn config that goes with the settings: request heads, frame size,
+    keepalive, shutdown."""
     return uvicorn.Config(
         app,
         host=host,
         port=port,
         log_level=settings.log_level,
+        # Deadlines and limits on request heads, and handshake refusals that reach the
+        # client (see server.protocols).
+        http=http_protocol(settings),
+        ws=RefusingWebSocketsProtocol,
         ws_max_size=settings.max_message_bytes,
         # Events are small JSON: compressing each costs more CPU than it saves bytes.
         ws_per_message_deflate=settings.ws_compression == "on",

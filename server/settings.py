@@ -36,6 +36,9 @@ class Settings:
     jwt_audience: str | None = _opt(None, "required 'aud' claim, when set")
     jwt_issuer: str | None = _opt(None, "required 'iss' claim, when set")
     jwt_leeway_s: float = _opt(0.0, "clock skew allowed on 'exp' and 'iat', in seconds")
+    max_token_bytes: int = _opt(
+        8 * KiB, "largest token accepted (header, subprotocol or query); longer: 401 / 4401"
+    )
     allowed_origins: tuple[str, ...] = _opt(
         (), "comma-separated origins allowed besides the server's own (CORS and /ws)"
     )
@@ -93,6 +96,16 @@ class Settings:
     )
     store_timeout_s: float = _opt(5.0, "a database call slower than this counts as failed")
     history_messages: int = _opt(50, "earlier messages of a thread given to agents as context")
+    # Connections --------------------------------------------------------------
+    header_timeout_s: float = _opt(
+        10.0, "time from accept (or a later request's first byte) to a complete request head"
+    )
+    max_opening_per_address: int = _opt(
+        256, "connections of one client address not yet past their request head; more: 429"
+    )
+    max_head_bytes: int = _opt(
+        64 * KiB, "largest request head (request line and headers); larger: 431"
+    )
     # Server -------------------------------------------------------------------
     metrics: str = _opt("on", "serve Prometheus metrics at /metrics: on or off")
     metrics_token: str | None = _opt(
@@ -154,6 +167,9 @@ class Settings:
             "max_answer_bytes",
             "history_messages",
             "llm_max_steps",
+            "max_token_bytes",
+            "max_opening_per_address",
+            "max_head_bytes",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()} must be at least 1")
@@ -164,6 +180,7 @@ class Settings:
             "send_timeout_s",
             "store_timeout_s",
             "llm_timeout_s",
+            "header_timeout_s",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()} must be positive")

@@ -128,3 +128,19 @@ def test_dev_mode_prints_a_signed_in_url(tmp_path: Path) -> None:
             proc.stdout.close()
     # SIGTERM ends the process cleanly, and the secret goes with it.
     assert not (tmp_path / "var" / "dev_secret").exists()
+
+
+def test_request_head_and_token_limits_are_settings() -> None:
+    s = Settings()
+    assert s.header_timeout_s == 10 and s.max_opening_per_address == 256
+    assert s.max_head_bytes == 64 * 1024 and s.max_token_bytes == 8 * 1024
+    s = Settings.from_env({"CHAT_HEADER_TIMEOUT_S": "2.5", "CHAT_MAX_TOKEN_BYTES": "4096"})
+    assert s.header_timeout_s == 2.5 and s.max_token_bytes == 4096
+    for env, message in [
+        ({"CHAT_HEADER_TIMEOUT_S": "0"}, "CHAT_HEADER_TIMEOUT_S must be positive"),
+        ({"CHAT_MAX_OPENING_PER_ADDRESS": "0"}, "CHAT_MAX_OPENING_PER_ADDRESS must be at least 1"),
+        ({"CHAT_MAX_HEAD_BYTES": "0"}, "CHAT_MAX_HEAD_BYTES must be at least 1"),
+        ({"CHAT_MAX_TOKEN_BYTES": "0"}, "CHAT_MAX_TOKEN_BYTES must be at least 1"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            Settings.from_env(env)

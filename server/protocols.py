@@ -1,0 +1,245 @@
+"""uvicorn's HTTP and WebSocket protocols, held to deadlines and limits on request heads.
+
+uvicorn's httptools protocol gives a connection all the time it wants to send a
+request head: ``timeout_keep_alive`` only runs between requests, so a client
+that sends one header line every few seconds (slowloris) keeps its connection,
+and its file descriptor, for good; nor does it bound a head's size.  The
+subclass here gives each head a deadline (``CHAT_HEADER_TIMEOUT_S``, from the
+accept or from the first byte of a later request on the connection; 408 then),
+a size (``CHAT_MAX_HEAD_BYTES``; 431), and counts per client address the
+connections that have not yet sent their first head
+(``CHAT_MAX_OPENING_PER_ADDRESS``; a connection over it is answered 429 and
+closed at once).
+
+A WebSocket handshake that the websockets library refuses (a header line over
+its 8,192 bytes, more than 128 headers) leaves the refusal in the library's
+output, which uvicorn never writes: the client waits for a 101 that never comes.
+The WebSocket subclass writes the refusal (431, 414, else 400) and closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import ipaddress
+import logging
+from collections import Counter
+from typing import Any, ClassVar, Final
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+from server.settings import Settings
+
+log = logging.getLogger("chat.http")
+
+
+class OpeningLimiter:
+    """How many connections of each client address are being opened: accepted, and
+    not yet past their first request head.  No I/O."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._opening: Counter[str] = Counter()
+        self.refused = 0
+
+    def admit(self, address: str) -> bool:
+        """Count one more connection of ``address``, unless it has ``limit`` already."""
+        if self._opening[address] >= self.limit:
+            self.refused += 1
+            return False
+        self._opening[address] += 1
+        return True
+
+    def release(self, address: str) -> None:
+        self._opening[address] -= 1
+        if self._opening[address] <= 0:
+            del self._opening[address]
+
+    def opening(self, address: str) -> int:
+        return self._opening[address]
+
+
+def address_key(host: str) -> str:
+    """What the limiter counts by: the address, or for IPv6 its /64 network (one
+    subscriber's share, which holds any number of addresses)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
+def plain_response(status: int, text: str) -> bytes:
+    """A whole ``Connection: close`` response with a short text body."""
+    body = text.encode()
+    phrase = http.HTTPStatus(status).phrase
+    return (
+        f"HTTP/1.1 {status} {phrase}\r\n"
+        "content-type: text/plain; charset=utf-8\r\n"
+        f"content-length: {len(body)}\r\n"
+        "connection: close\r\n\r\n"
+    ).encode() + body
+
+
+class HeadLimitedHttpProtocol(HttpToolsProtocol):
+    """httptools' protocol with a deadline and a size for each request head, and the
+    per-address count of connections being opened.  One subclass per server holds
+    its settings and its limiter: see :func:`http_protocol`."""
+
+    header_timeout_s: ClassVar[float]
+    max_head_bytes: ClassVar[int]
+    limiter: ClassVar[OpeningLimiter]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._address: str | None = None  # counted by the limiter while set
+        self._in_head = True  # between a head's first byte (or the accept) and its end
+        self._received = 0  # bytes received while in the head: what the parser buffers
+        self._parsed = 0  # the head's size, as the parser reports its parts
+        self._deadline: asyncio.TimerHandle | None = None
+        self._refused = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if self.client is not None:
+            address = address_key(self.client[0])
+            if not self.limiter.admit(address):
+                log.debug("refused a connection of %s: too many being opened", address)
+                self._refuse(429, "too many connections being opened from this address")
+                return
+            self._address = address
+        self._arm_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._past_opening()
+        self._cancel_deadline()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # what follows a refusal is not read
+        in_head = self._in_head
+        super().data_received(data)
+        if in_head and self._in_head and not self._refused:
+            # The head has not ended: all of this chunk is head, held by the parser.
+            self._received += len(data)
+            if self._received > self.max_head_bytes:
+                self._refuse(431, f"request head larger than {self.max_head_bytes} bytes")
+
+    # Parser callbacks
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if not self._in_head:  # a later request on a kept-alive connection
+            self._in_head = True
+            self._received = self._parsed = 0
+            self._arm_deadline()
+
+    def on_url(self, url: bytes) -> None:
+        super().on_url(url)
+        self._parsed += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        super().on_header(name, value)
+        self._parsed += len(name) + len(value) + 4  # ": " and CRLF
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._cancel_deadline()
+        self._past_opening()
+        if self._refused:
+            return
+        if self._parsed > self.max_head_bytes:
+            # The request is not started; the parser's later callbacks are ignored.
+            self._refuse(431, f"request head larger than {self.max_head_bytes} bytes")
+            return
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self._refused:
+            super().on_message_complete()
+
+    def handle_websocket_upgrade(self) -> None:
+        if not self._refused:
+            super().handle_websocket_upgrade()
+
+    # Deadline and refusals
+
+    def _arm_deadline(self) -> None:
+        self._cancel_deadline()
+        self._deadline = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _head_timed_out(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        if self._received == 0 and self._parsed == 0 and self.cycle is None:
+            self._refused = True
+            self.transport.close()  # nothing was sent: nothing to answer
+            return
+        self._refuse(408, f"request head not complete within {self.header_timeout_s:g} s")
+
+    def _refuse(self, status: int, reason: str) -> None:
+        """Answer ``status`` and close; nothing more of the connection is read."""
+        self._refused = True
+        self._cancel_deadline()
+        self._past_opening()
+        if self.transport.is_closing():
+            return
+        if self.cycle is None or self.cycle.response_complete:
+            # (Not in the middle of a response to an earlier request on the connection.)
+            self.transport.write(plain_response(status, reason + "\n"))
+        self.transport.close()
+
+    def _past_opening(self) -> None:
+        if self._address is not None:
+            self.limiter.release(self._address)
+            self._address = None
+
+
+#: What a refused handshake answers when the websockets library left no response.
+HANDSHAKE_REFUSED: Final = plain_response(400, "invalid WebSocket handshake\n")
+
+
+class RefusingWebSocketsProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's websockets (Sans-I/O) protocol, which writes the library's refusal
+    of a handshake it could not parse instead of leaving the client waiting."""
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.handshake_initiated or self.conn.handshake_exc is None:
+            return
+        if self.transport.is_closing():
+            return
+        output = b"".join(self.conn.data_to_send())
+        log.debug("refused a WebSocket handshake: %s", self.conn.handshake_exc)
+        # Nothing is left for uvicorn's shutdown to answer or close.
+        self.handshake_complete = True
+        self.close_sent = True
+        self.transport.write(output or HANDSHAKE_REFUSED)
+        self.transport.close()
+
+
+def http_protocol(settings: Settings) -> type[HeadLimitedHttpProtocol]:
+    """The HTTP protocol class of one server, with its settings and its own limiter."""
+
+    class ServerHttpProtocol(HeadLimitedHttpProtocol):
+        header_timeout_s = settings.header_timeout_s
+        max_head_bytes = settings.max_head_bytes
+        limiter = OpeningLimiter(settings.max_opening_per_address)
+
+    return ServerHttpProtocol
