@@ -20,7 +20,7 @@ from typing import Any, Final
 
 from bridge.broker import Broker
 from bridge.errors import BridgeError, BridgeNotAttached, RunClosed
-from bridge.events import Event, RunEventType, make_event
+from bridge.events import THINKING_KINDS, Event, RunEventType, ThinkingKind, make_event
 
 #: Give the event loop a turn after this many events of one run, so that a fast
 #: agent cannot starve the writers; yielding on every event costs throughput.
@@ -158,8 +158,12 @@ class EventAdapter:
     async def agent_started(self, agent: str) -> Event:
         return await self._emit("agent_started", {"agent": agent})
 
-    async def thinking(self, text: str) -> Event:
-        return await self._emit("agent_thinking", {"text": text})
+    async def thinking(self, text: str, kind: ThinkingKind = "reasoning") -> Event:
+        """``kind`` is ``reasoning`` (the agent's or model's own thoughts) or ``status``
+        (a short progress line the agent writes: which model is asked, which step runs)."""
+        if kind not in THINKING_KINDS:
+            raise ValueError(f"agent_thinking kind must be reasoning or status, got {kind!r}")
+        return await self._emit("agent_thinking", {"text": text, "kind": kind})
 
     async def tool_executing(self, call_id: str, tool: str, args: Mapping[str, Any]) -> Event:
         return await self._emit(

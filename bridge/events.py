@@ -30,6 +30,10 @@ RunEventType = Literal[
     "response_complete",
     "agent_completed",
 ]
+#: What an ``agent_thinking`` is: the agent's reasoning, or a progress line about it.
+ThinkingKind = Literal["reasoning", "status"]
+THINKING_KINDS: Final[frozenset[str]] = frozenset(get_args(ThinkingKind))
+
 ConnectionEventType = Literal["connection_ready", "pong", "ack", "error"]
 EventType = RunEventType | ConnectionEventType
 
