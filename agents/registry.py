@@ -226,14 +226,11 @@ def _entry_source(ep: EntryPoint) -> str:
     return f"entry point {ep.name!r} of {label}"
 
 
-def build_agents(
-    settings: Settings,
-    *,
-    remote: Callable[[AgentSpec, Mapping[str, str]], Agent] | None = None,
-) -> AgentRegistry:
+def build_agents(settings: Settings) -> AgentRegistry:
     """Every agent: built in, from ``CHAT_AGENTS``, and from entry points.
 
-    ``remote`` makes the agent of a URL target (an AG-UI endpoint).
+    A URL target is an AG-UI endpoint (:func:`agents.agui.remote_agent`); an AG-UI agent
+    made in process takes the limits it was not given from the settings.
 
     Raises:
         PluginError: a spec does not import, is not an agent, or clashes with a name.
@@ -268,11 +265,18 @@ def build_agents(
             )
         what = f"agent {spec.name!r} ({spec.source})"
         if spec.is_url:
-            if remote is None:
-                raise PluginError(f"{what}: URL targets are not supported here")
-            agent = remote(spec, headers.pop(spec.name, {}))
+            from agents.agui import remote_agent
+
+            agent: Agent = remote_agent(
+                spec.name,
+                spec.target,
+                headers.pop(spec.name, {}),
+                max_steps=settings.llm_max_steps,
+                timeout_s=settings.agent_timeout_s,
+            )
         else:
             agent = make_agent(load_object(spec.target, what), spec.name, settings, what)
+            _configure(agent, settings)
         add(agent, spec.source)
     if headers:
         unknown = ", ".join(sorted(headers))
@@ -282,6 +286,14 @@ def build_agents(
         known = ", ".join(sorted(agents))
         raise PluginError(f"CHAT_DEFAULT_AGENT {default!r} is not an agent; available: {known}")
     return AgentRegistry([agent for agent, _ in agents.values()], default=default)
+
+
+def _configure(agent: Agent, settings: Settings) -> None:
+    from agents.agui import AGUIAgent
+
+    inner = agent.inner if isinstance(agent, NamedAgent) else agent
+    if isinstance(inner, AGUIAgent):
+        inner.configure(max_steps=settings.llm_max_steps, timeout_s=settings.agent_timeout_s)
 
 
 def _tools_of(value: Any, settings: Settings, what: str) -> list[Tool]:

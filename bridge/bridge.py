@@ -192,6 +192,14 @@ class EventAdapter:
             data["error"] = error or "failed"
         return await self._emit("tool_completed", data)
 
+    async def agent_state(self, state: Any) -> Event:
+        """The agent's whole current state (an AG-UI agent's shared state)."""
+        return await self._emit("agent_state", {"state": state})
+
+    async def agent_event(self, type: str, event: Mapping[str, Any]) -> Event:
+        """An event of the agent the protocol has no type of its own for, passed through."""
+        return await self._emit("agent_event", {"type": type, "event": dict(event)})
+
     async def chunk(self, text: str) -> Event:
         # The hot path of every answer: the checks of _emit, without its extra coroutine.
         bridge = self._bridge

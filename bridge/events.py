@@ -26,6 +26,8 @@ RunEventType = Literal[
     "tool_executing",
     "tool_completed",
     "response_chunk",
+    "agent_state",
+    "agent_event",
     "run_status",
     "response_complete",
     "agent_completed",
