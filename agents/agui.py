@@ -196,9 +196,9 @@ def validate_event(raw: Any) -> BaseEvent:
         where = ".".join(str(p) for p in first["loc"][1:]) or "the event"
         detail = f"{where}: {first['msg']}"
         log.warning("an AG-UI agent sent an invalid %s event: %s", kind, detail)
-        label = kind if isinstance(kind, str) else "an"
+        what = f"a {kind} event" if isinstance(kind, str) else "an event"
         raise RemoteAgentError(
-            f"the agent sent {label} event that does not fit the AG-UI schema ({detail})"
+            f"the agent sent {what} that does not fit the AG-UI schema ({detail})"
         ) from None
     return event
 
