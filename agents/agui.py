@@ -34,6 +34,7 @@ answer text or tool call, as the ``llm`` agent's turns do.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import logging
 import time
@@ -791,8 +792,10 @@ class HTTPEventSource:
             ):
                 await self._check(response)
                 parser = SSEParser()
-                async for text in response.aiter_text():
-                    for message in parser.feed(text):
+                # An event stream is UTF-8 whatever its headers say (HTML standard).
+                decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+                async for data in response.aiter_bytes():
+                    for message in parser.feed(decoder.decode(data)):
                         yield parse_event(message.data)
         except httpx.HTTPError as exc:
             raise self._failed(exc) from None

@@ -187,6 +187,18 @@ async def test_a_client_side_gateway_tool_is_run_and_fed_back(
 async def test_state_reaches_a_resuming_client_as_the_current_state(
     gateway: LiveServer, user: str
 ) -> None:
+    await check_state_resume(gateway, user)
+
+
+async def test_state_reaches_a_resuming_client_through_redis(redis_url: str, user: str) -> None:
+    with (
+        ag.agent_server() as base,
+        run_server(agents=(f"state={base}/pai/state",), broker_url=redis_url) as server,
+    ):
+        await check_state_resume(server, user)
+
+
+async def check_state_resume(gateway: LiveServer, user: str) -> None:
     events = await run(gateway, user, "state", "plan a trip")
     assert ended(events)["status"] == "completed"
     final = {"goal": "trip to Rome", "steps": ["book", "pack"]}
