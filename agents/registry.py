@@ -265,7 +265,7 @@ def build_agents(settings: Settings) -> AgentRegistry:
             )
         what = f"agent {spec.name!r} ({spec.source})"
         if spec.is_url:
-            from agents.agui import remote_agent
+            from agents.agui_http import remote_agent
 
             agent: Agent = remote_agent(
                 spec.name,

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from agents.agui import AGUIMapper, SSEMessage, SSEParser, parse_event, validate_event
+from agents.agui import AGUIMapper, parse_event, validate_event
+from agents.agui_http import SSEMessage, SSEParser
 from agents.errors import RemoteAgentError
 from tests import agui_servers as ag
 from tests.support import ROOT, LiveServer, check_run_invariants, free_port, run_server, ws_client
