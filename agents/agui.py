@@ -201,7 +201,10 @@ class AGUIMapper:
     def __init__(self, new_call_id: Callable[[], str], status: str = "") -> None:
         self._new_call_id = new_call_id
         self._thoughts = ThoughtBuffer()
-        self._open_text: set[str] = set()
+        #: Text messages started and not ended: id → whether it is the answer (its role
+        #: is the assistant's, or none); other roles' text is not the answer.
+        self._open_text: dict[str, bool] = {}
+        self._earlier: set[str] = set()  # the agent's call ids of earlier rounds
         self._chunk_text: str | None = None  # the message a TEXT_MESSAGE_CHUNK continues
         self._chunk_call: str | None = None  # the call a TOOL_CALL_CHUNK continues
         self.answer = ""  # every chunk's text so far
@@ -216,6 +219,7 @@ class AGUIMapper:
 
     def begin_round(self, status: str) -> None:
         """Start the next call of the agent."""
+        self._earlier.update(self.calls)
         self.calls = {}
         self.round_text = ""
         self.outcome = None
@@ -263,27 +267,29 @@ class AGUIMapper:
             self._shown = True
             out.append(Thinking(f"Step: {field_['step_name']}", "status"))
         elif kind is EventType.TEXT_MESSAGE_START:
-            self._open_text.add(field_["message_id"])
+            self._open_text[field_["message_id"]] = field_["role"] in (None, "assistant")
         elif kind is EventType.TEXT_MESSAGE_CONTENT:
             message_id = field_["message_id"]
             if message_id not in self._open_text:
                 raise RemoteAgentError(
                     f"the agent sent content for message {message_id!r}, which it never started"
                 )
-            self._text(out, field_["delta"])
+            if self._open_text[message_id]:
+                self._text(out, field_["delta"])
         elif kind is EventType.TEXT_MESSAGE_END:
             message_id = field_["message_id"]
             if message_id not in self._open_text:
                 raise RemoteAgentError(
                     f"the agent ended message {message_id!r}, which it never started"
                 )
-            self._open_text.discard(message_id)
+            del self._open_text[message_id]
         elif kind is EventType.TEXT_MESSAGE_CHUNK:
             message_id = field_.get("message_id") or self._chunk_text
             if message_id is None:
                 raise RemoteAgentError("the agent sent a text chunk that names no message")
             self._chunk_text = message_id
-            self._text(out, field_.get("delta") or "")
+            if field_.get("role") in (None, "assistant"):
+                self._text(out, field_.get("delta") or "")
         elif kind is EventType.TOOL_CALL_START:
             self._start_call(field_["tool_call_id"], field_["tool_call_name"])
         elif kind is EventType.TOOL_CALL_ARGS:
@@ -293,7 +299,8 @@ class AGUIMapper:
         elif kind is EventType.TOOL_CALL_CHUNK:
             self._tool_chunk(out, field_)
         elif kind is EventType.TOOL_CALL_RESULT:
-            self._result(out, field_["tool_call_id"], field_["content"])
+            if field_["tool_call_id"] not in self._earlier:  # a result it was sent: known
+                self._result(out, field_["tool_call_id"], field_["content"])
         elif kind is EventType.STATE_SNAPSHOT:
             self.state, self.has_state = field_["snapshot"], True
             out.append(StateChanged(self.state))

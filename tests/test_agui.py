@@ -407,3 +407,27 @@ def test_the_mapper_refuses_what_breaks_the_protocol() -> None:
                 m.feed(validate_event(event))
     with pytest.raises(RemoteAgentError, match="does not fit the AG-UI schema"):
         parse_event('{"type": "NO_SUCH_EVENT"}')
+
+
+def test_the_mapper_streams_only_the_assistant_and_knows_earlier_calls() -> None:
+    m = AGUIMapper(iter(f"call_{i}" for i in range(1, 99)).__next__, "Asking agent x.")
+    feed = [
+        {"type": "TEXT_MESSAGE_START", "messageId": "s", "role": "system"},
+        {"type": "TEXT_MESSAGE_CONTENT", "messageId": "s", "delta": "hidden"},
+        {"type": "TEXT_MESSAGE_END", "messageId": "s"},
+        {"type": "TOOL_CALL_START", "toolCallId": "a", "toolCallName": "calculator"},
+        {"type": "TOOL_CALL_END", "toolCallId": "a"},
+        {"type": "RUN_FINISHED", "threadId": "t", "runId": "r"},
+    ]
+    outputs = [o for event in feed for o in m.feed(validate_event(event))]
+    assert [type(o).__name__ for o in outputs] == ["Thinking", "ToolStarted"]
+    assert [c.agent_id for c in m.unanswered()] == ["a"]
+    m.begin_round("Asking agent x again.")
+    # The next call may echo the result it was given: it is not a new call.
+    again = [
+        {"type": "TOOL_CALL_RESULT", "messageId": "r", "toolCallId": "a", "content": "2"},
+        {"type": "TEXT_MESSAGE_CHUNK", "messageId": "m", "role": "assistant", "delta": "Two."},
+    ]
+    outputs = [o for event in again for o in m.feed(validate_event(event))]
+    assert [type(o).__name__ for o in outputs] == ["Thinking", "Chunk"]
+    assert m.answer == "Two."
