@@ -216,8 +216,10 @@ def make_agent(value: Any, name: str, settings: Settings, what: str) -> Agent:
 
 def discovered(group: str) -> list[EntryPoint]:
     """The installed packages' entry points of ``group``, in a stable order."""
-    found = sorted(entry_points(group=group), key=lambda ep: (ep.name, ep.value))
-    return list(found)
+    # A distribution found twice on the path (installed, and a copy on PYTHONPATH)
+    # declares the same entry point twice: that is one, not a clash.
+    unique = {(ep.name, ep.value): ep for ep in entry_points(group=group)}
+    return [unique[key] for key in sorted(unique)]
 
 
 def _entry_source(ep: EntryPoint) -> str:
@@ -297,9 +299,7 @@ def _configure(agent: Agent, settings: Settings) -> None:
 
 
 def _tools_of(value: Any, settings: Settings, what: str) -> list[Tool]:
-    if isinstance(value, Tool):
-        return [value]
-    if callable(value):
+    if callable(value) and not isinstance(value, Tool):
         try:
             value = value(settings) if _takes_settings(value) else value()
         except Exception as exc:
@@ -329,7 +329,7 @@ def check_tool(tool: Tool, what: str) -> None:
         )
     if not isinstance(params.get("properties", {}), Mapping):
         raise PluginError(f"{what}: tool {tool.name!r}: its schema's properties is not an object")
-    if not inspect.iscoroutinefunction(tool.fn) and not callable(tool.fn):
+    if not callable(tool.fn):
         raise PluginError(f"{what}: tool {tool.name!r}: fn is not callable")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from agents.base import RunContext
+from agents.tools import Tool
 
 
 class Greeter:
@@ -51,3 +52,23 @@ class NotAnAgent:
 
 
 not_an_agent = NotAnAgent()
+
+
+async def _echo(args: Any) -> Any:
+    return args["text"]
+
+
+def tools(settings: Any) -> list[Tool]:
+    """A tool factory given the settings."""
+    return [
+        Tool(
+            name="echo",
+            description="Echo the text.",
+            parameters={"type": "object", "properties": {"text": {"type": "string"}}},
+            fn=_echo,
+        )
+    ]
+
+
+CLOCK_AGAIN = Tool(name="clock", description="", parameters={"type": "object"}, fn=_echo)
+NO_SCHEMA = Tool(name="bad", description="", parameters={"type": "string"}, fn=_echo)

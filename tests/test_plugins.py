@@ -14,7 +14,15 @@ import httpx
 import pytest
 
 from agents.errors import PluginError
-from agents.registry import build_agents, build_tools, parse_agent_headers, parse_agent_specs
+from agents.registry import (
+    AGENTS_GROUP,
+    TOOLS_GROUP,
+    build_agents,
+    build_tools,
+    parse_agent_headers,
+    parse_agent_specs,
+)
+from agents.tools import builtin_tools
 from server.settings import Settings
 from tests.support import (
     ROOT,
@@ -204,16 +212,47 @@ async def test_entry_points_can_be_turned_off(example_installed: Path, tmp_path:
     assert "shout" not in body["agents"]
 
 
-def test_entry_point_tools_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+def _entry_points(monkeypatch: pytest.MonkeyPatch, group: str, **values: str) -> None:
     from importlib.metadata import EntryPoint
 
     import agents.registry as registry
 
-    def fake(group: str) -> list[EntryPoint]:
-        if group != registry.TOOLS_GROUP:
+    def fake(asked: str) -> list[EntryPoint]:
+        if asked != group:
             return []
-        return [EntryPoint("bad", "tests.plugin_agents:Plain", group)]
+        return [EntryPoint(name, value, group) for name, value in values.items()]
 
     monkeypatch.setattr(registry, "discovered", fake)
-    with pytest.raises(PluginError, match=r"is not a Tool, a list of Tools, or a factory"):
+
+
+def test_entry_point_tools_come_from_tools_or_factories(monkeypatch: pytest.MonkeyPatch) -> None:
+    _entry_points(monkeypatch, TOOLS_GROUP, echo="tests.plugin_agents:tools")
+    registry = build_tools(settings())
+    assert [t.name for t in registry] == ["calculator", "clock", "sleep", "echo"]
+    assert build_tools(settings(entry_points="off")).schemas() == builtin_tools().schemas()
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("tests.plugin_agents:Plain", r"Plain is not a Tool, a list of Tools, or a factory"),
+        ("tests.plugin_agents:CLOCK_AGAIN", r"a tool named 'clock' is registered already"),
+        ("tests.plugin_agents:NO_SCHEMA", r"needs a JSON schema of type object"),
+        ("tests.nope:tool", r"does not import"),
+    ],
+)
+def test_entry_point_tools_are_checked(
+    monkeypatch: pytest.MonkeyPatch, value: str, message: str
+) -> None:
+    _entry_points(monkeypatch, TOOLS_GROUP, bad=value)
+    with pytest.raises(PluginError, match=message):
         build_tools(settings())
+
+
+def test_an_entry_point_agent_clashing_with_chat_agents_is_an_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _entry_points(monkeypatch, AGENTS_GROUP, greeter="tests.plugin_agents:Greeter")
+    assert "greeter" in build_agents(settings()).names()
+    with pytest.raises(PluginError, match=r"'greeter' is taken twice: by CHAT_AGENTS and by entry"):
+        build_agents(settings(agents=("greeter=tests.plugin_agents:Plain",)))
