@@ -510,14 +510,16 @@ class AGUIAgent:
             runnable = [c for c in pending if c.name in ctx.tools]
             for call in pending:
                 if call.name not in ctx.tools:
+                    error = f"the agent left {call.name} unanswered, and it is no gateway tool"
                     await ctx.emit.tool_completed(
                         call.call_id,
                         call.name,
                         ok=False,
-                        error=f"the agent left {call.name} unanswered, and it is no gateway tool",
+                        error=error,
                         duration_ms=_since(started, call.call_id),
                     )
-                    call.answered = True
+                    # Its next input answers it too: no call goes back without a result.
+                    call.answered, call.result_text = True, json.dumps({"error": error})
             if not runnable:
                 return
             if step == max_steps:

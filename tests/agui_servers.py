@@ -356,9 +356,13 @@ def agent_server() -> Iterator[str]:
 
 
 async def _always_a_tool(run: RunAgentInput) -> AsyncIterator[dict[str, Any]]:
-    """An agent that asks for the calculator every time it is called."""
+    """An agent that asks for the calculator, and a tool nobody has, every time."""
     n = len(run.messages)
+    with SEEN.lock:
+        SEEN.inputs.setdefault("looping", []).append(run.model_dump(by_alias=True))
     yield {"type": "RUN_STARTED", "threadId": run.thread_id, "runId": run.run_id}
+    yield {"type": "TOOL_CALL_START", "toolCallId": f"t{n}", "toolCallName": "teleport"}
+    yield {"type": "TOOL_CALL_END", "toolCallId": f"t{n}"}
     yield {"type": "TOOL_CALL_START", "toolCallId": f"c{n}", "toolCallName": "calculator"}
     yield {"type": "TOOL_CALL_ARGS", "toolCallId": f"c{n}", "delta": '{"expression": "1 + 1"}'}
     yield {"type": "TOOL_CALL_END", "toolCallId": f"c{n}"}

@@ -359,10 +359,17 @@ async def test_in_process_adapter_of_the_same_framework(gateway: LiveServer, use
 async def test_client_side_rounds_stop_at_max_steps(gateway: LiveServer, user: str) -> None:
     events = await run(gateway, user, "looping")
     assert ended(events)["status"] == "completed"
-    done = of_type(events, "tool_completed")
-    assert [d["ok"] for d in done] == [True, False]
-    assert "the most allowed" in done[1]["error"]
+    done = {d["call_id"]: d for d in of_type(events, "tool_completed")}
+    calls = [(e["call_id"], e["tool"]) for e in of_type(events, "tool_executing")]
+    assert [tool for _, tool in calls] == ["teleport", "calculator"] * 2
+    assert [done[c]["ok"] for c, _ in calls] == [False, True, False, False]
+    assert "it is no gateway tool" in done[calls[0][0]]["error"]
+    assert "the most allowed" in done[calls[3][0]]["error"]
     assert chunks(events)[-1] == "I could not finish within 2 steps."
+    # The second call of the agent has an answer for each of its first calls.
+    second = ag.SEEN.inputs["looping"][1]["messages"]
+    answers = {m["toolCallId"]: m["content"] for m in second if m["role"] == "tool"}
+    assert json.loads(answers["c1"]) == 2 and "no gateway tool" in answers["t1"]
 
 
 # The pure parts ------------------------------------------------------------------------------
