@@ -66,6 +66,11 @@ class RunContext:
         """
         call_id = self.new_call_id()
         await self.emit.tool_executing(call_id, name, args)
+        return await self.answer_tool(call_id, name, args)
+
+    async def answer_tool(self, call_id: str, name: str, args: Mapping[str, Any]) -> ToolOutcome:
+        """Run a call already announced with ``tool_executing`` (by an agent whose calls
+        are made elsewhere, such as an AG-UI agent's client-side tools) and answer it."""
         started = time.perf_counter()
         try:
             tool = self.tools.get(name)

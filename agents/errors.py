@@ -7,6 +7,8 @@ The whole tree, under one root::
     ├── UnknownAgent        no agent of that name
     ├── AgentInputError     an agent cannot work with the message it was given
     ├── LLMError            the language model's endpoint failed or could not be reached
+    ├── PluginError         an agent or tool named in settings or by a package cannot be used
+    ├── RemoteAgentError    an AG-UI agent failed, or its stream broke the protocol
     └── ToolError           a tool refused its arguments or failed
         └── CalculatorError the calculator could not evaluate an expression
 
@@ -38,6 +40,21 @@ class LLMError(AgentError):
     """The model's endpoint failed; the message is short and safe to show to clients."""
 
     code = "llm_error"
+
+
+class PluginError(AgentError, ValueError):
+    """Found at start-up: the message names the spec and what is wrong with it."""
+
+    code = "plugin_error"
+
+
+class RemoteAgentError(AgentError):
+    """An AG-UI agent reported an error, or its stream could not be used.
+
+    The message is short and safe to show to clients: it never carries a header.
+    """
+
+    code = "agent_error"
 
 
 class ToolError(AgentError):

@@ -9,6 +9,9 @@ registry's tools:
 * reasoning (``reasoning_content`` or ``reasoning`` deltas, or a leading
   ``<think>…</think>`` block in the content) becomes ``agent_thinking``, a
   paragraph at a time, and never part of the answer;
+* a turn that streams no reasoning is announced by a short ``agent_thinking`` of
+  ``kind`` ``status`` (which model is asked, after which tool results) before its
+  first answer text or tool call, so every turn shows what is going on;
 * ``tool_calls`` deltas are assembled (several calls, arguments split across
   chunks).  When the turn ends with calls, each one is run through
   :meth:`RunContext.call_tool` and its result goes back to the model as a
@@ -355,6 +358,11 @@ class TurnAssembler:
     def calls(self, id_prefix: str = "call") -> list[ToolCallRequest]:
         return self._calls.calls(id_prefix)
 
+    @property
+    def has_calls(self) -> bool:
+        """A tool call has started to arrive."""
+        return bool(self._calls)
+
     def feed(self, delta: Delta) -> list[Output]:
         out: list[Output] = []
         if delta.reasoning:
@@ -578,29 +586,36 @@ class LLMAgent:
         )
         tools = ctx.tools.schemas()
         answered = ""  # the last answer text so far, to separate the turns' answers
+        results: list[tuple[str, bool]] = []  # the last turn's tool calls: name, ok
         async with self._client() as client:
             for step in range(1, config.max_steps + 1):
                 lead = "\n\n" if answered and not answered[-1].isspace() else ""
-                turn = await self._turn(client, ctx, messages, tools, lead, step)
+                status = TurnStatus(status_line(config.model, step, results))
+                turn = await self._turn(client, ctx, messages, tools, lead, step, status)
                 answered = turn.text or answered
                 calls = turn.calls(id_prefix=f"call_{step}")
                 if turn.finish_reason in ("length", "content_filter"):
-                    await ctx.emit.thinking(f"The model stopped early ({turn.finish_reason}).")
+                    await ctx.emit.thinking(
+                        f"The model stopped early ({turn.finish_reason}).", kind="status"
+                    )
                 if not calls:
                     return
                 if step == config.max_steps:
                     names = ", ".join(sorted({call.name for call in calls}))
                     await ctx.emit.thinking(
                         f"The model still asked for tools ({names}) after {step} steps, "
-                        "the most allowed; they were not run."
+                        "the most allowed; they were not run.",
+                        kind="status",
                     )
                     lead = "\n\n" if answered and not answered[-1].isspace() else ""
                     await ctx.emit.chunk(f"{lead}I could not finish within {step} steps.")
                     return
                 messages.append(assistant_message(turn.text, calls))
+                results = []
                 for call in calls:
                     outcome = await self._call_tool(ctx, call)
                     messages.append(tool_message(call, outcome))
+                    results.append((call.name or "unnamed", outcome.ok))
 
     async def _turn(
         self,
@@ -610,6 +625,7 @@ class LLMAgent:
         tools: list[dict[str, Any]],
         lead: str,
         step: int,
+        status: TurnStatus,
     ) -> TurnAssembler:
         """Stream one completion, retrying while it has produced nothing."""
         import openai
@@ -618,7 +634,7 @@ class LLMAgent:
         while True:
             turn = TurnAssembler(lead)
             try:
-                await self._stream(client, ctx, messages, tools, turn)
+                await self._stream(client, ctx, messages, tools, turn, status)
                 return turn
             except (openai.OpenAIError, json.JSONDecodeError) as exc:
                 detail = self._detail(exc)
@@ -651,6 +667,7 @@ class LLMAgent:
         messages: list[dict[str, Any]],
         tools: list[dict[str, Any]],
         turn: TurnAssembler,
+        status: TurnStatus,
     ) -> None:
         extra: dict[str, Any] = {"tools": tools} if tools else {}
         stream = await client.chat.completions.create(
@@ -661,12 +678,13 @@ class LLMAgent:
         )
         try:
             async for chunk in stream:
-                await _emit(ctx, turn.feed(parse_chunk(chunk.to_dict())))
+                await status.emit(ctx, turn.feed(parse_chunk(chunk.to_dict())), turn)
         finally:
             # On cancel too: closing the response closes the connection, and the
             # server stops generating.
             await stream.close()
-        await _emit(ctx, turn.finish())
+        await status.emit(ctx, turn.finish(), turn)
+        await status.close(ctx)
 
     async def _call_tool(self, ctx: RunContext, call: ToolCallRequest) -> ToolOutcome:
         try:
@@ -690,9 +708,38 @@ def redact(text: str, secret: str | None) -> str:
     return text.replace(secret, "[redacted]") if secret else text
 
 
-async def _emit(ctx: RunContext, outputs: Sequence[Output]) -> None:
-    for kind, text in outputs:
-        if kind == "thinking":
-            await ctx.emit.thinking(text)
-        else:
-            await ctx.emit.chunk(text)
+def status_line(model: str, step: int, results: Sequence[tuple[str, bool]]) -> str:
+    """The progress line of a turn that streams no reasoning: which model is asked, and
+    after which tool results."""
+    if step == 1 or not results:
+        return f"Asking {model}."
+    names = [name if ok else f"{name} (failed)" for name, ok in results]
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    noun = "result" if len(names) == 1 else "results"
+    return f"Asking {model} again, with the {noun} of {listed}."
+
+
+class TurnStatus:
+    """Sees to it that a turn shows an ``agent_thinking`` before its answer or its calls:
+    the model's reasoning when it streams any, else the status line, once."""
+
+    def __init__(self, line: str) -> None:
+        self.line = line
+        self.shown = False
+
+    async def emit(self, ctx: RunContext, outputs: Sequence[Output], turn: TurnAssembler) -> None:
+        for kind, text in outputs:
+            if kind == "thinking":
+                self.shown = True
+                await ctx.emit.thinking(text, kind="reasoning")
+            else:
+                await self.close(ctx)
+                await ctx.emit.chunk(text)
+        if turn.has_calls:
+            await self.close(ctx)
+
+    async def close(self, ctx: RunContext) -> None:
+        """The status line, unless the turn already showed something of its thinking."""
+        if not self.shown:
+            self.shown = True
+            await ctx.emit.thinking(self.line, kind="status")

@@ -21,7 +21,7 @@ from typing import Any, Final
 
 from bridge.broker import Broker
 from bridge.errors import AnswerTooLarge, BridgeError, BridgeNotAttached, RunClosed
-from bridge.events import Event, RunEventType, make_event
+from bridge.events import THINKING_KINDS, Event, RunEventType, ThinkingKind, make_event
 
 #: Give the event loop a turn after this many events of one run, so that a fast
 #: agent cannot starve the writers; yielding on every event costs throughput.
@@ -227,8 +227,12 @@ class EventAdapter:
     async def agent_started(self, agent: str) -> Event:
         return await self._emit("agent_started", {"agent": agent})
 
-    async def thinking(self, text: str) -> Event:
-        return await self._emit("agent_thinking", {"text": text})
+    async def thinking(self, text: str, kind: ThinkingKind = "reasoning") -> Event:
+        """``kind`` is ``reasoning`` (the agent's or model's own thoughts) or ``status``
+        (a short progress line the agent writes: which model is asked, which step runs)."""
+        if kind not in THINKING_KINDS:
+            raise ValueError(f"agent_thinking kind must be reasoning or status, got {kind!r}")
+        return await self._emit("agent_thinking", {"text": text, "kind": kind})
 
     async def tool_executing(self, call_id: str, tool: str, args: Mapping[str, Any]) -> Event:
         return await self._emit(
@@ -256,6 +260,14 @@ class EventAdapter:
         else:
             data["error"] = error or "failed"
         return await self._emit("tool_completed", data)
+
+    async def agent_state(self, state: Any) -> Event:
+        """The agent's whole current state (an AG-UI agent's shared state)."""
+        return await self._emit("agent_state", {"state": state})
+
+    async def agent_event(self, type: str, event: Mapping[str, Any]) -> Event:
+        """An event of the agent the protocol has no type of its own for, passed through."""
+        return await self._emit("agent_event", {"type": type, "event": dict(event)})
 
     async def chunk(self, text: str) -> Event:
         # The hot path of every answer: the checks of _emit, without its extra coroutine.

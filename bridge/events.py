@@ -26,10 +26,16 @@ RunEventType = Literal[
     "tool_executing",
     "tool_completed",
     "response_chunk",
+    "agent_state",
+    "agent_event",
     "run_status",
     "response_complete",
     "agent_completed",
 ]
+#: What an ``agent_thinking`` is: the agent's reasoning, or a progress line about it.
+ThinkingKind = Literal["reasoning", "status"]
+THINKING_KINDS: Final[frozenset[str]] = frozenset(get_args(ThinkingKind))
+
 ConnectionEventType = Literal["connection_ready", "pong", "ack", "error"]
 EventType = RunEventType | ConnectionEventType
 

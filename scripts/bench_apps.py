@@ -105,7 +105,8 @@ def plan(content: str) -> tuple[Step, ...]:
         raise ValueError("the comparison servers do not model fail=1")
     steps: list[Step] = [("agent_started", {"agent": "load"})]
     for i in range(spec.thinking):
-        steps.append(("agent_thinking", {"text": f"thinking {i + 1} of {spec.thinking}"}))
+        text = f"thinking {i + 1} of {spec.thinking}"
+        steps.append(("agent_thinking", {"text": text, "kind": "reasoning"}))
     for j in range(1, spec.tools + 1):
         call = f"call_{j}"
         steps.append(

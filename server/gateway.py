@@ -18,12 +18,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from agents.base import Agent, AgentRegistry
-from agents.demo import DemoAgent
-from agents.llm import LLMAgent, LLMConfig
-from agents.load import LoadAgent
+from agents.registry import build_agents, build_tools, llm_agent
 from agents.supervisor import RunError, Supervisor, SupervisorConfig
-from agents.tools import builtin_tools
 from bridge.broker import Broker, RunRecord, Wake, Watch
 from bridge.errors import RunNotFound
 from bridge.memory import InMemoryBroker
@@ -38,6 +34,8 @@ from server.store import ThreadRow, open_store
 log = logging.getLogger("chat")
 
 THREAD_DELETED = RunError("cancelled", "the thread was deleted")
+
+__all__ = ["Gateway", "llm_agent", "make_broker"]
 
 
 def make_broker(settings: Settings) -> Broker:
@@ -57,29 +55,6 @@ def make_broker(settings: Settings) -> Broker:
             node=f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}",
         )
     raise ValueError("CHAT_BROKER_URL must be unset, 'memory', or a redis:// URL")
-
-
-def llm_agent(settings: Settings) -> LLMAgent | None:
-    """The ``llm`` agent when an endpoint and a model are configured.
-
-    Raises:
-        RuntimeError: they are, but the ``openai`` package is not installed.
-    """
-    if not (settings.llm_base_url and settings.llm_model):
-        return None
-    return LLMAgent(
-        LLMConfig(
-            base_url=settings.llm_base_url,
-            model=settings.llm_model,
-            api_key=settings.llm_api_key,
-            max_steps=settings.llm_max_steps,
-            retries=settings.llm_retries,
-            max_history=settings.llm_max_history,
-            system_prompt=settings.llm_system_prompt,
-            timeout_s=settings.llm_timeout_s,
-            retry_backoff_s=settings.llm_retry_backoff_s,
-        )
-    )
 
 
 @dataclass(slots=True)
@@ -119,14 +94,8 @@ class Gateway:
         self.settings = settings
         self.auth = auth
         self.broker: Broker = broker or make_broker(settings)
-        agents: list[Agent] = [DemoAgent()]
-        if settings.load_agent == "on":
-            agents.append(LoadAgent())
-        llm = llm_agent(settings)
-        if llm is not None:
-            agents.append(llm)
-        default = settings.default_agent or ("llm" if llm is not None else "demo")
-        self.agents = AgentRegistry(agents, default=default)
+        self.agents = build_agents(settings)
+        self.tools = build_tools(settings)
         self.store = open_store(settings.db_url)
         self.metrics = Metrics()
         self.persistence = Persistence(
@@ -138,7 +107,7 @@ class Gateway:
         self.supervisor = Supervisor(
             self.broker,
             self.agents,
-            builtin_tools(),
+            self.tools,
             SupervisorConfig(
                 detach_grace_s=settings.detach_grace_s,
                 typing_delay_ms=settings.typing_delay_ms,

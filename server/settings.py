@@ -69,6 +69,18 @@ class Settings:
         None, "agent that answers when a message names none (llm when configured, else demo)"
     )
     typing_delay_ms: float = _opt(0.0, "pause between the demo agent's chunks")
+    agents: tuple[str, ...] = _opt(
+        (), "comma-separated name=target: module:attribute (agent, class or factory) or AG-UI URL"
+    )
+    agent_headers: tuple[str, ...] = _opt(
+        (),
+        "comma-separated agent.Header-Name=value sent to AG-UI agents (never logged)",
+        repr=False,
+    )
+    agent_timeout_s: float = _opt(60.0, "an AG-UI agent silent this long fails its run")
+    entry_points: str = _opt(
+        "on", "load agents and tools of installed packages (chat_gateway.agents/.tools): on or off"
+    )
     llm_base_url: str | None = _opt(
         None, "OpenAI-compatible endpoint (http://127.0.0.1:11434/v1); with llm_model: llm agent"
     )
@@ -149,6 +161,10 @@ class Settings:
             raise ValueError(
                 f"{ENV_PREFIX}WS_COMPRESSION must be on or off, got {self.ws_compression!r}"
             )
+        if self.entry_points not in ("on", "off"):
+            raise ValueError(
+                f"{ENV_PREFIX}ENTRY_POINTS must be on or off, got {self.entry_points!r}"
+            )
         if self.metrics not in ("on", "off"):
             raise ValueError(f"{ENV_PREFIX}METRICS must be on or off, got {self.metrics!r}")
         if self.load_agent not in ("on", "off"):
@@ -181,6 +197,7 @@ class Settings:
             "store_timeout_s",
             "llm_timeout_s",
             "header_timeout_s",
+            "agent_timeout_s",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()} must be positive")

@@ -212,7 +212,8 @@ def spawn_server(tmp_dir: Path, **env: str) -> Iterator[ServerProcess]:
     port = free_port()
     clean = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
     full = {"CHAT_JWT_SECRET": SECRET, "CHAT_LOG_LEVEL": "warning", **clean, **env}
-    full["PYTHONPATH"] = str(ROOT)
+    # The project first; a PYTHONPATH given adds paths after it (packages installed elsewhere).
+    full["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     settings = Settings.from_env(full)
     log_path = tmp_dir / f"server-{port}.log"
     with log_path.open("wb") as log_file:

@@ -374,15 +374,23 @@ async def test_a_tool_call_in_pieces_runs_and_its_result_goes_back(
     async with ws_client(server, user) as client:
         events = await client.run("What is 12 * 7?")
     types = [e["type"] for e in events]
+    # The five critical events, though the model streams no reasoning: each turn is
+    # announced by a status line.
     assert types == [
         "user_message",
         "agent_started",
+        "agent_thinking",
         "tool_executing",
         "tool_completed",
+        "agent_thinking",
         "response_chunk",
         "response_chunk",
         "response_complete",
         "agent_completed",
+    ]
+    assert of_type(events, "agent_thinking") == [
+        {"text": f"Asking {oa.MODEL}.", "kind": "status"},
+        {"text": f"Asking {oa.MODEL} again, with the result of calculator.", "kind": "status"},
     ]
     (executing,) = of_type(events, "tool_executing")
     (done,) = of_type(events, "tool_completed")
@@ -517,6 +525,49 @@ async def test_reasoning_becomes_thinking_and_never_the_answer(
     ]
     assert chunks(events) == ["Hello", "!"] and events[-2]["data"]["content"] == "Hello!"
     assert completed(events)["status"] == "completed"
+
+
+async def test_reasoning_when_streamed_else_a_status_line_before_each_turn(
+    live: tuple[LiveServer, OpenAIStub], user: str
+) -> None:
+    server, stub = live
+    stub.queue(
+        oa.stream(
+            oa.reasoning("Two sums; the calculator does them."),
+            oa.call_start(0, "call_1", "calculator"),
+            oa.call_args(0, '{"expression": "2 + 2"}'),
+            oa.call_start(1, "call_2", "calculator"),
+            oa.call_args(1, '{"expression": "1 / 0"}'),
+            finish="tool_calls",
+        ),
+        oa.stream(oa.content("4, and 1 / 0 has no answer.")),
+    )
+    async with ws_client(server, user) as client:
+        events = await client.run("2 + 2 and 1 / 0")
+    assert completed(events)["status"] == "completed"
+    types = [e["type"] for e in events]
+    assert types.index("agent_thinking") < types.index("tool_executing")
+    last_call = max(i for i, t in enumerate(types) if t == "tool_completed")
+    assert types[last_call + 1] == "agent_thinking"
+    assert types[last_call + 2] == "response_chunk"
+    assert of_type(events, "agent_thinking") == [
+        {"text": "Two sums; the calculator does them.", "kind": "reasoning"},
+        {
+            "text": f"Asking {oa.MODEL} again, with the results of calculator and "
+            "calculator (failed).",
+            "kind": "status",
+        },
+    ]
+
+
+def test_status_lines_name_the_model_and_the_tool_results() -> None:
+    from agents.llm import status_line
+
+    assert status_line("m", 1, []) == "Asking m."
+    assert status_line("m", 2, [("clock", True)]) == "Asking m again, with the result of clock."
+    assert status_line("m", 3, [("a", True), ("b", False), ("c", True)]) == (
+        "Asking m again, with the results of a, b (failed) and c."
+    )
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,1 @@
+"""An example agent package for chat-gateway (see docs/agents.md)."""
