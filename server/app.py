@@ -119,6 +119,6 @@ class GatewayApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket" and scope["path"] == "/ws":
-            await websocket_endpoint(self.gateway, WebSocket(scope, receive, send))
+            await websocket_endpoint(self.gateway, WebSocket(scope, receive, send), send)
             return
         await self.starlette(scope, receive, send)

@@ -65,19 +65,29 @@ class Counters:
     connections: int = 0
     runs_started: int = 0
     rate_limited: int = 0
+    sse_streams: int = 0
     slow_consumer_closes: int = 0
     auth_failures: int = 0
     events_delivered: int = 0
 
 
 class LocalSession(Protocol):
-    """What the gateway needs of a session in this process: its user, and a way to close it."""
+    """What the gateway needs of a client in this process (a WebSocket session or an
+    SSE stream): its user, a way to close it, and its outbox's verdict."""
 
     user_id: str
-    #: Loop time at which the writer's current turn began, None while it is idle.
-    sending_since: float | None
+    #: ``"ws"`` or ``"sse"``.
+    transport: str
 
     def close(self, code: int, reason: str, *, drain: bool = True) -> None: ...
+
+    def check(self, now: float) -> None:
+        """Cut the client if its outbox says it must be (``now`` on the loop's clock)."""
+        ...
+
+    def buffered_bytes(self) -> int:
+        """Bytes published to its runs that it has not been sent yet."""
+        ...
 
     @property
     def closed(self) -> asyncio.Event: ...
@@ -135,14 +145,20 @@ class Gateway:
         if not await self.broker.connection_opened(session.user_id, limit):
             return False
         self._sessions.setdefault(session.user_id, set()).add(session)
-        self.counters.connections += 1
+        if session.transport == "sse":
+            self.counters.sse_streams += 1
+        else:
+            self.counters.connections += 1
         return True
 
     async def remove_session(self, session: LocalSession) -> None:
         sessions = self._sessions.get(session.user_id)
         if sessions is not None and session in sessions:
             sessions.discard(session)
-            self.counters.connections -= 1
+            if session.transport == "sse":
+                self.counters.sse_streams -= 1
+            else:
+                self.counters.connections -= 1
             if not sessions:
                 del self._sessions[session.user_id]
             await self.broker.connection_closed(session.user_id)
@@ -156,6 +172,10 @@ class Gateway:
         if isinstance(self.broker, InMemoryBroker):
             report["runs_in_memory"] = self.broker.runs_in_memory()
             report["run_log_bytes"] = self.broker.held_bytes()
+        # What clients have not been sent yet: bytes their cursors still hold in the
+        # run logs, which stay alive (even past the resume window) until read or cut.
+        report["sse_streams"] = self.counters.sse_streams
+        report["outbound_buffered_bytes"] = sum(s.buffered_bytes() for s in self.sessions())
         return report
 
     def sessions(self) -> list[LocalSession]:
@@ -174,7 +194,7 @@ class Gateway:
         # Deleted threads whose last runs ended without recording it (their process died).
         await self.store.purge_deleted_threads()
         await self.broker.start()
-        self._watchdog = asyncio.get_running_loop().create_task(self._watch_stalls())
+        self._watchdog = asyncio.get_running_loop().create_task(self._police())
 
     async def drain(self, close_code: int) -> None:
         """Shut down gracefully: no new runs; runs finish for up to the grace, then are
@@ -190,20 +210,22 @@ class Gateway:
         if sessions:
             await asyncio.wait([asyncio.create_task(s.closed.wait()) for s in sessions], timeout=5)
 
-    async def _watch_stalls(self) -> None:
-        """Abort sessions whose writer is stuck in a send past ``CHAT_SEND_TIMEOUT_S``.
+    #: How often each client's outbox is asked whether it must be cut, at most.
+    CHECK_EVERY_S: float = 1.0
 
-        One task for every session of the process: an idle connection costs no timer.
+    async def _police(self) -> None:
+        """Ask every client's outbox, a few times per ``CHAT_SEND_TIMEOUT_S``, whether it
+        must be cut (send stalled, unread bytes over the buffer, token expired).
+
+        One task for every client of the process: an idle connection costs no timer.
         """
-        timeout = self.settings.send_timeout_s
+        every = min(self.CHECK_EVERY_S, self.settings.send_timeout_s / 4)
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(min(1.0, timeout / 4))
+            await asyncio.sleep(every)
             now = loop.time()
             for session in self.sessions():
-                since = session.sending_since
-                if since is not None and now - since > timeout:
-                    session.close(4408, "slow consumer: send stalled", drain=False)
+                session.check(now)
 
     async def close(self) -> None:
         if self._watchdog is not None:

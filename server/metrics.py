@@ -65,6 +65,14 @@ class _GatewayCollector(Collector):
         yield GaugeMetricFamily(
             "chat_connections_open", "Open WebSocket sessions", value=counters.connections
         )
+        yield GaugeMetricFamily(
+            "chat_sse_streams_open", "Open SSE streams", value=counters.sse_streams
+        )
+        yield GaugeMetricFamily(
+            "chat_outbound_buffered_bytes",
+            "Bytes published to the runs clients watch that they have not been sent yet",
+            value=gw.memory_report()["outbound_buffered_bytes"],
+        )
         runs = GaugeMetricFamily(
             "chat_runs", "Runs held by this process, by status", labels=["status"]
         )

@@ -7,7 +7,6 @@ with the status that fits the code.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import functools
 import hmac
@@ -20,7 +19,7 @@ from typing import Any, Final
 
 import orjson
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from bridge.errors import RunNotFound
 from bridge.events import PROTOCOL
@@ -101,38 +100,35 @@ class _TooLarge(ProtocolError):
         super().__init__("too_large", message)
 
 
-def _sse_response(stream: Any) -> StreamingResponse:
-    return StreamingResponse(stream, media_type="text/event-stream", headers=sse.HEADERS)
-
-
 @api
 async def chat_stream(request: Request) -> Response:
-    """``POST /api/chat/stream``: start a run and stream it."""
+    """``POST /api/chat/stream``: start a run and stream it.
+
+    The stream counts against the user's connection cap before the run starts: a
+    stream over the cap is refused with 429 and starts nothing.
+    """
     gateway = gateway_of(request)
     user = authenticate(request)
     body = await read_json_body(request, gateway.settings.max_message_bytes)
     message = body.get("message")
     if not isinstance(message, str) or not message.strip():
         raise ProtocolError("bad_message", "field 'message' must be a non-empty string")
-    record = await gateway.start_run(
-        user,
-        message,
-        thread_id=optional_id(body, "thread_id"),
-        agent=optional_id(body, "agent"),
-        ref=client_ref(body),
+    thread_id = optional_id(body, "thread_id")
+    agent = optional_id(body, "agent")
+    ref = client_ref(body)
+    ids: dict[str, str] = {}
+    stream = await sse.open_stream(
+        gateway, user, tail=lambda status: sse.frame("stream_end", {**ids, "status": status})
     )
-    wake = asyncio.Event()
-    watch = await gateway.watch(user, record.run_id, 0, wake.set)
-    ids = {"run_id": record.run_id, "thread_id": record.thread_id}
-    stream = sse.stream_run(
-        watch,
-        wake,
-        gateway.settings.heartbeat_s,
-        head=sse.frame("stream_start", ids),
-        tail=lambda status: sse.frame("stream_end", {**ids, "status": status}),
-        sent=gateway.count_delivered,
-    )
-    return _sse_response(stream)
+    try:
+        record = await gateway.start_run(user, message, thread_id=thread_id, agent=agent, ref=ref)
+        ids.update(run_id=record.run_id, thread_id=record.thread_id)
+        stream.head = sse.frame("stream_start", ids)
+        stream.attach(await gateway.watch(user, record.run_id, 0, stream.wake))
+    except BaseException:
+        await gateway.remove_session(stream)
+        raise
+    return stream
 
 
 def _after_seq(request: Request) -> int:
@@ -153,10 +149,13 @@ async def run_events(request: Request) -> Response:
     user = authenticate(request)
     run_id = request.path_params["run_id"]
     after = _after_seq(request)
-    wake = asyncio.Event()
-    watch = await gateway.watch(user, run_id, after, wake.set)
-    stream = sse.stream_run(watch, wake, gateway.settings.heartbeat_s, sent=gateway.count_delivered)
-    return _sse_response(stream)
+    stream = await sse.open_stream(gateway, user)
+    try:
+        stream.attach(await gateway.watch(user, run_id, after, stream.wake))
+    except BaseException:
+        await gateway.remove_session(stream)
+        raise
+    return stream
 
 
 @api
@@ -324,6 +323,7 @@ async def health(request: Request) -> Response:
             "default_agent": gateway.agents.default,
             "uptime_s": round(time.time() - gateway.counters.started_at, 3),
             "connections": counters.connections,
+            "sse_streams": counters.sse_streams,
             "runs_active": len(gateway.supervisor),
             "counters": {
                 "runs_started": counters.runs_started,

@@ -46,7 +46,7 @@ class Settings:
     max_message_bytes: int = _opt(64 * KiB, "largest client frame; larger closes with 1009")
     heartbeat_s: float = _opt(15.0, "keepalive interval for WebSocket pings and SSE comments")
     send_buffer_bytes: int = _opt(
-        1 * MiB, "unsent bytes allowed per connection before it is closed as a slow consumer"
+        1 * MiB, "untaken bytes allowed per client whose sends are stuck before it is cut (4408)"
     )
     send_timeout_s: float = _opt(
         10.0, "a send to a client stuck this long closes it as a slow consumer (4408)"
@@ -54,7 +54,7 @@ class Settings:
     ws_compression: str = _opt(
         "off", "permessage-deflate for WebSocket clients that offer it: on or off (costs CPU)"
     )
-    max_connections_per_user: int = _opt(20, "open WebSocket connections per user")
+    max_connections_per_user: int = _opt(20, "open WebSocket connections and SSE streams per user")
     rate_limit_per_minute: int = _opt(30, "new runs per user per minute")
     max_active_runs_per_user: int = _opt(5, "runs of one user not yet ended")
     # Runs ---------------------------------------------------------------------

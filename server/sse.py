@@ -1,23 +1,43 @@
-"""Server-Sent Events: the same run logs as the WebSocket, rendered as text.
+"""Server-Sent Events: the same outbox as the WebSocket, framed as text.
 
-A stream reads a run's log with its own cursor exactly as a WebSocket session
-does; it only frames each ready event as ``id: <seq>``/``event:``/``data:`` and
-sends a ``: ping`` comment when nothing happened for a heartbeat.
+An :class:`SseStream` is a client of the gateway like a WebSocket session: it
+counts against ``CHAT_MAX_CONNECTIONS_PER_USER``, it reads its run's log through
+a :class:`~server.outbox.Outbox` with its own cursor, and the gateway's watchdog
+asks that outbox whether it must be cut, with the same settings.  The only
+difference is the framing: each event is ``id: <seq>``/``event:``/``data:``, a
+``: ping`` comment goes out when nothing happened for a heartbeat, and a cut is
+an ``error`` frame (``slow_consumer``, or ``unauthorized`` when the token
+expired) before the stream ends.
+
+The body is sent with the server's ASGI ``send``, which waits while the client
+leaves the transport's buffer full: that wait is what the outbox sees as a
+stuck send.  A stream cut as a slow consumer gets its last frames only if the
+client reads them within ``CHAT_SEND_TIMEOUT_S``; otherwise its connection is
+dropped, and the run log it held is let go either way.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import contextlib
+import logging
+import time
+from collections.abc import Callable
 from typing import Final
 
 import orjson
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from bridge.broker import Watch
-from bridge.errors import ResumeUnavailable
-from server.errors import wire_error
+from bridge.events import Event
+from server.auth import Principal
+from server.errors import RateLimited
+from server.gateway import Gateway
+from server.outbox import CLOSE_NORMAL, CLOSE_SLOW, Outbox, Policy
 
-BATCH: Final = 256
+log = logging.getLogger("chat.http")
+
 PING: Final = b": ping\n\n"
 HEADERS: Final = {
     "Cache-Control": "no-store",
@@ -31,49 +51,197 @@ def frame(event: str, data: object) -> bytes:
     return b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
 
 
-async def stream_run(
-    watch: Watch,
-    wake: asyncio.Event,
-    heartbeat_s: float,
+def frame_event(event: Event) -> bytes:
+    """A run event with its ``seq`` as ``id``; a connection ``error`` as code and message."""
+    if event.seq is None and event.type == "error":
+        data = event.data
+        return frame("error", {"code": data["code"], "message": data["message"]})
+    return event.sse()
+
+
+class SseStream(Response):
+    """One SSE response: a gateway client whose body is its outbox, framed."""
+
+    transport = "sse"
+    media_type = "text/event-stream"
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        user: Principal,
+        *,
+        head: bytes | None = None,
+        tail: Callable[[str | None], bytes] | None = None,
+    ) -> None:
+        # As StreamingResponse does: no body, so no Content-Length.
+        self.status_code = 200
+        self.background = None
+        self.init_headers(HEADERS)
+        settings = gateway.settings
+        self.gateway = gateway
+        self.user_id = user.user_id
+        self.head = head
+        self._tail = tail
+        # The token's expiry, on the loop's clock (the stream is made inside the loop).
+        left = user.expires_at + gateway.auth.leeway_s - time.time()
+        self._expires_at = asyncio.get_running_loop().time() + left
+        self.box = Outbox(
+            Policy(settings.send_buffer_bytes, settings.send_timeout_s),
+            expires_at=self._expires_at,
+        )
+        self._wake = asyncio.Event()
+        self._aborted = asyncio.Event()
+        self._closed = asyncio.Event()
+        self._status: str | None = None
+
+    # LocalSession -------------------------------------------------------------------
+
+    @property
+    def closed(self) -> asyncio.Event:
+        return self._closed
+
+    def wake(self) -> None:
+        """The watch's wake-up: the run published an event."""
+        self._wake.set()
+
+    def attach(self, watch: Watch) -> None:
+        # Backlog asked for at once (``Last-Event-ID``, ``after_seq``) is allowed on top.
+        self.box.watch(watch, allowance=watch.lag_bytes())
+        self._wake.set()
+
+    def close(self, code: int, reason: str, *, drain: bool = True) -> None:
+        if self.box.close(code, reason, drain=drain) and not drain:
+            self._aborted.set()
+        self._wake.set()
+
+    def check(self, now: float) -> None:
+        cut = self.box.verdict(now)
+        if cut is not None:
+            self.box.cut(cut)
+            if not cut.drain:
+                self._aborted.set()
+            self._wake.set()
+
+    def buffered_bytes(self) -> int:
+        return self.box.buffered_bytes()
+
+    # ASGI ---------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gateway = self.gateway
+        loop = asyncio.get_running_loop()
+        at = self._expires_at
+        expiry = loop.call_at(at, lambda: self.check(max(loop.time(), at)))
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            writer = asyncio.create_task(self._write(send))
+            listener = asyncio.create_task(_until_disconnect(receive))
+            aborted = asyncio.create_task(self._wait_aborted())
+            tasks = [writer, listener, aborted]
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if writer.done() and not self.box.aborted:
+                writer.result()
+            elif self.box.aborted and not listener.done():
+                await self._abort(writer, send)
+        finally:
+            expiry.cancel()
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            self.box.finish()
+            await gateway.remove_session(self)
+            self._closed.set()
+
+    async def _wait_aborted(self) -> None:
+        await self._aborted.wait()
+
+    async def _abort(self, writer: asyncio.Task[None], send: Send) -> None:
+        """End a stream the outbox cut: the writer stops, the client is told if it reads."""
+        box = self.box
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await writer
+        if box.close_code == CLOSE_SLOW:
+            self.gateway.counters.slow_consumer_closes += 1
+        last = frame("error", {"code": box.error_code, "message": box.close_reason})
+        if self._tail is not None:
+            last += self._tail(None)
+        with contextlib.suppress(Exception):
+            # Behind what the client has not read: one that reads again within the send
+            # timeout sees why; one that never does has its connection dropped.
+            async with asyncio.timeout(self.gateway.settings.send_timeout_s):
+                await send({"type": "http.response.body", "body": last, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _send(self, send: Send, body: bytes) -> None:
+        box = self.box
+        box.in_send = True
+        await send({"type": "http.response.body", "body": body, "more_body": True})
+        box.sends += 1
+        box.in_send = False
+
+    async def _write(self, send: Send) -> None:
+        """Pump the outbox until the run's ``agent_completed`` (or a close), then the tail."""
+        box = self.box
+        wake = self._wake
+        heartbeat = self.gateway.settings.heartbeat_s
+        counters = self.gateway.counters
+        if self.head is not None:
+            await self._send(send, self.head)
+        while True:
+            wake.clear()
+            ready, more = await box.take()
+            if ready:
+                last = ready[-1]
+                if last.type == "agent_completed":
+                    self._status = str(last.data.get("status"))
+                await self._send(send, b"".join(frame_event(event) for event in ready))
+                counters.events_delivered += sum(1 for event in ready if event.seq is not None)
+            if more:
+                continue
+            if box.aborted:
+                return
+            if box.closing or not box.watching:
+                break
+            try:
+                async with asyncio.timeout(heartbeat):
+                    await wake.wait()
+            except TimeoutError:
+                await self._send(send, PING)
+        end = b""
+        if box.error_code is not None:  # cut after draining: the token expired
+            end += frame("error", {"code": box.error_code, "message": box.close_reason})
+        if self._tail is not None:
+            end += self._tail(self._status)
+        await send({"type": "http.response.body", "body": end, "more_body": False})
+        if not box.closing:
+            box.close(CLOSE_NORMAL, "stream ended")
+
+
+async def _until_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def open_stream(
+    gateway: Gateway,
+    user: Principal,
     *,
     head: bytes | None = None,
     tail: Callable[[str | None], bytes] | None = None,
-    sent: Callable[[int], None] | None = None,
-) -> AsyncIterator[bytes]:
-    """Yield the run's events from the watch's cursor until ``agent_completed``.
+) -> SseStream:
+    """A stream counted against the user's connection cap.
 
-    ``sent`` is told how many events each write carried.  ``tail`` gets the run's
-    final status (None when the stream ended early) and makes the last message.
-    The watch is closed when the stream ends, however it ends; the run goes on.
+    Raises:
+        RateLimited: the user already has ``CHAT_MAX_CONNECTIONS_PER_USER`` open.
     """
-    status: str | None = None
-    try:
-        if head is not None:
-            yield head
-        while True:
-            wake.clear()
-            try:
-                batch = await watch.read(BATCH)
-            except ResumeUnavailable as exc:
-                code, message, _ = wire_error(exc)
-                yield frame("error", {"code": code, "message": message})
-                break
-            if batch:
-                last = batch[-1]
-                if last.type == "agent_completed":
-                    status = str(last.data.get("status"))
-                yield b"".join(event.sse() for event in batch)
-                if sent is not None:
-                    sent(len(batch))
-                continue
-            if watch.finished:
-                break
-            try:
-                async with asyncio.timeout(heartbeat_s):
-                    await wake.wait()
-            except TimeoutError:
-                yield PING
-    finally:
-        watch.close()
-    if tail is not None:
-        yield tail(status)
+    stream = SseStream(gateway, user, head=head, tail=tail)
+    if not await gateway.add_session(stream):
+        limit = gateway.settings.max_connections_per_user
+        raise RateLimited(f"more than {limit} connections for this user")
+    return stream

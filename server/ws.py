@@ -3,9 +3,9 @@
 Refusals (bad token 4401, foreign origin 4403, too many connections 4429) are
 sent as close codes after the handshake, with ``chat.v1`` selected when it was
 offered, so that a browser can see why.  While the session lives, this task
-watches it: a session aborted as a slow consumer, or whose writer is stuck in a
-send for longer than ``CHAT_SEND_TIMEOUT_S``, is closed with 4408; a session
-whose token expires is closed with 4401.
+watches it: a session its outbox cut as a slow consumer (see
+:mod:`server.outbox`) is closed with 4408 at once; a session whose token expires
+is closed with 4401 after what is ready to send.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import contextlib
 import logging
 import time
 
+from starlette.types import Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from agents.supervisor import new_id
@@ -35,9 +36,9 @@ from server.session import (
 log = logging.getLogger("chat.ws")
 
 
-async def websocket_endpoint(gateway: Gateway, websocket: WebSocket) -> None:
-    """Serve one connection.  ``websocket`` is built on the server's own ASGI ``send``
-    (see :func:`server.app.create_app`), which the session's writer uses for frames."""
+async def websocket_endpoint(gateway: Gateway, websocket: WebSocket, send: Send) -> None:
+    """Serve one connection.  ``send`` is the server's own ASGI ``send`` (see
+    :class:`server.app.GatewayApp`), which the session's writer uses for frames."""
     settings = gateway.settings
     headers = websocket.headers
     token, subprotocol = token_for_websocket(headers, websocket.scope["query_string"])
@@ -55,7 +56,10 @@ async def websocket_endpoint(gateway: Gateway, websocket: WebSocket) -> None:
     async def close(code: int, reason: str) -> None:
         await websocket.close(code, reason)
 
-    session = Session(gateway, user, new_id("s_"), websocket._send, close)
+    loop = asyncio.get_running_loop()
+    # The token's expiry on the loop's clock, which the outbox is given.
+    expires_at = loop.time() + user.expires_at + gateway.auth.leeway_s - time.time()
+    session = Session(gateway, user, new_id("s_"), send, close, expires_at=expires_at)
     if not await gateway.add_session(session):
         limit = settings.max_connections_per_user
         await websocket.close(CLOSE_TOO_MANY, f"more than {limit} connections for this user")
@@ -65,18 +69,14 @@ async def websocket_endpoint(gateway: Gateway, websocket: WebSocket) -> None:
             session.id, user.user_id, settings.heartbeat_s, settings.max_message_bytes
         )
     )
-    loop = asyncio.get_running_loop()
-    expiry = loop.call_later(
-        max(0.0, user.expires_at + gateway.auth.leeway_s - time.time()),
-        session.close,
-        CLOSE_UNAUTHORIZED,
-        "token expired",
-    )
+    # At expiry the outbox's verdict is asked at once rather than at the watchdog's next turn.
+    expiry = loop.call_at(expires_at, lambda: session.check(max(loop.time(), expires_at)))
     writer = asyncio.create_task(session.write_loop(), name=f"writer {session.id}")
     reader = asyncio.create_task(_read_loop(websocket, session), name=f"reader {session.id}")
     aborted = asyncio.create_task(session.aborted.wait())
     try:
-        # A stalled send is found by the gateway's watchdog, which aborts the session.
+        # A stalled send or an overflow is found by the gateway's watchdog asking the
+        # outbox, which aborts the session.
         await asyncio.wait({writer, reader, aborted}, return_when=asyncio.FIRST_COMPLETED)
         if session.aborted.is_set():
             if session.close_code == CLOSE_SLOW:
@@ -119,5 +119,8 @@ async def _read_loop(websocket: WebSocket, session: Session) -> None:
                 session.close(CLOSE_TOO_BIG, f"frame larger than {limit} bytes", drain=False)
                 return
             await session.handle_frame(text)
+            if session.box.control_full:
+                # Backpressure: read no more frames until the writer has sent the answers.
+                await session.room_for_control()
     except WebSocketDisconnect:
         return
