@@ -50,7 +50,12 @@ def unread_stream(srv: LiveServer, user: str, message: str) -> socket.socket:
 
 
 async def test_unread_sse_streams_are_cut_and_memory_falls_back(tmp_path: Path) -> None:
-    env = {"CHAT_RESUME_WINDOW_S": "3", "CHAT_SEND_TIMEOUT_S": "2"}
+    # Answers of 24 MB each: the answer bound is raised so that only the reader is at fault.
+    env = {
+        "CHAT_RESUME_WINDOW_S": "3",
+        "CHAT_SEND_TIMEOUT_S": "2",
+        "CHAT_MAX_ANSWER_BYTES": str(32 * 1024 * 1024),
+    }
     with spawn_server(tmp_path, **env) as srv:
         rss_before = srv.rss_kib()
         socks = [
@@ -105,7 +110,11 @@ async def test_unread_sse_streams_are_cut_and_memory_falls_back(tmp_path: Path) 
 
 async def test_sse_stream_whose_send_stalls_is_cut(user: str) -> None:
     # A buffer so large that only the stall can cut; the run ends, nothing grows.
-    with run_server(send_timeout_s=1.0, send_buffer_bytes=512 * 1024 * 1024) as srv:
+    with run_server(
+        send_timeout_s=1.0,
+        send_buffer_bytes=512 * 1024 * 1024,
+        max_answer_bytes=32 * 1024 * 1024,
+    ) as srv:
         sock = unread_stream(srv, user, "chunks=20000 chunk_chars=400 thinking=0")
         try:
             began = time.monotonic()
@@ -237,7 +246,7 @@ async def test_a_fast_reader_of_a_bursty_run_is_not_cut_a_stopped_one_is(user: s
     buffer = 64 * KiB
     # 32 events of 16 KiB between two writer turns: 8x the buffer in each burst.
     burst = "chunks=1000 chunk_chars=16384 thinking=0"
-    with run_server(send_buffer_bytes=buffer) as srv:
+    with run_server(send_buffer_bytes=buffer, max_answer_bytes=32 * 1024 * 1024) as srv:
         async with ws_client(srv, user, max_size=None) as fast:
             began = time.monotonic()
             await fast.send(type="user_message", content=burst, agent="load")
