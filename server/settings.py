@@ -80,6 +80,9 @@ class Settings:
     run_lease_s: float = _opt(
         10.0, "with Redis: a process silent this long has its runs failed with node_lost"
     )
+    redis_outage_s: float = _opt(
+        30.0, "with Redis: a run whose events cannot be appended this long is ended failed"
+    )
     # Storage ------------------------------------------------------------------
     db_url: str = _opt(
         "sqlite:///var/chat.db", "sqlite:///path.db (default, WAL) or postgresql://user@host/db"
@@ -150,6 +153,7 @@ class Settings:
             "send_timeout_s",
             "store_timeout_s",
             "llm_timeout_s",
+            "redis_outage_s",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()} must be positive")

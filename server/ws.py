@@ -1,6 +1,7 @@
 """The WebSocket endpoint ``/ws``: handshake checks, then one session until it ends.
 
-Refusals (bad token 4401, foreign origin 4403, too many connections 4429) are
+Refusals (bad token 4401, foreign origin 4403, too many connections 4429, the
+Redis broker out of reach 1013) are
 sent as close codes after the handshake, with ``chat.v1`` selected when it was
 offered, so that a browser can see why.  While the session lives, this task
 watches it: a session aborted as a slow consumer, or whose writer is stuck in a
@@ -14,11 +15,13 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Final
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from agents.supervisor import new_id
 from bridge import events
+from bridge.errors import BrokerUnavailable
 from server.auth import token_for_websocket
 from server.errors import AuthError
 from server.gateway import Gateway
@@ -33,6 +36,9 @@ from server.session import (
 )
 
 log = logging.getLogger("chat.ws")
+
+#: "Try again later": the shared broker (Redis) cannot be reached.
+CLOSE_UNAVAILABLE: Final = 1013
 
 
 async def websocket_endpoint(gateway: Gateway, websocket: WebSocket) -> None:
@@ -56,7 +62,13 @@ async def websocket_endpoint(gateway: Gateway, websocket: WebSocket) -> None:
         await websocket.close(code, reason)
 
     session = Session(gateway, user, new_id("s_"), websocket._send, close)
-    if not await gateway.add_session(session):
+    try:
+        added = await gateway.add_session(session)
+    except BrokerUnavailable:
+        # Connections are counted in the shared broker: none can be opened without it.
+        await websocket.close(CLOSE_UNAVAILABLE, "broker unavailable")
+        return
+    if not added:
         limit = settings.max_connections_per_user
         await websocket.close(CLOSE_TOO_MANY, f"more than {limit} connections for this user")
         return
