@@ -271,9 +271,16 @@ class RedisBroker:
                 await task
         self._tasks.clear()
         with contextlib.suppress(Exception):
+            # Runs elsewhere that this process's clients watched: their owners are told,
+            # so that their detach grace starts (no reaper will: the lease is given up).
+            self._mirrors.clear()
+            await self._drop_watchers(self.node)
+        with contextlib.suppress(Exception):
             if self._pubsub is not None:
                 await self._pubsub.aclose()
-            await self.r.delete(self.k("node", self.node), self.k("conns", self.node))
+            await self.r.delete(
+                self.k("node", self.node), self.k("conns", self.node), self.k("watching", self.node)
+            )
             await self.r.srem(self.k("nodes"), self.node)
         for client in (self._r, self._tail_r):
             if client is not None:
@@ -903,11 +910,7 @@ class RedisBroker:
                 run_id = raw.decode() if isinstance(raw, bytes) else raw
                 if await self._fail_lost_run(run_id, node):
                     reaped += 1
-            for raw in await self.r.smembers(self.k("watching", node)):
-                run_id = raw.decode() if isinstance(raw, bytes) else raw
-                watch_keys = [self.k("watchers", run_id), self.k("watching", node)]
-                total = await self._script("COUNT_WATCHERS", watch_keys, [self.p, node, 0, run_id])
-                await self._tell_watchers(run_id, int(total), None)
+            await self._drop_watchers(node)
             pipe = self.r.pipeline(transaction=False)
             pipe.delete(
                 self.k("runs", node),
@@ -919,6 +922,14 @@ class RedisBroker:
             await pipe.execute()
             log.warning("process %s lost its lease; %d of its runs failed", node, len(runs))
         return reaped
+
+    async def _drop_watchers(self, node: str) -> None:
+        """Remove ``node``'s share of every run's watcher count; tell the runs' owners."""
+        for raw in await self.r.smembers(self.k("watching", node)):
+            run_id = raw.decode() if isinstance(raw, bytes) else raw
+            keys = [self.k("watchers", run_id), self.k("watching", node)]
+            total = await self._script("COUNT_WATCHERS", keys, [self.p, node, 0, run_id])
+            await self._tell_watchers(run_id, int(total), None)
 
     async def _fail_lost_run(self, run_id: str, node: str) -> bool:
         """End a run of the lost process ``node`` with ``node_lost``, unless it ended.
