@@ -289,8 +289,17 @@ async def test_a_reaped_process_that_wakes_up_is_fenced(redis_url: str, tmp_path
         assert stored_run(tmp_path, run_id) == ("failed", "node_lost", last_seq)
         async with ws_client(a, user) as again:  # A joined again: it runs new runs
             events = await again.run("chunks=3", agent="load")
-        check_run_invariants(events)
-        assert events[-1]["data"]["status"] == "completed"
+            check_run_invariants(events)
+            assert events[-1]["data"]["status"] == "completed"
+            # and B reaches them under A's new name, through the command bus
+            await again.send(type="user_message", agent="load", content="chunks=500 delay_ms=20")
+            new_run = (await again.recv())["run_id"]
+            async with httpx.AsyncClient(base_url=b.http, headers=b.headers(user)) as rest:
+                base = f"/api/chat/agents/{new_run}"
+                assert (await rest.post(f"{base}/stop")).json()["status"] == "paused"
+                assert (await rest.post(f"{base}/cancel")).json()["status"] == "cancelled"
+            ended = of_run(await again.recv_until("agent_completed", run_id=new_run), new_run)
+            assert ended[-1]["data"]["status"] == "cancelled"
         assert "reaped while alive" in a.log() or "its events are refused" in a.log()
     record_figures("fencing", {"lease_s": 2, "stopped_to_node_lost_s": round(ended_s, 3)})
 
