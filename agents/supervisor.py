@@ -147,6 +147,9 @@ class RunHandle:
             loop = asyncio.get_running_loop()
             self._grace = loop.call_later(self._supervisor.config.detach_grace_s, self._gone)
 
+    def answer(self, chunks: int) -> str:
+        return "".join(self.bridge.chunks[:chunks])
+
     def lost(self) -> None:
         # The broker wrote the run's ending (or will): nothing more of this process's.
         if self._lost:

@@ -86,6 +86,10 @@ class RunController(Protocol):
         """The number of attached watchers of the run changed to ``count``."""
         ...
 
+    def answer(self, chunks: int) -> str:
+        """The concatenated text of the run's first ``chunks`` response chunks."""
+        ...
+
     def lost(self) -> None:
         """The broker ended the run without it: stop, publishing and recording nothing more.
 

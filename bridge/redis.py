@@ -111,7 +111,10 @@ class _Progress:
     """What a run's events so far leave open: tool calls, the answer, its completion."""
 
     open_calls: dict[str, str] = field(default_factory=dict)
-    chunks: list[str] = field(default_factory=list)
+    chunks: int = 0  # response chunks appended
+    #: The answer they make; kept by the run's process only for a reaper (its own
+    #: comes from the controller, which holds the chunks anyway).
+    content: str = ""
     responded: bool = False
 
 
@@ -526,7 +529,7 @@ class RedisBroker:
         progress = owned.progress
         if text:
             commands.append(["APPEND", answer_key, "".join(text)])
-            commands.append(["HSET", run_key, "chunks", len(progress.chunks) + len(text)])
+            commands.append(["HSET", run_key, "chunks", progress.chunks + len(text)])
         # The oldest first, over what the stream keeps and this batch, keeping the newest.
         kept, held = owned.sizes, owned.held + sum(size for _, size in added)
         count, drop = len(kept) + len(added), 0
@@ -563,7 +566,7 @@ class RedisBroker:
             commands.append(["SADD", self.k("active", record.owner), run_id])
 
         def applied() -> None:
-            progress.chunks.extend(text)
+            progress.chunks += len(text)
             progress.open_calls.update(opened)
             for call_id in closed:
                 progress.open_calls.pop(call_id, None)
@@ -947,14 +950,13 @@ class RedisBroker:
         calls, answer, (chunk_count, responded) = await pipe.execute()
         progress = _Progress(
             open_calls={k.decode(): v.decode() for k, v in calls.items()},
-            chunks=[answer.decode()] if answer else [],
+            chunks=int(chunk_count or 0),
             responded=bool(responded),
+            content=answer.decode() if answer else "",
         )
-        chunks = int(chunk_count or 0)
         ending = _ending(
             record,
             progress,
-            chunks,
             code="node_lost",
             message="the process running the run was lost",
             apology=NODE_LOST_APOLOGY,
@@ -1025,8 +1027,9 @@ class RedisBroker:
         self._lose(owned)
         ending = _ending(
             record,
-            owned.progress,
-            len(owned.progress.chunks),
+            dataclasses.replace(
+                owned.progress, content=owned.controller.answer(owned.progress.chunks)
+            ),
             code=OUTAGE_CODE,
             message="the run's events could not be kept: Redis was unreachable",
             apology=OUTAGE_APOLOGY,
@@ -1067,7 +1070,6 @@ class RedisBroker:
 def _ending(
     record: RunRecord,
     progress: _Progress,
-    chunks: int,
     *,
     code: str,
     message: str,
@@ -1086,9 +1088,9 @@ def _ending(
         for call_id, tool in progress.open_calls.items()
     ]
     if not progress.responded:
-        content = "".join(progress.chunks)
+        content = progress.content
         text = ("\n\n" if content else "") + apology
-        ending.append(("response_chunk", {"text": text, "index": chunks}))
+        ending.append(("response_chunk", {"text": text, "index": progress.chunks}))
         ending.append(
             (
                 "response_complete",
