@@ -934,7 +934,15 @@ class RedisBroker:
             total = await self._script("COUNT_WATCHERS", keys, [self.p, node, 0, run_id])
             await self._tell_watchers(run_id, int(total), None)
 
-    async def _fail_lost_run(self, run_id: str, node: str) -> bool:
+    async def _fail_lost_run(
+        self,
+        run_id: str,
+        node: str,
+        *,
+        code: str = "node_lost",
+        message: str = "the process running the run was lost",
+        apology: str = NODE_LOST_APOLOGY,
+    ) -> bool:
         """End a run of the lost process ``node`` with ``node_lost``, unless it ended.
 
         The ending is built from what the run's appends recorded (open tool calls,
@@ -957,9 +965,9 @@ class RedisBroker:
         ending = _ending(
             record,
             progress,
-            code="node_lost",
-            message="the process running the run was lost",
-            apology=NODE_LOST_APOLOGY,
+            code=code,
+            message=message,
+            apology=apology,
         )
         if not await self._write_ending(record, ending, node):
             return False
@@ -1059,8 +1067,18 @@ class RedisBroker:
         deadline = time.monotonic() + ENDING_RETRY_S
         while time.monotonic() < deadline:
             try:
-                if not await self._write_ending(record, ending, node, recreate=True):
-                    log.warning("run %s: its ending was written by another process", record.run_id)
+                if await self._write_ending(record, ending, node, recreate=True):
+                    return
+                # The stream moved on: a batch landed whose reply was lost. The run is
+                # ended from what Redis holds, unless another process ended it already.
+                if await self._fail_lost_run(
+                    record.run_id,
+                    node,
+                    code=OUTAGE_CODE,
+                    message=ending[-1].data["error"]["message"],
+                    apology=OUTAGE_APOLOGY,
+                ):
+                    log.warning("run %s: ended from what Redis kept", record.run_id)
                 return
             except (RedisError, OSError):
                 await asyncio.sleep(1.0)
