@@ -106,6 +106,8 @@ class RunHandle:
         self._response_completed = False
         self._answer_id: str | None = None
         self._answer_stored = False
+        #: Set when the broker ended the run without it (:meth:`lost`).
+        self._lost = False
 
     @property
     def run_id(self) -> str:
@@ -147,6 +149,24 @@ class RunHandle:
             loop = asyncio.get_running_loop()
             self._grace = loop.call_later(self._supervisor.config.detach_grace_s, self._gone)
 
+    def answer(self, chars: int) -> str:
+        return self.bridge.content[:chars]
+
+    def lost(self) -> None:
+        # The broker wrote the run's ending (or will): nothing more of this process's.
+        if self._lost:
+            return
+        self._lost = True
+        log.warning("run %s: ended by the broker; stopping its agent", self.run_id)
+        self.lifecycle.status = RunStatus.FAILED
+        self.bridge.agent_error = RunClosed(f"run {self.run_id} was ended by the broker")
+        self.bridge.gate.set()
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
+        if self.task is not None:
+            self.task.cancel()
+
     # Cancellation -------------------------------------------------------------
 
     def _gone(self) -> None:
@@ -174,14 +194,21 @@ class RunHandle:
 
     async def set_status(self, status: RunStatus, error_code: str | None = None) -> None:
         """Record a new status in the broker (for every process) and the recorder."""
+        if self._lost:
+            return
         record = self.record
         record.status = str(status)
         record.updated_at = time.time()
         record.last_seq = self.bridge.seq
         if error_code is not None:
             record.error_code = error_code
-        await self.broker.set_status(self.run_id, record.status, error_code)
-        await self._supervisor.recorder.run_changed(dataclasses.replace(record))
+        try:
+            await self.broker.set_status(self.run_id, record.status, error_code)
+        finally:
+            # The store agrees with what clients saw even when the broker could not be
+            # written to; a run the broker ended is recorded by the broker's side.
+            if not self._lost:
+                await self._supervisor.recorder.run_changed(dataclasses.replace(record))
 
     def _cancel(self, error: RunError) -> None:
         self._cancel_error = error
@@ -231,7 +258,7 @@ class RunHandle:
             self._uncancel()
             status = RunStatus.CANCELLED
         except Exception as exc:
-            if self._cancel_error is not None:
+            if self._cancel_error is not None or self._lost:
                 status = RunStatus.CANCELLED
             else:
                 status = RunStatus.FAILED
@@ -248,12 +275,18 @@ class RunHandle:
             status = RunStatus.FAILED
             error = _run_error(limit)
         try:
-            await self._finish(status, error, started)
+            if not self._lost:
+                await self._finish(status, error, started)
         except Exception as exc:
-            # The ending failed part way (out of memory, a recorder's or broker's error):
-            # the run still ends, failed, with whatever of its ending is missing.
-            log.exception("run %s: its ending failed; ending it as failed", self.run_id)
-            await self._end_anyway(exc, started)
+            if self._lost:
+                # Fenced: the process that took the run over ends it for every client.
+                log.exception("run %s: its ending could not be published", self.run_id)
+            else:
+                # The ending failed part way (out of memory, a recorder's or broker's
+                # error): the run still ends, failed, with whatever of its ending is
+                # missing.
+                log.exception("run %s: its ending failed; ending it as failed", self.run_id)
+                await self._end_anyway(exc, started)
         finally:
             self._supervisor.observer.run_finished(
                 self.agent.name, self.record.status, time.perf_counter() - started, self.bridge.seq
@@ -273,6 +306,8 @@ class RunHandle:
             except asyncio.CancelledError:
                 # Cancelled while the ending waited on a paused run: end it cancelled.
                 self._uncancel()
+                if self._lost:
+                    return
                 status = RunStatus.CANCELLED
 
     async def _finish_once(self, status: RunStatus, error: RunError | None, started: float) -> None:

@@ -28,6 +28,18 @@ RUN_STATUSES = ("queued", "running", "paused", "completed", "cancelled", "failed
 TERMINAL_STATUSES = frozenset({"completed", "cancelled", "failed"})
 
 
+@dataclass(frozen=True, slots=True)
+class RunQuota:
+    """The answer to reserving a run start against a user's limits."""
+
+    #: Names the reservation when granted; None when a limit refused it.
+    token: str | None
+    #: When refused for the active-runs limit: the user's runs going or being started.
+    active: int = 0
+    #: When refused for the per-window limit: seconds until a start is allowed.
+    wait_s: float = 0.0
+
+
 @dataclass(slots=True)
 class RunRecord:
     """What the registry knows of a run; the answer of the status route."""
@@ -72,6 +84,18 @@ class RunController(Protocol):
 
     def watchers_changed(self, count: int) -> None:
         """The number of attached watchers of the run changed to ``count``."""
+        ...
+
+    def answer(self, chars: int) -> str:
+        """The first ``chars`` characters of the run's answer (its chunks' texts in order)."""
+        ...
+
+    def lost(self) -> None:
+        """The broker ended the run without it: stop, publishing and recording nothing more.
+
+        Called when this process may no longer write the run (another process ended
+        it ``node_lost``) or could not reach the broker for too long.
+        """
         ...
 
 
@@ -141,11 +165,19 @@ class Broker(Protocol):
 
     async def connection_closed(self, user: str) -> None: ...
 
-    async def new_run_wait(self, user: str, limit: int, window_s: float) -> float:
-        """0 when ``user`` may start a run now, else the seconds until they may."""
+    async def reserve_run(
+        self, user: str, *, max_active: int, per_window: int, window_s: float
+    ) -> RunQuota:
+        """Check ``user``'s run limits and count one run start against them, atomically.
+
+        The reservation counts as an active run until :meth:`release_run`, and as a
+        start in the window unless released with ``started=False``.
+        """
         ...
 
-    async def new_run_started(self, user: str, window_s: float) -> None: ...
+    async def release_run(self, user: str, token: str, *, started: bool) -> None:
+        """End a reservation: the run was created (it counts by itself now) or refused."""
+        ...
 
     # Event logs ---------------------------------------------------------------
     async def publish(self, event: Event) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 
 
@@ -28,6 +29,13 @@ class SlidingWindow:
     def hit(self, key: str, now: float) -> None:
         """Count one event for ``key`` at ``now``."""
         self._hits.setdefault(key, deque()).append(now)
+
+    def forget(self, key: str, at: float) -> None:
+        """Uncount one event of ``key`` counted at ``at`` (a start that did not happen)."""
+        hits = self._hits.get(key)
+        if hits is not None:
+            with contextlib.suppress(ValueError):
+                hits.remove(at)
 
     def allow(self, key: str, now: float) -> bool:
         """Count one event for ``key`` at ``now`` if the limit allows it."""

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import secrets
 import time
 
-from bridge.broker import RunController, RunRecord, Wake
+from bridge.broker import RunController, RunQuota, RunRecord, Wake
 from bridge.errors import RunNotFound
 from bridge.events import Event
 from bridge.limits import SlidingWindow
@@ -73,6 +74,8 @@ class InMemoryBroker:
         self._active: dict[str, set[str]] = {}
         self._connections: dict[str, int] = {}
         self._rate: SlidingWindow | None = None
+        self._reserved: dict[str, int] = {}  # run starts under way, per user
+        self._reservations: dict[str, tuple[str, float]] = {}  # token: (user, hit time)
 
     async def start(self) -> None:
         return None
@@ -132,19 +135,36 @@ class InMemoryBroker:
         else:
             self._connections.pop(user, None)
 
-    async def new_run_wait(self, user: str, limit: int, window_s: float) -> float:
-        window = self._window_for(limit, window_s)
+    async def reserve_run(
+        self, user: str, *, max_active: int, per_window: int, window_s: float
+    ) -> RunQuota:
+        # Nothing awaits between the checks and the counts: atomic within the process.
+        active = len(self._active.get(user, ())) + self._reserved.get(user, 0)
+        if active >= max_active:
+            return RunQuota(None, active=active)
+        window = self._window_for(per_window, window_s)
         now = time.monotonic()
-        if window.allows(user, now):
-            return 0.0
-        return max(window.retry_after(user, now), 0.001)
+        if not window.allows(user, now):
+            return RunQuota(None, wait_s=max(window.retry_after(user, now), 0.001))
+        window.hit(user, now)
+        if len(window) > 10_000:
+            window.forget_idle(now)
+        self._reserved[user] = self._reserved.get(user, 0) + 1
+        token = secrets.token_hex(8)
+        self._reservations[token] = (user, now)
+        return RunQuota(token)
 
-    async def new_run_started(self, user: str, window_s: float) -> None:
-        if self._rate is not None:
-            now = time.monotonic()
-            self._rate.hit(user, now)
-            if len(self._rate) > 10_000:
-                self._rate.forget_idle(now)
+    async def release_run(self, user: str, token: str, *, started: bool) -> None:
+        reservation = self._reservations.pop(token, None)
+        if reservation is None:
+            return
+        left = self._reserved.get(user, 0) - 1
+        if left > 0:
+            self._reserved[user] = left
+        else:
+            self._reserved.pop(user, None)
+        if not started and self._rate is not None:
+            self._rate.forget(user, reservation[1])
 
     def _window_for(self, limit: int, window_s: float) -> SlidingWindow:
         if self._rate is None or self._rate.limit != limit or self._rate.window_s != window_s:

@@ -6,10 +6,15 @@ Keys (all under ``prefix``, ``chat:`` by default)::
     log:{id}          stream its events, entry id ``0-{seq}``, field ``e`` = the envelope
     active:{user}     set    the user's runs not yet ended
     rate:{user}       zset   the user's recent run starts (sliding window)
+    starting:{user}   zset   the user's run starts under way (reservations)
+    answer:{id}       string the concatenated response chunks appended so far
+    calls:{id}        hash   the run's open tool calls: call id → tool
     conns:{node}      hash   open connections per user on one process
     watchers:{id}     hash   attached watchers per process
+    watching:{node}   set    runs a process has watchers of
     runs:{node}       set    runs a process executes
     node:{node}       string the process's lease (expires unless renewed)
+    fenced:{node}     string set when the process was reaped: it may write no more
     nodes             set    every process that took part
     bus:{node}        pubsub lifecycle commands, their replies, watcher counts
 
@@ -20,13 +25,23 @@ the run ends.  Every process keeps, for the runs its clients watch, a local
 mirror (a :class:`~bridge.log.RunLog`) fed by one ``XREAD`` loop; watches read the
 mirror exactly as with the in-memory broker, and fall back to ``XRANGE`` for
 events older than it.  A process renews its lease every ``lease_s / 3``; when one
-lapses, any other process fails the dead process's runs with ``node_lost``.
+lapses, any other process fails the dead process's runs with ``node_lost``, and
+drops its share of every run's watcher count.
+
+Every write of a run by its process is *fenced* (:data:`~bridge.redis_scripts.FENCED_WRITE`):
+a reaper marks the lost process ``fenced`` before it ends that process's runs, and
+an append is refused once the mark is there.  A process that was reaped while
+alive (an event loop stalled past the lease, a partition from Redis) finds out at
+its next append or lease renewal; its runs' endings are the reaper's, which its
+own clients then read from the streams, and it joins again under a new name.
+Limits and watcher counts are checked and counted in one script each.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import secrets
 import time
@@ -39,7 +54,8 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from bridge.broker import RunController, RunRecord, Wake
+from bridge import redis_scripts as lua
+from bridge.broker import RunController, RunQuota, RunRecord, Wake
 from bridge.errors import BrokerUnavailable, ResumeUnavailable, RunConflict, RunNotFound
 from bridge.events import Event, decode_event, make_event
 from bridge.log import EVENT_OVERHEAD, RunLog
@@ -51,9 +67,16 @@ FLUSH_BATCH: Final = 512
 #: How long the XREAD loop blocks before it looks at the set of mirrored runs again.
 TAIL_BLOCK_MS: Final = 100
 COMMAND_TIMEOUT_S: Final = 10.0
-#: How long a run's events wait for an unreachable Redis before its publishes fail.
-OUTAGE_GIVE_UP_S: Final = 30.0
 NODE_LOST_APOLOGY: Final = "Sorry, the server working on this answer stopped. Please try again."
+OUTAGE_APOLOGY: Final = "Sorry, this answer could not be kept going. Please try again."
+#: The ``error.code`` of a run ended because its events could not reach Redis.
+OUTAGE_CODE: Final = "broker_unavailable"
+#: How long a reserved run start counts, at most, if its process never releases it.
+RESERVATION_HOLD_S: Final = 30.0
+#: How long a reaped process's fence mark is kept (it names a process that is gone).
+FENCE_KEEP_S: Final = 86_400
+#: How long an ending that could not be appended is tried again.
+ENDING_RETRY_S: Final = 600.0
 
 Reaped = Callable[[RunRecord], Awaitable[None]]
 
@@ -79,6 +102,21 @@ class _Owned:
     sizes: deque[tuple[int, int]] = field(default_factory=deque)  # (seq, bytes) kept
     held: int = 0
     flushed_seq: int = 0  # the last seq the stream holds
+    #: What the appended events opened and said, for an ending written without them.
+    progress: _Progress = field(default_factory=lambda: _Progress())
+
+
+@dataclass(slots=True)
+class _Progress:
+    """What a run's events so far leave open: tool calls, the answer, its completion."""
+
+    open_calls: dict[str, str] = field(default_factory=dict)
+    chunks: int = 0  # response chunks appended
+    chars: int = 0  # characters of the answer they make
+    #: The answer they make; kept by the run's process only for a reaper (its own
+    #: comes from the controller, which holds the chunks anyway).
+    content: str = ""
+    responded: bool = False
 
 
 class _Mirror:
@@ -144,6 +182,7 @@ class RedisBroker:
         run_log_max_bytes: int,
         resume_window_s: float,
         lease_s: float = 10.0,
+        outage_s: float = 30.0,
         node: str | None = None,
         prefix: str = "chat:",
     ) -> None:
@@ -151,7 +190,13 @@ class RedisBroker:
         self.max_bytes = run_log_max_bytes
         self.window_s = resume_window_s
         self.lease_s = lease_s
-        self.node = node or f"n_{secrets.token_hex(6)}"
+        #: How long a run's events wait for an unreachable Redis before the run is ended.
+        self.outage_s = outage_s
+        self._base_node = node or f"n_{secrets.token_hex(6)}"
+        #: This process's name in Redis; a new one each time it joins again after
+        #: being reaped (its lease epoch is the name's suffix).
+        self.node = self._base_node
+        self.epoch = 1
         self.p = prefix
         # redis-py's asyncio typing does not follow its decoded replies: kept as Any.
         self._r: Any = None
@@ -163,7 +208,11 @@ class RedisBroker:
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._pubsub: Any = None
-        #: Told of each run this process failed for a lost node (to record it).
+        self._scripts: dict[str, Any] = {}
+        self._conns: dict[str, int] = {}  # this process's open connections, per user
+        self._rejoining: asyncio.Task[None] | None = None
+        #: Told of each run this process ended without its agent: failed for a lost
+        #: node, or for Redis out of reach too long (to record it).
         self.on_reaped: Reaped | None = None
         self.reachable = False
 
@@ -185,9 +234,21 @@ class RedisBroker:
         self._tail_r = aioredis.Redis.from_url(
             self.url, socket_timeout=5 + TAIL_BLOCK_MS / 1000, socket_connect_timeout=5
         )
+        for name in (
+            "FENCED_WRITE",
+            "END_LOST_RUN",
+            "RENEW_LEASE",
+            "CLAIM_LOST_NODE",
+            "OPEN_CONNECTION",
+            "RESERVE_RUN",
+            "COUNT_WATCHERS",
+        ):
+            # Sent by hash, loaded again by redis-py when a restarted Redis lacks it.
+            self._scripts[name] = self._r.register_script(getattr(lua, name))
         try:
             await self.r.ping()
-            await self._renew_lease()
+            if not await self._renew_lease():
+                raise BrokerUnavailable(f"process {self.node} was reaped; start it again")
         except (RedisError, OSError) as exc:
             raise BrokerUnavailable(f"cannot reach Redis at {_safe_url(self.url)}: {exc}") from exc
         self.reachable = True
@@ -214,9 +275,16 @@ class RedisBroker:
                 await task
         self._tasks.clear()
         with contextlib.suppress(Exception):
+            # Runs elsewhere that this process's clients watched: their owners are told,
+            # so that their detach grace starts (no reaper will: the lease is given up).
+            self._mirrors.clear()
+            await self._drop_watchers(self.node)
+        with contextlib.suppress(Exception):
             if self._pubsub is not None:
                 await self._pubsub.aclose()
-            await self.r.delete(self.k("node", self.node), self.k("conns", self.node))
+            await self.r.delete(
+                self.k("node", self.node), self.k("conns", self.node), self.k("watching", self.node)
+            )
             await self.r.srem(self.k("nodes"), self.node)
         for client in (self._r, self._tail_r):
             if client is not None:
@@ -233,6 +301,15 @@ class RedisBroker:
             self.reachable = False
         return self.reachable
 
+    def _script(self, name: str, keys: list[str], args: list[Any]) -> Awaitable[Any]:
+        return self._scripts[name](keys=keys, args=args)  # type: ignore[no-any-return]
+
+    async def _fenced_write(self, run_id: str, commands: list[lua.Command]) -> bool:
+        """Run ``commands`` unless this process may no longer write the run."""
+        keys = [self.k("run", run_id), self.k("fenced", self.node)]
+        done = await self._script("FENCED_WRITE", keys, [self.node, *lua.flatten(commands)])
+        return bool(done)
+
     async def _call(self, what: str, coro: Awaitable[Any]) -> Any:
         """Await a Redis call; its failure becomes :class:`BrokerUnavailable`."""
         try:
@@ -247,11 +324,15 @@ class RedisBroker:
 
     async def create_run(self, record: RunRecord, controller: RunController) -> None:
         run_key = self.k("run", record.run_id)
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hset(run_key, mapping=_record_fields(record, self.node))
-        pipe.sadd(self.k("runs", self.node), record.run_id)
-        pipe.sadd(self.k("active", record.owner), record.run_id)
-        await self._call("create run", pipe.execute())
+        fields = _record_fields(record, self.node)
+        commands: list[lua.Command] = [
+            ["HSET", run_key, *_pairs(fields)],
+            ["SADD", self.k("runs", self.node), record.run_id],
+            ["SADD", self.k("active", record.owner), record.run_id],
+        ]
+        if not await self._call("create run", self._fenced_write(record.run_id, commands)):
+            self._fenced_out()
+            raise BrokerUnavailable("this process is joining Redis again; try again shortly")
         self._owned[record.run_id] = _Owned(record, controller)
 
     async def get_run(self, run_id: str) -> RunRecord | None:
@@ -262,17 +343,21 @@ class RedisBroker:
         fields: dict[str, Any] = {"status": status, "updated_at": time.time()}
         if error_code is not None:
             fields["error_code"] = error_code
-        owner: str | None = None
-        if status in ("completed", "cancelled", "failed"):
-            owned = self._owned.get(run_id)
-            record = owned.record if owned is not None else await self.get_run(run_id)
-            owner = record.owner if record is not None else None
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hset(self.k("run", run_id), mapping=fields)
-        if owner is not None:
-            pipe.srem(self.k("active", owner), run_id)
-            pipe.srem(self.k("runs", self.node), run_id)
-        await self._call("set status", pipe.execute())
+        owned = self._owned.get(run_id)
+        ended = status in ("completed", "cancelled", "failed")
+        if owned is None and ended:
+            # Its agent_completed was appended with the status, in one step: nothing
+            # is left to write (and a Redis that just restarted cannot fail it).
+            return
+        commands: list[lua.Command] = [["HSET", self.k("run", run_id), *_pairs(fields)]]
+        if ended and owned is not None:
+            commands.append(["SREM", self.k("active", owned.record.owner), run_id])
+            commands.append(["SREM", self.k("runs", self.node), run_id])
+        if not await self._call("set status", self._fenced_write(run_id, commands)):
+            # Reaped: the run's ending is another process's; this one stops it.
+            if owned is not None:
+                self._lose(owned)
+            self._fenced_out()
 
     async def active_runs(self, owner: str) -> int:
         return int(await self._call("active runs", self.r.scard(self.k("active", owner))))
@@ -280,17 +365,21 @@ class RedisBroker:
     # Per-user limits, shared by every process ----------------------------------------
 
     async def connection_opened(self, user: str, limit: int) -> bool:
-        nodes = await self._live_nodes()
-        pipe = self.r.pipeline(transaction=False)
-        for node in nodes:
-            pipe.hget(self.k("conns", node), user)
-        counts = await self._call("count connections", pipe.execute())
-        if sum(int(c or 0) for c in counts) >= limit:
+        counted = await self._call(
+            "count connections",
+            self._script("OPEN_CONNECTION", [self.k("nodes")], [self.p, self.node, user, limit]),
+        )
+        if not counted:
             return False
-        await self._call("count connections", self.r.hincrby(self.k("conns", self.node), user, 1))
+        self._conns[user] = self._conns.get(user, 0) + 1
         return True
 
     async def connection_closed(self, user: str) -> None:
+        left_here = self._conns.get(user, 0) - 1
+        if left_here > 0:
+            self._conns[user] = left_here
+        else:
+            self._conns.pop(user, None)
         with contextlib.suppress(BrokerUnavailable):
             left = await self._call(
                 "count connections", self.r.hincrby(self.k("conns", self.node), user, -1)
@@ -298,25 +387,32 @@ class RedisBroker:
             if int(left) <= 0:
                 await self._call("count connections", self.r.hdel(self.k("conns", self.node), user))
 
-    async def new_run_wait(self, user: str, limit: int, window_s: float) -> float:
-        key = self.k("rate", user)
+    async def reserve_run(
+        self, user: str, *, max_active: int, per_window: int, window_s: float
+    ) -> RunQuota:
+        token = f"{self.node}/{secrets.token_hex(6)}"
+        keys = [self.k("active", user), self.k("starting", user), self.k("rate", user)]
         now = time.time()
-        pipe = self.r.pipeline(transaction=True)
-        pipe.zremrangebyscore(key, 0, now - window_s)
-        pipe.zcard(key)
-        pipe.zrange(key, 0, 0, withscores=True)
-        _, count, oldest = await self._call("rate limit", pipe.execute())
-        if int(count) < limit:
-            return 0.0
-        return max(0.0, float(oldest[0][1]) + window_s - now) if oldest else window_s
+        args = [now, window_s, max_active, per_window, token, RESERVATION_HOLD_S]
+        answer = await self._call("run limits", self._script("RESERVE_RUN", keys, args))
+        verdict = int(answer[0])
+        if verdict == 0:
+            return RunQuota(token)
+        if verdict == 1:
+            return RunQuota(None, active=int(answer[1]))
+        oldest = float(answer[1])
+        return RunQuota(None, wait_s=max(0.001, oldest + window_s - now))
 
-    async def new_run_started(self, user: str, window_s: float) -> None:
-        key = self.k("rate", user)
-        now = time.time()
+    async def release_run(self, user: str, token: str, *, started: bool) -> None:
         pipe = self.r.pipeline(transaction=True)
-        pipe.zadd(key, {f"{now}:{secrets.token_hex(4)}": now})
-        pipe.expire(key, int(window_s) + 1)
-        await self._call("rate limit", pipe.execute())
+        pipe.zrem(self.k("starting", user), token)
+        if not started:
+            pipe.zrem(self.k("rate", user), token)
+        try:
+            await self._call("run limits", pipe.execute())
+        except BrokerUnavailable as exc:
+            # The reservation lapses by itself after RESERVATION_HOLD_S.
+            log.warning("releasing a run start of %s failed: %s", user, exc)
 
     # Event logs -----------------------------------------------------------------------
 
@@ -349,29 +445,42 @@ class RedisBroker:
 
         While Redis is unreachable the events wait here (the agent waits too, once
         too many are pending) and each batch is tried again with a growing pause;
-        only after ``OUTAGE_GIVE_UP_S`` does the run's next publish fail.
+        after ``outage_s`` the run is ended ``failed`` / ``broker_unavailable``
+        by :meth:`_give_up`.  An append refused by the fence (this process was
+        reaped) stops the run: its ending is the reaper's.
         """
         run_id = owned.record.run_id
         while owned.pending:
             batch = owned.pending[:FLUSH_BATCH]
             del owned.pending[:FLUSH_BATCH]
-            pause, gave_up_at = 0.05, time.monotonic() + OUTAGE_GIVE_UP_S
+            pause, gave_up_at = 0.05, time.monotonic() + self.outage_s
+            commands, applied = self._append_commands(owned, batch)
             while True:
                 try:
-                    await self._append(owned, batch)
+                    appended = bool(await self._fenced_write(run_id, commands))
                     break
                 except (RedisError, OSError) as exc:
                     self.reachable = False
                     if time.monotonic() > gave_up_at:
-                        owned.failure = exc
                         log.error("run %s: appending to Redis failed: %r", run_id, exc)
+                        self._give_up(owned, exc)
                         return
                     log.warning("run %s: Redis unreachable (%r); trying again", run_id, exc)
                     await asyncio.sleep(pause)
                     pause = min(pause * 2, 1.0)
-                    # A batch may have landed before the connection broke: keep the rest.
-                    batch = await self._not_yet_appended(run_id, batch)
+                    # The batch may have landed (whole: it is one script) before the
+                    # connection broke; it is not appended twice.
+                    if await self._landed(run_id, batch[-1].seq or 0):
+                        appended = True
+                        break
             self.reachable = True
+            if appended:
+                applied()
+            if not appended:
+                log.error("run %s: this process was reaped; its events are refused", run_id)
+                self._lose(owned)
+                self._fenced_out()
+                return
             last = batch[-1] if batch else None
             if last is not None:
                 owned.flushed_seq = last.seq or 0
@@ -379,23 +488,49 @@ class RedisBroker:
                 if last.type == "agent_completed":
                     self._owned.pop(run_id, None)
 
-    async def _not_yet_appended(self, run_id: str, batch: list[Event]) -> list[Event]:
+    async def _landed(self, run_id: str, seq: int) -> bool:
         try:
             newest = await self.r.xrevrange(self.k("log", run_id), "+", "-", count=1)
         except (RedisError, OSError):
-            return batch
-        stored = _seq_of(newest[0][0]) if newest else 0
-        return [event for event in batch if (event.seq or 0) > stored]
+            return False
+        return bool(newest) and _seq_of(newest[0][0]) >= seq
 
-    async def _append(self, owned: _Owned, batch: list[Event]) -> None:
-        if not batch:
-            return
-        run_id = owned.record.run_id
-        log_key = self.k("log", run_id)
-        pipe = self.r.pipeline(transaction=True)
+    def _append_commands(
+        self, owned: _Owned, batch: list[Event]
+    ) -> tuple[list[lua.Command], Callable[[], None]]:
+        """The fenced write that appends ``batch`` with the run's record, and what to
+        note once it is done."""
+        record = owned.record
+        run_id = record.run_id
+        log_key, run_key = self.k("log", run_id), self.k("run", run_id)
+        answer_key, calls_key = self.k("answer", run_id), self.k("calls", run_id)
+        commands: list[lua.Command] = []
         added = [(event.seq or 0, event.size + EVENT_OVERHEAD) for event in batch]
+        text: list[str] = []
+        opened: dict[str, str] = {}
+        closed: list[str] = []
+        responded = False
         for event in batch:
-            pipe.xadd(log_key, {"e": event.text}, id=_seq_id(event.seq or 0))
+            commands.append(["XADD", log_key, _seq_id(event.seq or 0), "e", event.text])
+            # What an ending written by another process needs, whatever the trim keeps.
+            kind = event.type
+            if kind == "response_chunk":
+                text.append(event.data["text"])
+            elif kind == "tool_executing":
+                data = event.data
+                opened[data["call_id"]] = data["tool"]
+                commands.append(["HSET", calls_key, data["call_id"], data["tool"]])
+            elif kind == "tool_completed":
+                call_id = event.data["call_id"]
+                closed.append(call_id)
+                commands.append(["HDEL", calls_key, call_id])
+            elif kind == "response_complete":
+                responded = True
+                commands.append(["HSET", run_key, "responded", 1])
+        progress = owned.progress
+        if text:
+            commands.append(["APPEND", answer_key, "".join(text)])
+            commands.append(["HSET", run_key, "chunks", progress.chunks + len(text)])
         # The oldest first, over what the stream keeps and this batch, keeping the newest.
         kept, held = owned.sizes, owned.held + sum(size for _, size in added)
         count, drop = len(kept) + len(added), 0
@@ -408,30 +543,42 @@ class RedisBroker:
             drop += 1
         first_kept = entry(drop)[0] if drop else None
         if first_kept is not None:
-            pipe.xtrim(log_key, minid=_seq_id(first_kept))
-            pipe.hset(self.k("run", run_id), "first_seq", first_kept)
+            commands.append(["XTRIM", log_key, "MINID", _seq_id(first_kept)])
+            commands.append(["HSET", run_key, "first_seq", first_kept])
         last = batch[-1]
-        pipe.hset(self.k("run", run_id), mapping={"last_seq": last.seq or 0, "updated_at": last.ts})
+        # A record that a restarted Redis lost is written again, whole.
+        for name, value in _record_fields(record, self.node).items():
+            if name not in ("first_seq", "last_seq", "updated_at"):
+                commands.append(["HSETNX", run_key, name, value])
+        commands.append(["HSET", run_key, "last_seq", last.seq or 0, "updated_at", last.ts])
         if last.type == "agent_completed":
             # The run's end and its status land together: whoever reads the record
             # after seeing agent_completed finds the run ended.
             final = last.data
-            pipe.hset(
-                self.k("run", run_id),
-                mapping={
-                    "status": final["status"],
-                    "error_code": (final.get("error") or {}).get("code", ""),
-                },
-            )
-            pipe.srem(self.k("active", owned.record.owner), run_id)
-            pipe.srem(self.k("runs", self.node), run_id)
-            for key in (log_key, self.k("run", run_id), self.k("watchers", run_id)):
-                pipe.expire(key, max(1, int(self.window_s)))
-        await pipe.execute()
-        kept.extend(added)
-        for _ in range(drop):
-            kept.popleft()
-        owned.held = held
+            code = (final.get("error") or {}).get("code", "")
+            commands.append(["HSET", run_key, "status", final["status"], "error_code", code])
+            commands.append(["SREM", self.k("active", record.owner), run_id])
+            commands.append(["SREM", self.k("runs", self.node), run_id])
+            expire = max(1, int(self.window_s))
+            for key in (log_key, run_key, self.k("watchers", run_id), answer_key, calls_key):
+                commands.append(["EXPIRE", key, expire])
+        else:
+            commands.append(["SADD", self.k("runs", self.node), run_id])
+            commands.append(["SADD", self.k("active", record.owner), run_id])
+
+        def applied() -> None:
+            progress.chunks += len(text)
+            progress.chars += sum(len(t) for t in text)
+            progress.open_calls.update(opened)
+            for call_id in closed:
+                progress.open_calls.pop(call_id, None)
+            progress.responded = progress.responded or responded
+            kept.extend(added)
+            for _ in range(drop):
+                kept.popleft()
+            owned.held = held
+
+        return commands, applied
 
     def _mirror_append(self, run_id: str, events: list[Event]) -> None:
         mirror = self._mirrors.get(run_id)
@@ -510,26 +657,24 @@ class RedisBroker:
     async def _watchers_changed(self, run_id: str, record: RunRecord | None) -> None:
         mirror = self._mirrors.get(run_id)
         count = len(mirror.watchers) if mirror else 0
-        key = self.k("watchers", run_id)
+        keys = [self.k("watchers", run_id), self.k("watching", self.node)]
         try:
-            if count:
-                await self.r.hset(key, self.node, count)
-            else:
-                await self.r.hdel(key, self.node)
-            values = await self.r.hvals(key)
-            total = sum(int(v) for v in values)
-            owned = self._owned.get(run_id)
-            if owned is not None:
-                owned.controller.watchers_changed(total)
-                return
-            record = record or await self.get_run(run_id)
-            if record is not None and record.extra.get("node"):
-                await self._send(
-                    str(record.extra["node"]),
-                    {"kind": "watchers", "run_id": run_id, "count": total},
-                )
+            total = await self._script("COUNT_WATCHERS", keys, [self.p, self.node, count, run_id])
+            await self._tell_watchers(run_id, int(total), record)
         except (RedisError, OSError) as exc:
             log.warning("run %s: could not count watchers: %r", run_id, exc)
+
+    async def _tell_watchers(self, run_id: str, total: int, record: RunRecord | None) -> None:
+        """Tell the process executing the run how many watchers it has, over every process."""
+        owned = self._owned.get(run_id)
+        if owned is not None:
+            owned.controller.watchers_changed(total)
+            return
+        record = record or await self.get_run(run_id)
+        if record is not None and not record.ended and record.extra.get("node"):
+            await self._send(
+                str(record.extra["node"]), {"kind": "watchers", "run_id": run_id, "count": total}
+            )
 
     async def _tail(self) -> None:
         """Feed the mirrors of runs executed elsewhere, in order, from their streams."""
@@ -649,21 +794,81 @@ class RedisBroker:
 
     # Leases and lost nodes --------------------------------------------------------------
 
-    async def _renew_lease(self) -> None:
-        pipe = self.r.pipeline(transaction=False)
-        pipe.set(self.k("node", self.node), str(time.time()), px=int(self.lease_s * 1000))
-        pipe.sadd(self.k("nodes"), self.node)
-        await pipe.execute()
+    async def _renew_lease(self) -> bool:
+        """Renew this process's lease; False when it was reaped (fenced) meanwhile."""
+        keys = [self.k("node", self.node), self.k("fenced", self.node), self.k("nodes")]
+        args = [str(time.time()), int(self.lease_s * 1000), self.node]
+        return bool(await self._script("RENEW_LEASE", keys, args))
 
     async def _keep_lease(self) -> None:
         while True:
             await asyncio.sleep(self.lease_s / 3)
             try:
-                await self._renew_lease()
+                renewed = await self._renew_lease()
                 self.reachable = True
             except (RedisError, OSError) as exc:
                 self.reachable = False
                 log.warning("renewing the lease failed: %r", exc)
+                continue
+            if not renewed:
+                log.error("process %s was reaped while alive (its lease lapsed)", self.node)
+                self._fenced_out()
+
+    # Being reaped while alive -------------------------------------------------------
+
+    def _lose(self, owned: _Owned) -> None:
+        """Stop a run this process may no longer write: its ending is written elsewhere
+        (or by :meth:`_give_up`); local watchers then read it from the stream."""
+        run_id = owned.record.run_id
+        if self._owned.get(run_id) is owned:
+            del self._owned[run_id]
+        owned.pending.clear()
+        if owned.failure is None:
+            owned.failure = BrokerUnavailable(f"this process no longer executes run {run_id}")
+        owned.controller.lost()
+        self._mirrors_changed.set()
+
+    def _fenced_out(self) -> None:
+        """This process was (or may have been) reaped: check, and join again if so."""
+        if self._rejoining is None or self._rejoining.done():
+            task = asyncio.get_running_loop().create_task(self._rejoin(), name="redis rejoin")
+            self._rejoining = task
+
+    async def _rejoin(self) -> None:
+        old = self.node
+        while True:
+            try:
+                if not await self.r.exists(self.k("fenced", old)):
+                    return  # not reaped: a run's record names another process, that is all
+                break
+            except (RedisError, OSError) as exc:
+                log.warning("checking this process's fence failed: %r", exc)
+                await asyncio.sleep(0.5)
+        for owned in list(self._owned.values()):
+            self._lose(owned)
+            # Normally the reaper's; written here if no reaper did yet (written once).
+            with contextlib.suppress(RedisError, OSError):
+                await self._fail_lost_run(owned.record.run_id, old)
+        self.epoch += 1
+        self.node = f"{self._base_node}~{self.epoch}"
+        while True:
+            try:
+                await self._renew_lease()
+                await self._pubsub.subscribe(self.k("bus", self.node))
+                with contextlib.suppress(RedisError, OSError):
+                    await self._pubsub.unsubscribe(self.k("bus", old))
+                if self._conns:
+                    await self.r.hset(self.k("conns", self.node), mapping=dict(self._conns))
+                break
+            except (RedisError, OSError) as exc:
+                log.warning("joining Redis again failed: %r; retrying", exc)
+                await asyncio.sleep(0.5)
+        for run_id, mirror in list(self._mirrors.items()):
+            if mirror.watchers:
+                await self._watchers_changed(run_id, None)
+        log.warning("process %s joined again as %s", old, self.node)
+
+    # Leases and lost nodes --------------------------------------------------------------
 
     async def _live_nodes(self) -> list[str]:
         nodes = [
@@ -687,120 +892,256 @@ class RedisBroker:
                 log.exception("looking for lost processes failed")
 
     async def reap_lost_nodes(self) -> int:
-        """Fail the runs of every process whose lease lapsed; how many runs."""
+        """Fail the runs of every process whose lease lapsed; how many runs.
+
+        The lost process is fenced first, so that nothing it still appends (were it
+        alive after all) lands after the endings written here.  Its share of each
+        run's watcher count goes with it, so the detach grace of runs it was the
+        last to watch starts.
+        """
         nodes = [
             n.decode() if isinstance(n, bytes) else n
             for n in await self.r.smembers(self.k("nodes"))
         ]
         reaped = 0
         for node in nodes:
-            if node == self.node or await self.r.exists(self.k("node", node)):
+            if node == self.node:
                 continue
-            # One process reaps a node; the lock outlives a reaper that dies halfway.
-            if not await self.r.set(self.k("reaping", node), self.node, nx=True, ex=30):
-                continue
+            keys = [self.k("node", node), self.k("fenced", node), self.k("reaping", node)]
+            if not await self._script("CLAIM_LOST_NODE", keys, [self.node, FENCE_KEEP_S]):
+                continue  # alive, or another process reaps it
             runs = await self.r.smembers(self.k("runs", node))
             for raw in runs:
                 run_id = raw.decode() if isinstance(raw, bytes) else raw
-                if await self._fail_lost_run(run_id):
+                if await self._fail_lost_run(run_id, node):
                     reaped += 1
+            await self._drop_watchers(node)
             pipe = self.r.pipeline(transaction=False)
-            pipe.delete(self.k("runs", node), self.k("conns", node), self.k("reaping", node))
+            pipe.delete(
+                self.k("runs", node),
+                self.k("conns", node),
+                self.k("watching", node),
+                self.k("reaping", node),
+            )
             pipe.srem(self.k("nodes"), node)
             await pipe.execute()
             log.warning("process %s lost its lease; %d of its runs failed", node, len(runs))
         return reaped
 
-    async def _fail_lost_run(self, run_id: str) -> bool:
+    async def _drop_watchers(self, node: str) -> None:
+        """Remove ``node``'s share of every run's watcher count; tell the runs' owners."""
+        for raw in await self.r.smembers(self.k("watching", node)):
+            run_id = raw.decode() if isinstance(raw, bytes) else raw
+            keys = [self.k("watchers", run_id), self.k("watching", node)]
+            total = await self._script("COUNT_WATCHERS", keys, [self.p, node, 0, run_id])
+            await self._tell_watchers(run_id, int(total), None)
+
+    async def _fail_lost_run(
+        self,
+        run_id: str,
+        node: str,
+        *,
+        code: str = "node_lost",
+        message: str = "the process running the run was lost",
+        apology: str = NODE_LOST_APOLOGY,
+    ) -> bool:
+        """End a run of the lost process ``node`` with ``node_lost``, unless it ended.
+
+        The ending is built from what the run's appends recorded (open tool calls,
+        the answer so far), not from its stream, which may be trimmed.
+        """
         record = await self.get_run(run_id)
-        if record is None or record.ended:
+        if record is None or record.ended or record.extra.get("node") != node:
             return False
-        log_key = self.k("log", run_id)
-        entries = await self.r.xrange(log_key, "-", "+")
-        events = [decode_event(fields[b"e"]) for _, fields in entries]
-        seq = record.last_seq
-        thread = record.thread_id
-        open_calls: dict[str, str] = {}
-        chunks: list[str] = []
-        responded = False
-        for event in events:
-            data = event.data
-            if event.type == "tool_executing":
-                open_calls[data["call_id"]] = data["tool"]
-            elif event.type == "tool_completed":
-                open_calls.pop(data["call_id"], None)
-            elif event.type == "response_chunk":
-                chunks.append(data["text"])
-            elif event.type == "response_complete":
-                responded = True
-            elif event.type == "agent_completed":
-                return False
-        ending: list[tuple[str, dict[str, Any]]] = [
-            (
-                "tool_completed",
-                {
-                    "call_id": call_id,
-                    "tool": tool,
-                    "ok": False,
-                    "error": "node_lost",
-                    "duration_ms": 0.0,
-                },
-            )
-            for call_id, tool in open_calls.items()
-        ]
-        if not responded:
-            apology = ("\n\n" if chunks else "") + NODE_LOST_APOLOGY
-            ending.append(("response_chunk", {"text": apology, "index": len(chunks)}))
-            ending.append(
-                (
-                    "response_complete",
-                    {
-                        "message_id": f"m_{secrets.token_urlsafe(12)}",
-                        "content": "".join(chunks) + apology,
-                        "fallback": True,
-                        "stored": False,
-                    },
-                )
-            )
-        duration = round((time.time() - record.created_at) * 1000, 3)
-        ending.append(
-            (
-                "agent_completed",
-                {
-                    "status": "failed",
-                    "duration_ms": duration,
-                    "error": {
-                        "code": "node_lost",
-                        "message": "the process running the run was lost",
-                    },
-                },
-            )
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hgetall(self.k("calls", run_id))
+        pipe.get(self.k("answer", run_id))
+        pipe.hmget(self.k("run", run_id), "chunks", "responded")
+        calls, answer, (chunk_count, responded) = await pipe.execute()
+        progress = _Progress(
+            open_calls={k.decode(): v.decode() for k, v in calls.items()},
+            chunks=int(chunk_count or 0),
+            responded=bool(responded),
+            content=answer.decode() if answer else "",
         )
-        pipe = self.r.pipeline(transaction=True)
-        for kind, data in ending:
-            seq += 1
-            event = make_event(kind, data, run_id=run_id, thread_id=thread, seq=seq)  # type: ignore[arg-type]
-            pipe.xadd(log_key, {"e": event.text}, id=_seq_id(seq))
-        now = time.time()
-        pipe.hset(
-            self.k("run", run_id),
-            mapping={
-                "status": "failed",
-                "error_code": "node_lost",
-                "last_seq": seq,
-                "updated_at": now,
-            },
+        ending = _ending(
+            record,
+            progress,
+            code=code,
+            message=message,
+            apology=apology,
         )
-        pipe.srem(self.k("active", record.owner), run_id)
-        for key in (log_key, self.k("run", run_id), self.k("watchers", run_id)):
-            pipe.expire(key, max(1, int(self.window_s)))
-        await pipe.execute()
+        if not await self._write_ending(record, ending, node):
+            return False
         if self.on_reaped is not None:
-            record.status, record.error_code, record.last_seq = "failed", "node_lost", seq
-            record.updated_at = now
             with contextlib.suppress(Exception):
                 await self.on_reaped(record)
         return True
+
+    async def _write_ending(
+        self, record: RunRecord, ending: list[Event], node: str, *, recreate: bool = False
+    ) -> bool:
+        """Append the ending of a run that ``node`` executed and record it failed, once:
+        False when the run ended or moved on meanwhile.  ``record`` is updated.
+
+        With ``recreate``, a run whose record Redis lost (restarted empty) is written
+        again, with its ending only."""
+        run_id = record.run_id
+        log_key, run_key = self.k("log", run_id), self.k("run", run_id)
+        last = ending[-1]
+        code = last.data["error"]["code"]
+        commands: list[lua.Command] = [
+            ["XADD", log_key, _seq_id(event.seq or 0), "e", event.text] for event in ending
+        ]
+        now = time.time()
+        fields = {
+            **_record_fields(record, ""),
+            "status": "failed",
+            "error_code": code,
+            "last_seq": last.seq or 0,
+            "updated_at": now,
+        }
+        fields.pop("first_seq")
+        commands.append(["HSET", run_key, *_pairs(fields)])
+        if recreate:
+            commands.append(["HSETNX", run_key, "first_seq", ending[0].seq or 1])
+        commands.append(["SREM", self.k("active", record.owner), run_id])
+        commands.append(["SREM", self.k("runs", node), run_id])
+        expire = max(1, int(self.window_s))
+        for key in (
+            log_key,
+            run_key,
+            self.k("watchers", run_id),
+            self.k("answer", run_id),
+            self.k("calls", run_id),
+        ):
+            commands.append(["EXPIRE", key, expire])
+        args = [node, record.last_seq, int(recreate), *lua.flatten(commands)]
+        if not await self._script("END_LOST_RUN", [run_key], args):
+            return False
+        record.status, record.error_code, record.last_seq = "failed", code, last.seq or 0
+        record.updated_at = now
+        return True
+
+    # Runs whose events cannot reach Redis ------------------------------------------------
+
+    def _give_up(self, owned: _Owned, exc: BaseException) -> None:
+        """End a run whose events could not be appended for ``outage_s``.
+
+        Its clients here get the ending at once (after the last event the stream
+        holds: what every client saw); the store records it; the stream gets the
+        same ending once Redis is back (tried for ``ENDING_RETRY_S``).
+        """
+        record = owned.record
+        owned.failure = exc
+        self._lose(owned)
+        ending = _ending(
+            record,
+            dataclasses.replace(
+                owned.progress, content=owned.controller.answer(owned.progress.chars)
+            ),
+            code=OUTAGE_CODE,
+            message="the run's events could not be kept: Redis was unreachable",
+            apology=OUTAGE_APOLOGY,
+            last_seq=owned.flushed_seq,
+        )
+        self._mirror_append(record.run_id, ending)
+        ended = dataclasses.replace(record, extra=dict(record.extra))
+        task = asyncio.get_running_loop().create_task(self._end_when_back(ended, ending))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _end_when_back(self, record: RunRecord, ending: list[Event]) -> None:
+        last = ending[-1]
+        expected_last = (ending[0].seq or 1) - 1
+        stored = dataclasses.replace(
+            record,
+            status="failed",
+            error_code=OUTAGE_CODE,
+            last_seq=last.seq or 0,
+            updated_at=time.time(),
+        )
+        if self.on_reaped is not None:
+            with contextlib.suppress(Exception):
+                await self.on_reaped(stored)
+        record.last_seq = expected_last
+        node = self.node
+        deadline = time.monotonic() + ENDING_RETRY_S
+        while time.monotonic() < deadline:
+            try:
+                if await self._write_ending(record, ending, node, recreate=True):
+                    return
+                # The stream moved on: a batch landed whose reply was lost. The run is
+                # ended from what Redis holds, unless another process ended it already.
+                if await self._fail_lost_run(
+                    record.run_id,
+                    node,
+                    code=OUTAGE_CODE,
+                    message=ending[-1].data["error"]["message"],
+                    apology=OUTAGE_APOLOGY,
+                ):
+                    log.warning("run %s: ended from what Redis kept", record.run_id)
+                return
+            except (RedisError, OSError):
+                await asyncio.sleep(1.0)
+        log.error("run %s: its ending could not be appended to Redis", record.run_id)
+
+
+def _ending(
+    record: RunRecord,
+    progress: _Progress,
+    *,
+    code: str,
+    message: str,
+    apology: str,
+    last_seq: int | None = None,
+) -> list[Event]:
+    """The events that end a run its agent cannot end: open calls answered, the answer
+    completed (what its chunks said, and an apology), ``agent_completed`` failed."""
+    run_id, thread = record.run_id, record.thread_id
+    seq = record.last_seq if last_seq is None else last_seq
+    ending: list[tuple[str, dict[str, Any]]] = [
+        (
+            "tool_completed",
+            {"call_id": call_id, "tool": tool, "ok": False, "error": code, "duration_ms": 0.0},
+        )
+        for call_id, tool in progress.open_calls.items()
+    ]
+    if not progress.responded:
+        content = progress.content
+        text = ("\n\n" if content else "") + apology
+        ending.append(("response_chunk", {"text": text, "index": progress.chunks}))
+        ending.append(
+            (
+                "response_complete",
+                {
+                    "message_id": f"m_{secrets.token_urlsafe(12)}",
+                    "content": content + text,
+                    "fallback": True,
+                    "stored": False,
+                },
+            )
+        )
+    duration = round((time.time() - record.created_at) * 1000, 3)
+    ending.append(
+        (
+            "agent_completed",
+            {
+                "status": "failed",
+                "duration_ms": duration,
+                "error": {"code": code, "message": message},
+            },
+        )
+    )
+    events: list[Event] = []
+    for kind, data in ending:
+        seq += 1
+        events.append(make_event(kind, data, run_id=run_id, thread_id=thread, seq=seq))  # type: ignore[arg-type]
+    return events
+
+
+def _pairs(fields: dict[str, Any]) -> list[Any]:
+    return [item for pair in fields.items() for item in pair]
 
 
 class _RemoteError(Exception):

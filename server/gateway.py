@@ -52,6 +52,7 @@ def make_broker(settings: Settings) -> Broker:
             run_log_max_bytes=settings.run_log_max_bytes,
             resume_window_s=settings.resume_window_s,
             lease_s=settings.run_lease_s,
+            outage_s=settings.redis_outage_s,
             node=f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}",
         )
     raise ValueError("CHAT_BROKER_URL must be unset, 'memory', or a redis:// URL")
@@ -130,7 +131,6 @@ class Gateway:
         self.counters = Counters()
         self.shutting_down = False
         self._sessions: dict[str, set[LocalSession]] = {}
-        self._starting: dict[str, int] = {}  # runs being started, per user
         self._watchdog: asyncio.Task[None] | None = None
         self.persistence.on_refused = self._refused_by_store
         if isinstance(self.broker, RedisBroker):
@@ -248,39 +248,34 @@ class Gateway:
         if self.shutting_down:
             raise ShuttingDown("the server is shutting down; start the run again shortly")
         uid = user.user_id
-        # Runs of this user being started right now count against the limits too, so
-        # that requests arriving together cannot all pass the same check.
-        starting = self._starting.get(uid, 0)
-        self._starting[uid] = starting + 1
+        # Checked and counted in one step by the broker (across processes with Redis),
+        # so that requests arriving together cannot all pass the same check.
+        quota = await self.broker.reserve_run(
+            uid,
+            max_active=self.settings.max_active_runs_per_user,
+            per_window=self.settings.rate_limit_per_minute,
+            window_s=60.0,
+        )
+        if quota.token is None:
+            self.counters.rate_limited += 1
+            if quota.wait_s > 0:
+                limit = self.settings.rate_limit_per_minute
+                raise RateLimited(
+                    f"more than {limit} new runs in a minute; "
+                    f"try again in {math.ceil(quota.wait_s)} s"
+                )
+            limit = self.settings.max_active_runs_per_user
+            raise RateLimited(f"{quota.active} runs are still going; at most {limit} at once")
+        started = False
         try:
-            await self._check_run_limits(user, starting)
             record = await self.supervisor.start_run(
                 owner=uid, content=content, thread_id=thread_id, agent=agent, ref=ref
             )
-            # Only runs that started count against the per-minute window.
-            await self.broker.new_run_started(uid, 60.0)
+            started = True  # only runs that started count against the per-minute window
         finally:
-            left = self._starting[uid] - 1
-            if left:
-                self._starting[uid] = left
-            else:
-                del self._starting[uid]
+            await self.broker.release_run(uid, quota.token, started=started)
         self.counters.runs_started += 1
         return record
-
-    async def _check_run_limits(self, user: Principal, starting: int) -> None:
-        active = await self.broker.active_runs(user.user_id) + starting
-        limit = self.settings.max_active_runs_per_user
-        if active >= limit:
-            self.counters.rate_limited += 1
-            raise RateLimited(f"{active} runs are still going; at most {limit} at once")
-        limit = self.settings.rate_limit_per_minute
-        wait = await self.broker.new_run_wait(user.user_id, limit, 60.0)
-        if wait > 0:
-            self.counters.rate_limited += 1
-            raise RateLimited(
-                f"more than {limit} new runs in a minute; try again in {math.ceil(wait)} s"
-            )
 
     async def find_run(self, user: Principal, run_id: str) -> RunRecord:
         """The user's run; someone else's is as unknown as a missing one."""

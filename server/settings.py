@@ -102,6 +102,9 @@ class Settings:
     run_lease_s: float = _opt(
         10.0, "with Redis: a process silent this long has its runs failed with node_lost"
     )
+    redis_outage_s: float = _opt(
+        30.0, "with Redis: a run whose events cannot be appended this long is ended failed"
+    )
     # Storage ------------------------------------------------------------------
     db_url: str = _opt(
         "sqlite:///var/chat.db", "sqlite:///path.db (default, WAL) or postgresql://user@host/db"
@@ -198,6 +201,7 @@ class Settings:
             "llm_timeout_s",
             "header_timeout_s",
             "agent_timeout_s",
+            "redis_outage_s",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()} must be positive")

@@ -1,6 +1,7 @@
 """The WebSocket endpoint ``/ws``: handshake checks, then one session until it ends.
 
-Refusals (bad token 4401, foreign origin 4403, too many connections 4429) are
+Refusals (bad token 4401, foreign origin 4403, too many connections 4429, the
+Redis broker out of reach 1013) are
 sent as close codes after the handshake, with ``chat.v1`` selected when it was
 offered, so that a browser can see why.  While the session lives, this task
 watches it: a session its outbox cut as a slow consumer (see
@@ -14,12 +15,14 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Final
 
 from starlette.types import Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from agents.supervisor import new_id
 from bridge import events
+from bridge.errors import BrokerUnavailable
 from server.auth import token_for_websocket
 from server.errors import AuthError
 from server.gateway import Gateway
@@ -34,6 +37,9 @@ from server.session import (
 )
 
 log = logging.getLogger("chat.ws")
+
+#: "Try again later": the shared broker (Redis) cannot be reached.
+CLOSE_UNAVAILABLE: Final = 1013
 
 
 async def websocket_endpoint(gateway: Gateway, websocket: WebSocket, send: Send) -> None:
@@ -60,7 +66,13 @@ async def websocket_endpoint(gateway: Gateway, websocket: WebSocket, send: Send)
     # The token's expiry on the loop's clock, which the outbox is given.
     expires_at = loop.time() + user.expires_at + gateway.auth.leeway_s - time.time()
     session = Session(gateway, user, new_id("s_"), send, close, expires_at=expires_at)
-    if not await gateway.add_session(session):
+    try:
+        added = await gateway.add_session(session)
+    except BrokerUnavailable:
+        # Connections are counted in the shared broker: none can be opened without it.
+        await websocket.close(CLOSE_UNAVAILABLE, "broker unavailable")
+        return
+    if not added:
         limit = settings.max_connections_per_user
         await websocket.close(CLOSE_TOO_MANY, f"more than {limit} connections for this user")
         return
