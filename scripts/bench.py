@@ -9,7 +9,7 @@ Usage (from the project root; needs the ``bench`` extra: python-socketio, sse-st
     python scripts/bench.py --profile DIR   # also profile the gateway with py-spy
     python scripts/bench.py --gateway-src DIR   # the gateway of another source tree
 
-Servers, each a process of its own on a free loopback port, served by uvicorn
+Processs, each a process of its own on a free loopback port, served by uvicorn
 with the same settings (uvicorn's defaults: the uvloop loop, the httptools HTTP
 parser, the websockets "sansio" WebSocket implementation; frame limit 64 KiB,
 pings every 15 s, no access log):
@@ -55,7 +55,6 @@ import platform
 import random
 import resource
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -69,26 +68,24 @@ from typing import Any, Final
 
 import orjson
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from scripts.loadtest import (  # noqa: E402
-    HandshakeError,
-    Run,
-    Stats,
-    WsClient,
-    expected_events,
-    run_async,
-    sse_block,
-    summarize,
-    ws_connect,
+from scripts.kit.launcher import (
+    HOST,
+    LaunchError,
+    Process,
+    clean_env,
+    free_port,
+    gateway_argv,
+    launch,
+    tcp_ready,
 )
+from scripts.kit.loop import run_async
+from scripts.kit.sse import SseConn, SseMessage, open_sse
+from scripts.kit.stats import Run, Stats, expected_events, sse_event, summarize
+from scripts.kit.tokens import TokenCache
+from scripts.kit.ws import HandshakeError, WsClient, ws_connect
 
+ROOT = Path(__file__).resolve().parents[1]
 SECRET: Final = "bench-secret-0123456789-0123456789-0123"
-HOST: Final = "127.0.0.1"
-CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
-PAGE_KIB: Final = os.sysconf("SC_PAGE_SIZE") // 1024
 
 GATEWAY_ENV: Final = {
     "CHAT_JWT_SECRET": SECRET,
@@ -169,102 +166,35 @@ class BenchError(Exception):
 # Processes --------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Server:
-    name: str
-    port: int
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def cpu_s(self) -> float:
-        """CPU seconds of the server process so far, over its live threads.
-
-        From ``/proc/<pid>/task/*/schedstat`` (nanoseconds), else from
-        ``/proc/<pid>/stat`` (clock ticks, too coarse for short measurements).
-        """
-        try:
-            total = 0
-            for task in Path(f"/proc/{self.pid}/task").iterdir():
-                with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-                    total += int((task / "schedstat").read_text().split()[0])
-            if total:
-                return total / 1e9
-        except OSError:
-            pass
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-    def rss_kib(self) -> int:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise BenchError(f"{self.name}: no VmRSS")
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-4000:]
-        except OSError:
-            return ""
-
-
 def server_command(kind: str, port: int) -> list[str]:
     if kind in ("gateway", "gateway-sse"):
-        return [sys.executable, "-m", "server", "--host", HOST, "--port", str(port)]
+        return gateway_argv(port)
     app = {"bare": "bare", "socketio": "socketio", "sse-starlette": "sse"}[kind]
     return [sys.executable, str(ROOT / "scripts" / "bench_apps.py"), app, "--port", str(port)]
 
 
 @contextlib.contextmanager
-def serve(kind: str, workdir: Path, gateway_src: Path = ROOT) -> Iterator[Server]:
+def serve(kind: str, workdir: Path, gateway_src: Path = ROOT) -> Iterator[Process]:
     """Start one server process and wait until it accepts connections (at most 30 s).
 
     The gateway runs from ``gateway_src`` (a checkout of this project; by default
     this one), so that two versions can be compared with the same comparison apps.
     """
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
-    env["PYTHONPATH"] = str(gateway_src if kind.startswith("gateway") else ROOT)
+    env = clean_env(PYTHONPATH=str(gateway_src if kind.startswith("gateway") else ROOT))
     if kind.startswith("gateway"):
         env.update(GATEWAY_ENV)
-    log_path = workdir / f"{kind}-{port}.log"
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(
-            server_command(kind, port),
-            cwd=workdir,
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    server = Server(kind, port, proc, log_path)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise BenchError(f"{kind} exited early:\n{server.log()}")
-            with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=1):
-                break
-            if time.monotonic() > deadline:
-                raise BenchError(f"{kind} did not start within 30 s:\n{server.log()}")
-            time.sleep(0.05)
+    with launch(
+        server_command(kind, port),
+        port=port,
+        ready=tcp_ready(port),
+        name=kind,
+        env=env,
+        cwd=workdir,
+        log_path=workdir / f"{kind}-{port}.log",
+        stop_timeout_s=20,
+    ) as server:
         yield server
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
 
 
 def raise_nofile(needed: int) -> tuple[int, int]:
@@ -281,7 +211,7 @@ def raise_nofile(needed: int) -> tuple[int, int]:
 class Cpu:
     """CPU use of the server and of this client over one measurement."""
 
-    server: Server
+    server: Process
     wall0: float = 0.0
     server0: float = 0.0
     client0: float = 0.0
@@ -397,21 +327,9 @@ def ws_url(kind: str, port: int) -> str:
     return f"ws://{HOST}:{port}/ws"
 
 
-class Tokens:
+def bench_tokens() -> TokenCache:
     """Tokens minted once per user, signed with the gateway's secret."""
-
-    def __init__(self) -> None:
-        from server.auth import Authenticator
-        from server.settings import Settings
-
-        self._auth = Authenticator(Settings(jwt_secret=SECRET))
-        self._cache: dict[str, str] = {}
-
-    def __call__(self, user: str) -> str:
-        token = self._cache.get(user)
-        if token is None:
-            token = self._cache[user] = self._auth.mint(user, 3 * 3600)
-        return token
+    return TokenCache(SECRET, 3 * 3600)
 
 
 async def open_conn(kind: str, port: int, token: str, timeout: float = 15.0) -> Conn:
@@ -434,7 +352,7 @@ async def open_conn(kind: str, port: int, token: str, timeout: float = 15.0) -> 
 
 
 async def open_many(
-    kind: str, port: int, users: Sequence[str], tokens: Tokens, parallel: int = 100
+    kind: str, port: int, users: Sequence[str], tokens: TokenCache, parallel: int = 100
 ) -> tuple[list[Conn], dict[str, int]]:
     """Open one connection per user, ``parallel`` at a time; the failures by kind."""
     gate = asyncio.Semaphore(parallel)
@@ -459,125 +377,6 @@ async def close_all(conns: Sequence[Conn], timeout: float = 10.0) -> None:
         await asyncio.wait(
             [asyncio.create_task(c.close(timeout=timeout)) for c in clients], timeout=timeout + 1
         )
-
-
-# SSE ------------------------------------------------------------------------------------------
-
-
-class SseConn(asyncio.Protocol):
-    """A keep-alive HTTP/1.1 connection for ``POST`` requests answered by SSE streams."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self._buf = bytearray()
-        self._sse = b""
-        self._state = "idle"
-        self._chunked = False
-        self._remaining = 0
-        self.status = 0
-        self.on_block: Callable[[bytes, float], None] | None = None
-        self.done: asyncio.Future[int] | None = None
-        self.lost = False
-        #: Body bytes received (the SSE text, chunked framing excluded).
-        self.bytes = 0
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        if self.done is not None and not self.done.done():
-            self.done.set_exception(ConnectionError("connection closed mid-response"))
-            self.done.exception()
-
-    def request(self, path: str, netloc: str, body: bytes, headers: Sequence[str]) -> None:
-        assert self.transport is not None and self._state == "idle"
-        self.done = asyncio.get_running_loop().create_future()
-        self._state = "head"
-        self._sse = b""
-        head = [
-            f"POST {path} HTTP/1.1",
-            f"Host: {netloc}",
-            "Content-Type: application/json",
-            "Accept: text/event-stream",
-            f"Content-Length: {len(body)}",
-            *headers,
-        ]
-        self.transport.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
-
-    def data_received(self, data: bytes) -> None:
-        now = time.time()
-        buf = self._buf
-        buf += data
-        pos = 0
-        if self._state == "head":
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
-            self.status = int(lines[0].split(" ")[1])
-            fields = {}
-            for line in lines[1:]:
-                name, _, value = line.partition(":")
-                fields[name.strip().lower()] = value.strip().lower()
-            self._chunked = fields.get("transfer-encoding") == "chunked"
-            self._remaining = int(fields.get("content-length", "0") or 0)
-            self._state = "body"
-            pos = end + 4
-            if not self._chunked and self._remaining == 0:
-                self._finish()
-        if self._state == "body":
-            if self._chunked:
-                while True:
-                    line_end = buf.find(b"\r\n", pos)
-                    if line_end < 0:
-                        break
-                    size = int(bytes(buf[pos:line_end]).split(b";")[0], 16)
-                    if size == 0:
-                        if len(buf) < line_end + 4:
-                            break
-                        pos = line_end + 4
-                        self._finish()
-                        break
-                    if len(buf) < line_end + 2 + size + 2:
-                        break
-                    self._feed(bytes(buf[line_end + 2 : line_end + 2 + size]), now)
-                    pos = line_end + 2 + size + 2
-            else:
-                take = min(self._remaining, len(buf) - pos)
-                self._feed(bytes(buf[pos : pos + take]), now)
-                pos += take
-                self._remaining -= take
-                if self._remaining == 0:
-                    self._finish()
-        if pos:
-            del buf[:pos]
-
-    def _feed(self, data: bytes, now: float) -> None:
-        self.bytes += len(data)
-        sse = self._sse + data if self._sse else data
-        blocks = sse.split(b"\n\n")
-        self._sse = blocks.pop()
-        handler = self.on_block
-        if handler is not None:
-            for block in blocks:
-                handler(block, now)
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-    def _finish(self) -> None:
-        self._state = "idle"
-        if self.done is not None and not self.done.done():
-            self.done.set_result(self.status)
-
-
-async def open_sse(port: int) -> SseConn:
-    loop = asyncio.get_running_loop()
-    async with asyncio.timeout(10):
-        _, conn = await loop.create_connection(SseConn, HOST, port)
-    return conn
 
 
 # Scenarios ------------------------------------------------------------------------------------
@@ -650,7 +449,7 @@ def median_figure(
 
 
 async def ws_streams(
-    server: Server, conns: Sequence[Conn], content: str, timeout: float = 120.0
+    server: Process, conns: Sequence[Conn], content: str, timeout: float = 120.0
 ) -> tuple[float, Cpu, Stats, int]:
     """Every connection sends one message at once; run events per second of wall time."""
     loop = asyncio.get_running_loop()
@@ -686,7 +485,7 @@ async def ws_streams(
 
 
 async def ws_fanout(
-    server: Server, conns: Sequence[Conn], content: str, timeout: float = 120.0
+    server: Process, conns: Sequence[Conn], content: str, timeout: float = 120.0
 ) -> tuple[float, Cpu, Stats, int]:
     """One run, started by the first session and resumed by the others during its tool call.
 
@@ -766,7 +565,7 @@ async def ws_fanout(
 
 
 async def ws_ttfe(
-    server: Server, conn: Conn, runs: int, warmup: int
+    server: Process, conn: Conn, runs: int, warmup: int
 ) -> tuple[dict[str, Any], Cpu, Stats]:
     """One run at a time: ``user_message`` sent to ``agent_started`` received."""
     loop = asyncio.get_running_loop()
@@ -826,7 +625,7 @@ async def echo_rtt(port: int, runs: int, warmup: int, size: int) -> dict[str, An
 
 
 async def sse_streams(
-    server: Server, conns: Sequence[SseConn], content: str, token: str, timeout: float = 120.0
+    server: Process, conns: Sequence[SseConn], content: str, token: str, timeout: float = 120.0
 ) -> tuple[float, Cpu, Stats, int]:
     """Every connection posts one message at once; run events per second of wall time."""
     loop = asyncio.get_running_loop()
@@ -838,10 +637,10 @@ async def sse_streams(
         run = Run(None, loop.create_future())
         runs.append(run)
 
-        def on_block(block: bytes, now: float, run: Run = run) -> None:
-            sse_block(block, run, stats, now)
+        def on_message(message: SseMessage, now: float, run: Run = run) -> None:
+            sse_event(message, run, stats, now)
 
-        conn.on_block = on_block
+        conn.on_message = on_message
     bytes0 = sum(c.bytes for c in conns)
     with Cpu(server) as cpu:
         now = time.time()
@@ -851,7 +650,7 @@ async def sse_streams(
         dones = [c.done for c in conns if c.done is not None]
         _, pending = await asyncio.wait(dones, timeout=timeout)
     for conn, run in zip(conns, runs, strict=True):
-        conn.on_block = None
+        conn.on_message = None
         if conn.done is not None and conn.done.done() and not conn.done.exception():
             status = conn.done.result()
             if status != 200:
@@ -865,7 +664,7 @@ async def sse_streams(
 
 
 async def sse_ttfe(
-    server: Server, conn: SseConn, token: str, runs: int, warmup: int
+    server: Process, conn: SseConn, token: str, runs: int, warmup: int
 ) -> tuple[dict[str, Any], Cpu, Stats]:
     content = TTFE_MESSAGE
     stats = Stats(expected_events("load", content))
@@ -886,7 +685,7 @@ async def sse_ttfe(
 
 
 async def idle(
-    kind: str, server: Server, tokens: Tokens, count: int, hold_s: float
+    kind: str, server: Process, tokens: TokenCache, count: int, hold_s: float
 ) -> dict[str, Any]:
     """Open ``count`` idle connections; the server's memory and CPU while it holds them."""
     warm, _ = await open_many(kind, server.port, [f"idle-warm-{i}" for i in range(20)], tokens)
@@ -932,13 +731,13 @@ async def idle(
 class Bench:
     sizes: Sizes
     workdir: Path
-    tokens: Tokens
+    tokens: TokenCache
     profile_dir: Path | None
     log: Callable[[str], None]
     gateway_src: Path = ROOT
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
     profiles: dict[str, Any] = field(default_factory=dict)
-    shared: Server | None = None
+    shared: Process | None = None
 
     def put(self, server: str, scenario: str, value: Any) -> None:
         self.results.setdefault(server, {})[scenario] = value
@@ -962,7 +761,7 @@ class Bench:
         return [await once() for _ in range(reps + 1)]
 
     @contextlib.asynccontextmanager
-    async def server(self, kind: str) -> AsyncIterator[Server]:
+    async def server(self, kind: str) -> AsyncIterator[Process]:
         """A fresh server process per scenario (full run), or one shared by all (quick)."""
         if self.shared is not None and self.shared.name == kind:
             yield self.shared
@@ -975,7 +774,7 @@ class Bench:
             finally:
                 self.shared = None if self.shared is server else self.shared
 
-    async def connect(self, kind: str, server: Server, users: Sequence[str]) -> list[Conn]:
+    async def connect(self, kind: str, server: Process, users: Sequence[str]) -> list[Conn]:
         conns, failures = await open_many(kind, server.port, users, self.tokens)
         if failures:
             await close_all(conns)
@@ -1090,7 +889,7 @@ class Bench:
                     for conn in conns:
                         conn.close()
 
-    async def profile(self, server: Server, one: str, many: str) -> None:
+    async def profile(self, server: Process, one: str, many: str) -> None:
         """py-spy against the gateway during extra one-stream, 20-stream and TTFE runs."""
         assert self.profile_dir is not None
         self.profile_dir.mkdir(parents=True, exist_ok=True)
@@ -1582,7 +1381,7 @@ async def bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict[st
         )
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        b = Bench(sizes, Path(tmp), Tokens(), args.profile, log, args.gateway_src)
+        b = Bench(sizes, Path(tmp), bench_tokens(), args.profile, log, args.gateway_src)
         for kind in args.servers:
             log(f"{kind}:")
             if kind in WS_SERVERS:
@@ -1684,7 +1483,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     try:
         report = run_async(bench(args, log))
-    except BenchError as exc:
+    except (BenchError, LaunchError) as exc:
         print(f"bench.py: error: {exc}", file=sys.stderr)
         return 1
     report["loadavg"] = {"before": load_before, "after": loadavg()}

@@ -50,643 +50,41 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
-import hashlib
-import ipaddress
-import math
-import os
-import random
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Final, TextIO
-from urllib.parse import urlsplit
 
 import orjson
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from scripts.kit.args import (
+    SSE_PATH,
+    Target,
+    UsageError,
+    loopback_target,
+    non_negative,
+    positive,
+    positive_int,
+)
+from scripts.kit.loop import run_async
+from scripts.kit.sse import SseParser
+from scripts.kit.stats import Run, Sample, Stats, expected_events, percentile, sse_event
+from scripts.kit.tokens import NoSecretError, env_claim, resolve_secret
+from scripts.kit.ws import HandshakeError, ws_connect
+
+__all__ = ["Sample", "expected_events", "loopback_target", "main", "percentile"]
 
 DEFAULT_URL: Final = "ws://127.0.0.1:8000/ws"
 DEFAULT_MESSAGE: Final = "chunks=50 delay_ms=0"
-SSE_PATH: Final = "/api/chat/stream"
 PROTOCOL: Final = "chat.v1"
 #: Runs a client sends at most when only ``--duration-s`` bounds it.
 MAX_MESSAGES_PER_CLIENT: Final = 1_000_000
-#: Values kept for percentiles per measure; beyond, a uniform sample of this size.
-SAMPLE_SIZE: Final = 200_000
-#: Largest frame the client accepts.
-MAX_FRAME_BYTES: Final = 64 * 1024 * 1024
 
 EXIT_OK: Final = 0
 EXIT_PROBLEMS: Final = 1
 EXIT_USAGE: Final = 2
-
-
-class UsageError(Exception):
-    """A bad option or a target this tool refuses: exit status 2."""
-
-
-# Targets --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    host: str
-    port: int
-    path: str  # with the query string
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://{self.netloc}{self.path}"
-
-    @property
-    def http_url(self) -> str:
-        return f"http://{self.netloc}{self.path}"
-
-    @property
-    def netloc(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-
-def is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def loopback_target(url: str, *, sse: bool = False) -> Target:
-    """The target of ``url``, refusing anything but plain ws/http to a loopback address.
-
-    With ``sse``, a WebSocket URL (or one with no path) stands for the same
-    server's ``POST /api/chat/stream``.
-
-    Raises:
-        UsageError: not a ws:// or http:// URL, or not a loopback host.
-    """
-    parts = urlsplit(url)
-    if parts.scheme not in ("ws", "http"):
-        raise UsageError(
-            f"--url must be a ws:// or http:// URL (TLS is not needed on loopback), got {url!r}"
-        )
-    host = parts.hostname or ""
-    if not is_loopback(host):
-        raise UsageError(
-            f"refusing to load-test {host or url!r}: only loopback targets are allowed "
-            "(127.0.0.0/8, ::1, localhost)"
-        )
-    if host.lower() == "localhost":
-        host = "127.0.0.1"
-    port = parts.port or 80
-    path = parts.path or "/"
-    if sse and (parts.scheme == "ws" or path in ("", "/")):
-        path = SSE_PATH
-    if parts.query:
-        path += "?" + parts.query
-    return Target(host, port, path)
-
-
-# Figures ----------------------------------------------------------------------------------
-
-
-class Sample:
-    """Values for percentiles: every value up to ``cap``, then a uniform sample of ``cap``."""
-
-    __slots__ = ("_rng", "cap", "count", "total", "values", "worst")
-
-    def __init__(self, cap: int = SAMPLE_SIZE) -> None:
-        self.cap = cap
-        self.values: list[float] = []
-        self.count = 0
-        self.total = 0.0
-        self.worst = -math.inf
-        self._rng = random.Random(7)
-
-    def add(self, value: float) -> None:
-        self.count += 1
-        self.total += value
-        if value > self.worst:
-            self.worst = value
-        if len(self.values) < self.cap:
-            self.values.append(value)
-        else:
-            j = self._rng.randrange(self.count)
-            if j < self.cap:
-                self.values[j] = value
-
-    def summary(self) -> dict[str, float | int | None]:
-        return summarize(self.values, self.count, self.total, self.worst)
-
-
-def percentile(ordered: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (0-100) of sorted values, by linear interpolation."""
-    if not ordered:
-        raise ValueError("no values")
-    k = (len(ordered) - 1) * q / 100
-    lo = math.floor(k)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
-
-
-def summarize(
-    values: Sequence[float],
-    count: int | None = None,
-    total: float | None = None,
-    worst: float | None = None,
-) -> dict[str, float | int | None]:
-    """``n``, ``mean``, ``p50``, ``p95``, ``p99``, ``max`` (None when there is no value)."""
-    n = len(values) if count is None else count
-    if not values:
-        return {"n": n, "mean": None, "p50": None, "p95": None, "p99": None, "max": None}
-    ordered = sorted(values)
-    mean = (sum(values) if total is None else total) / (n or 1)
-    return {
-        "n": n,
-        "mean": round(mean, 3),
-        "p50": round(percentile(ordered, 50), 3),
-        "p95": round(percentile(ordered, 95), 3),
-        "p99": round(percentile(ordered, 99), 3),
-        "max": round(ordered[-1] if worst is None else worst, 3),
-    }
-
-
-def expected_events(agent: str | None, message: str) -> int | None:
-    """Events of one run of the ``load`` agent for ``message``; None for other agents."""
-    if agent != "load":
-        return None
-    from agents.load import LoadSpec
-
-    try:
-        spec = LoadSpec.parse(message)
-    except Exception:  # not a load message: the count is unknown
-        return None
-    # user_message, agent_started, thinking, tool calls, chunks, [apology],
-    # response_complete, agent_completed
-    apology = 4 if spec.fail else 0
-    return 2 + spec.thinking + 2 * spec.tools + spec.chunks + apology + 2
-
-
-class Run:
-    """One message sent and what came back for its run."""
-
-    __slots__ = (
-        "completed_at",
-        "done",
-        "events",
-        "first_at",
-        "missing",
-        "next_seq",
-        "ref",
-        "run_id",
-        "sent_at",
-        "started_at",
-        "status",
-    )
-
-    def __init__(self, ref: str | None, done: asyncio.Future[str] | None = None) -> None:
-        self.ref = ref
-        self.run_id: str | None = None
-        self.sent_at = 0.0
-        self.first_at: float | None = None
-        self.started_at: float | None = None
-        self.completed_at: float | None = None
-        self.next_seq = 1
-        self.missing: set[int] = set()
-        self.events = 0
-        self.status: str | None = None
-        self.done = done
-
-
-class Stats:
-    """Everything the clients measured, shared by all of them (one event loop)."""
-
-    def __init__(self, expected_per_run: int | None = None) -> None:
-        self.expected_per_run = expected_per_run
-        self.connect_ms = Sample()
-        self.first_event_ms = Sample()
-        self.started_ms = Sample()
-        self.completed_ms = Sample()
-        self.latency_ms = Sample()
-        self.events = 0
-        self.bytes = 0
-        self.by_type: Counter[str] = Counter()
-        self.clients_connected = 0
-        self.runs_sent = 0
-        self.runs_ended = 0
-        self.statuses: Counter[str] = Counter()
-        self.errors: Counter[str] = Counter()
-        self.close_codes: Counter[str] = Counter()
-        self.lost = 0
-        self.duplicated = 0
-        self.reordered = 0
-        self.wrong_count = 0
-        self.after_end = 0
-        self.first_send: float | None = None
-        self.last_end: float | None = None
-        #: CPU seconds this process used over the test, and the test's wall time.
-        self.client_cpu_s = 0.0
-        self.test_wall_s = 0.0
-
-    # Per event --------------------------------------------------------------------
-
-    def sent(self, run: Run, now: float) -> None:
-        run.sent_at = now
-        self.runs_sent += 1
-        if self.first_send is None:
-            self.first_send = now
-
-    def event(self, run: Run, message: dict[str, Any], now: float) -> None:
-        """Account one run event of ``run`` received at ``now`` (Unix seconds)."""
-        kind = message.get("type")
-        seq = message.get("seq")
-        self.events += 1
-        self.by_type[kind] += 1  # type: ignore[index]
-        ts = message.get("ts")
-        if isinstance(ts, float):
-            self.latency_ms.add((now - ts) * 1000)
-        if run.completed_at is not None:
-            self.after_end += 1
-        run.events += 1
-        if run.first_at is None:
-            run.first_at = now
-            self.first_event_ms.add((now - run.sent_at) * 1000)
-        if seq == run.next_seq:
-            run.next_seq += 1
-        elif isinstance(seq, int) and seq > run.next_seq:
-            run.missing.update(range(run.next_seq, seq))
-            run.next_seq = seq + 1
-        elif seq in run.missing:
-            run.missing.discard(seq)
-            self.reordered += 1
-        else:
-            self.duplicated += 1
-        if kind == "agent_started":
-            run.started_at = now
-            self.started_ms.add((now - run.sent_at) * 1000)
-        elif kind == "agent_completed" and run.completed_at is None:
-            data = message.get("data")
-            status = data.get("status") if isinstance(data, dict) else None
-            self.end(run, str(status), now)
-
-    def end(self, run: Run, status: str, now: float) -> None:
-        """The run ended: ``completed``/``cancelled``/``failed`` or a client-side reason."""
-        if run.status is not None:
-            return
-        run.status = status
-        self.runs_ended += 1
-        self.statuses[status] += 1
-        if run.first_at is not None:
-            run.completed_at = now
-            if status in ("completed", "cancelled", "failed"):
-                self.completed_ms.add((now - run.sent_at) * 1000)
-                self.last_end = now if self.last_end is None else max(self.last_end, now)
-        self.lost += len(run.missing)
-        expected = self.expected_per_run
-        if expected is not None and status == "completed" and run.next_seq - 1 != expected:
-            self.wrong_count += 1
-        run.missing = set()
-        if run.done is not None and not run.done.done():
-            run.done.set_result(status)
-
-    # Results -------------------------------------------------------------------------
-
-    @property
-    def wall_s(self) -> float | None:
-        if self.first_send is None or self.last_end is None:
-            return None
-        return max(self.last_end - self.first_send, 1e-9)
-
-    @property
-    def events_per_s(self) -> float | None:
-        wall = self.wall_s
-        return None if wall is None else self.events / wall
-
-    @property
-    def problems(self) -> int:
-        incomplete = self.runs_sent - self.statuses.get("completed", 0)
-        return (
-            sum(self.errors.values())
-            + incomplete
-            + self.lost
-            + self.duplicated
-            + self.reordered
-            + self.wrong_count
-            + self.after_end
-        )
-
-    def report(self) -> dict[str, Any]:
-        eps = self.events_per_s
-        return {
-            "clients_connected": self.clients_connected,
-            "runs": {
-                "sent": self.runs_sent,
-                "ended": self.runs_ended,
-                "completed": self.statuses.get("completed", 0),
-                "by_status": dict(sorted(self.statuses.items())),
-            },
-            "events": {
-                "total": self.events,
-                "bytes": self.bytes,
-                "per_s": None if eps is None else round(eps, 1),
-                "wall_s": None if self.wall_s is None else round(self.wall_s, 4),
-                "expected_per_run": self.expected_per_run,
-                "by_type": dict(sorted(self.by_type.items())),
-            },
-            "connect_ms": self.connect_ms.summary(),
-            "first_event_ms": self.first_event_ms.summary(),
-            "agent_started_ms": self.started_ms.summary(),
-            "agent_completed_ms": self.completed_ms.summary(),
-            "event_latency_ms": self.latency_ms.summary(),
-            "seq": {
-                "lost": self.lost,
-                "duplicated": self.duplicated,
-                "reordered": self.reordered,
-                "wrong_count_runs": self.wrong_count,
-                "after_agent_completed": self.after_end,
-            },
-            "errors": dict(sorted(self.errors.items())),
-            "close_codes": dict(sorted(self.close_codes.items())),
-            "client_cpu_share": round(self.client_cpu_s / max(self.test_wall_s, 1e-9), 3),
-            "ok": self.problems == 0,
-        }
-
-
-# A small WebSocket client ----------------------------------------------------------------
-
-try:
-    from websockets.speedups import apply_mask as _apply_mask
-except ImportError:  # the pure-Python fallback, for small client frames
-
-    def _apply_mask(data: bytes, mask: bytes) -> bytes:
-        n = len(data)
-        key = (mask * (n // 4 + 1))[:n]
-        return (int.from_bytes(data, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
-
-
-_GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-
-OnText = Callable[[bytes, float], None]
-OnClose = Callable[[int, str], None]
-
-
-class HandshakeError(Exception):
-    """The server did not switch protocols."""
-
-    def __init__(self, status: int, detail: str = "") -> None:
-        super().__init__(f"HTTP {status} {detail}".strip())
-        self.status = status
-
-
-class WsClient(asyncio.Protocol):
-    """A minimal RFC 6455 client: text frames, ping/pong and close, no extensions.
-
-    Frames are handed to ``on_text(payload, received_at)`` from ``data_received``,
-    with no queue and no task switch, so that one event loop can keep up with many
-    fast streams.  ``received_at`` is ``time.time()`` when the bytes arrived.
-    No compression is offered: every server is measured sending plain frames.
-    """
-
-    def __init__(self, on_text: OnText, on_close: OnClose | None = None) -> None:
-        self.on_text = on_text
-        self.on_close = on_close
-        self.transport: asyncio.Transport | None = None
-        loop = asyncio.get_running_loop()
-        self.handshake: asyncio.Future[bytes] = loop.create_future()
-        self.closed: asyncio.Future[None] = loop.create_future()
-        self.close_code: int | None = None
-        self.close_reason = ""
-        self.subprotocol: str | None = None
-        self._open = False
-        self._buf = bytearray()
-        self._fragments: bytearray | None = None
-        self._close_sent = False
-
-    # asyncio.Protocol ----------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        now = time.time()
-        buf = self._buf
-        buf += data
-        if not self._open:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buf) > 65536:
-                    self._fail_handshake(ConnectionError("handshake response too large"))
-                return
-            head = bytes(buf[:end])
-            del buf[: end + 4]
-            if not self.handshake.done():
-                self.handshake.set_result(head)
-            if not head.startswith((b"HTTP/1.1 101 ", b"HTTP/1.0 101 ")):
-                buf.clear()  # an HTTP refusal: its body is no WebSocket frame
-                return
-            self._open = True
-        if self._open:
-            self._parse(now)
-
-    def _parse(self, now: float) -> None:
-        buf = self._buf
-        n = len(buf)
-        pos = 0
-        while n - pos >= 2:
-            b0 = buf[pos]
-            b1 = buf[pos + 1]
-            length = b1 & 0x7F
-            head = 2
-            if length == 126:
-                if n - pos < 4:
-                    break
-                length = (buf[pos + 2] << 8) | buf[pos + 3]
-                head = 4
-            elif length == 127:
-                if n - pos < 10:
-                    break
-                length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
-                head = 10
-                if length > MAX_FRAME_BYTES:
-                    self._protocol_error(1009, "frame too large")
-                    return
-            mask = None
-            if b1 & 0x80:  # servers must not mask; accept it anyway
-                mask = bytes(buf[pos + head : pos + head + 4])
-                head += 4
-            end = pos + head + length
-            if end > n:
-                break
-            payload = buf[pos + head : end]
-            pos = end
-            if mask is not None:
-                payload = bytearray(_apply_mask(bytes(payload), mask))
-            opcode = b0 & 0x0F
-            if opcode in (1, 2):
-                if b0 & 0x80:
-                    self.on_text(payload, now)
-                else:
-                    self._fragments = payload
-            elif opcode == 0:
-                if self._fragments is None:
-                    self._protocol_error(1002, "continuation with no first fragment")
-                    return
-                self._fragments += payload
-                if b0 & 0x80:
-                    whole, self._fragments = self._fragments, None
-                    self.on_text(whole, now)
-            elif opcode == 8:
-                self._closing(bytes(payload))
-                del buf[:pos]
-                return
-            elif opcode == 9:
-                self._write(0x8A, bytes(payload))
-            # opcode 10 (pong) and unknown opcodes are ignored
-        if pos:
-            del buf[:pos]
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.close_code is None:
-            self.close_code = 1006
-            self.close_reason = str(exc) if exc else "connection lost"
-        self._fail_handshake(ConnectionError(f"connection closed ({self.close_code})"))
-        if not self.closed.done():
-            self.closed.set_result(None)
-        if self.on_close is not None:
-            callback, self.on_close = self.on_close, None
-            callback(self.close_code, self.close_reason)
-
-    # Sending -------------------------------------------------------------------------
-
-    def _write(self, opcode_byte: int, payload: bytes) -> None:
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        n = len(payload)
-        if n < 126:
-            head = bytes((opcode_byte, 0x80 | n))
-        elif n < 65536:
-            head = bytes((opcode_byte, 0x80 | 126)) + n.to_bytes(2, "big")
-        else:
-            head = bytes((opcode_byte, 0x80 | 127)) + n.to_bytes(8, "big")
-        mask = os.urandom(4)
-        transport.write(head + mask + _apply_mask(payload, mask))
-
-    def send_text(self, text: str | bytes) -> None:
-        """Send one text frame (``bytes`` must be UTF-8 already)."""
-        self._write(0x81, text.encode() if isinstance(text, str) else text)
-
-    @property
-    def is_open(self) -> bool:
-        return self._open and self.close_code is None and not self._close_sent
-
-    async def close(self, code: int = 1000, reason: str = "", timeout: float = 2.0) -> None:
-        """Close cleanly: send a close frame, wait for the server's, then drop the socket."""
-        if not self._close_sent and self.close_code is None:
-            self._close_sent = True
-            self._write(0x88, code.to_bytes(2, "big") + reason.encode()[:120])
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self.closed), timeout)
-        if self.transport is not None and not self.closed.done():
-            self.transport.abort()
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
-
-    # Closing -------------------------------------------------------------------------
-
-    def _closing(self, payload: bytes) -> None:
-        code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
-        if self.close_code is None:
-            self.close_code = code
-            self.close_reason = payload[2:].decode("utf-8", "replace")
-        if not self._close_sent:
-            self._close_sent = True
-            self._write(0x88, payload[:2])
-        if self.transport is not None:
-            self.transport.close()
-
-    def _protocol_error(self, code: int, reason: str) -> None:
-        if self.close_code is None:
-            self.close_code = code
-            self.close_reason = reason
-        if self.transport is not None:
-            self.transport.abort()
-
-    def _fail_handshake(self, exc: Exception) -> None:
-        if not self.handshake.done():
-            self.handshake.set_exception(exc)
-            self.handshake.exception()  # retrieved: a failed connect reports it itself
-
-
-async def ws_connect(
-    url: str,
-    on_text: OnText,
-    *,
-    on_close: OnClose | None = None,
-    subprotocols: Sequence[str] = (),
-    headers: Sequence[tuple[str, str]] = (),
-    timeout: float = 10.0,
-) -> WsClient:
-    """Open a WebSocket to a loopback ``ws://`` URL.
-
-    Raises:
-        UsageError: the URL is not loopback.
-        HandshakeError: the server answered the upgrade with another status.
-        OSError, TimeoutError, ConnectionError: the connection failed.
-    """
-    target = loopback_target(url)
-    loop = asyncio.get_running_loop()
-    key = base64.b64encode(os.urandom(16))
-    lines = [
-        f"GET {target.path} HTTP/1.1",
-        f"Host: {target.netloc}",
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        f"Sec-WebSocket-Key: {key.decode()}",
-        "Sec-WebSocket-Version: 13",
-    ]
-    if subprotocols:
-        lines.append("Sec-WebSocket-Protocol: " + ", ".join(subprotocols))
-    lines.extend(f"{name}: {value}" for name, value in headers)
-    request = ("\r\n".join(lines) + "\r\n\r\n").encode()
-    async with asyncio.timeout(timeout):
-        _, proto = await loop.create_connection(
-            lambda: WsClient(on_text, on_close), target.host, target.port
-        )
-        try:
-            assert proto.transport is not None
-            proto.transport.write(request)
-            head = await proto.handshake
-        except BaseException:
-            proto.abort()
-            raise
-    status_line, _, rest = head.decode("latin-1").partition("\r\n")
-    parts = status_line.split(" ", 2)
-    status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
-    fields: dict[str, str] = {}
-    for line in rest.split("\r\n"):
-        name, sep, value = line.partition(":")
-        if sep:
-            fields[name.strip().lower()] = value.strip()
-    if status != 101:
-        proto.abort()
-        raise HandshakeError(status, parts[2] if len(parts) > 2 else "")
-    accept = base64.b64encode(hashlib.sha1(key + _GUID).digest()).decode()
-    if fields.get("sec-websocket-accept") != accept:
-        proto.abort()
-        raise HandshakeError(status, "bad Sec-WebSocket-Accept")
-    proto.subprotocol = fields.get("sec-websocket-protocol")
-    return proto
 
 
 # The load clients ------------------------------------------------------------------------
@@ -875,44 +273,12 @@ async def _sse_run(
             stats.errors[f"http {response.status_code} {code}"] += 1
             stats.end(run, f"http {response.status_code}", time.time())
             return
-        buf = b""
+        parser = SseParser()
         async for chunk in response.aiter_raw():
             now = time.time()
             stats.bytes += len(chunk)
-            buf = buf + chunk if buf else chunk
-            if b"\r" in buf:
-                buf = buf.replace(b"\r\n", b"\n")
-            blocks = buf.split(b"\n\n")
-            buf = blocks.pop()
-            for block in blocks:
-                sse_block(block, run, stats, now)
-
-
-def sse_block(block: bytes, run: Run, stats: Stats, now: float) -> None:
-    """Account one SSE message (``event:``/``data:`` lines) of ``run``."""
-    event = b"message"
-    data = b""
-    for line in block.split(b"\n"):
-        if line.startswith(b"data:"):
-            data = line[5:].lstrip(b" ") if not data else data + b"\n" + line[5:].lstrip(b" ")
-        elif line.startswith(b"event:"):
-            event = line[6:].strip()
-    if not data:
-        return  # a comment such as ": ping"
-    if event == b"stream_start":
-        run.run_id = orjson.loads(data).get("run_id")
-    elif event == b"stream_end":
-        if run.status is None:
-            status = orjson.loads(data).get("status")
-            stats.errors[f"stream_end before agent_completed ({status})"] += 1
-            stats.end(run, f"stream_end {status}", now)
-    elif event == b"error":
-        code = orjson.loads(data).get("code")
-        stats.errors[f"error {code}"] += 1
-    else:
-        message = orjson.loads(data)
-        if isinstance(message, dict) and message.get("seq") is not None:
-            stats.event(run, message, now)
+            for message in parser.feed(chunk):
+                sse_event(message, run, stats, now)
 
 
 # Running ------------------------------------------------------------------------------------
@@ -1004,18 +370,6 @@ async def run_load(cfg: Config) -> Stats:
     return stats
 
 
-def run_async(coro: Any) -> Any:
-    """Run ``coro`` on uvloop when it is installed, else on asyncio's default loop."""
-    try:
-        import uvloop
-
-        factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
-    except ImportError:
-        factory = None
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(coro)
-
-
 # Output ---------------------------------------------------------------------------------------
 
 
@@ -1089,7 +443,6 @@ def token_source(args: argparse.Namespace, ttl_s: int) -> Callable[[int], str] |
     if args.token:
         token: str = args.token
         return lambda _index: token
-    from scripts.mint_token import NoSecretError, env_claim, resolve_secret
     from server.auth import Authenticator
     from server.settings import Settings
 
@@ -1105,33 +458,6 @@ def token_source(args: argparse.Namespace, ttl_s: int) -> Callable[[int], str] |
     auth = Authenticator(settings)
     prefix = args.user_prefix
     return lambda index: auth.mint(f"{prefix}-{index:04d}", ttl_s)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return value
-
-
-def _positive(text: str) -> float:
-    value = _non_negative(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be positive")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1161,11 +487,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"use SSE (POST {SSE_PATH} on the same host and port) instead of WebSocket",
     )
     parser.add_argument(
-        "--clients", type=_positive_int, default=10, metavar="N", help="concurrent clients (10)"
+        "--clients", type=positive_int, default=10, metavar="N", help="concurrent clients (10)"
     )
     parser.add_argument(
         "--messages",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="M",
         help="messages per client, one after the other (default 5; with --duration-s: "
@@ -1173,14 +499,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--ramp-s",
-        type=_non_negative,
+        type=non_negative,
         default=0.0,
         metavar="S",
         help="spread the clients' starts evenly over S seconds (0)",
     )
     parser.add_argument(
         "--duration-s",
-        type=_positive,
+        type=positive,
         default=None,
         metavar="S",
         help="after the ramp, send new messages for S seconds (runs under way finish)",
@@ -1201,21 +527,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--run-timeout-s",
-        type=_positive,
+        type=positive,
         default=60.0,
         metavar="S",
         help="a run not ended after S seconds counts as an error (60)",
     )
     parser.add_argument(
         "--connect-timeout-s",
-        type=_positive,
+        type=positive,
         default=10.0,
         metavar="S",
         help="bound on connecting and on waiting for connection_ready (10)",
     )
     parser.add_argument(
         "--timeout-s",
-        type=_positive,
+        type=positive,
         default=None,
         metavar="S",
         help="hard limit on the whole test (default: ramp + duration + run timeout + 30, "

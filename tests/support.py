@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +17,8 @@ import httpx
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
 
+from scripts.kit import launcher
+from scripts.kit.launcher import free_port
 from server.app import create_app
 from server.auth import Authenticator
 from server.serve import GatewayServer, uvicorn_config
@@ -26,12 +26,6 @@ from server.settings import Settings
 
 SECRET = "test-secret-0123456789-0123456789"
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -189,18 +183,15 @@ class ServerProcess(LiveServer):
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
 
-    def _status_kib(self, field: str) -> int:
+    def _pid(self) -> int:
         assert self.proc is not None
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-        raise KeyError(field)
+        return self.proc.pid
 
     def rss_kib(self) -> int:
-        return self._status_kib("VmRSS")
+        return launcher.status_kib(self._pid(), "VmRSS")
 
     def peak_rss_kib(self) -> int:
-        return self._status_kib("VmHWM")
+        return launcher.status_kib(self._pid(), "VmHWM")
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path else ""
@@ -210,42 +201,17 @@ class ServerProcess(LiveServer):
 def spawn_server(tmp_dir: Path, **env: str) -> Iterator[ServerProcess]:
     """Start ``python -m server`` on a free loopback port with ``CHAT_*`` settings."""
     port = free_port()
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
-    full = {"CHAT_JWT_SECRET": SECRET, "CHAT_LOG_LEVEL": "warning", **clean, **env}
+    full = {"CHAT_JWT_SECRET": SECRET, "CHAT_LOG_LEVEL": "warning", **launcher.clean_env(), **env}
     full["PYTHONPATH"] = str(ROOT)
-    settings = Settings.from_env(full)
-    log_path = tmp_dir / f"server-{port}.log"
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "--port", str(port)],
-            cwd=tmp_dir,
-            env=full,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    server = ServerProcess(settings, port, proc, log_path)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{server.log()}")
-            try:
-                if httpx.get(f"{server.http}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start:\n{server.log()}")
-            time.sleep(0.05)
-        yield server
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with launcher.launch(
+        [sys.executable, "-m", "server", "--port", str(port)],
+        port=port,
+        ready=launcher.http_ready(port),
+        env=full,
+        cwd=tmp_dir,
+        log_path=tmp_dir / f"server-{port}.log",
+    ) as proc:
+        yield ServerProcess(Settings.from_env(full), port, proc.proc, proc.log_path)
 
 
 async def health(server: LiveServer) -> dict[str, Any]:
