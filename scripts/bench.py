@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import os
 import platform
 import random
@@ -826,10 +827,7 @@ class Bench:
                 async with self.server(kind) as server:
                     conns = await self.connect(kind, server, users)
                     results = await self.repeat(
-                        reps,
-                        lambda server=server, conns=conns, content=content: ws_streams(
-                            server, conns, content
-                        ),
+                        reps, functools.partial(ws_streams, server, conns, content)
                     )
                     detail = {"message": content, "clients": len(users)}
                     self.put(kind, name, median_figure(results, "events/s", detail))
@@ -879,10 +877,7 @@ class Bench:
                 async with self.server(kind) as server:
                     conns = [await open_sse(server.port) for _ in range(clients)]
                     results = await self.repeat(
-                        reps,
-                        lambda server=server, conns=conns, content=content: sse_streams(
-                            server, conns, content, token
-                        ),
+                        reps, functools.partial(sse_streams, server, conns, content, token)
                     )
                     detail = {"message": content, "clients": clients}
                     self.put(kind, name, median_figure(results, "events/s", detail))
@@ -1034,7 +1029,10 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 def targets(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """The issue's targets, each with its figure and whether it is met."""
-    v = lambda server, scenario: value_of(results, server, scenario)  # noqa: E731
+
+    def v(server: str, scenario: str) -> float | None:
+        return value_of(results, server, scenario)
+
     rows: list[tuple[str, float | None, str, float]] = [
         (
             "gateway / bare, one stream",

@@ -17,7 +17,7 @@ import httpx
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
 
-from scripts.kit import launcher
+from scripts.kit import launcher, sse
 from scripts.kit.launcher import free_port
 from server.app import create_app
 from server.auth import Authenticator
@@ -122,19 +122,19 @@ async def ws_client(
 
 
 def parse_sse(text: str) -> list[dict[str, Any]]:
-    """SSE text into messages: ``{"id", "event", "data"}`` (comments dropped)."""
+    """SSE text into messages: the fields each had (``id``, ``event``, ``data``; no comments)."""
     out: list[dict[str, Any]] = []
-    for block in text.split("\n\n"):
+    for message in sse.parse_text(text):
         fields: dict[str, Any] = {}
-        for line in block.split("\n"):
-            if not line or line.startswith(":"):
-                continue
-            name, _, value = line.partition(": ")
-            fields[name] = value
-        if fields:
-            if "data" in fields:
-                fields["data"] = orjson.loads(fields["data"])
-            out.append(fields)
+        if message.id is not None:
+            fields["id"] = message.id
+        if message.event is not None:
+            fields["event"] = message.event
+        if message.data is not None:
+            fields["data"] = orjson.loads(message.data)
+        if message.retry is not None:
+            fields["retry"] = str(message.retry)
+        out.append(fields)
     return out
 
 
