@@ -449,6 +449,19 @@ def median_figure(
     )
 
 
+def run_handler(stats: Stats, run: Run) -> Callable[[dict[str, Any], float], None]:
+    """A connection's handler that accounts run events, and an ``error`` answer, to ``run``."""
+
+    def handler(message: dict[str, Any], now: float) -> None:
+        if message.get("seq") is not None:
+            stats.event(run, message, now)
+        elif message.get("type") == "error":
+            stats.errors[str(message.get("data"))] += 1
+            stats.end(run, "error", now)
+
+    return handler
+
+
 async def ws_streams(
     server: Process, conns: Sequence[Conn], content: str, timeout: float = 120.0
 ) -> tuple[float, Cpu, Stats, int]:
@@ -458,15 +471,7 @@ async def ws_streams(
     for i, conn in enumerate(conns):
         run = Run(f"b{i}", loop.create_future())
         conn.run = run
-
-        def handler(message: dict[str, Any], now: float, run: Run = run) -> None:
-            if message.get("seq") is not None:
-                stats.event(run, message, now)
-            elif message.get("type") == "error":
-                stats.errors[str(message.get("data"))] += 1
-                stats.end(run, "error", now)
-
-        conn.handler = handler
+        conn.handler = run_handler(stats, run)
     bytes0 = sum(c.bytes for c in conns)
     with Cpu(server) as cpu:
         now = time.time()
@@ -565,38 +570,40 @@ async def ws_fanout(
     return rate, cpu, stats, len(conns)
 
 
+async def one_at_a_time(
+    server: Process, runs: int, warmup: int, once: Callable[[int, Stats], Awaitable[None]]
+) -> tuple[dict[str, Any], Cpu, Stats]:
+    """``warmup`` runs, then ``runs`` measured ones, one at a time; ``agent_started`` latency."""
+    stats = Stats(expected_events("load", TTFE_MESSAGE))
+    cpu = Cpu(server)
+    for i in range(warmup + runs):
+        if i == warmup:
+            stats = Stats(expected_events("load", TTFE_MESSAGE))
+            cpu.__enter__()
+        await once(i, stats)
+    cpu.__exit__()
+    return stats.started_ms.summary(), cpu, stats
+
+
 async def ws_ttfe(
     server: Process, conn: Conn, runs: int, warmup: int
 ) -> tuple[dict[str, Any], Cpu, Stats]:
     """One run at a time: ``user_message`` sent to ``agent_started`` received."""
     loop = asyncio.get_running_loop()
-    content = TTFE_MESSAGE
-    stats = Stats(expected_events("load", content))
-    cpu = Cpu(server)
-    for i in range(warmup + runs):
-        if i == warmup:
-            stats = Stats(expected_events("load", content))
-            cpu.__enter__()
+
+    async def once(i: int, stats: Stats) -> None:
         run = Run(f"t{i}", loop.create_future())
         conn.run = run
-
-        def handler(
-            message: dict[str, Any], now: float, run: Run = run, stats: Stats = stats
-        ) -> None:
-            if message.get("seq") is not None:
-                stats.event(run, message, now)
-            elif message.get("type") == "error":
-                stats.errors[str(message.get("data"))] += 1
-                stats.end(run, "error", now)
-
-        conn.handler = handler
+        conn.handler = run_handler(stats, run)
         stats.sent(run, time.time())
-        conn.send("user_message", id=run.ref, content=content, agent="load")
+        conn.send("user_message", id=run.ref, content=TTFE_MESSAGE, agent="load")
         assert run.done is not None
         await asyncio.wait_for(run.done, 10)
-    cpu.__exit__()
-    conn.handler = None
-    return stats.started_ms.summary(), cpu, stats
+
+    try:
+        return await one_at_a_time(server, runs, warmup, once)
+    finally:
+        conn.handler = None
 
 
 async def echo_rtt(port: int, runs: int, warmup: int, size: int) -> dict[str, Any]:
@@ -667,22 +674,18 @@ async def sse_streams(
 async def sse_ttfe(
     server: Process, conn: SseConn, token: str, runs: int, warmup: int
 ) -> tuple[dict[str, Any], Cpu, Stats]:
-    content = TTFE_MESSAGE
-    stats = Stats(expected_events("load", content))
-    cpu = Cpu(server)
-    for i in range(warmup + runs):
-        if i == warmup:
-            stats = Stats(expected_events("load", content))
-            cpu.__enter__()
-        _, _, s, _ = await sse_streams(server, [conn], content, token, timeout=10)
+    """One stream at a time: the ``POST`` sent to ``agent_started`` received."""
+
+    async def once(i: int, stats: Stats) -> None:
+        _, _, s, _ = await sse_streams(server, [conn], TTFE_MESSAGE, token, timeout=10)
         for name in ("events", "lost", "duplicated", "reordered", "wrong_count", "after_end"):
             setattr(stats, name, getattr(stats, name) + getattr(s, name))
         stats.statuses.update(s.statuses)
         stats.errors.update(s.errors)
         for value in s.started_ms.values:
             stats.started_ms.add(value)
-    cpu.__exit__()
-    return stats.started_ms.summary(), cpu, stats
+
+    return await one_at_a_time(server, runs, warmup, once)
 
 
 async def idle(
@@ -1027,61 +1030,54 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
+#: The issue's targets: label, (server, scenario) over (server, scenario), operator, limit.
+TARGETS: Final[tuple[tuple[str, tuple[str, str], tuple[str, str], str, float], ...]] = (
+    ("gateway / bare, one stream", ("gateway", "one_stream"), ("bare", "one_stream"), ">=", 0.8),
+    ("gateway / bare, 20 streams", ("gateway", "streams_20"), ("bare", "streams_20"), ">=", 0.8),
+    (
+        "gateway / socketio, one stream",
+        ("gateway", "one_stream"),
+        ("socketio", "one_stream"),
+        ">=",
+        1.5,
+    ),
+    (
+        "gateway / socketio, 20 streams",
+        ("gateway", "streams_20"),
+        ("socketio", "streams_20"),
+        ">=",
+        1.5,
+    ),
+    (
+        "gateway SSE / sse-starlette, one stream",
+        ("gateway-sse", "one_stream"),
+        ("sse-starlette", "one_stream"),
+        ">=",
+        1.0,
+    ),
+    (
+        "gateway SSE / sse-starlette, 20 streams",
+        ("gateway-sse", "streams_20"),
+        ("sse-starlette", "streams_20"),
+        ">=",
+        1.0,
+    ),
+    ("gateway TTFE p50 / bare echo RTT p50", ("gateway", "ttfe"), ("bare", "echo_rtt"), "<=", 2.5),
+    (
+        "gateway / bare, memory per idle connection",
+        ("gateway", "idle"),
+        ("bare", "idle"),
+        "<=",
+        1.5,
+    ),
+)
+
+
 def targets(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """The issue's targets, each with its figure and whether it is met."""
-
-    def v(server: str, scenario: str) -> float | None:
-        return value_of(results, server, scenario)
-
-    rows: list[tuple[str, float | None, str, float]] = [
-        (
-            "gateway / bare, one stream",
-            ratio(v("gateway", "one_stream"), v("bare", "one_stream")),
-            ">=",
-            0.8,
-        ),
-        (
-            "gateway / bare, 20 streams",
-            ratio(v("gateway", "streams_20"), v("bare", "streams_20")),
-            ">=",
-            0.8,
-        ),
-        (
-            "gateway / socketio, one stream",
-            ratio(v("gateway", "one_stream"), v("socketio", "one_stream")),
-            ">=",
-            1.5,
-        ),
-        (
-            "gateway / socketio, 20 streams",
-            ratio(v("gateway", "streams_20"), v("socketio", "streams_20")),
-            ">=",
-            1.5,
-        ),
-        (
-            "gateway SSE / sse-starlette, one stream",
-            ratio(v("gateway-sse", "one_stream"), v("sse-starlette", "one_stream")),
-            ">=",
-            1.0,
-        ),
-        (
-            "gateway SSE / sse-starlette, 20 streams",
-            ratio(v("gateway-sse", "streams_20"), v("sse-starlette", "streams_20")),
-            ">=",
-            1.0,
-        ),
-        (
-            "gateway TTFE p50 / bare echo RTT p50",
-            ratio(v("gateway", "ttfe"), v("bare", "echo_rtt")),
-            "<=",
-            2.5,
-        ),
-        (
-            "gateway / bare, memory per idle connection",
-            ratio(v("gateway", "idle"), v("bare", "idle")),
-            "<=",
-            1.5,
-        ),
+    rows = [
+        (label, ratio(value_of(results, *top), value_of(results, *bottom)), op, limit)
+        for label, top, bottom, op, limit in TARGETS
     ]
     out = []
     for label, value, op, limit in rows:
