@@ -24,9 +24,9 @@ pings every 15 s, no access log):
 
 Every server sends, for the same ``load`` message, the same events with the same
 envelope and sizes (python-socketio adds its own framing: ``42["type",…]``).
-One client process drives them all, over one uvloop event loop, with a minimal
-WebSocket client and a minimal HTTP client (``scripts/loadtest.py``) so that the
-client spends little per event; no compression is offered.
+One client process drives them all, over one uvloop event loop, with the load
+kit's WebSocket client and keep-alive HTTP/1.1 SSE client (``scripts/kit/``) so
+that the client spends little per event; no compression is offered.
 
 Scenarios, each on a fresh server process (``--quick``: one process per server):
 time to first event (``user_message`` sent to ``agent_started`` received, one

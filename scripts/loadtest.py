@@ -21,9 +21,10 @@ this machine's), events per second (every run event over the wall time from the
 first message sent to the last ``agent_completed``), errors and close codes by
 kind, and events lost, duplicated or reordered, found from each run's ``seq``.
 
-The WebSocket client is a small one of this script's own (no compression
-offered, frames handled as they arrive, one event loop, uvloop when installed),
-so that one process can drive many fast streams; ``--sse`` uses httpx, which
+The WebSocket client is the load kit's (``scripts/kit/ws.py``: websockets'
+Sans-I/O protocol, no compression offered, frames handled as they arrive, one
+event loop, uvloop when installed), so that one process can drive many fast
+streams; ``--sse`` uses httpx and the kit's SSE parser, which
 costs more per event: the report gives the share of a core the client used, and
 near 100% the client, not the server, is what limits the figures.
 

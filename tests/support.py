@@ -127,9 +127,9 @@ def parse_sse(text: str) -> list[dict[str, Any]]:
     for message in sse.parse_text(text):
         fields: dict[str, Any] = {}
         if message.id is not None:
-            fields["id"] = message.id
+            fields["id"] = message.id.decode()
         if message.event is not None:
-            fields["event"] = message.event
+            fields["event"] = message.event.decode()
         if message.data is not None:
             fields["data"] = orjson.loads(message.data)
         if message.retry is not None:

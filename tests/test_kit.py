@@ -38,7 +38,7 @@ def record_figures(name: str, figures: dict[str, Any]) -> None:
     print(f"\n{name}: {figures}")
 
 
-def fields(messages: list[SseMessage]) -> list[tuple[str | None, bytes | None, str | None]]:
+def fields(messages: list[SseMessage]) -> list[tuple[bytes | None, bytes | None, bytes | None]]:
     return [(m.event, m.data, m.id) for m in messages]
 
 
@@ -54,11 +54,11 @@ STREAM = (
     b"event: stream_end\r\ndata: {}\r\n\r\n"
 )
 EXPECTED = [
-    ("stream_start", b'{"run_id": "r_1"}', None),
-    ("user_message", b'{"seq": 1}', "1"),
-    ("response_chunk", b"line one\nline two", "2"),
+    (b"stream_start", b'{"run_id": "r_1"}', None),
+    (b"user_message", b'{"seq": 1}', b"1"),
+    (b"response_chunk", b"line one\nline two", b"2"),
     (None, b"", None),
-    ("stream_end", b"{}", None),
+    (b"stream_end", b"{}", None),
 ]
 
 
@@ -79,7 +79,7 @@ def test_sse_parser_gives_the_same_messages_however_the_bytes_are_split(step: in
 
 def test_sse_text_ends_its_last_message_and_drops_comment_blocks() -> None:
     text = ": only a comment\n\nevent: a\ndata: 1\n\nevent: b\ndata: 2"
-    assert fields(parse_text(text)) == [("a", b"1", None), ("b", b"2", None)]
+    assert fields(parse_text(text)) == [(b"a", b"1", None), (b"b", b"2", None)]
 
 
 async def test_sse_conn_streams_runs_on_one_keep_alive_connection(
@@ -91,14 +91,14 @@ async def test_sse_conn_streams_runs_on_one_keep_alive_connection(
         for _ in range(2):  # the second request reuses the connection
             stats = Stats(expected_events("load", content))
             run = Run(None, asyncio.get_running_loop().create_future())
-            seen: list[str | None] = []
+            seen: list[bytes | None] = []
 
             def on_message(
                 message: SseMessage,
                 now: float,
                 run: Run = run,
                 stats: Stats = stats,
-                seen: list[str | None] = seen,
+                seen: list[bytes | None] = seen,
             ) -> None:
                 seen.append(message.event)
                 sse_event(message, run, stats, now)
@@ -112,7 +112,7 @@ async def test_sse_conn_streams_runs_on_one_keep_alive_connection(
             assert conn.done is not None
             assert await asyncio.wait_for(conn.done, 15) == 200
             assert run.status == "completed", (stats.errors, seen[-3:])
-            assert seen[0] == "stream_start" and seen[-1] == "stream_end"
+            assert seen[0] == b"stream_start" and seen[-1] == b"stream_end"
             assert stats.problems == 0, stats.report()
             assert run.next_seq - 1 == stats.expected_per_run
             assert run.run_id is not None

@@ -25,19 +25,19 @@ HOST: Final = "127.0.0.1"
 
 
 class SseMessage:
-    """One message of an event stream: the fields it had (``None`` where absent)."""
+    """One message of an event stream: the fields it had, as bytes (``None`` where absent)."""
 
     __slots__ = ("data", "event", "id", "retry")
 
     def __init__(
         self,
-        event: str | None = None,
+        event: bytes | None = None,
         data: bytes | None = None,
-        id: str | None = None,
+        id: bytes | None = None,
         retry: int | None = None,
     ) -> None:
         self.event = event
-        #: The ``data`` lines joined with LF, as bytes (JSON decoders take them as they are).
+        #: The ``data`` lines joined with LF (JSON decoders take bytes as they are).
         self.data = data
         self.id = id
         self.retry = retry
@@ -48,9 +48,9 @@ class SseMessage:
 
 def parse_block(block: bytes) -> SseMessage | None:
     """One message from the lines between two blank lines (LF-separated); None if only comments."""
-    event: str | None = None
+    event: bytes | None = None
     data: bytes | None = None
-    ident: str | None = None
+    ident: bytes | None = None
     retry: int | None = None
     seen = False
     for line in block.split(b"\n"):
@@ -63,9 +63,9 @@ def parse_block(block: bytes) -> SseMessage | None:
         if name == b"data":
             data = value if data is None else data + b"\n" + value
         elif name == b"event":
-            event = value.decode("utf-8", "replace")
+            event = value
         elif name == b"id":
-            ident = value.decode("utf-8", "replace")
+            ident = value
         elif name == b"retry" and value.isdigit():
             retry = int(value)
     if not seen:

@@ -291,14 +291,14 @@ def sse_event(message: SseMessage, run: Run, stats: Stats, now: float) -> None:
     if not data:
         return
     event = message.event
-    if event == "stream_start":
+    if event == b"stream_start":
         run.run_id = orjson.loads(data).get("run_id")
-    elif event == "stream_end":
+    elif event == b"stream_end":
         if run.status is None:
             status = orjson.loads(data).get("status")
             stats.errors[f"stream_end before agent_completed ({status})"] += 1
             stats.end(run, f"stream_end {status}", now)
-    elif event == "error":
+    elif event == b"error":
         code = orjson.loads(data).get("code")
         stats.errors[f"error {code}"] += 1
     else:
