@@ -9,7 +9,7 @@ Usage (from the project root; needs the ``bench`` extra: python-socketio, sse-st
     python scripts/bench.py --profile DIR   # also profile the gateway with py-spy
     python scripts/bench.py --gateway-src DIR   # the gateway of another source tree
 
-Servers, each a process of its own on a free loopback port, served by uvicorn
+Processs, each a process of its own on a free loopback port, served by uvicorn
 with the same settings (uvicorn's defaults: the uvloop loop, the httptools HTTP
 parser, the websockets "sansio" WebSocket implementation; frame limit 64 KiB,
 pings every 15 s, no access log):
@@ -24,9 +24,9 @@ pings every 15 s, no access log):
 
 Every server sends, for the same ``load`` message, the same events with the same
 envelope and sizes (python-socketio adds its own framing: ``42["type",…]``).
-One client process drives them all, over one uvloop event loop, with a minimal
-WebSocket client and a minimal HTTP client (``scripts/loadtest.py``) so that the
-client spends little per event; no compression is offered.
+One client process drives them all, over one uvloop event loop, with the load
+kit's WebSocket client and keep-alive HTTP/1.1 SSE client (``scripts/kit/``) so
+that the client spends little per event; no compression is offered.
 
 Scenarios, each on a fresh server process (``--quick``: one process per server):
 time to first event (``user_message`` sent to ``agent_started`` received, one
@@ -50,45 +50,62 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
-import platform
-import random
-import resource
+import functools
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Final
 
 import orjson
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from scripts.loadtest import (  # noqa: E402
-    HandshakeError,
-    Run,
-    Stats,
-    WsClient,
-    expected_events,
-    run_async,
-    sse_block,
-    summarize,
-    ws_connect,
+from scripts.kit.launcher import (
+    LaunchError,
+    Process,
+    clean_env,
+    free_port,
+    gateway_argv,
+    launch,
+    tcp_ready,
 )
+from scripts.kit.loop import run_async
+from scripts.kit.measure import Cpu, Figure, bound_side, check_stats, median_figure, raise_nofile
+from scripts.kit.report import (
+    SSE_SERVERS,
+    WS_SERVERS,
+    git_state,
+    hot_spots,
+    loadavg,
+    machine,
+    render,
+    render_markdown,
+    targets,
+    uvicorn_defaults,
+    versions,
+)
+from scripts.kit.scenarios import (
+    TTFE_MESSAGE,
+    Conn,
+    close_all,
+    echo_rtt,
+    idle,
+    open_many,
+    sse_streams,
+    sse_ttfe,
+    ws_fanout,
+    ws_streams,
+    ws_ttfe,
+)
+from scripts.kit.sse import open_sse
+from scripts.kit.stats import Stats
+from scripts.kit.tokens import TokenCache
 
+ROOT = Path(__file__).resolve().parents[1]
 SECRET: Final = "bench-secret-0123456789-0123456789-0123"
-HOST: Final = "127.0.0.1"
-CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
-PAGE_KIB: Final = os.sysconf("SC_PAGE_SIZE") // 1024
 
 GATEWAY_ENV: Final = {
     "CHAT_JWT_SECRET": SECRET,
@@ -97,11 +114,6 @@ GATEWAY_ENV: Final = {
     "CHAT_MAX_ACTIVE_RUNS_PER_USER": "100000",
     "CHAT_MAX_CONNECTIONS_PER_USER": "100000",
 }
-
-WS_SERVERS: Final = ("bare", "gateway", "socketio")
-SSE_SERVERS: Final = ("gateway-sse", "sse-starlette")
-#: The message of the time-to-first-event runs (one run at a time).
-TTFE_MESSAGE: Final = "chunks=1 thinking=1"
 
 
 @dataclass(frozen=True)
@@ -169,760 +181,40 @@ class BenchError(Exception):
 # Processes --------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Server:
-    name: str
-    port: int
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def cpu_s(self) -> float:
-        """CPU seconds of the server process so far, over its live threads.
-
-        From ``/proc/<pid>/task/*/schedstat`` (nanoseconds), else from
-        ``/proc/<pid>/stat`` (clock ticks, too coarse for short measurements).
-        """
-        try:
-            total = 0
-            for task in Path(f"/proc/{self.pid}/task").iterdir():
-                with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-                    total += int((task / "schedstat").read_text().split()[0])
-            if total:
-                return total / 1e9
-        except OSError:
-            pass
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-    def rss_kib(self) -> int:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise BenchError(f"{self.name}: no VmRSS")
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-4000:]
-        except OSError:
-            return ""
-
-
 def server_command(kind: str, port: int) -> list[str]:
     if kind in ("gateway", "gateway-sse"):
-        return [sys.executable, "-m", "server", "--host", HOST, "--port", str(port)]
+        return gateway_argv(port)
     app = {"bare": "bare", "socketio": "socketio", "sse-starlette": "sse"}[kind]
     return [sys.executable, str(ROOT / "scripts" / "bench_apps.py"), app, "--port", str(port)]
 
 
 @contextlib.contextmanager
-def serve(kind: str, workdir: Path, gateway_src: Path = ROOT) -> Iterator[Server]:
+def serve(kind: str, workdir: Path, gateway_src: Path = ROOT) -> Iterator[Process]:
     """Start one server process and wait until it accepts connections (at most 30 s).
 
     The gateway runs from ``gateway_src`` (a checkout of this project; by default
     this one), so that two versions can be compared with the same comparison apps.
     """
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
-    env["PYTHONPATH"] = str(gateway_src if kind.startswith("gateway") else ROOT)
+    env = clean_env(PYTHONPATH=str(gateway_src if kind.startswith("gateway") else ROOT))
     if kind.startswith("gateway"):
         env.update(GATEWAY_ENV)
-    log_path = workdir / f"{kind}-{port}.log"
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(
-            server_command(kind, port),
-            cwd=workdir,
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    server = Server(kind, port, proc, log_path)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise BenchError(f"{kind} exited early:\n{server.log()}")
-            with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=1):
-                break
-            if time.monotonic() > deadline:
-                raise BenchError(f"{kind} did not start within 30 s:\n{server.log()}")
-            time.sleep(0.05)
+    with launch(
+        server_command(kind, port),
+        port=port,
+        ready=tcp_ready(port),
+        name=kind,
+        env=env,
+        cwd=workdir,
+        log_path=workdir / f"{kind}-{port}.log",
+        stop_timeout_s=20,
+    ) as server:
         yield server
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
 
 
-def raise_nofile(needed: int) -> tuple[int, int]:
-    """Raise this process's soft RLIMIT_NOFILE to ``needed`` if the hard limit allows."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < needed:
-        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        soft = target
-    return soft, hard
-
-
-@dataclass
-class Cpu:
-    """CPU use of the server and of this client over one measurement."""
-
-    server: Server
-    wall0: float = 0.0
-    server0: float = 0.0
-    client0: float = 0.0
-    server_s: float = 0.0
-    client_s: float = 0.0
-    wall_s: float = 0.0
-
-    def __enter__(self) -> Cpu:
-        self.wall0 = time.perf_counter()
-        self.server0 = self.server.cpu_s()
-        self.client0 = time.process_time()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.wall_s = time.perf_counter() - self.wall0
-        self.server_s = self.server.cpu_s() - self.server0
-        self.client_s = time.process_time() - self.client0
-
-    def shares(self) -> dict[str, float]:
-        wall = max(self.wall_s, 1e-9)
-        return {"server": self.server_s / wall, "client": self.client_s / wall}
-
-
-def bound_side(shares: dict[str, float]) -> str:
-    """Which side held the figure back: the one that used (nearly) a whole core."""
-    server, client = shares["server"], shares["client"]
-    if server >= 0.85 and server >= client:
-        return "server"
-    if client >= 0.85:
-        return "client"
-    return "neither"
-
-
-# Client connections --------------------------------------------------------------------------
-
-
-class Conn:
-    """One WebSocket session, speaking chat.v1 (``bare``, ``gateway``) or Socket.IO."""
-
-    def __init__(self, socketio: bool) -> None:
-        self.socketio = socketio
-        loop = asyncio.get_running_loop()
-        self.ready: asyncio.Future[None] = loop.create_future()
-        self.ws: WsClient | None = None
-        self._unsent: list[bytes] = []
-        #: Payload bytes received, framing of the protocol included (not the WebSocket's).
-        self.bytes = 0
-        #: Called with every message that is not ``connection_ready``.
-        self.handler: Callable[[dict[str, Any], float], None] | None = None
-        self.run: Run | None = None
-        #: Set by the first ``pong``.
-        self.pong: asyncio.Future[None] = loop.create_future()
-
-    def on_text(self, payload: bytes, now: float) -> None:
-        self.bytes += len(payload)
-        if self.socketio:
-            if payload[:2] == b"42":
-                message = orjson.loads(payload[2:])[1]
-            elif payload == b"2":
-                self.send_raw(b"3")
-                return
-            elif payload[:1] == b"0":
-                self.send_raw(b"40")
-                return
-            else:  # "40{sid}" (namespace joined) and other control packets
-                return
-        else:
-            message = orjson.loads(payload)
-        kind = message.get("type")
-        if kind == "connection_ready":
-            if not self.ready.done():
-                self.ready.set_result(None)
-            return
-        if kind == "pong" and not self.pong.done():
-            self.pong.set_result(None)
-        if self.handler is not None:
-            self.handler(message, now)
-
-    def on_close(self, code: int, reason: str) -> None:
-        if not self.ready.done():
-            self.ready.set_exception(ConnectionError(f"closed with {code} {reason}".strip()))
-            self.ready.exception()
-        run = self.run
-        if run is not None and run.done is not None and not run.done.done():
-            run.done.set_result(f"closed {code}")
-
-    def send_raw(self, data: bytes) -> None:
-        if self.ws is None:  # a frame that came with the handshake answered before it returned
-            self._unsent.append(data)
-        else:
-            self.ws.send_text(data)
-
-    def opened(self, ws: WsClient) -> None:
-        self.ws = ws
-        unsent, self._unsent = self._unsent, []
-        for data in unsent:
-            ws.send_text(data)
-
-    def send(self, kind: str, **fields: Any) -> None:
-        if self.socketio:
-            self.send_raw(b"42" + orjson.dumps([kind, {"type": kind, **fields}]))
-        else:
-            self.send_raw(orjson.dumps({"type": kind, **fields}))
-
-    @property
-    def is_open(self) -> bool:
-        return self.ws is not None and self.ws.is_open
-
-
-def ws_url(kind: str, port: int) -> str:
-    if kind == "socketio":
-        return f"ws://{HOST}:{port}/socket.io/?EIO=4&transport=websocket"
-    return f"ws://{HOST}:{port}/ws"
-
-
-class Tokens:
+def bench_tokens() -> TokenCache:
     """Tokens minted once per user, signed with the gateway's secret."""
-
-    def __init__(self) -> None:
-        from server.auth import Authenticator
-        from server.settings import Settings
-
-        self._auth = Authenticator(Settings(jwt_secret=SECRET))
-        self._cache: dict[str, str] = {}
-
-    def __call__(self, user: str) -> str:
-        token = self._cache.get(user)
-        if token is None:
-            token = self._cache[user] = self._auth.mint(user, 3 * 3600)
-        return token
-
-
-async def open_conn(kind: str, port: int, token: str, timeout: float = 15.0) -> Conn:
-    conn = Conn(kind == "socketio")
-    protocols = () if kind == "socketio" else ("chat.v1", f"bearer.{token}")
-    ws = await ws_connect(
-        ws_url(kind, port),
-        conn.on_text,
-        on_close=conn.on_close,
-        subprotocols=protocols,
-        timeout=timeout,
-    )
-    conn.opened(ws)
-    try:
-        await asyncio.wait_for(asyncio.shield(conn.ready), timeout)
-    except BaseException:
-        ws.abort()
-        raise
-    return conn
-
-
-async def open_many(
-    kind: str, port: int, users: Sequence[str], tokens: Tokens, parallel: int = 100
-) -> tuple[list[Conn], dict[str, int]]:
-    """Open one connection per user, ``parallel`` at a time; the failures by kind."""
-    gate = asyncio.Semaphore(parallel)
-    failures: dict[str, int] = {}
-
-    async def one(user: str) -> Conn | None:
-        async with gate:
-            try:
-                return await open_conn(kind, port, tokens(user))
-            except (OSError, TimeoutError, HandshakeError, ConnectionError) as exc:
-                key = type(exc).__name__
-                failures[key] = failures.get(key, 0) + 1
-                return None
-
-    opened = await asyncio.gather(*(one(u) for u in users))
-    return [c for c in opened if c is not None], failures
-
-
-async def close_all(conns: Sequence[Conn], timeout: float = 10.0) -> None:
-    clients = [c.ws for c in conns if c.ws is not None]
-    if clients:
-        await asyncio.wait(
-            [asyncio.create_task(c.close(timeout=timeout)) for c in clients], timeout=timeout + 1
-        )
-
-
-# SSE ------------------------------------------------------------------------------------------
-
-
-class SseConn(asyncio.Protocol):
-    """A keep-alive HTTP/1.1 connection for ``POST`` requests answered by SSE streams."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self._buf = bytearray()
-        self._sse = b""
-        self._state = "idle"
-        self._chunked = False
-        self._remaining = 0
-        self.status = 0
-        self.on_block: Callable[[bytes, float], None] | None = None
-        self.done: asyncio.Future[int] | None = None
-        self.lost = False
-        #: Body bytes received (the SSE text, chunked framing excluded).
-        self.bytes = 0
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        if self.done is not None and not self.done.done():
-            self.done.set_exception(ConnectionError("connection closed mid-response"))
-            self.done.exception()
-
-    def request(self, path: str, netloc: str, body: bytes, headers: Sequence[str]) -> None:
-        assert self.transport is not None and self._state == "idle"
-        self.done = asyncio.get_running_loop().create_future()
-        self._state = "head"
-        self._sse = b""
-        head = [
-            f"POST {path} HTTP/1.1",
-            f"Host: {netloc}",
-            "Content-Type: application/json",
-            "Accept: text/event-stream",
-            f"Content-Length: {len(body)}",
-            *headers,
-        ]
-        self.transport.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
-
-    def data_received(self, data: bytes) -> None:
-        now = time.time()
-        buf = self._buf
-        buf += data
-        pos = 0
-        if self._state == "head":
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
-            self.status = int(lines[0].split(" ")[1])
-            fields = {}
-            for line in lines[1:]:
-                name, _, value = line.partition(":")
-                fields[name.strip().lower()] = value.strip().lower()
-            self._chunked = fields.get("transfer-encoding") == "chunked"
-            self._remaining = int(fields.get("content-length", "0") or 0)
-            self._state = "body"
-            pos = end + 4
-            if not self._chunked and self._remaining == 0:
-                self._finish()
-        if self._state == "body":
-            if self._chunked:
-                while True:
-                    line_end = buf.find(b"\r\n", pos)
-                    if line_end < 0:
-                        break
-                    size = int(bytes(buf[pos:line_end]).split(b";")[0], 16)
-                    if size == 0:
-                        if len(buf) < line_end + 4:
-                            break
-                        pos = line_end + 4
-                        self._finish()
-                        break
-                    if len(buf) < line_end + 2 + size + 2:
-                        break
-                    self._feed(bytes(buf[line_end + 2 : line_end + 2 + size]), now)
-                    pos = line_end + 2 + size + 2
-            else:
-                take = min(self._remaining, len(buf) - pos)
-                self._feed(bytes(buf[pos : pos + take]), now)
-                pos += take
-                self._remaining -= take
-                if self._remaining == 0:
-                    self._finish()
-        if pos:
-            del buf[:pos]
-
-    def _feed(self, data: bytes, now: float) -> None:
-        self.bytes += len(data)
-        sse = self._sse + data if self._sse else data
-        blocks = sse.split(b"\n\n")
-        self._sse = blocks.pop()
-        handler = self.on_block
-        if handler is not None:
-            for block in blocks:
-                handler(block, now)
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-    def _finish(self) -> None:
-        self._state = "idle"
-        if self.done is not None and not self.done.done():
-            self.done.set_result(self.status)
-
-
-async def open_sse(port: int) -> SseConn:
-    loop = asyncio.get_running_loop()
-    async with asyncio.timeout(10):
-        _, conn = await loop.create_connection(SseConn, HOST, port)
-    return conn
-
-
-# Scenarios ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Figure:
-    """One measured figure: the median of the repetitions, with what went with it."""
-
-    value: float | None
-    unit: str
-    reps: list[float] = field(default_factory=list)
-    cpu: dict[str, float] = field(default_factory=dict)
-    bound: str = ""
-    detail: dict[str, Any] = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)
-
-    def json(self) -> dict[str, Any]:
-        return {
-            "value": None if self.value is None else round(self.value, 4),
-            "unit": self.unit,
-            "reps": [round(r, 4) for r in self.reps],
-            "best": None if not self.reps else round(max(self.reps), 4),
-            "cpu_share": {k: round(v, 3) for k, v in self.cpu.items()},
-            "bound": self.bound,
-            **({"detail": self.detail} if self.detail else {}),
-            **({"problems": self.problems} if self.problems else {}),
-        }
-
-
-def check_stats(stats: Stats, runs: int) -> list[str]:
-    """What went wrong in a measurement, as text (empty when nothing did)."""
-    problems = []
-    completed = stats.statuses.get("completed", 0)
-    if completed != runs:
-        problems.append(f"{completed} of {runs} runs completed ({dict(stats.statuses)})")
-    for name in ("lost", "duplicated", "reordered", "wrong_count", "after_end"):
-        if getattr(stats, name):
-            problems.append(f"{name}: {getattr(stats, name)}")
-    if stats.errors:
-        problems.append(f"errors: {dict(stats.errors)}")
-    return problems
-
-
-def median_figure(
-    runs: list[tuple[float, Cpu, Stats, int]], unit: str, detail: dict[str, Any] | None = None
-) -> Figure:
-    """The median of the repetitions; ``runs[0]`` is the warm-up, checked but not counted."""
-    reps = runs[1:]
-    values = [r[0] for r in reps]
-    mid = sorted(range(len(reps)), key=lambda i: values[i])[len(reps) // 2]
-    cpu = reps[mid][1].shares()
-    detail = dict(detail or {})
-    stats = reps[mid][2]
-    if stats.events:
-        detail["events_per_rep"] = stats.events
-        detail["bytes_per_event"] = round(stats.bytes / stats.events, 1)
-    problems: list[str] = []
-    for _, _, stats, count in runs:
-        problems.extend(check_stats(stats, count))
-    return Figure(
-        statistics.median(values),
-        unit,
-        values,
-        cpu,
-        bound_side(cpu),
-        detail,
-        sorted(set(problems)),
-    )
-
-
-async def ws_streams(
-    server: Server, conns: Sequence[Conn], content: str, timeout: float = 120.0
-) -> tuple[float, Cpu, Stats, int]:
-    """Every connection sends one message at once; run events per second of wall time."""
-    loop = asyncio.get_running_loop()
-    stats = Stats(expected_events("load", content))
-    for i, conn in enumerate(conns):
-        run = Run(f"b{i}", loop.create_future())
-        conn.run = run
-
-        def handler(message: dict[str, Any], now: float, run: Run = run) -> None:
-            if message.get("seq") is not None:
-                stats.event(run, message, now)
-            elif message.get("type") == "error":
-                stats.errors[str(message.get("data"))] += 1
-                stats.end(run, "error", now)
-
-        conn.handler = handler
-    bytes0 = sum(c.bytes for c in conns)
-    with Cpu(server) as cpu:
-        now = time.time()
-        for conn in conns:
-            assert conn.run is not None
-            stats.sent(conn.run, now)
-            conn.send("user_message", id=conn.run.ref, content=content, agent="load")
-        futures = [c.run.done for c in conns if c.run is not None and c.run.done is not None]
-        _, pending = await asyncio.wait(futures, timeout=timeout)
-    for conn in conns:
-        conn.handler = None
-    if pending:
-        stats.errors[f"{len(pending)} runs timed out"] += 1
-    stats.bytes = sum(c.bytes for c in conns) - bytes0
-    eps = stats.events_per_s or 0.0
-    return eps, cpu, stats, len(conns)
-
-
-async def ws_fanout(
-    server: Server, conns: Sequence[Conn], content: str, timeout: float = 120.0
-) -> tuple[float, Cpu, Stats, int]:
-    """One run, started by the first session and resumed by the others during its tool call.
-
-    The figure is deliveries per second from the first ``tool_completed`` received
-    to the last ``agent_completed``: the events after the pause, over all sessions.
-    """
-    loop = asyncio.get_running_loop()
-    stats = Stats(expected_events("load", content))
-    started: asyncio.Future[str] = loop.create_future()
-    acks: list[asyncio.Future[None]] = []
-    window = {"start": float("inf"), "after": 0}
-    # CPU is measured over the fast part only: from the first tool_completed on.
-    cpu = Cpu(server)
-    for i, conn in enumerate(conns):
-        run = Run(f"f{i}", loop.create_future())
-        conn.run = run
-        ack: asyncio.Future[None] = loop.create_future()
-        acks.append(ack)
-        marks = {"tool": False}
-
-        def handler(
-            message: dict[str, Any],
-            now: float,
-            run: Run = run,
-            ack: asyncio.Future[None] = ack,
-            marks: dict[str, bool] = marks,
-        ) -> None:
-            kind_ = message.get("type")
-            if message.get("seq") is not None:
-                stats.event(run, message, now)
-                # The others resume once the run is in its tool call: every server then
-                # has the same backlog to replay and the same live events to fan out.
-                if kind_ == "tool_executing" and not started.done():
-                    started.set_result(message["run_id"])
-                if marks["tool"]:
-                    window["after"] += 1
-                elif kind_ == "tool_completed":
-                    marks["tool"] = True
-                    if window["start"] == float("inf"):
-                        window["start"] = now
-                        cpu.__enter__()
-            elif kind_ == "ack" and not ack.done():
-                ack.set_result(None)
-            elif kind_ == "error":
-                stats.errors[str(message.get("data"))] += 1
-                stats.end(run, "error", now)
-
-        conn.handler = handler
-    bytes0 = sum(c.bytes for c in conns)
-    first = conns[0]
-    assert first.run is not None
-    stats.sent(first.run, time.time())
-    first.send("user_message", id=first.run.ref, content=content, agent="load")
-    acks[0].set_result(None)
-    run_id = await asyncio.wait_for(started, 10)
-    now = time.time()
-    for conn in conns[1:]:
-        assert conn.run is not None
-        stats.sent(conn.run, now)
-        conn.send("resume", id=conn.run.ref, run_id=run_id, after_seq=0)
-    await asyncio.wait_for(asyncio.gather(*acks), 10)
-    attached = time.time()
-    futures = [c.run.done for c in conns if c.run is not None and c.run.done is not None]
-    _, pending = await asyncio.wait(futures, timeout=timeout)
-    if cpu.wall0:
-        cpu.__exit__()
-    for conn in conns:
-        conn.handler = None
-    if pending:
-        stats.errors[f"{len(pending)} sessions timed out"] += 1
-    stats.bytes = sum(c.bytes for c in conns) - bytes0
-    if attached > window["start"]:
-        stats.errors["a session attached after the tool call ended"] += 1
-    end = stats.last_end or window["start"]
-    rate = window["after"] / max(end - window["start"], 1e-9)
-    return rate, cpu, stats, len(conns)
-
-
-async def ws_ttfe(
-    server: Server, conn: Conn, runs: int, warmup: int
-) -> tuple[dict[str, Any], Cpu, Stats]:
-    """One run at a time: ``user_message`` sent to ``agent_started`` received."""
-    loop = asyncio.get_running_loop()
-    content = TTFE_MESSAGE
-    stats = Stats(expected_events("load", content))
-    cpu = Cpu(server)
-    for i in range(warmup + runs):
-        if i == warmup:
-            stats = Stats(expected_events("load", content))
-            cpu.__enter__()
-        run = Run(f"t{i}", loop.create_future())
-        conn.run = run
-
-        def handler(
-            message: dict[str, Any], now: float, run: Run = run, stats: Stats = stats
-        ) -> None:
-            if message.get("seq") is not None:
-                stats.event(run, message, now)
-            elif message.get("type") == "error":
-                stats.errors[str(message.get("data"))] += 1
-                stats.end(run, "error", now)
-
-        conn.handler = handler
-        stats.sent(run, time.time())
-        conn.send("user_message", id=run.ref, content=content, agent="load")
-        assert run.done is not None
-        await asyncio.wait_for(run.done, 10)
-    cpu.__exit__()
-    conn.handler = None
-    return stats.started_ms.summary(), cpu, stats
-
-
-async def echo_rtt(port: int, runs: int, warmup: int, size: int) -> dict[str, Any]:
-    """Round trips of a frame of ``size`` bytes through the bare echo endpoint."""
-    loop = asyncio.get_running_loop()
-    waiting: list[asyncio.Future[float]] = []
-
-    def on_text(payload: bytes, now: float) -> None:
-        if waiting and not waiting[0].done():
-            waiting[0].set_result(now)
-
-    client = await ws_connect(f"ws://{HOST}:{port}/echo", on_text)
-    empty = len(orjson.dumps({"type": "user_message", "id": "e", "content": ""}))
-    frame = orjson.dumps({"type": "user_message", "id": "e", "content": "x" * max(size - empty, 1)})
-    rtts: list[float] = []
-    try:
-        for i in range(warmup + runs):
-            waiting[:] = [loop.create_future()]
-            sent = time.time()
-            client.send_text(frame)
-            got = await asyncio.wait_for(waiting[0], 10)
-            if i >= warmup:
-                rtts.append((got - sent) * 1000)
-    finally:
-        await client.close()
-    return summarize(rtts)
-
-
-async def sse_streams(
-    server: Server, conns: Sequence[SseConn], content: str, token: str, timeout: float = 120.0
-) -> tuple[float, Cpu, Stats, int]:
-    """Every connection posts one message at once; run events per second of wall time."""
-    loop = asyncio.get_running_loop()
-    stats = Stats(expected_events("load", content))
-    body = orjson.dumps({"message": content, "agent": "load"})
-    headers = [f"Authorization: Bearer {token}"]
-    runs = []
-    for conn in conns:
-        run = Run(None, loop.create_future())
-        runs.append(run)
-
-        def on_block(block: bytes, now: float, run: Run = run) -> None:
-            sse_block(block, run, stats, now)
-
-        conn.on_block = on_block
-    bytes0 = sum(c.bytes for c in conns)
-    with Cpu(server) as cpu:
-        now = time.time()
-        for conn, run in zip(conns, runs, strict=True):
-            stats.sent(run, now)
-            conn.request("/api/chat/stream", f"{HOST}:{server.port}", body, headers)
-        dones = [c.done for c in conns if c.done is not None]
-        _, pending = await asyncio.wait(dones, timeout=timeout)
-    for conn, run in zip(conns, runs, strict=True):
-        conn.on_block = None
-        if conn.done is not None and conn.done.done() and not conn.done.exception():
-            status = conn.done.result()
-            if status != 200:
-                stats.errors[f"HTTP {status}"] += 1
-        if run.status is None:
-            stats.end(run, "incomplete", time.time())
-    if pending:
-        stats.errors[f"{len(pending)} streams timed out"] += 1
-    stats.bytes = sum(c.bytes for c in conns) - bytes0
-    return stats.events_per_s or 0.0, cpu, stats, len(conns)
-
-
-async def sse_ttfe(
-    server: Server, conn: SseConn, token: str, runs: int, warmup: int
-) -> tuple[dict[str, Any], Cpu, Stats]:
-    content = TTFE_MESSAGE
-    stats = Stats(expected_events("load", content))
-    cpu = Cpu(server)
-    for i in range(warmup + runs):
-        if i == warmup:
-            stats = Stats(expected_events("load", content))
-            cpu.__enter__()
-        _, _, s, _ = await sse_streams(server, [conn], content, token, timeout=10)
-        for name in ("events", "lost", "duplicated", "reordered", "wrong_count", "after_end"):
-            setattr(stats, name, getattr(stats, name) + getattr(s, name))
-        stats.statuses.update(s.statuses)
-        stats.errors.update(s.errors)
-        for value in s.started_ms.values:
-            stats.started_ms.add(value)
-    cpu.__exit__()
-    return stats.started_ms.summary(), cpu, stats
-
-
-async def idle(
-    kind: str, server: Server, tokens: Tokens, count: int, hold_s: float
-) -> dict[str, Any]:
-    """Open ``count`` idle connections; the server's memory and CPU while it holds them."""
-    warm, _ = await open_many(kind, server.port, [f"idle-warm-{i}" for i in range(20)], tokens)
-    await close_all(warm)
-    await asyncio.sleep(1.0)
-    before = server.rss_kib()
-    began = time.perf_counter()
-    conns, failures = await open_many(
-        kind, server.port, [f"idle-{i:05d}" for i in range(count)], tokens
-    )
-    open_s = time.perf_counter() - began
-    await asyncio.sleep(1.0)
-    with Cpu(server) as cpu:
-        await asyncio.sleep(hold_s)
-    after = server.rss_kib()
-    held = sum(1 for c in conns if c.is_open)
-    sample = random.Random(3).sample(conns, min(20, len(conns)))
-    for conn in sample:
-        conn.send("ping", id="p")
-    if sample:
-        await asyncio.wait([c.pong for c in sample], timeout=10)
-    answered = sum(1 for c in sample if c.pong.done())
-    await close_all(conns)
-    per_conn = (after - before) / len(conns) if conns else None
-    return {
-        "connections": count,
-        "opened": len(conns),
-        "held": held,
-        "ping_answered": f"{answered}/{len(sample)}",
-        "failures": failures,
-        "open_s": round(open_s, 2),
-        "rss_before_kib": before,
-        "rss_after_kib": after,
-        "kib_per_connection": None if per_conn is None else round(per_conn, 2),
-        "idle_server_cpu_share": round(cpu.shares()["server"], 4),
-    }
+    return TokenCache(SECRET, 3 * 3600)
 
 
 # The run --------------------------------------------------------------------------------------
@@ -932,13 +224,13 @@ async def idle(
 class Bench:
     sizes: Sizes
     workdir: Path
-    tokens: Tokens
+    tokens: TokenCache
     profile_dir: Path | None
     log: Callable[[str], None]
     gateway_src: Path = ROOT
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
     profiles: dict[str, Any] = field(default_factory=dict)
-    shared: Server | None = None
+    shared: Process | None = None
 
     def put(self, server: str, scenario: str, value: Any) -> None:
         self.results.setdefault(server, {})[scenario] = value
@@ -962,7 +254,7 @@ class Bench:
         return [await once() for _ in range(reps + 1)]
 
     @contextlib.asynccontextmanager
-    async def server(self, kind: str) -> AsyncIterator[Server]:
+    async def server(self, kind: str) -> AsyncIterator[Process]:
         """A fresh server process per scenario (full run), or one shared by all (quick)."""
         if self.shared is not None and self.shared.name == kind:
             yield self.shared
@@ -975,7 +267,7 @@ class Bench:
             finally:
                 self.shared = None if self.shared is server else self.shared
 
-    async def connect(self, kind: str, server: Server, users: Sequence[str]) -> list[Conn]:
+    async def connect(self, kind: str, server: Process, users: Sequence[str]) -> list[Conn]:
         conns, failures = await open_many(kind, server.port, users, self.tokens)
         if failures:
             await close_all(conns)
@@ -1027,10 +319,7 @@ class Bench:
                 async with self.server(kind) as server:
                     conns = await self.connect(kind, server, users)
                     results = await self.repeat(
-                        reps,
-                        lambda server=server, conns=conns, content=content: ws_streams(
-                            server, conns, content
-                        ),
+                        reps, functools.partial(ws_streams, server, conns, content)
                     )
                     detail = {"message": content, "clients": len(users)}
                     self.put(kind, name, median_figure(results, "events/s", detail))
@@ -1080,17 +369,14 @@ class Bench:
                 async with self.server(kind) as server:
                     conns = [await open_sse(server.port) for _ in range(clients)]
                     results = await self.repeat(
-                        reps,
-                        lambda server=server, conns=conns, content=content: sse_streams(
-                            server, conns, content, token
-                        ),
+                        reps, functools.partial(sse_streams, server, conns, content, token)
                     )
                     detail = {"message": content, "clients": clients}
                     self.put(kind, name, median_figure(results, "events/s", detail))
                     for conn in conns:
                         conn.close()
 
-    async def profile(self, server: Server, one: str, many: str) -> None:
+    async def profile(self, server: Process, one: str, many: str) -> None:
         """py-spy against the gateway during extra one-stream, 20-stream and TTFE runs."""
         assert self.profile_dir is not None
         self.profile_dir.mkdir(parents=True, exist_ok=True)
@@ -1152,425 +438,6 @@ class Bench:
             await once()
 
 
-def hot_spots(path: Path, top: int = 15, src: Path = ROOT) -> dict[str, Any]:
-    """Where the event loop's thread spent its samples, from a py-spy speedscope file.
-
-    ``self``: samples in the function itself (a line that calls into C, such as a
-    socket write, counts for the function); ``total``: samples with the function
-    anywhere on the stack (the frames above ``Server.run``, on every sample, are
-    left out); ``lines``: the hottest lines by self samples.
-    """
-    doc = orjson.loads(path.read_bytes())
-    frames = doc["shared"]["frames"]
-    profiles = [p for p in doc["profiles"] if "MainThread" in str(p.get("name"))]
-    others = [p for p in doc["profiles"] if p not in profiles]
-    profiles = profiles or doc["profiles"]
-
-    def where(i: int) -> tuple[str, str, int]:
-        f = frames[i]
-        file = str(f.get("file", ""))
-        for marker in ("site-packages/", str(src) + "/", str(ROOT) + "/", "lib/python3."):
-            if marker in file:
-                file = file.split(marker, 1)[1]
-                if marker == "lib/python3.":
-                    file = "stdlib/" + file.split("/", 1)[-1]
-        return str(f.get("name")), file, int(f.get("line") or 0)
-
-    self_fn: dict[tuple[str, str], int] = {}
-    total_fn: dict[tuple[str, str], int] = {}
-    self_line: dict[tuple[str, str, int], int] = {}
-    count = 0
-    for prof in profiles:
-        for stack in prof["samples"]:
-            count += 1
-            if not stack:
-                continue
-            name, file, line = where(stack[-1])
-            self_fn[(name, file)] = self_fn.get((name, file), 0) + 1
-            self_line[(name, file, line)] = self_line.get((name, file, line), 0) + 1
-            for key in {where(i)[:2] for i in stack}:
-                total_fn[key] = total_fn.get(key, 0) + 1
-    if not count:
-        return {"samples": 0, "self": [], "total": [], "lines": []}
-
-    def ranked(weights: dict[Any, int], skip_all: bool = False) -> list[dict[str, Any]]:
-        best = sorted(weights.items(), key=lambda kv: kv[1], reverse=True)
-        out = []
-        for key, n in best:
-            if skip_all and n >= 0.99 * count:
-                continue
-            label = f"{key[0]} ({key[1]}" + (f":{key[2]})" if len(key) > 2 else ")")
-            out.append({"function": label, "share": round(n / count, 4)})
-            if len(out) == top:
-                break
-        return out
-
-    return {
-        "samples": count,
-        "other_threads_samples": sum(len(p["samples"]) for p in others),
-        "self": ranked(self_fn),
-        "total": ranked(total_fn, skip_all=True),
-        "lines": ranked(self_line),
-    }
-
-
-# Report ---------------------------------------------------------------------------------------
-
-
-def value_of(results: dict[str, dict[str, Any]], server: str, scenario: str) -> float | None:
-    item = results.get(server, {}).get(scenario)
-    if isinstance(item, Figure):
-        return item.value
-    if isinstance(item, dict):
-        value = item.get("kib_per_connection")
-        return None if value is None else float(value)
-    return None
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or b == 0:
-        return None
-    return a / b
-
-
-def targets(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's targets, each with its figure and whether it is met."""
-    v = lambda server, scenario: value_of(results, server, scenario)  # noqa: E731
-    rows: list[tuple[str, float | None, str, float]] = [
-        (
-            "gateway / bare, one stream",
-            ratio(v("gateway", "one_stream"), v("bare", "one_stream")),
-            ">=",
-            0.8,
-        ),
-        (
-            "gateway / bare, 20 streams",
-            ratio(v("gateway", "streams_20"), v("bare", "streams_20")),
-            ">=",
-            0.8,
-        ),
-        (
-            "gateway / socketio, one stream",
-            ratio(v("gateway", "one_stream"), v("socketio", "one_stream")),
-            ">=",
-            1.5,
-        ),
-        (
-            "gateway / socketio, 20 streams",
-            ratio(v("gateway", "streams_20"), v("socketio", "streams_20")),
-            ">=",
-            1.5,
-        ),
-        (
-            "gateway SSE / sse-starlette, one stream",
-            ratio(v("gateway-sse", "one_stream"), v("sse-starlette", "one_stream")),
-            ">=",
-            1.0,
-        ),
-        (
-            "gateway SSE / sse-starlette, 20 streams",
-            ratio(v("gateway-sse", "streams_20"), v("sse-starlette", "streams_20")),
-            ">=",
-            1.0,
-        ),
-        (
-            "gateway TTFE p50 / bare echo RTT p50",
-            ratio(v("gateway", "ttfe"), v("bare", "echo_rtt")),
-            "<=",
-            2.5,
-        ),
-        (
-            "gateway / bare, memory per idle connection",
-            ratio(v("gateway", "idle"), v("bare", "idle")),
-            "<=",
-            1.5,
-        ),
-    ]
-    out = []
-    for label, value, op, limit in rows:
-        met = None if value is None else (value >= limit if op == ">=" else value <= limit)
-        out.append(
-            {
-                "target": label,
-                "value": None if value is None else round(value, 3),
-                "limit": f"{op} {limit}",
-                "met": met,
-            }
-        )
-    idle_item = results.get("gateway", {}).get("idle")
-    if isinstance(idle_item, dict):
-        n = idle_item["connections"]
-        held = idle_item["held"]
-        out.append(
-            {
-                "target": f"{n} idle connections held by one gateway process",
-                "value": held,
-                "limit": f"= {n}",
-                "met": held == n,
-            }
-        )
-    return out
-
-
-def fmt(value: float | None, unit: str = "") -> str:
-    if value is None:
-        return "-"
-    if unit in ("events/s", "deliveries/s"):
-        return f"{value:,.0f}"
-    if unit == "ms":
-        return f"{value:.3f}"
-    return f"{value:,.2f}"
-
-
-def render(report: dict[str, Any]) -> str:
-    results = report["results"]
-    lines = [
-        f"bench: {report['machine']['cpu']} x{report['machine']['nproc']}, "
-        f"Python {report['machine']['python']}, uvicorn {report['versions'].get('uvicorn')} "
-        f"({report['uvicorn_defaults']}); {'quick' if report['quick'] else 'full'} run "
-        f"in {report['elapsed_s']:.0f} s; code {report.get('git', '?')}; load average "
-        f"{report.get('loadavg', {}).get('before', ['?'])[0]} before",
-        "",
-    ]
-    scenarios = [
-        ("one_stream", "one stream", "events/s"),
-        ("streams_20", "20 streams", "events/s"),
-        ("streams_200", f"{report['sizes']['streams200_clients']} streams", "events/s"),
-        ("fanout", f"1 run x {report['sizes']['fanout_sessions']} sessions", "deliveries/s"),
-        ("ttfe", "TTFE p50", "ms"),
-        ("echo_rtt", "echo RTT p50", "ms"),
-        ("idle", f"KiB per idle conn ({report['sizes']['idle_connections']})", "KiB"),
-    ]
-    head = (
-        f"{'WebSocket':<30}{'bare':>12}{'gateway':>12}{'socketio':>12}{'gw/bare':>9}{'gw/peer':>9}"
-    )
-    lines += [head, "-" * len(head)]
-    for key, label, unit in scenarios:
-        vals = [value_of(results, s, key) for s in WS_SERVERS]
-        if all(x is None for x in vals):
-            continue
-        r1 = ratio(vals[1], vals[0])
-        r2 = ratio(vals[1], vals[2])
-        lines.append(
-            f"{label:<30}"
-            + "".join(f"{fmt(x, unit):>12}" for x in vals)
-            + f"{fmt(r1):>9}{fmt(r2):>9}"
-        )
-    lines.append("")
-    head = f"{'SSE':<30}{'gateway':>12}{'sse-starl.':>12}{'gw/peer':>9}"
-    lines += [head, "-" * len(head)]
-    for key, label, unit in [*scenarios[:3], scenarios[4]]:
-        vals = [value_of(results, s, key) for s in SSE_SERVERS]
-        if all(x is None for x in vals):
-            continue
-        lines.append(
-            f"{label:<30}"
-            + "".join(f"{fmt(x, unit):>12}" for x in vals)
-            + f"{fmt(ratio(vals[0], vals[1])):>9}"
-        )
-    lines.append("")
-    lines.append(
-        "CPU share over each measurement (server/client; a side near 1.0 is the bottleneck)"
-    )
-    for server in (*WS_SERVERS, *SSE_SERVERS):
-        cells = []
-        for key, label, _ in scenarios[:5]:
-            item = results.get(server, {}).get(key)
-            if isinstance(item, Figure) and item.cpu:
-                cells.append(f"{label}: {item.cpu['server']:.2f}/{item.cpu['client']:.2f}")
-        if cells:
-            lines.append(f"  {server:<14} " + "; ".join(cells))
-    idle_rows = [(s, results.get(s, {}).get("idle")) for s in WS_SERVERS]
-    for server, item in idle_rows:
-        if isinstance(item, dict):
-            before = item["rss_before_kib"] / 1024
-            after = item["rss_after_kib"] / 1024
-            lines.append(
-                f"  idle {server:<9} {item['held']}/{item['connections']} held, "
-                f"RSS {before:.1f} -> {after:.1f} MiB, opened in {item['open_s']} s, "
-                f"idle server CPU {item['idle_server_cpu_share']:.1%}, "
-                f"pings {item['ping_answered']}"
-            )
-    lines.append("")
-    lines.append("Targets")
-    for t in report["targets"]:
-        mark = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
-        value = f"{t['value']:.3f}" if isinstance(t["value"], float) else str(t["value"])
-        lines.append(f"  {t['target']:<48} {value:>8}  ({t['limit']})  {mark}")
-    problems = [
-        f"{server}/{scenario}: {p}"
-        for server, items in results.items()
-        for scenario, item in items.items()
-        if isinstance(item, Figure)
-        for p in item.problems
-    ]
-    if problems:
-        lines.append("")
-        lines.append("Problems seen")
-        lines += [f"  {p}" for p in problems]
-    if report.get("profiles"):
-        for name, prof in report["profiles"].items():
-            if not isinstance(prof, dict) or "self" not in prof:
-                lines.append(f"profile {name}: {prof}")
-                continue
-            lines.append("")
-            lines.append(f"Gateway profile, {name} ({prof['samples']} samples, {prof['file']})")
-            lines.append("  self time")
-            lines += [f"    {h['share']:6.1%}  {h['function']}" for h in prof["self"][:12]]
-            lines.append("  total time (the function and what it calls)")
-            lines += [f"    {h['share']:6.1%}  {h['function']}" for h in prof["total"][:12]]
-    return "\n".join(lines)
-
-
-def render_markdown(report: dict[str, Any]) -> str:
-    """The figures as Markdown tables, for docs/benchmarks.md."""
-    results = report["results"]
-    sizes = report["sizes"]
-
-    def cell(server: str, key: str, unit: str) -> str:
-        item = results.get(server, {}).get(key)
-        value = value_of(results, server, key)
-        text = fmt(value, unit)
-        if isinstance(item, Figure) and item.cpu:
-            text += f" ({item.cpu['server']:.2f}/{item.cpu['client']:.2f})"
-        return text
-
-    rows = [
-        ("one_stream", f"one stream, {sizes['one_stream_chunks']:,} chunks", "events/s"),
-        ("streams_20", f"20 streams x {sizes['streams20_chunks']:,} chunks", "events/s"),
-        (
-            "streams_200",
-            f"{sizes['streams200_clients']} streams x {sizes['streams200_chunks']} chunks",
-            "events/s",
-        ),
-        (
-            "fanout",
-            f"1 run x {sizes['fanout_sessions']} sessions, {sizes['fanout_chunks']:,} chunks",
-            "deliveries/s",
-        ),
-        ("ttfe", "time to first event, p50", "ms"),
-        ("echo_rtt", "echo round trip, p50", "ms"),
-        ("idle", f"KiB per idle connection ({sizes['idle_connections']:,})", "KiB"),
-    ]
-    out = [
-        "| WebSocket | bare | gateway | python-socketio | gateway / bare | gateway / peer |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for key, label, unit in rows:
-        vals = [value_of(results, s, key) for s in WS_SERVERS]
-        if all(v is None for v in vals):
-            continue
-        cells = [cell(s, key, unit) for s in WS_SERVERS]
-        out.append(
-            f"| {label} | "
-            + " | ".join(cells)
-            + f" | {fmt(ratio(vals[1], vals[0]))} | {fmt(ratio(vals[1], vals[2]))} |"
-        )
-    out += [
-        "",
-        "| SSE | gateway | sse-starlette | gateway / peer |",
-        "|---|---:|---:|---:|",
-    ]
-    for key, label, unit in [*rows[:3], rows[4]]:
-        vals = [value_of(results, s, key) for s in SSE_SERVERS]
-        if all(v is None for v in vals):
-            continue
-        cells = [cell(s, key, unit) for s in SSE_SERVERS]
-        out.append(f"| {label} | " + " | ".join(cells) + f" | {fmt(ratio(vals[0], vals[1]))} |")
-    out += ["", "| idle connections | held | RSS before -> after | opened in | idle server CPU |"]
-    out.append("|---|---:|---:|---:|---:|")
-    for server in WS_SERVERS:
-        item = results.get(server, {}).get("idle")
-        if isinstance(item, dict):
-            out.append(
-                f"| {server} | {item['held']:,} / {item['connections']:,} | "
-                f"{item['rss_before_kib'] / 1024:.1f} -> {item['rss_after_kib'] / 1024:.1f} MiB | "
-                f"{item['open_s']} s | {item['idle_server_cpu_share']:.1%} |"
-            )
-    out += ["", "| target | figure | limit | met |", "|---|---:|---:|---|"]
-    for t in report["targets"]:
-        value = f"{t['value']:.3f}" if isinstance(t["value"], float) else str(t["value"])
-        mark = {True: "yes", False: "**no**", None: "n/a"}[t["met"]]
-        out.append(f"| {t['target']} | {value} | {t['limit']} | {mark} |")
-    return "\n".join(out)
-
-
-def machine() -> dict[str, Any]:
-    cpu = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
-    return {
-        "nproc": os.cpu_count(),
-        "cpu": cpu,
-        "memory": mem,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-    }
-
-
-def versions() -> dict[str, str]:
-    out = {}
-    for name in (
-        "uvicorn",
-        "starlette",
-        "websockets",
-        "uvloop",
-        "httptools",
-        "orjson",
-        "python-socketio",
-        "python-engineio",
-        "sse-starlette",
-    ):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
-def loadavg() -> list[float]:
-    """The 1, 5 and 15 minute load averages."""
-    try:
-        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
-    except (OSError, ValueError):
-        return [0.0, 0.0, 0.0]
-
-
-def git_state() -> str:
-    """The commit measured, and whether the working tree differed from it."""
-    try:
-        done = subprocess.run(
-            ["git", "describe", "--always", "--dirty"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return "?"
-    return done.stdout.strip() or "?"
-
-
-def uvicorn_defaults() -> str:
-    """What ``uvicorn.Config`` picks for loop, http and ws when left on ``auto``."""
-    from uvicorn.loops.auto import auto_loop_factory
-    from uvicorn.protocols.http.auto import AutoHTTPProtocol
-    from uvicorn.protocols.websockets.auto import AutoWebSocketsProtocol
-
-    loop = getattr(auto_loop_factory(), "__module__", "?") or "?"
-    ws = getattr(AutoWebSocketsProtocol, "__name__", "none")
-    return f"loop {loop.split('.')[0]}, http {AutoHTTPProtocol.__name__}, ws {ws}"
-
-
 async def bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     sizes = QUICK if args.quick else FULL
     needed = sizes.idle_connections + 1000
@@ -1582,7 +449,7 @@ async def bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict[st
         )
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        b = Bench(sizes, Path(tmp), Tokens(), args.profile, log, args.gateway_src)
+        b = Bench(sizes, Path(tmp), bench_tokens(), args.profile, log, args.gateway_src)
         for kind in args.servers:
             log(f"{kind}:")
             if kind in WS_SERVERS:
@@ -1684,7 +551,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     try:
         report = run_async(bench(args, log))
-    except BenchError as exc:
+    except (BenchError, LaunchError) as exc:
         print(f"bench.py: error: {exc}", file=sys.stderr)
         return 1
     report["loadavg"] = {"before": load_before, "after": loadavg()}

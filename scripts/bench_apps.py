@@ -39,7 +39,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, Final
 
 import orjson
@@ -50,11 +49,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from agents.load import LoadSpec, chunk_text  # noqa: E402
+from agents.load import LoadSpec, chunk_text
 
 PROTOCOL: Final = "chat.v1"
 HEARTBEAT_S: Final = 15.0
@@ -231,10 +226,10 @@ def bare_app() -> Starlette:
         try:
             frames = templates(content)
         except ValueError as exc:
-            text = envelope(
+            error = envelope(
                 "error", None, None, None, {"code": "bad_message", "message": str(exc), "ref": ref}
             )
-            await send(orjson.dumps(text).decode())
+            await send(orjson.dumps(error).decode())
             return
         record = BareRun(new_id("r_"), new_id("t_"))
         record.watchers.append(send)
@@ -374,12 +369,10 @@ def socketio_app() -> Any:
     )
     runs: dict[str, list[dict[str, Any]]] = {}
 
-    @sio.event
     async def connect(sid: str, environ: dict[str, Any], auth: Any = None) -> None:
         ready = envelope("connection_ready", None, None, None, ready_data("bench"))
         await sio.emit("connection_ready", ready, to=sid)
 
-    @sio.on("user_message")
     async def user_message(sid: str, frame: dict[str, Any]) -> None:
         run_id, thread_id = new_id("r_"), new_id("t_")
         await sio.enter_room(sid, run_id)
@@ -395,7 +388,6 @@ def socketio_app() -> Any:
         finally:
             runs.pop(run_id, None)
 
-    @sio.on("resume")
     async def resume(sid: str, frame: dict[str, Any]) -> None:
         run_id = frame.get("run_id", "")
         sent = runs.get(run_id)
@@ -417,10 +409,17 @@ def socketio_app() -> Any:
             await sio.emit(event["type"], event, to=sid)
         await sio.enter_room(sid, run_id)
 
-    @sio.on("ping")
     async def ping(sid: str, frame: dict[str, Any]) -> None:
         await sio.emit("pong", envelope("pong", None, None, None, {"ref": frame.get("id")}), to=sid)
 
+    # Registered by call, not as decorators: socketio has no type hints.
+    for name, handler in (
+        ("connect", connect),
+        ("user_message", user_message),
+        ("resume", resume),
+        ("ping", ping),
+    ):
+        sio.on(name, handler)
     return socketio.ASGIApp(sio, socketio_path="socket.io")
 
 
@@ -428,7 +427,7 @@ def socketio_app() -> Any:
 
 
 def sse_app() -> Starlette:
-    from sse_starlette.sse import EventSourceResponse, ServerSentEvent  # the bench extra
+    from sse_starlette import EventSourceResponse, ServerSentEvent  # the bench extra
 
     async def chat_stream(request: Request) -> Response:
         body = orjson.loads(await request.body())

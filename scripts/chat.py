@@ -39,18 +39,14 @@ import secrets
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TextIO
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 from websockets.typing import Subprotocol
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from scripts.mint_token import NoSecretError, env_claim, mint, resolve_secret  # noqa: E402
+from scripts.kit.args import non_negative_int, positive
+from scripts.kit.tokens import NoSecretError, env_claim, mint, resolve_secret
 
 PROTOCOL = "chat.v1"
 DEFAULT_URL = "ws://127.0.0.1:8000/ws"
@@ -352,26 +348,6 @@ async def _follow(ws: ClientConnection, request: Request, printer: Printer, stat
 # Command line ------------------------------------------------------------------------
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chat.py",
@@ -398,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--after",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=None,
         metavar="N",
         help="with --resume: only events with seq > N (default 0)",
@@ -408,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=positive,
         default=DEFAULT_TIMEOUT_S,
         metavar="SECONDS",
         help=f"bound on the whole exchange (default {DEFAULT_TIMEOUT_S:g})",

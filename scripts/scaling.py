@@ -14,43 +14,33 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
+from scripts.kit.args import positive_int
+from scripts.kit.launcher import (
+    LaunchError,
+    clean_env,
+    free_port,
+    gateway_argv,
+    http_ready,
+    launch,
+    redis_server,
+)
+
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "scaling-secret-0123456789-0123456789"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_http(url: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer")
 
 
 def run_once(
     workers: int, redis_url: str, workdir: Path, args: argparse.Namespace
 ) -> dict[str, Any]:
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
-    env.update(
+    env = clean_env(
         PYTHONPATH=str(ROOT),
         CHAT_JWT_SECRET=SECRET,
         CHAT_BROKER_URL=redis_url,
@@ -60,15 +50,16 @@ def run_once(
         CHAT_MAX_ACTIVE_RUNS_PER_USER="1000",
         CHAT_MAX_CONNECTIONS_PER_USER="1000",
     )
-    server = subprocess.Popen(
-        [sys.executable, "-m", "server", "--workers", str(workers), "--port", str(port)],
+    with launch(
+        gateway_argv(port, "--workers", str(workers)),
+        port=port,
+        ready=http_ready(port),
+        name=f"chat-gateway --workers {workers}",
         env=env,
         cwd=workdir,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health")
+        start_timeout_s=60,
+        stop_timeout_s=60,
+    ):
         time.sleep(1.0)  # let every worker finish starting
         done = subprocess.run(
             [
@@ -98,13 +89,6 @@ def run_once(
         )
         report: dict[str, Any] = json.loads(done.stdout)
         return report
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 def events_per_s(report: dict[str, Any]) -> float:
@@ -113,50 +97,31 @@ def events_per_s(report: dict[str, Any]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--clients", type=int, default=40)
-    parser.add_argument("--messages", type=int, default=3)
-    parser.add_argument("--chunks", type=int, default=2000)
-    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--clients", type=positive_int, default=40)
+    parser.add_argument("--messages", type=positive_int, default=3)
+    parser.add_argument("--chunks", type=positive_int, default=2000)
+    parser.add_argument("--reps", type=positive_int, default=2)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    binary = shutil.which("redis-server")
-    if binary is None:
+    if shutil.which("redis-server") is None:
         print("scaling.py needs redis-server (Debian package redis-server)", file=sys.stderr)
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="chat-scaling-"))
-    redis_port = free_port()
-    redis = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(redis_port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     results: dict[int, list[float]] = {}
     errors: dict[int, list[Any]] = {}
     try:
-        time.sleep(0.3)
-        url = f"redis://127.0.0.1:{redis_port}/0"
-        for _ in range(args.reps):
-            for workers in (1, 2):
-                report = run_once(workers, url, workdir, args)
-                results.setdefault(workers, []).append(events_per_s(report))
-                errors.setdefault(workers, []).append(
-                    report.get("errors") or report.get("integrity")
-                )
+        with redis_server() as url:
+            for _ in range(args.reps):
+                for workers in (1, 2):
+                    report = run_once(workers, url, workdir, args)
+                    results.setdefault(workers, []).append(events_per_s(report))
+                    errors.setdefault(workers, []).append(
+                        report.get("errors") or report.get("integrity")
+                    )
+    except LaunchError as exc:
+        print(f"scaling.py: error: {exc}", file=sys.stderr)
+        return 1
     finally:
-        redis.terminate()
-        redis.wait(timeout=10)
         shutil.rmtree(workdir, ignore_errors=True)
     best = {w: max(v) for w, v in results.items()}
     summary = {

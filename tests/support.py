@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +18,8 @@ import httpx
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
 
+from scripts.kit import launcher, sse
+from scripts.kit.launcher import free_port
 from server.app import create_app
 from server.auth import Authenticator
 from server.serve import GatewayServer, uvicorn_config
@@ -26,12 +27,6 @@ from server.settings import Settings
 
 SECRET = "test-secret-0123456789-0123456789"
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -128,19 +123,19 @@ async def ws_client(
 
 
 def parse_sse(text: str) -> list[dict[str, Any]]:
-    """SSE text into messages: ``{"id", "event", "data"}`` (comments dropped)."""
+    """SSE text into messages: the fields each had (``id``, ``event``, ``data``; no comments)."""
     out: list[dict[str, Any]] = []
-    for block in text.split("\n\n"):
+    for message in sse.parse_text(text):
         fields: dict[str, Any] = {}
-        for line in block.split("\n"):
-            if not line or line.startswith(":"):
-                continue
-            name, _, value = line.partition(": ")
-            fields[name] = value
-        if fields:
-            if "data" in fields:
-                fields["data"] = orjson.loads(fields["data"])
-            out.append(fields)
+        if message.id is not None:
+            fields["id"] = message.id.decode()
+        if message.event is not None:
+            fields["event"] = message.event.decode()
+        if message.data is not None:
+            fields["data"] = orjson.loads(message.data)
+        if message.retry is not None:
+            fields["retry"] = str(message.retry)
+        out.append(fields)
     return out
 
 
@@ -189,18 +184,15 @@ class ServerProcess(LiveServer):
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
 
-    def _status_kib(self, field: str) -> int:
+    def _pid(self) -> int:
         assert self.proc is not None
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-        raise KeyError(field)
+        return self.proc.pid
 
     def rss_kib(self) -> int:
-        return self._status_kib("VmRSS")
+        return launcher.status_kib(self._pid(), "VmRSS")
 
     def peak_rss_kib(self) -> int:
-        return self._status_kib("VmHWM")
+        return launcher.status_kib(self._pid(), "VmHWM")
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path else ""
@@ -210,43 +202,18 @@ class ServerProcess(LiveServer):
 def spawn_server(tmp_dir: Path, **env: str) -> Iterator[ServerProcess]:
     """Start ``python -m server`` on a free loopback port with ``CHAT_*`` settings."""
     port = free_port()
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
-    full = {"CHAT_JWT_SECRET": SECRET, "CHAT_LOG_LEVEL": "warning", **clean, **env}
+    full = {"CHAT_JWT_SECRET": SECRET, "CHAT_LOG_LEVEL": "warning", **launcher.clean_env(), **env}
     # The project first; a PYTHONPATH given adds paths after it (packages installed elsewhere).
     full["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    settings = Settings.from_env(full)
-    log_path = tmp_dir / f"server-{port}.log"
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "--port", str(port)],
-            cwd=tmp_dir,
-            env=full,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    server = ServerProcess(settings, port, proc, log_path)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{server.log()}")
-            try:
-                if httpx.get(f"{server.http}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start:\n{server.log()}")
-            time.sleep(0.05)
-        yield server
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with launcher.launch(
+        [sys.executable, "-m", "server", "--port", str(port)],
+        port=port,
+        ready=launcher.http_ready(port),
+        env=full,
+        cwd=tmp_dir,
+        log_path=tmp_dir / f"server-{port}.log",
+    ) as proc:
+        yield ServerProcess(Settings.from_env(full), port, proc.proc, proc.log_path)
 
 
 async def health(server: LiveServer) -> dict[str, Any]:
