@@ -142,6 +142,10 @@ def _after_seq(request: Request) -> int:
     return parse_int(raw, source)
 
 
+#: The rejoin point of a stream (``Last-Event-ID``, else ``?after_seq=``), for every framing.
+after_seq = _after_seq
+
+
 @api
 async def run_events(request: Request) -> Response:
     """``GET /api/chat/runs/{run_id}/events``: a run's events from a seq on, then live."""

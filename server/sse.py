@@ -29,6 +29,7 @@ import orjson
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from bridge import events
 from bridge.broker import Watch
 from bridge.events import Event
 from server.auth import Principal
@@ -72,6 +73,7 @@ class SseStream(Response):
         *,
         head: bytes | None = None,
         tail: Callable[[str | None], bytes] | None = None,
+        framer: Callable[[Event], bytes] | None = None,
     ) -> None:
         # As StreamingResponse does: no body, so no Content-Length.
         self.status_code = 200
@@ -82,6 +84,8 @@ class SseStream(Response):
         self.user_id = user.user_id
         self.head = head
         self._tail = tail
+        #: How each event is written (another protocol's framing); ``chat.v1``'s by default.
+        self.framer = framer or frame_event
         # The token's expiry, on the loop's clock (the stream is made inside the loop).
         left = user.expires_at + gateway.auth.leeway_s - time.time()
         self._expires_at = asyncio.get_running_loop().time() + left
@@ -166,7 +170,7 @@ class SseStream(Response):
             await writer
         if box.close_code == CLOSE_SLOW:
             self.gateway.counters.slow_consumer_closes += 1
-        last = frame("error", {"code": box.error_code, "message": box.close_reason})
+        last = self.framer(events.error(box.error_code or "internal", box.close_reason))
         if self._tail is not None:
             last += self._tail(None)
         with contextlib.suppress(Exception):
@@ -198,7 +202,9 @@ class SseStream(Response):
                 last = ready[-1]
                 if last.type == "agent_completed":
                     self._status = str(last.data.get("status"))
-                await self._send(send, b"".join(frame_event(event) for event in ready))
+                body = b"".join(self.framer(event) for event in ready)
+                if body:
+                    await self._send(send, body)
                 counters.events_delivered += sum(1 for event in ready if event.seq is not None)
             if more:
                 continue
@@ -213,7 +219,7 @@ class SseStream(Response):
                 await self._send(send, PING)
         end = b""
         if box.error_code is not None:  # cut after draining: the token expired
-            end += frame("error", {"code": box.error_code, "message": box.close_reason})
+            end += self.framer(events.error(box.error_code, box.close_reason))
         if self._tail is not None:
             end += self._tail(self._status)
         await send({"type": "http.response.body", "body": end, "more_body": False})
@@ -234,13 +240,17 @@ async def open_stream(
     *,
     head: bytes | None = None,
     tail: Callable[[str | None], bytes] | None = None,
+    framer: Callable[[Event], bytes] | None = None,
+    headers: dict[str, str] | None = None,
 ) -> SseStream:
     """A stream counted against the user's connection cap.
 
     Raises:
         RateLimited: the user already has ``CHAT_MAX_CONNECTIONS_PER_USER`` open.
     """
-    stream = SseStream(gateway, user, head=head, tail=tail)
+    stream = SseStream(gateway, user, head=head, tail=tail, framer=framer)
+    for name, value in (headers or {}).items():
+        stream.headers[name] = value
     if not await gateway.add_session(stream):
         limit = gateway.settings.max_connections_per_user
         raise RateLimited(f"more than {limit} connections for this user")

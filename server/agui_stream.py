@@ -1,0 +1,394 @@
+"""AG-UI over the gateway's runs: ``chat.v1`` run events framed as AG-UI events.
+
+:class:`AguiFramer` is pure: a run's events in, in ``seq`` order, AG-UI events out,
+each encoded by ``ag_ui.encoder``'s :class:`EventEncoder` with ``id: <seq>`` (the
+``seq`` of the run event it came from) in front.  It keeps what is open (the run,
+a reasoning message, the answer) so that every ``*_START`` is closed by its
+``*_END`` before anything else begins, as AG-UI's client verification demands.
+
+A rejoin after ``seq`` N reads the run from its first event: the events up to N
+are fed to the framer with their output held back, and at the first event after N
+the framer writes a prelude that re-opens what was open at N (``RUN_STARTED``, the
+open reasoning message's or answer's ``*_START``), then carries on.  Tool calls are
+opened and closed within one event, so none is ever open at a cut.
+
+======================  ================================================================
+chat.v1                 AG-UI
+======================  ================================================================
+``user_message``        ``RUN_STARTED`` (``runId``: the client's, else the gateway's)
+``agent_started``       (nothing)
+``agent_thinking``      ``REASONING_START`` + ``REASONING_MESSAGE_START`` when none is
+                        open, then ``REASONING_MESSAGE_CONTENT``
+``tool_executing``      ``TOOL_CALL_START`` / ``TOOL_CALL_ARGS`` (JSON) / ``TOOL_CALL_END``
+``tool_completed``      ``TOOL_CALL_RESULT`` (the result or ``{"error": …}`` as JSON)
+``input_requested``     ``RUN_FINISHED`` with an ``interrupt`` outcome (see
+                        :func:`interrupt_outcome`; the gateway does not emit it yet)
+``response_chunk``      ``TEXT_MESSAGE_START`` when none is open, ``TEXT_MESSAGE_CONTENT``
+``run_status``          (nothing: a paused run's stream carries ``: ping`` comments)
+``response_complete``   ``TEXT_MESSAGE_END`` (and ``START`` first for an empty answer)
+``agent_completed``     ``RUN_FINISHED`` (completed; ``outcome: cancelled`` when
+                        cancelled) or ``RUN_ERROR`` with the error's code (failed)
+connection ``error``    ``RUN_ERROR`` with its code (``resume_unavailable``, a cut)
+======================  ================================================================
+
+Whatever is open is closed (``REASONING_MESSAGE_END``/``REASONING_END``,
+``TEXT_MESSAGE_END``) before the next kind of event and before the run's end.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Final
+
+from ag_ui.core import (
+    BaseEvent,
+    ReasoningEndEvent,
+    ReasoningMessageContentEvent,
+    ReasoningMessageEndEvent,
+    ReasoningMessageStartEvent,
+    ReasoningStartEvent,
+    RunAgentInput,
+    RunErrorEvent,
+    RunFinishedEvent,
+    RunStartedEvent,
+    TextMessageContentEvent,
+    TextMessageEndEvent,
+    TextMessageStartEvent,
+    TextPart,
+    ToolCallArgsEvent,
+    ToolCallEndEvent,
+    ToolCallResultEvent,
+    ToolCallStartEvent,
+)
+from ag_ui.encoder import EventEncoder
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from bridge.events import Event
+from server import routes, sse
+from server.commands import client_ref, optional_id
+from server.errors import ProtocolError
+
+_ENCODER: Final = EventEncoder()
+#: Validation errors quoted in a 400's message.
+MAX_ERRORS: Final = 10
+
+
+def answer_id(run_id: str) -> str:
+    """The AG-UI ``messageId`` of a run's answer."""
+    return f"{run_id}:answer"
+
+
+def reasoning_id(run_id: str, n: int) -> str:
+    """The ``messageId`` of the run's ``n``-th reasoning message."""
+    return f"{run_id}:reasoning:{n}"
+
+
+def interrupt_outcome(data: dict[str, Any]) -> dict[str, Any]:
+    """The ``RUN_FINISHED`` outcome for an ``input_requested`` (approvals and questions).
+
+    The seam for them: the gateway emits no ``input_requested`` yet, so no stream
+    ends this way today; the mapping is fixed here so that it is one place to wire.
+    """
+    interrupt: dict[str, Any] = {
+        "id": data.get("request_id"),
+        "reason": data.get("kind"),
+    }
+    if data.get("kind") == "tool_approval":
+        interrupt["toolCallId"] = data.get("call_id")
+        interrupt["value"] = {"tool": data.get("tool"), "args": data.get("args")}
+    else:
+        interrupt["value"] = {"question": data.get("question"), "choices": data.get("choices")}
+    return {"type": "interrupt", "interrupts": [interrupt]}
+
+
+class AguiFramer:
+    """One stream's framing; see the module docstring.
+
+    ``thread_id``/``run_id`` are the ids the client knows the run by (``RUN_STARTED``
+    and ``RUN_FINISHED`` carry them); ``after_seq`` is the rejoin point: events up to
+    it only bring the state up to date.
+    """
+
+    def __init__(self, *, client_run_id: str | None = None, after_seq: int = 0) -> None:
+        self.client_run_id = client_run_id
+        self.after_seq = after_seq
+        self.thread_id = ""
+        self.run_id = ""
+        self._gateway_run_id = ""
+        self._started = False
+        self._reasoning: str | None = None
+        self._reasonings = 0
+        self._text_open = False
+        self._ended = False
+        self._preluded = after_seq == 0
+
+    # Pure mapping ----------------------------------------------------------------------
+
+    def events(self, event: Event) -> list[BaseEvent]:
+        """The AG-UI events one run event stands for, the framer's state advanced."""
+        if event.seq is None:
+            if event.type != "error" or self._ended:
+                return []
+            data = event.data
+            self._ended = True
+            return [*self._close_all(), RunErrorEvent(message=data["message"], code=data["code"])]
+        if self._ended:
+            return []
+        data = event.data
+        out: list[BaseEvent] = []
+        kind: str = event.type  # with types this gateway does not emit yet
+        if not self._started:
+            self._gateway_run_id = event.run_id or ""
+            self.thread_id = event.thread_id or ""
+            ref = data.get("ref") if kind == "user_message" else None
+            self.run_id = (
+                self.client_run_id
+                or (ref if isinstance(ref, str) else None)
+                or (self._gateway_run_id)
+            )
+            self._started = True
+            out.append(self._run_started())
+        if kind == "agent_thinking":
+            out += self._close_text()
+            if self._reasoning is None:
+                self._reasonings += 1
+                self._reasoning = reasoning_id(self._gateway_run_id, self._reasonings)
+                out += self._reasoning_start()
+            text = str(data.get("text") or "")
+            if text:
+                out.append(ReasoningMessageContentEvent(message_id=self._reasoning, delta=text))
+        elif kind == "tool_executing":
+            out += self._close_all()
+            call_id = str(data["call_id"])
+            out.append(
+                ToolCallStartEvent(
+                    tool_call_id=call_id,
+                    tool_call_name=str(data["tool"]),
+                    parent_message_id=answer_id(self._gateway_run_id),
+                )
+            )
+            args = json.dumps(data.get("args") or {}, ensure_ascii=False)
+            out.append(ToolCallArgsEvent(tool_call_id=call_id, delta=args))
+            out.append(ToolCallEndEvent(tool_call_id=call_id))
+        elif kind == "tool_completed":
+            out += self._close_all()
+            call_id = str(data["call_id"])
+            if data.get("ok"):
+                content = _as_text(data.get("result"))
+            else:
+                content = json.dumps({"error": data.get("error")}, ensure_ascii=False)
+            out.append(
+                ToolCallResultEvent(
+                    message_id=f"{call_id}:result", tool_call_id=call_id, content=content
+                )
+            )
+        elif kind == "response_chunk":
+            out += self._close_reasoning()
+            text = str(data.get("text") or "")
+            if text:
+                out += self._open_text()
+                out.append(
+                    TextMessageContentEvent(message_id=answer_id(self._gateway_run_id), delta=text)
+                )
+        elif kind == "response_complete":
+            out += self._close_reasoning()
+            if str(data.get("content") or "") and not self._text_open:
+                # An answer no chunk carried (never in chat.v1, but kept whole here).
+                out += self._open_text()
+                out.append(
+                    TextMessageContentEvent(
+                        message_id=answer_id(self._gateway_run_id), delta=str(data["content"])
+                    )
+                )
+            out += self._close_text()
+        elif kind == "input_requested":
+            out += self._close_all()
+            self._ended = True
+            out.append(
+                RunFinishedEvent.model_validate(
+                    {
+                        "threadId": self.thread_id,
+                        "runId": self.run_id,
+                        "outcome": interrupt_outcome(data),
+                    }
+                )
+            )
+        elif kind == "agent_completed":
+            out += self._close_all()
+            self._ended = True
+            status = data.get("status")
+            if status == "failed":
+                error = data.get("error") or {}
+                out.append(
+                    RunErrorEvent(
+                        message=str(error.get("message") or "the run failed"),
+                        code=str(error.get("code") or "agent_error"),
+                    )
+                )
+            else:
+                outcome = {"type": "cancelled"} if status == "cancelled" else None
+                out.append(
+                    RunFinishedEvent.model_validate(
+                        {"threadId": self.thread_id, "runId": self.run_id, "outcome": outcome}
+                    )
+                )
+        return out
+
+    def frame(self, event: Event) -> bytes:
+        """The run event as AG-UI SSE messages: nothing up to the rejoin point, then a
+        prelude re-opening what was open there, then each event with ``id: <seq>``."""
+        if event.seq is not None and event.seq <= self.after_seq:
+            self.events(event)  # only the state moves
+            return b""
+        head = b""
+        if not self._preluded:
+            self._preluded = True
+            prelude = self._prelude()
+            head = _encode(prelude, self.after_seq)
+        out = self.events(event)
+        return head + _encode(out, event.seq)
+
+    # What is open ----------------------------------------------------------------------
+
+    def _prelude(self) -> list[BaseEvent]:
+        if not self._started or self._ended:
+            return []
+        out: list[BaseEvent] = [self._run_started()]
+        if self._reasoning is not None:
+            out += self._reasoning_start()
+        if self._text_open:
+            self._text_open = False
+            out += self._open_text()
+        return out
+
+    def _run_started(self) -> RunStartedEvent:
+        return RunStartedEvent(thread_id=self.thread_id, run_id=self.run_id)
+
+    def _reasoning_start(self) -> list[BaseEvent]:
+        assert self._reasoning is not None
+        return [
+            ReasoningStartEvent(message_id=self._reasoning),
+            ReasoningMessageStartEvent(message_id=self._reasoning, role="reasoning"),
+        ]
+
+    def _open_text(self) -> list[BaseEvent]:
+        if self._text_open:
+            return []
+        self._text_open = True
+        return [TextMessageStartEvent(message_id=answer_id(self._gateway_run_id), role="assistant")]
+
+    def _close_text(self) -> list[BaseEvent]:
+        if not self._text_open:
+            return []
+        self._text_open = False
+        return [TextMessageEndEvent(message_id=answer_id(self._gateway_run_id))]
+
+    def _close_reasoning(self) -> list[BaseEvent]:
+        if self._reasoning is None:
+            return []
+        message_id, self._reasoning = self._reasoning, None
+        return [
+            ReasoningMessageEndEvent(message_id=message_id),
+            ReasoningEndEvent(message_id=message_id),
+        ]
+
+    def _close_all(self) -> list[BaseEvent]:
+        return [*self._close_reasoning(), *self._close_text()]
+
+
+def _as_text(value: object) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _encode(out: list[BaseEvent], seq: int | None) -> bytes:
+    head = f"id: {seq}\n" if seq is not None else ""
+    return "".join(head + _ENCODER.encode(e) for e in out).encode()
+
+
+# Routes ------------------------------------------------------------------------------------
+
+
+def last_user_text(body: RunAgentInput) -> str:
+    """The text of the last user message of a ``RunAgentInput``: the run's new message.
+
+    Raises:
+        ProtocolError: there is none, or it has no text.
+    """
+    for message in reversed(body.messages):
+        if message.role != "user":
+            continue
+        content = message.content
+        if isinstance(content, str):
+            text = content
+        else:
+            text = "".join(part.text for part in content if isinstance(part, TextPart))
+        if text.strip():
+            return text
+        break
+    raise ProtocolError("bad_message", "messages must end with a user message that has text")
+
+
+def _run_input(raw: dict[str, Any]) -> RunAgentInput:
+    try:
+        return RunAgentInput.model_validate(raw)
+    except ValidationError as exc:
+        errors = [
+            {"loc": ".".join(str(part) for part in error["loc"]), "msg": error["msg"]}
+            for error in exc.errors(include_url=False)[:MAX_ERRORS]
+        ]
+        raise ProtocolError(
+            "bad_message", "not a RunAgentInput: " + json.dumps(errors, ensure_ascii=False)
+        ) from None
+
+
+@routes.api
+async def run_agent(request: Request) -> Response:
+    """``POST /api/ag-ui/{agent}``: a ``RunAgentInput`` in, the run as AG-UI events out.
+
+    ``threadId`` is the user's thread (created when new); the last user message is
+    the run's message; ``runId`` is kept as the client's id of the run.  The
+    gateway's own ids come in the ``X-Chat-Run-Id`` and ``X-Chat-Thread-Id``
+    headers, for the rejoin route and the lifecycle routes.
+    """
+    gateway = routes.gateway_of(request)
+    user = routes.authenticate(request)
+    raw = await routes.read_json_body(request, gateway.settings.max_message_bytes)
+    body = _run_input(raw)
+    thread_id = optional_id({"threadId": body.thread_id}, "threadId")
+    agent = optional_id({"agent": request.path_params["agent"]}, "agent")
+    client_run_id = client_ref({"id": body.run_id})
+    content = last_user_text(body)
+    framer = AguiFramer(client_run_id=body.run_id)
+    stream = await sse.open_stream(gateway, user, framer=framer.frame)
+    try:
+        record = await gateway.start_run(
+            user, content, thread_id=thread_id, agent=agent, ref=client_run_id
+        )
+        stream.headers["x-chat-run-id"] = record.run_id
+        stream.headers["x-chat-thread-id"] = record.thread_id
+        stream.attach(await gateway.watch(user, record.run_id, 0, stream.wake))
+    except BaseException:
+        await gateway.remove_session(stream)
+        raise
+    return stream
+
+
+@routes.api
+async def rejoin(request: Request) -> Response:
+    """``GET /api/ag-ui/runs/{run_id}/events``: rejoin after ``Last-Event-ID`` (or
+    ``?after_seq=``), what was open there re-opened first."""
+    gateway = routes.gateway_of(request)
+    user = routes.authenticate(request)
+    run_id = request.path_params["run_id"]
+    after = routes.after_seq(request)
+    framer = AguiFramer(after_seq=after)
+    stream = await sse.open_stream(gateway, user, framer=framer.frame)
+    try:
+        # From the first event: those up to ``after`` only tell the framer what is open.
+        stream.attach(await gateway.watch(user, run_id, 0, stream.wake))
+    except BaseException:
+        await gateway.remove_session(stream)
+        raise
+    return stream

@@ -1,0 +1,290 @@
+"""The AI SDK's UI message stream over the gateway's runs (``useChat``'s protocol).
+
+:class:`AiSdkFramer` is pure: a run's ``chat.v1`` events in, in ``seq`` order, the
+parts of the UI message stream out, each one SSE ``data:`` line of JSON; the
+stream ends with ``data: [DONE]``.  The part shapes are those of the ``ai``
+package pinned in ``tests/js/package-lock.json`` (its ``uiMessageChunkSchema``).
+
+======================  ================================================================
+chat.v1                 UI message stream parts
+======================  ================================================================
+``user_message``        ``start`` (``messageId``: the answer's id), ``start-step``
+``agent_thinking``      ``reasoning-start`` when none is open, ``reasoning-delta``
+``tool_executing``      ``tool-input-start`` / ``tool-input-delta`` (JSON) /
+                        ``tool-input-available`` (``dynamic``: the gateway's own tools)
+``tool_completed``      ``tool-output-available`` or ``tool-output-error``, then
+                        ``finish-step`` (the next content opens a ``start-step``)
+``input_requested``     ``tool-approval-request`` for a ``tool_approval`` (the seam for
+                        approvals: the gateway does not emit it yet)
+``response_chunk``      ``text-start`` when none is open, ``text-delta``
+``run_status``          (nothing: a paused run's stream carries ``: ping`` comments)
+``response_complete``   ``text-end``
+``agent_completed``     ``finish-step``, then ``finish`` (``finishReason: stop``) when
+                        completed, ``abort`` (``reason``: the error code) when cancelled,
+                        ``error`` (``errorText``) and ``finish`` (``error``) when failed
+connection ``error``    ``error`` (``resume_unavailable``, a cut)
+======================  ================================================================
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Final
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from bridge.events import Event
+from server import routes, sse
+from server.commands import optional_id
+from server.errors import ProtocolError
+
+HEADER: Final = {"x-vercel-ai-ui-message-stream": "v1"}
+DONE: Final = b"data: [DONE]\n\n"
+TRIGGERS: Final = frozenset({"submit-message", "regenerate-message"})
+
+Part = dict[str, Any]
+
+
+def part_bytes(part: Part) -> bytes:
+    return b"data: " + orjson.dumps(part) + b"\n\n"
+
+
+class AiSdkFramer:
+    """One stream's framing; see the module docstring."""
+
+    def __init__(self) -> None:
+        self._run_id = ""
+        self._started = False
+        self._step = False
+        self._reasoning: str | None = None
+        self._reasonings = 0
+        self._text: str | None = None
+        self._ended = False
+
+    def parts(self, event: Event) -> list[Part]:
+        """The parts one run event stands for, the framer's state advanced."""
+        if self._ended:
+            return []
+        if event.seq is None:
+            if event.type != "error":
+                return []
+            data = event.data
+            self._ended = True
+            return [
+                *self._close_all(),
+                {"type": "error", "errorText": f"{data['code']}: {data['message']}"},
+            ]
+        data = event.data
+        kind: str = event.type  # with types this gateway does not emit yet
+        out: list[Part] = []
+        if not self._started:
+            self._started = True
+            self._run_id = event.run_id or ""
+            out.append({"type": "start", "messageId": f"{self._run_id}:answer"})
+        if kind == "agent_thinking":
+            out += self._open_step()
+            out += self._close_text()
+            if self._reasoning is None:
+                self._reasonings += 1
+                self._reasoning = f"{self._run_id}:reasoning:{self._reasonings}"
+                out.append({"type": "reasoning-start", "id": self._reasoning})
+            text = str(data.get("text") or "")
+            if text:
+                out.append({"type": "reasoning-delta", "id": self._reasoning, "delta": text})
+        elif kind == "tool_executing":
+            out += self._open_step()
+            out += self._close_all()
+            call = {"toolCallId": str(data["call_id"]), "toolName": str(data["tool"])}
+            args = data.get("args") or {}
+            out.append({"type": "tool-input-start", **call, "dynamic": True})
+            out.append(
+                {
+                    "type": "tool-input-delta",
+                    "toolCallId": call["toolCallId"],
+                    "inputTextDelta": json.dumps(args, ensure_ascii=False),
+                }
+            )
+            out.append({"type": "tool-input-available", **call, "input": args, "dynamic": True})
+        elif kind == "tool_completed":
+            out += self._open_step()
+            out += self._close_all()
+            call_id = str(data["call_id"])
+            if data.get("ok"):
+                output = data.get("result")
+                out.append(
+                    {
+                        "type": "tool-output-available",
+                        "toolCallId": call_id,
+                        "output": output,
+                        "dynamic": True,
+                    }
+                )
+            else:
+                out.append(
+                    {
+                        "type": "tool-output-error",
+                        "toolCallId": call_id,
+                        "errorText": str(data.get("error") or "tool failed"),
+                        "dynamic": True,
+                    }
+                )
+            out += self._close_step()
+        elif kind == "input_requested":
+            if data.get("kind") == "tool_approval":
+                out.append(
+                    {
+                        "type": "tool-approval-request",
+                        "approvalId": str(data.get("request_id")),
+                        "toolCallId": str(data.get("call_id")),
+                    }
+                )
+        elif kind == "response_chunk":
+            out += self._open_step()
+            out += self._close_reasoning()
+            text = str(data.get("text") or "")
+            if text:
+                if self._text is None:
+                    self._text = f"{self._run_id}:text"
+                    out.append({"type": "text-start", "id": self._text})
+                out.append({"type": "text-delta", "id": self._text, "delta": text})
+        elif kind == "response_complete":
+            out += self._close_all()
+        elif kind == "agent_completed":
+            out += self._close_all()
+            out += self._close_step()
+            self._ended = True
+            status = data.get("status")
+            error = data.get("error") or {}
+            if status == "completed":
+                out.append({"type": "finish", "finishReason": "stop"})
+            elif status == "cancelled":
+                out.append({"type": "abort", "reason": str(error.get("code") or "cancelled")})
+            else:
+                message = str(error.get("message") or "the run failed")
+                out.append({"type": "error", "errorText": f"{error.get('code')}: {message}"})
+                out.append({"type": "finish", "finishReason": "error"})
+        return out
+
+    def frame(self, event: Event) -> bytes:
+        return b"".join(part_bytes(part) for part in self.parts(event))
+
+    def _open_step(self) -> list[Part]:
+        if self._step:
+            return []
+        self._step = True
+        return [{"type": "start-step"}]
+
+    def _close_step(self) -> list[Part]:
+        if not self._step:
+            return []
+        self._step = False
+        return [{"type": "finish-step"}]
+
+    def _close_reasoning(self) -> list[Part]:
+        if self._reasoning is None:
+            return []
+        part = {"type": "reasoning-end", "id": self._reasoning}
+        self._reasoning = None
+        return [part]
+
+    def _close_text(self) -> list[Part]:
+        if self._text is None:
+            return []
+        part = {"type": "text-end", "id": self._text}
+        self._text = None
+        return [part]
+
+    def _close_all(self) -> list[Part]:
+        return [*self._close_reasoning(), *self._close_text()]
+
+
+# Routes ------------------------------------------------------------------------------------
+
+
+def last_user_text(messages: object) -> str:
+    """The text of the last user message among UI messages (``parts`` of ``text``).
+
+    Raises:
+        ProtocolError: there is none, or it has no text.
+    """
+    if not isinstance(messages, list):
+        raise ProtocolError("bad_message", "field 'messages' must be a list of UI messages")
+    for message in reversed(messages):
+        if not isinstance(message, dict) or message.get("role") != "user":
+            continue
+        parts = message.get("parts")
+        if not isinstance(parts, list):
+            break
+        text = "".join(
+            str(p.get("text") or "")
+            for p in parts
+            if isinstance(p, dict) and p.get("type") == "text"
+        )
+        if text.strip():
+            return text
+        break
+    raise ProtocolError("bad_message", "messages must end with a user message that has text")
+
+
+async def _stream_run(request: Request, user: Any, run_id: str) -> sse.SseStream:
+    gateway = routes.gateway_of(request)
+    framer = AiSdkFramer()
+    stream = await sse.open_stream(
+        gateway, user, framer=framer.frame, tail=lambda _status: DONE, headers=HEADER
+    )
+    try:
+        stream.attach(await gateway.watch(user, run_id, 0, stream.wake))
+    except BaseException:
+        await gateway.remove_session(stream)
+        raise
+    return stream
+
+
+@routes.api
+async def chat(request: Request) -> Response:
+    """``POST /api/ai-sdk/chat``: what ``DefaultChatTransport`` sends, the run's UI
+    message stream back.
+
+    The chat ``id`` is the user's thread (created when new); the last user message
+    is the run's message, for ``submit-message`` and ``regenerate-message`` alike
+    (the SDK sends the messages without the answer it regenerates).  An ``agent``
+    field (the transport's ``body`` option) names the agent.
+    """
+    gateway = routes.gateway_of(request)
+    user = routes.authenticate(request)
+    body = await routes.read_json_body(request, gateway.settings.max_message_bytes)
+    thread_id = optional_id(body, "id")
+    if thread_id is None:
+        raise ProtocolError("bad_message", "field 'id' (the chat's id) is required")
+    trigger = body.get("trigger", "submit-message")
+    if trigger not in TRIGGERS:
+        raise ProtocolError("bad_message", f"field 'trigger' must be one of {sorted(TRIGGERS)}")
+    agent = optional_id(body, "agent")
+    content = last_user_text(body.get("messages"))
+    framer = AiSdkFramer()
+    stream = await sse.open_stream(
+        gateway, user, framer=framer.frame, tail=lambda _status: DONE, headers=HEADER
+    )
+    try:
+        record = await gateway.start_run(user, content, thread_id=thread_id, agent=agent)
+        stream.headers["x-chat-run-id"] = record.run_id
+        stream.attach(await gateway.watch(user, record.run_id, 0, stream.wake))
+    except BaseException:
+        await gateway.remove_session(stream)
+        raise
+    return stream
+
+
+@routes.api
+async def resume(request: Request) -> Response:
+    """``GET /api/ai-sdk/chat/{id}/stream``: the thread's active run from its start,
+    or 204 when it has none (an unknown thread, or another user's, has none)."""
+    gateway = routes.gateway_of(request)
+    user = routes.authenticate(request)
+    thread_id = request.path_params["id"]
+    active = await gateway.store.unfinished_runs(thread_id, user.user_id)
+    if not active:
+        return Response(status_code=204)
+    return await _stream_run(request, user, active[-1])
