@@ -1,0 +1,551 @@
+"""AG-UI and the AI SDK's UI message stream, against a real gateway.
+
+Two layers: the framings checked in Python (every AG-UI event validated by
+``ag_ui.core``'s models, a rejoin at every cut point of a run), and each protocol
+driven by its ecosystem's own client library, unmodified, in Node.js
+(``tests/js``: ``@ag-ui/client``'s ``HttpAgent`` with its event verification,
+the ``ai`` package's ``DefaultChatTransport`` and ``readUIMessageStream``),
+installed from the committed lockfile by ``npm ci``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from ag_ui.core import Event as AguiEvent
+from ag_ui.core import EventType
+from pydantic import TypeAdapter
+
+from bridge import events
+from server.agui_stream import AguiFramer
+from server.aisdk_stream import AiSdkFramer
+from tests.support import ROOT, LiveServer, http_client, parse_sse, wait_for, ws_client
+
+JS_DIR = ROOT / "tests" / "js"
+AGUI_EVENT: TypeAdapter[Any] = TypeAdapter(AguiEvent)
+FIGURES = ROOT / "var" / "figures"
+
+
+def run_input(thread_id: str, run_id: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "threadId": thread_id,
+        "runId": run_id,
+        "state": None,
+        "messages": [{"id": f"m-{run_id}", "role": "user", "content": message}],
+        "tools": [],
+        "context": [],
+        "forwardedProps": {},
+        **extra,
+    }
+
+
+def chunks(count: int, chars: int = 8) -> str:
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    return "".join(letters[i % 26] * chars for i in range(count))
+
+
+async def agui_post(
+    server: LiveServer, user: str, body: dict[str, Any], agent: str = "load"
+) -> tuple[httpx.Response, list[dict[str, Any]]]:
+    async with http_client(server) as client:
+        resp = await client.post(f"/api/ag-ui/{agent}", json=body, headers=server.headers(user))
+    return resp, parse_sse(resp.text) if resp.status_code == 200 else []
+
+
+def validated(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every message's data checked against ``ag_ui.core``'s event models."""
+    for message in messages:
+        AGUI_EVENT.validate_python(message["data"])
+    return [m["data"] for m in messages]
+
+
+# AG-UI in Python ---------------------------------------------------------------------------
+
+
+async def test_agui_stream_is_valid_ag_ui_with_seq_ids(server: LiveServer, user: str) -> None:
+    body = run_input(f"t-{user}", "client-run-1", "thinking=2 tools=1 chunks=3")
+    resp, messages = await agui_post(server, user, body)
+    assert resp.status_code == 200
+    assert resp.headers["content-type"].startswith("text/event-stream")
+    data = validated(messages)
+    types = [d["type"] for d in data]
+    assert types == [
+        "RUN_STARTED",
+        "REASONING_START",
+        "REASONING_MESSAGE_START",
+        "REASONING_MESSAGE_CONTENT",
+        "REASONING_MESSAGE_CONTENT",
+        "REASONING_MESSAGE_END",
+        "REASONING_END",
+        "TOOL_CALL_START",
+        "TOOL_CALL_ARGS",
+        "TOOL_CALL_END",
+        "TOOL_CALL_RESULT",
+        "TEXT_MESSAGE_START",
+        "TEXT_MESSAGE_CONTENT",
+        "TEXT_MESSAGE_CONTENT",
+        "TEXT_MESSAGE_CONTENT",
+        "TEXT_MESSAGE_END",
+        "RUN_FINISHED",
+    ]
+    assert data[0]["runId"] == "client-run-1" and data[0]["threadId"] == f"t-{user}"
+    assert data[-1] == {"type": "RUN_FINISHED", "threadId": f"t-{user}", "runId": "client-run-1"}
+    ids = [int(m["id"]) for m in messages]
+    assert ids == sorted(ids) and ids[0] == 1
+    assert "".join(d["delta"] for d in data if d["type"] == "TEXT_MESSAGE_CONTENT") == chunks(3)
+    assert json.loads(data[8]["delta"]) == {"ms": 0}
+    assert json.loads(data[10]["content"]) == {"slept_ms": 0}
+    # The gateway's ids, for the rejoin and lifecycle routes.
+    status = await _status(server, user, resp.headers["x-chat-run-id"])
+    assert status["status"] == "completed" and status["thread_id"] == f"t-{user}"
+
+
+async def _status(server: LiveServer, user: str, run_id: str) -> dict[str, Any]:
+    async with http_client(server) as client:
+        resp = await client.get(f"/api/chat/agents/{run_id}/status", headers=server.headers(user))
+    assert resp.status_code == 200, resp.text
+    result: dict[str, Any] = resp.json()
+    return result
+
+
+async def test_agui_failed_run_is_run_error_with_code(server: LiveServer, user: str) -> None:
+    _, messages = await agui_post(server, user, run_input(f"t-{user}", "r", "chunks=1 fail=1"))
+    data = validated(messages)
+    assert data[-1]["type"] == "RUN_ERROR" and data[-1]["code"] == "agent_error"
+    assert "RUN_FINISHED" not in [d["type"] for d in data]
+
+
+async def test_agui_rejects_bad_bodies_and_other_users_threads(
+    server: LiveServer, user: str
+) -> None:
+    async with http_client(server) as client:
+        bad = await client.post(
+            "/api/ag-ui/load", json={"threadId": 3}, headers=server.headers(user)
+        )
+        assert bad.status_code == 400
+        assert bad.json()["error"]["code"] == "bad_message"
+        assert "runId" in bad.json()["error"]["message"]
+        no_user = run_input(f"t-{user}", "r", "x")
+        no_user["messages"] = [{"id": "a", "role": "assistant", "content": "hi"}]
+        resp = await client.post("/api/ag-ui/load", json=no_user, headers=server.headers(user))
+        assert resp.status_code == 400
+        unauthenticated = await client.post("/api/ag-ui/load", json=run_input("t", "r", "x"))
+        assert unauthenticated.status_code == 401
+    thread = f"t-{user}-mine"
+    resp, _ = await agui_post(server, user, run_input(thread, "r", "chunks=1"))
+    assert resp.status_code == 200
+    resp, _ = await agui_post(server, f"{user}-other", run_input(thread, "r", "chunks=1"))
+    assert resp.status_code == 404
+
+
+async def test_agui_rejoin_at_every_cut_misses_and_repeats_nothing(
+    server: LiveServer, user: str
+) -> None:
+    resp, full = await agui_post(
+        server, user, run_input(f"t-{user}", "cr", "thinking=2 tools=2 chunks=4")
+    )
+    run_id = resp.headers["x-chat-run-id"]
+    ids = sorted({int(m["id"]) for m in full})
+    started = time.perf_counter()
+    async with http_client(server) as client:
+        for cut in [0, *ids]:
+            headers = {**server.headers(user)}
+            if cut:
+                headers["Last-Event-ID"] = str(cut)
+            got = await client.get(f"/api/ag-ui/runs/{run_id}/events", headers=headers)
+            messages = parse_sse(got.text)
+            validated(messages)
+            after = [m for m in messages if int(m["id"]) > cut]
+            prelude = [m for m in messages if int(m["id"]) <= cut]
+            assert after == [m for m in full if int(m["id"]) > cut], cut
+            if cut and after:
+                # What was open at the cut, re-opened: the run, then a message.
+                kinds = [m["data"]["type"] for m in prelude]
+                assert kinds[0] == "RUN_STARTED" and prelude[0]["data"]["runId"] == "cr"
+                before = [m["data"]["type"] for m in full if int(m["id"]) <= cut]
+                if before.count("TEXT_MESSAGE_START") > before.count("TEXT_MESSAGE_END"):
+                    assert kinds[1:] == ["TEXT_MESSAGE_START"]
+                elif before.count("REASONING_START") > before.count("REASONING_END"):
+                    assert kinds[1:] == ["REASONING_START", "REASONING_MESSAGE_START"]
+                else:
+                    assert kinds[1:] == []
+            else:
+                assert prelude == []
+    _figure(
+        "frontends_agui_rejoin",
+        {"rejoins": len(ids) + 1, "events": len(full), "seconds": time.perf_counter() - started},
+    )
+
+
+def _figure(name: str, values: dict[str, Any]) -> None:
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    (FIGURES / f"{name}.json").write_bytes(orjson.dumps(values, option=orjson.OPT_INDENT_2))
+    print(name, values)
+
+
+def test_agui_framer_maps_every_ending_to_valid_events() -> None:
+    """The pure framer: cancelled, failed, a connection error and the approval seam."""
+
+    def run(*evs: tuple[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        framer = AguiFramer(client_run_id="cr")
+        out: list[dict[str, Any]] = []
+        for seq, (kind, data) in enumerate(evs, 1):
+            event = events.make_event(kind, data, run_id="r_1", thread_id="t_1", seq=seq)  # type: ignore[arg-type]
+            for message in parse_sse(framer.frame(event).decode()):
+                AGUI_EVENT.validate_python(message["data"])
+                out.append(message["data"])
+        return out
+
+    opening = [("user_message", {"ref": "cr", "content": "hi"}), ("agent_started", {})]
+    answer = [("response_chunk", {"text": "par", "index": 0})]
+    cancelled = run(
+        *opening,
+        *answer,
+        ("response_complete", {"content": "par", "fallback": False}),
+        ("agent_completed", {"status": "cancelled", "error": {"code": "cancelled"}}),
+    )
+    assert [e["type"] for e in cancelled][-2:] == ["TEXT_MESSAGE_END", "RUN_FINISHED"]
+    assert cancelled[-1]["outcome"] == {"type": "cancelled"}
+    failed = run(*opening, ("agent_completed", {"status": "failed", "error": {"code": "x"}}))
+    assert failed[-1]["type"] == "RUN_ERROR" and failed[-1]["code"] == "x"
+    approval = run(
+        *opening,
+        ("tool_executing", {"call_id": "c1", "tool": "calculator", "args": {"expression": "1"}}),
+        (
+            "input_requested",
+            {"request_id": "q1", "kind": "tool_approval", "call_id": "c1", "tool": "calculator"},
+        ),
+    )
+    assert approval[-1]["type"] == "RUN_FINISHED"
+    assert approval[-1]["outcome"]["type"] == "interrupt"
+    assert approval[-1]["outcome"]["interrupts"][0]["id"] == "q1"
+    framer = AguiFramer()
+    gone = framer.frame(events.error("resume_unavailable", "dropped", run_id="r_1"))
+    (message,) = parse_sse(gone.decode())
+    assert message["data"]["type"] == EventType.RUN_ERROR.value
+    assert "id" not in message
+
+
+def test_aisdk_framer_cancelled_is_abort_and_approval_seam() -> None:
+    framer = AiSdkFramer()
+    seq = iter(range(1, 100))
+
+    def parts(kind: str, data: dict[str, Any]) -> list[dict[str, Any]]:
+        event = events.make_event(kind, data, run_id="r_1", thread_id="t_1", seq=next(seq))  # type: ignore[arg-type]
+        return framer.parts(event)
+
+    assert [p["type"] for p in parts("user_message", {"content": "x"})] == ["start"]
+    assert parts("input_requested", {"kind": "tool_approval", "request_id": "q", "call_id": "c"})
+    assert parts("agent_completed", {"status": "cancelled", "error": {"code": "cancelled"}})[
+        -1
+    ] == {"type": "abort", "reason": "cancelled"}
+
+
+# AI SDK in Python --------------------------------------------------------------------------
+
+
+async def test_aisdk_stream_headers_parts_and_done(server: LiveServer, user: str) -> None:
+    body = {
+        "id": f"c-{user}",
+        "messages": [{"id": "u1", "role": "user", "parts": [{"type": "text", "text": "chunks=2"}]}],
+        "trigger": "submit-message",
+        "agent": "load",
+    }
+    async with http_client(server) as client:
+        resp = await client.post("/api/ai-sdk/chat", json=body, headers=server.headers(user))
+        assert resp.status_code == 200
+        assert resp.headers["x-vercel-ai-ui-message-stream"] == "v1"
+        lines = [line for line in resp.text.split("\n\n") if line]
+        assert lines[-1] == "data: [DONE]"
+        parts = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+        assert parts[0]["type"] == "start" and parts[-1] == {
+            "type": "finish",
+            "finishReason": "stop",
+        }
+        bad = await client.post(
+            "/api/ai-sdk/chat", json={"id": "x", "messages": []}, headers=server.headers(user)
+        )
+        assert bad.status_code == 400
+        none = await client.get(f"/api/ai-sdk/chat/c-{user}/stream", headers=server.headers(user))
+        assert none.status_code == 204
+
+
+# The ecosystems' own client libraries, in Node.js ------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def js_deps() -> Iterator[Path]:
+    """``npm ci`` from the committed lockfile, once; a skip where Node.js or npm is missing."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.skip("Node.js and npm are needed for the front-end library tests (node >= 20)")
+    major = int(
+        subprocess.run([node, "--version"], capture_output=True, text=True).stdout[1:].split(".")[0]
+    )
+    if major < 20:
+        pytest.skip(f"Node.js {major} is older than the 20 the pinned packages need")
+    done = subprocess.run(
+        [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+        cwd=JS_DIR,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if done.returncode != 0:
+        pytest.fail(f"npm ci failed in {JS_DIR}:\n{done.stderr[-2000:]}")
+    yield JS_DIR
+
+
+class Js:
+    """One Node.js script run: its progress lines as they come, its result at the end."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.progress: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.result: dict[str, Any] | None = None
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        async for line in self.proc.stdout:
+            message = json.loads(line)
+            if "result" in message:
+                self.result = message["result"]
+            else:
+                await self.progress.put(message)
+
+    async def next_progress(self, timeout: float = 20) -> dict[str, Any]:
+        return await asyncio.wait_for(self.progress.get(), timeout)
+
+    async def finish(self, timeout: float = 60) -> dict[str, Any]:
+        await asyncio.wait_for(self._reader, timeout)
+        assert self.proc.stderr is not None
+        stderr = (await self.proc.stderr.read()).decode()
+        await self.proc.wait()
+        assert self.result is not None, f"no result (exit {self.proc.returncode}): {stderr}"
+        return self.result
+
+
+async def js(deps: Path, server: LiveServer, user: str, script: str, **scenario: Any) -> Js:
+    env = {**os.environ, "GATEWAY_URL": server.http, "GATEWAY_TOKEN": server.token(user)}
+    proc = await asyncio.create_subprocess_exec(
+        "node",
+        str(deps / script),
+        json.dumps(scenario),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    return Js(proc)
+
+
+async def control(server: LiveServer, user: str, run_id: str, action: str) -> str:
+    async with http_client(server) as client:
+        resp = await client.post(
+            f"/api/chat/agents/{run_id}/{action}", headers=server.headers(user)
+        )
+    assert resp.status_code == 200, resp.text
+    status: str = resp.json()["status"]
+    return status
+
+
+def text_of(agui_events: list[dict[str, Any]]) -> str:
+    return "".join(e["delta"] for e in agui_events if e["type"] == "TEXT_MESSAGE_CONTENT")
+
+
+async def test_agui_client_streams_reasoning_tool_and_answer(
+    js_deps: Path, server: LiveServer, user: str
+) -> None:
+    run = await js(
+        js_deps, server, user, "agui.mjs", kind="run", threadId=f"t-{user}", runId="cr-1",
+        message="thinking=2 tools=1 chunks=3",
+    )  # fmt: skip
+    result = await run.finish()
+    assert result["error"] is None
+    types = [e["type"] for e in result["events"]]
+    assert types[0] == "RUN_STARTED" and types[-1] == "RUN_FINISHED"
+    assert result["events"][0]["runId"] == "cr-1"
+    roles = {m["role"]: m for m in result["newMessages"]}
+    assert roles["reasoning"]["content"] == "thinking 1 of 2thinking 2 of 2"
+    assert roles["assistant"]["content"] == chunks(3)
+    assert roles["assistant"]["toolCalls"][0]["function"]["name"] == "sleep"
+    assert json.loads(roles["tool"]["content"]) == {"slept_ms": 0}
+
+
+async def test_agui_client_reports_failed_and_cancelled_runs(
+    js_deps: Path, server: LiveServer, user: str
+) -> None:
+    failed = await js(
+        js_deps, server, user, "agui.mjs", kind="run", threadId=f"t-{user}-f", runId="f",
+        message="chunks=1 fail=1",
+    )  # fmt: skip
+    result = await failed.finish()
+    assert result["events"][-1]["type"] == "RUN_ERROR"
+    assert result["events"][-1]["code"] == "agent_error"
+    cancelled = await js(
+        js_deps, server, user, "agui.mjs", kind="run", threadId=f"t-{user}-c", runId="c",
+        message="chunks=200 delay_ms=20",
+    )  # fmt: skip
+    headers = await cancelled.next_progress()
+    assert await control(server, user, headers["runId"], "cancel") == "cancelled"
+    result = await cancelled.finish()
+    last = result["events"][-1]
+    assert last["type"] == "RUN_FINISHED" and last["outcome"] == {"type": "cancelled"}
+    assert result["error"] is None  # the client's verification took it
+
+
+async def test_agui_client_rejoins_a_dropped_stream(
+    js_deps: Path, server: LiveServer, user: str
+) -> None:
+    run = await js(
+        js_deps, server, user, "agui.mjs", kind="drop", threadId=f"t-{user}", runId="d",
+        message="thinking=1 chunks=12 delay_ms=20", dropAfter=3,
+    )  # fmt: skip
+    result = await run.finish()
+    assert result["error"] == "connection dropped by the test"
+    assert result["rejoinError"] is None  # verifyEvents passed the prelude and the rest
+    before, after = result["events"], result["after"]
+    assert after[0] == {"type": "RUN_STARTED", "threadId": f"t-{user}", "runId": "d"}
+    assert after[1]["type"] == "TEXT_MESSAGE_START"
+    assert after[-1]["type"] == "RUN_FINISHED"
+    assert text_of(before) == chunks(3)
+    assert text_of(before) + text_of(after) == chunks(12)
+
+
+async def test_agui_run_stopped_and_resumed_over_rest_watched_over_ws(
+    js_deps: Path, server: LiveServer, user: str
+) -> None:
+    thread = f"t-{user}"
+    run = await js(
+        js_deps, server, user, "agui.mjs", kind="run", threadId=thread, runId="w",
+        message="chunks=30 delay_ms=20",
+    )  # fmt: skip
+    run_id = (await run.next_progress())["runId"]
+    async with ws_client(server, user) as ws:
+        await ws.send(type="resume", run_id=run_id, after_seq=0)
+        assert await control(server, user, run_id, "stop") == "paused"
+        await asyncio.sleep(0.3)
+        assert (await _status(server, user, run_id))["status"] == "paused"
+        assert await control(server, user, run_id, "start") == "running"
+        seen = await ws.recv_until("agent_completed", timeout=30, run_id=run_id)
+    result = await run.finish()
+    assert result["error"] is None
+    assert text_of(result["events"]) == chunks(30)
+    assert result["events"][-1]["type"] == "RUN_FINISHED"
+    statuses = [e["data"]["status"] for e in seen if e["type"] == "run_status"]
+    assert statuses == ["paused", "running"]
+    ws_text = "".join(e["data"]["text"] for e in seen if e["type"] == "response_chunk")
+    assert ws_text == chunks(30)
+    # The same run in the thread's history.
+    history = await _history(server, user, thread, 2)
+    assert [(m["role"], m["run_id"]) for m in history] == [("user", run_id), ("assistant", run_id)]
+    assert history[1]["content"] == chunks(30)
+
+
+async def _history(server: LiveServer, user: str, thread: str, count: int) -> list[dict[str, Any]]:
+    got: list[dict[str, Any]] = []
+
+    async def enough() -> bool:
+        async with http_client(server) as client:
+            resp = await client.get(f"/api/threads/{thread}/messages", headers=server.headers(user))
+        got[:] = resp.json().get("messages", []) if resp.status_code == 200 else []
+        return len(got) >= count
+
+    await wait_for(enough)
+    return got
+
+
+def answer_text(message: dict[str, Any]) -> str:
+    return "".join(p["text"] for p in message["parts"] if p["type"] == "text")
+
+
+async def test_aisdk_client_streams_reasoning_tool_and_answer(
+    js_deps: Path, server: LiveServer, user: str
+) -> None:
+    chat = f"c-{user}"
+    run = await js(
+        js_deps, server, user, "aisdk.mjs", kind="run", chatId=chat, agent="load",
+        message="thinking=1 tools=1 chunks=3",
+    )  # fmt: skip
+    result = await run.finish()
+    assert result["errors"] == [] and result["protocolHeader"] == "v1"
+    parts = result["message"]["parts"]
+    assert [p["type"] for p in parts] == [
+        "step-start", "reasoning", "dynamic-tool", "step-start", "text"
+    ]  # fmt: skip
+    assert parts[1]["text"] == "thinking 1 of 1" and parts[1]["state"] == "done"
+    assert parts[2]["state"] == "output-available" and parts[2]["output"] == {"slept_ms": 0}
+    assert parts[4] == {"type": "text", "text": chunks(3), "state": "done"}
+    assert result["chunks"][-1] == {"type": "finish", "finishReason": "stop"}
+    history = await _history(server, user, chat, 2)
+    assert [(m["role"], m["run_id"]) for m in history] == [
+        ("user", result["runId"]), ("assistant", result["runId"])
+    ]  # fmt: skip
+
+
+async def test_aisdk_client_reports_failed_and_cancelled_runs(
+    js_deps: Path, server: LiveServer, user: str
+) -> None:
+    failed = await js(
+        js_deps, server, user, "aisdk.mjs", kind="run", chatId=f"c-{user}-f", agent="load",
+        message="chunks=1 fail=1",
+    )  # fmt: skip
+    result = await failed.finish()
+    assert result["errors"] == ["agent_error: the agent failed (RuntimeError)"]
+    assert result["chunks"][-1] == {"type": "finish", "finishReason": "error"}
+    cancelled = await js(
+        js_deps, server, user, "aisdk.mjs", kind="run", chatId=f"c-{user}-c", agent="load",
+        message="chunks=200 delay_ms=20",
+    )  # fmt: skip
+    headers = await cancelled.next_progress()
+    assert await control(server, user, headers["runId"], "cancel") == "cancelled"
+    result = await cancelled.finish()
+    assert result["chunks"][-1]["type"] == "abort"
+    assert "finish" not in [c["type"] for c in result["chunks"]]
+
+
+async def test_aisdk_client_resumes_a_dropped_stream(
+    js_deps: Path, server: LiveServer, user: str
+) -> None:
+    chat = f"c-{user}"
+    none = await js(js_deps, server, user, "aisdk.mjs", kind="reconnect", chatId=chat)
+    result = await none.finish()
+    assert result["after"] is None and result["status"] == 204
+    run = await js(
+        js_deps, server, user, "aisdk.mjs", kind="drop", chatId=chat, agent="load",
+        message="chunks=12 delay_ms=20", dropAfter=3,
+    )  # fmt: skip
+    result = await run.finish()
+    assert answer_text(result["before"]["message"]) == chunks(3)
+    after = result["after"]
+    assert after is not None and after["errors"] == []
+    assert answer_text(after["message"]) == chunks(12)  # from its start, once
+    assert after["message"]["id"] == result["before"]["message"]["id"]
+    assert after["chunks"][-1] == {"type": "finish", "finishReason": "stop"}
+
+
+async def test_aisdk_client_regenerate_runs_the_last_message_again(
+    js_deps: Path, server: LiveServer, user: str
+) -> None:
+    chat = f"c-{user}"
+    run = await js(
+        js_deps, server, user, "aisdk.mjs", kind="regenerate", chatId=chat, agent="load",
+        message="chunks=2",
+    )  # fmt: skip
+    result = await run.finish()
+    assert answer_text(result["first"]["message"]) == chunks(2)
+    assert answer_text(result["again"]["message"]) == chunks(2)
+    assert result["first"]["message"]["id"] != result["again"]["message"]["id"]
+    history = await _history(server, user, chat, 4)
+    assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
