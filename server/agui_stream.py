@@ -354,12 +354,12 @@ async def run_agent(request: Request) -> Response:
     """
     gateway = routes.gateway_of(request)
     user = routes.authenticate(request)
-    raw = await routes.read_json_body(request, gateway.settings.max_message_bytes)
+    raw = await routes.read_json_body(request, gateway.settings.max_frontend_body_bytes)
     body = _run_input(raw)
     thread_id = optional_id({"threadId": body.thread_id}, "threadId")
     agent = optional_id({"agent": request.path_params["agent"]}, "agent")
     client_run_id = client_ref({"id": body.run_id})
-    content = last_user_text(body)
+    content = routes.new_message(last_user_text(body), gateway.settings.max_message_bytes)
     framer = AguiFramer(client_run_id=body.run_id)
     stream = await sse.open_stream(gateway, user, framer=framer.frame)
     try:

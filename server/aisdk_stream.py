@@ -254,7 +254,8 @@ async def chat(request: Request) -> Response:
     """
     gateway = routes.gateway_of(request)
     user = routes.authenticate(request)
-    body = await routes.read_json_body(request, gateway.settings.max_message_bytes)
+    body = await routes.read_json_body(request, gateway.settings.max_frontend_body_bytes)
+    limit = gateway.settings.max_message_bytes
     thread_id = optional_id(body, "id")
     if thread_id is None:
         raise ProtocolError("bad_message", "field 'id' (the chat's id) is required")
@@ -262,7 +263,7 @@ async def chat(request: Request) -> Response:
     if trigger not in TRIGGERS:
         raise ProtocolError("bad_message", f"field 'trigger' must be one of {sorted(TRIGGERS)}")
     agent = optional_id(body, "agent")
-    content = last_user_text(body.get("messages"))
+    content = routes.new_message(last_user_text(body.get("messages")), limit)
     framer = AiSdkFramer()
     stream = await sse.open_stream(
         gateway, user, framer=framer.frame, tail=lambda _status: DONE, headers=HEADER

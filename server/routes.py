@@ -339,3 +339,14 @@ async def health(request: Request) -> Response:
         },
         status_code=200 if status == "healthy" else 503,
     )
+
+
+def new_message(content: str, limit: int) -> str:
+    """A front-end protocol's new message, held to ``CHAT_MAX_MESSAGE_BYTES`` as any other.
+
+    Raises:
+        ProtocolError: ``too_large`` (413) when it is longer.
+    """
+    if len(content.encode()) > limit:
+        raise _TooLarge(f"the new message is larger than {limit} bytes")
+    return content

@@ -44,6 +44,9 @@ class Settings:
     )
     # Limits -------------------------------------------------------------------
     max_message_bytes: int = _opt(64 * KiB, "largest client frame; larger closes with 1009")
+    max_frontend_body_bytes: int = _opt(
+        4 * MiB, "largest AG-UI or AI SDK request body (it carries the chat's history); 413"
+    )
     heartbeat_s: float = _opt(15.0, "keepalive interval for WebSocket pings and SSE comments")
     send_buffer_bytes: int = _opt(
         1 * MiB, "untaken bytes allowed per client whose sends are stuck before it is cut (4408)"
@@ -178,6 +181,7 @@ class Settings:
             )
         for name in (
             "max_message_bytes",
+            "max_frontend_body_bytes",
             "send_buffer_bytes",
             "max_connections_per_user",
             "rate_limit_per_minute",

@@ -252,6 +252,49 @@ def test_aisdk_framer_cancelled_is_abort_and_approval_seam() -> None:
     ] == {"type": "abort", "reason": "cancelled"}
 
 
+async def test_frontend_bodies_carry_history_within_their_own_limit(user: str) -> None:
+    """A chat's history may pass ``CHAT_MAX_MESSAGE_BYTES`` (every AG-UI and AI SDK request
+    carries it); the body is held to ``CHAT_MAX_FRONTEND_BODY_BYTES``, the new message to
+    ``CHAT_MAX_MESSAGE_BYTES``."""
+    from tests.support import run_server
+
+    with run_server(max_message_bytes=1024, max_frontend_body_bytes=16 * 1024) as live:
+        old = [{"id": f"h{i}", "role": "assistant", "content": "x" * 1000} for i in range(4)]
+        body = run_input(f"t-{user}", "r", "chunks=1")
+        body["messages"] = [*old, *body["messages"]]
+        resp, messages = await agui_post(live, user, body)
+        assert resp.status_code == 200 and validated(messages)[-1]["type"] == "RUN_FINISHED"
+        long_message = run_input(f"t-{user}", "r", "chunks=1 " + " " * 2000)
+        resp, _ = await agui_post(live, user, long_message)
+        assert resp.status_code == 413
+        body["messages"] = [*old * 5, *body["messages"]]
+        resp, _ = await agui_post(live, user, body)
+        assert resp.status_code == 413 and resp.json()["error"]["code"] == "too_large"
+        filler = "x" * 1000
+        ui = {
+            "id": f"c-{user}",
+            "trigger": "submit-message",
+            "agent": "load",
+            "messages": [
+                *(
+                    {
+                        "id": f"h{i}",
+                        "role": "assistant",
+                        "parts": [{"type": "text", "text": filler}],
+                    }
+                    for i in range(4)
+                ),
+                {"id": "u", "role": "user", "parts": [{"type": "text", "text": "chunks=1"}]},
+            ],
+        }
+        async with http_client(live) as client:
+            ok = await client.post("/api/ai-sdk/chat", json=ui, headers=live.headers(user))
+            assert ok.status_code == 200 and ok.text.endswith("data: [DONE]\n\n")
+            ui["messages"] = ui["messages"] * 5
+            big = await client.post("/api/ai-sdk/chat", json=ui, headers=live.headers(user))
+            assert big.status_code == 413
+
+
 # AI SDK in Python --------------------------------------------------------------------------
 
 
