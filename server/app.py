@@ -97,6 +97,8 @@ def create_app(settings: Settings | None = None, *, dev_secret: str | None = Non
             allow_origins=list(settings.allowed_origins),
             allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+            # The run a front-end protocol's stream started, for its lifecycle routes.
+            expose_headers=["X-Chat-Run-Id", "X-Chat-Thread-Id"],
             max_age=600,
         )
     ]
