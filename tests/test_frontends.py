@@ -295,6 +295,21 @@ async def test_frontend_bodies_carry_history_within_their_own_limit(user: str) -
             assert big.status_code == 413
 
 
+async def test_a_page_may_read_the_run_id_header(user: str) -> None:
+    from tests.support import run_server
+
+    origin = "https://app.example"
+    with run_server(allowed_origins=(origin,)) as live:
+        headers = {**live.headers(user), "Origin": origin}
+        async with http_client(live) as client:
+            resp = await client.post(
+                "/api/ag-ui/load", json=run_input(f"t-{user}", "r", "chunks=1"), headers=headers
+            )
+    assert resp.status_code == 200
+    exposed = resp.headers["access-control-expose-headers"].lower()
+    assert "x-chat-run-id" in exposed and "x-chat-thread-id" in exposed
+
+
 # AI SDK in Python --------------------------------------------------------------------------
 
 
