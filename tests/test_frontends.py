@@ -310,6 +310,37 @@ async def test_a_page_may_read_the_run_id_header(user: str) -> None:
     assert "x-chat-run-id" in exposed and "x-chat-thread-id" in exposed
 
 
+def test_framing_cost_per_event_is_measured() -> None:
+    """chat.v1 events are encoded once for every watcher; the AG-UI and AI SDK framings
+    are made per stream.  What that costs per answer chunk is recorded, not asserted."""
+    from server.sse import frame_event
+
+    count = 20_000
+    made = [
+        events.make_event("user_message", {"content": "x"}, run_id="r_1", thread_id="t", seq=1),
+        *(
+            events.make_event(
+                "response_chunk", {"text": "abcdefgh", "index": i}, run_id="r_1", thread_id="t",
+                seq=i + 2,
+            )
+            for i in range(count)
+        ),
+    ]  # fmt: skip
+    figures: dict[str, Any] = {"events": count}
+    for name, frame in (
+        ("chat_v1", frame_event),
+        ("ag_ui", AguiFramer().frame),
+        ("ai_sdk", AiSdkFramer().frame),
+    ):
+        started = time.perf_counter()
+        size = sum(len(frame(event)) for event in made)
+        seconds = time.perf_counter() - started
+        assert size > 0
+        figures[f"{name}_us_per_event"] = round(seconds / len(made) * 1e6, 2)
+        figures[f"{name}_bytes_per_event"] = round(size / len(made), 1)
+    _figure("frontends_framing", figures)
+
+
 # AI SDK in Python --------------------------------------------------------------------------
 
 
