@@ -33,6 +33,8 @@ BEARER_PREFIX = "bearer."
 TOKEN_PARAM: Final = "access_token"
 #: The largest NumericDate accepted in ``exp``, ``nbf`` and ``iat``: 9999-12-31T23:59:59Z.
 MAX_NUMERIC_DATE: Final = 253_402_300_799
+#: The longest user id (``sub``) accepted; it names the user in keys and rows.
+MAX_SUB_CHARS: Final = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,9 +103,15 @@ class Authenticator:
             )
         except (JOSEError, ValueError, TypeError, KeyError, OverflowError) as exc:
             raise AuthError(f"invalid token: {_reason(exc)}") from None
+        except RecursionError:  # a payload nested deeper than the JSON parser goes
+            raise AuthError("invalid token: payload nested too deep") from None
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub:
             raise AuthError("invalid token: 'sub' must be a non-empty string")
+        if len(sub) > MAX_SUB_CHARS or not sub.isprintable():
+            raise AuthError(
+                f"invalid token: 'sub' must be at most {MAX_SUB_CHARS} printable characters"
+            )
         exp = check_times(claims, time.time(), self._leeway)
         return Principal(sub, exp, claims)
 
@@ -183,20 +191,23 @@ def token_from_query(query_string: bytes | str) -> str | None:
     return values[0] if values else None
 
 
-# A query parameter: its raw name, after ``?`` or ``&``, and its value up to the next
-# ``&`` or whitespace (which ends a path in a log line).
-_QUERY_PARAM: Final = re.compile(r"(?<=[?&])([^=&?\s]*)=([^&\s]*)")
+# A query parameter: its raw name, after ``?``, ``&`` or ``;``, and its value up to the
+# next ``&``, ``;`` or whitespace (which ends a path in a log line).
+_QUERY_PARAM: Final = re.compile(r"(?<=[?&;])([^=&;?\s]*)=([^&;\s]*)")
 
 
 def redact_query_tokens(text: str) -> str:
     """``text`` with the value of every query parameter that :func:`token_from_query`
     could read as the token replaced by ``[redacted]``, however its name is spelled
-    (``access%5Ftoken``, ``%61ccess_token``): names are decoded as ``parse_qs`` does."""
+    (``access%5Ftoken``, ``%61ccess_token``): names are decoded as ``parse_qs`` does.
+    Names that only contain the token's name (``access_token%00``), and parameters after
+    a ``;``, are redacted too: what a client meant as a token stays out of the logs
+    even where the gateway does not read it as one."""
     if "=" not in text:
         return text
 
     def redact(match: re.Match[str]) -> str:
-        if unquote_plus(match.group(1)) != TOKEN_PARAM:
+        if TOKEN_PARAM not in unquote_plus(match.group(1)):
             return match.group(0)
         return match.group(1) + "=[redacted]"
 

@@ -6,7 +6,9 @@ that sends one header line every few seconds (slowloris) keeps its connection,
 and its file descriptor, for good; nor does it bound a head's size.  The
 subclass here gives each head a deadline (``CHAT_HEADER_TIMEOUT_S``, from the
 accept or from the first byte of a later request on the connection; 408 then),
-a size (``CHAT_MAX_HEAD_BYTES``; 431), and counts per client address the
+a size (``CHAT_MAX_HEAD_BYTES``; 431), gives its body a deadline too
+(``CHAT_BODY_TIMEOUT_S`` from the end of the head: a body that dribbles in, or a
+chunked one that never ends, is answered 408 and closed), and counts per client address the
 connections that have not yet sent their first head
 (``CHAT_MAX_OPENING_PER_ADDRESS``; a connection over it is answered 429 and
 closed at once).
@@ -92,6 +94,7 @@ class HeadLimitedHttpProtocol(HttpToolsProtocol):
     its settings and its limiter: see :func:`http_protocol`."""
 
     header_timeout_s: ClassVar[float]
+    body_timeout_s: ClassVar[float]
     max_head_bytes: ClassVar[int]
     limiter: ClassVar[OpeningLimiter]
 
@@ -102,6 +105,7 @@ class HeadLimitedHttpProtocol(HttpToolsProtocol):
         self._received = 0  # bytes received while in the head: what the parser buffers
         self._parsed = 0  # the head's size, as the parser reports its parts
         self._deadline: asyncio.TimerHandle | None = None
+        self._body_deadline: asyncio.TimerHandle | None = None
         self._refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -118,6 +122,7 @@ class HeadLimitedHttpProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._past_opening()
         self._cancel_deadline()
+        self._cancel_body_deadline()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -158,6 +163,8 @@ class HeadLimitedHttpProtocol(HttpToolsProtocol):
             # The request is not started; the parser's later callbacks are ignored.
             self._refuse(431, f"request head larger than {self.max_head_bytes} bytes")
             return
+        # The body has its own deadline, until the parser has seen all of it.
+        self._body_deadline = self.loop.call_later(self.body_timeout_s, self._body_timed_out)
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
@@ -165,10 +172,12 @@ class HeadLimitedHttpProtocol(HttpToolsProtocol):
             super().on_body(body)
 
     def on_message_complete(self) -> None:
+        self._cancel_body_deadline()
         if not self._refused:
             super().on_message_complete()
 
     def handle_websocket_upgrade(self) -> None:
+        self._cancel_body_deadline()
         if not self._refused:
             super().handle_websocket_upgrade()
 
@@ -182,6 +191,23 @@ class HeadLimitedHttpProtocol(HttpToolsProtocol):
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
+
+    def _cancel_body_deadline(self) -> None:
+        if self._body_deadline is not None:
+            self._body_deadline.cancel()
+            self._body_deadline = None
+
+    def _body_timed_out(self) -> None:
+        self._body_deadline = None
+        if self.transport.is_closing():
+            return
+        reason = f"request body not complete within {self.body_timeout_s:g} s"
+        log.debug("closed a connection of %s: %s", self.client, reason)
+        self._refused = True
+        if self.cycle is None or not self.cycle.response_started:
+            self.transport.write(plain_response(408, reason + "\n"))
+        # else answered already (a 401 before the body was read, say): only close.
+        self.transport.close()
 
     def _head_timed_out(self) -> None:
         self._deadline = None
@@ -239,6 +265,7 @@ def http_protocol(settings: Settings) -> type[HeadLimitedHttpProtocol]:
 
     class ServerHttpProtocol(HeadLimitedHttpProtocol):
         header_timeout_s = settings.header_timeout_s
+        body_timeout_s = settings.body_timeout_s
         max_head_bytes = settings.max_head_bytes
         limiter = OpeningLimiter(settings.max_opening_per_address)
 

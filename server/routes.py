@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from bridge.errors import RunNotFound
@@ -56,6 +56,10 @@ def api(endpoint: Endpoint) -> Endpoint:
     async def wrapper(request: Request) -> Response:
         try:
             return await endpoint(request)
+        except ClientDisconnect:
+            # The client went away, or was cut, before its body was whole: nobody is
+            # left to answer, and nothing failed on this side.
+            return Response(status_code=400)
         except Exception as exc:
             return error_response(exc)
 

@@ -118,6 +118,9 @@ class Settings:
     header_timeout_s: float = _opt(
         10.0, "time from accept (or a later request's first byte) to a complete request head"
     )
+    body_timeout_s: float = _opt(
+        30.0, "time from a complete request head to its complete body; slower: 408"
+    )
     max_opening_per_address: int = _opt(
         256, "connections of one client address not yet past their request head; more: 429"
     )
@@ -204,6 +207,7 @@ class Settings:
             "store_timeout_s",
             "llm_timeout_s",
             "header_timeout_s",
+            "body_timeout_s",
             "agent_timeout_s",
             "redis_outage_s",
         ):

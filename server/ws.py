@@ -40,6 +40,16 @@ log = logging.getLogger("chat.ws")
 
 #: "Try again later": the shared broker (Redis) cannot be reached.
 CLOSE_UNAVAILABLE: Final = 1013
+#: A close frame is a control frame: 125 bytes of payload, 2 of them the code (RFC 6455 5.5).
+MAX_REASON_BYTES: Final = 123
+
+
+def fit_reason(reason: str) -> str:
+    """``reason`` cut to what a close frame carries, on a character boundary."""
+    raw = reason.encode("utf-8", "replace")
+    if len(raw) <= MAX_REASON_BYTES:
+        return reason
+    return raw[: MAX_REASON_BYTES - 3].decode("utf-8", "ignore") + "..."
 
 
 async def websocket_endpoint(gateway: Gateway, websocket: WebSocket, send: Send) -> None:
@@ -56,11 +66,11 @@ async def websocket_endpoint(gateway: Gateway, websocket: WebSocket, send: Send)
         user = gateway.auth.verify(token)
     except AuthError as exc:
         gateway.counters.auth_failures += 1
-        await websocket.close(CLOSE_UNAUTHORIZED, str(exc))
+        await websocket.close(CLOSE_UNAUTHORIZED, fit_reason(str(exc)))
         return
 
     async def close(code: int, reason: str) -> None:
-        await websocket.close(code, reason)
+        await websocket.close(code, fit_reason(reason))
 
     loop = asyncio.get_running_loop()
     # The token's expiry on the loop's clock, which the outbox is given.

@@ -179,6 +179,9 @@ def hostile_tokens(key: str) -> dict[str, str]:
                 f"{{{good}}}", header='{"alg":"HS256","typ":"JWT","crit":["exp"]}', key=key
             ),
             "empty crit": signed(f"{{{good}}}", header='{"alg":"HS256","crit":[]}', key=key),
+            "nested 1200 deep": signed(f'{{{good},"x":{"[" * 1200}{"]" * 1200}}}', key=key),
+            "sub with NUL": signed(f'{{"sub":"ali\\u0000ce","exp":{now + 600}}}', key=key),
+            "sub of 300 characters": signed(f'{{"sub":"{"a" * 300}","exp":{now + 600}}}', key=key),
         }
     )
     return tokens
@@ -224,6 +227,26 @@ QUERY_TOKEN_SPELLINGS = (
 )
 
 
+async def test_a_long_refusal_reason_is_cut_to_fit_the_close_frame() -> None:
+    """A signed token whose ``exp`` has 4,400 digits is refused with a reason longer
+    than a close frame holds: the socket still gets 4401, never 1006."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    from tests.support import SECRET as SERVER_SECRET
+    from tests.support import run_server
+
+    token = signed('{"sub":"alice","exp":' + "9" * 4400 + "}", key=SERVER_SECRET)
+    protocols: list[Any] = ["chat.v1", f"bearer.{token}"]
+    with run_server() as srv, pytest.raises(ConnectionClosed) as info:
+        async with connect(srv.ws, subprotocols=protocols) as ws:
+            await asyncio.wait_for(ws.recv(), 10)
+    assert info.value.rcvd is not None
+    assert info.value.rcvd.code == 4401
+    reason = info.value.rcvd.reason
+    assert reason.startswith("invalid token") and len(reason.encode()) <= 123, reason
+
+
 def test_every_spelling_the_app_reads_is_redacted() -> None:
     from server.auth import redact_query_tokens, token_from_query
 
@@ -233,6 +256,9 @@ def test_every_spelling_the_app_reads_is_redacted() -> None:
         line = redact_query_tokens(f'GET /ws?{query} HTTP/1.1" 101')
         assert line == f'GET /ws?x=1&{name}=[redacted]&y=2 HTTP/1.1" 101', name
     assert redact_query_tokens("/ws?token=1&access=2") == "/ws?token=1&access=2"
+    # Spellings the gateway does not read as the token stay out of the logs as well.
+    for query in ("a=1;access_token=SECRET", "access_token%00=SECRET", "x=1&access_tokens=SECRET"):
+        assert "SECRET" not in redact_query_tokens(f"GET /ws?{query} HTTP/1.1"), query
 
 
 async def test_hostile_tokens_are_401_and_4401_on_a_real_server() -> None:

@@ -213,3 +213,87 @@ async def test_a_16_kb_token_gets_a_clear_refusal_of_the_handshake(user: str) ->
         async with ws_client(srv, user) as client:  # the server is none the worse
             check_run_invariants(await client.run("What is 12 * 7?"))
     print(f"\n16 KB token: handshake refused after {refused_after} s")
+
+
+async def _slow_body(
+    port: int, head: bytes, piece: bytes, every_s: float, give_up_s: float
+) -> tuple[bytes, float]:
+    """A client whose head is whole but whose body comes one ``piece`` every ``every_s``:
+    the server's first line (b"" for a close without a word), and after how long; or
+    b"still open" when nothing ended it within ``give_up_s``."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    began = time.monotonic()
+    try:
+        writer.write(head)
+        first = b""
+        deadline = began + give_up_s
+        while time.monotonic() < deadline:
+            try:
+                line = await _first_line(reader, every_s)
+            except TimeoutError:
+                with contextlib.suppress(ConnectionError):
+                    writer.write(piece)
+                continue
+            if not first:
+                first = line or b"closed"
+            if not line:  # the connection is closed
+                return first, time.monotonic() - began
+            # An early answer (a 401 before the body was read): wait for the close.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    await reader.read()
+                return first, time.monotonic() - began
+        return b"still open", time.monotonic() - began
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def test_slow_bodies_are_cut_at_their_deadline(user: str) -> None:
+    timeout_s = 1.5
+    with run_server(header_timeout_s=5.0, body_timeout_s=timeout_s) as srv:
+        host = b"Host: 127.0.0.1\r\n"
+        heads = {
+            # A body that dribbles in after a whole head: no answer yet.
+            "dribble": (
+                b"POST /api/chat/stream HTTP/1.1\r\n"
+                + host
+                + f"Authorization: Bearer {srv.token(user)}\r\n".encode()
+                + b"Content-Type: application/json\r\nContent-Length: 60000\r\n\r\n"
+            ),
+            # A route that answers without reading the body: the connection is closed.
+            "unread": b"GET /health HTTP/1.1\r\n" + host + b"Content-Length: 60000\r\n\r\n",
+            # The same on a route that answers 401 before reading the body.
+            "answered": (
+                b"POST /api/chat/stream HTTP/1.1\r\n" + host + b"Content-Type: application/json\r\n"
+                b"Content-Length: 60000\r\n\r\n"
+            ),
+            # A chunked body that never ends, with a valid token.
+            "chunked": (
+                b"POST /api/chat/stream HTTP/1.1\r\n"
+                + host
+                + f"Authorization: Bearer {srv.token(user)}\r\n".encode()
+                + b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+            ),
+        }
+        pieces = {"dribble": b"x", "unread": b"x", "answered": b"x", "chunked": b"1\r\na\r\n"}
+        results = await asyncio.gather(
+            *(
+                _slow_body(srv.port, heads[k], pieces[k], every_s=0.3, give_up_s=timeout_s + 10)
+                for k in heads
+            )
+        )
+        outcome = dict(zip(heads, results, strict=True))
+        # A request whose body comes in time is served as usual meanwhile.
+        async with httpx.AsyncClient(base_url=srv.http, timeout=10) as c:
+            assert (await c.get("/health")).status_code == 200
+    assert outcome["dribble"][0] == b"HTTP/1.1 408 Request Timeout", outcome
+    assert outcome["chunked"][0] == b"HTTP/1.1 408 Request Timeout", outcome
+    assert outcome["answered"][0] == b"HTTP/1.1 401 Unauthorized", outcome
+    assert outcome["unread"][0] == b"HTTP/1.1 200 OK", outcome
+    assert all(answer != b"still open" for answer, _ in results), outcome
+    record_figures(
+        "slow_bodies",
+        {"body_timeout_s": timeout_s, **{k: round(t, 3) for k, (_, t) in outcome.items()}},
+    )
