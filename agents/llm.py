@@ -40,7 +40,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal, cast
 
-from agents.base import Message, RunContext, ToolOutcome
+from agents.base import Message, RunContext, ToolOutcome, Usage
 from agents.errors import LLMError
 
 if TYPE_CHECKING:
@@ -151,6 +151,23 @@ def parse_chunk(chunk: Mapping[str, Any]) -> Delta:
         tool_calls=tuple(calls),
         finish_reason=finish if isinstance(finish, str) else None,
     )
+
+
+def _count(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def parse_usage(chunk: Mapping[str, Any], model: str) -> Usage | None:
+    """The usage a chunk reports (the last one, when ``stream_options.include_usage``
+    asked for it), or None.  The model is the one the server names, else ``model``."""
+    usage = chunk.get("usage")
+    if not isinstance(usage, Mapping):
+        return None
+    prompt = _count(usage.get("prompt_tokens"))
+    completion = _count(usage.get("completion_tokens"))
+    total = _count(usage.get("total_tokens")) or prompt + completion
+    named = chunk.get("model")
+    return Usage(prompt, completion, total, named if isinstance(named, str) and named else model)
 
 
 @dataclass(frozen=True, slots=True)
@@ -674,11 +691,16 @@ class LLMAgent:
             model=self.config.model,
             messages=cast(Any, messages),
             stream=True,
+            stream_options={"include_usage": True},
             **extra,
         )
         try:
             async for chunk in stream:
-                await status.emit(ctx, turn.feed(parse_chunk(chunk.to_dict())), turn)
+                data = chunk.to_dict()
+                usage = parse_usage(data, self.config.model)
+                if usage is not None:
+                    ctx.report_usage(usage)
+                await status.emit(ctx, turn.feed(parse_chunk(data)), turn)
         finally:
             # On cancel too: closing the response closes the connection, and the
             # server stops generating.

@@ -290,11 +290,20 @@ class Gateway:
         if record is not None:
             if record.owner != user.user_id:
                 raise RunNotFound(f"no run {run_id}")
-            return record.public()
+            public = record.public()
+            if record.ended:
+                # The tokens a run used are in its stored record once it has ended.
+                try:
+                    stored = await self.store.get_run(run_id)
+                except Exception:
+                    stored = None  # the store is out: the status without the tokens
+                public["usage"] = stored.usage if stored is not None else None
+            return public
         row = await self.store.get_run(run_id)
         if row is None or row.owner != user.user_id:
             raise RunNotFound(f"no run {run_id}")
         return {
+            "usage": row.usage,
             "run_id": row.id,
             "thread_id": row.thread_id,
             "agent": row.agent,

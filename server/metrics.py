@@ -10,11 +10,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from agents.base import Usage
     from server.gateway import Gateway
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -40,6 +41,13 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.tokens = Counter(
+            "chat_llm_tokens",
+            "Tokens the runs' model requests used, as their servers reported them",
+            ["model", "agent", "kind"],
+            registry=self.registry,
+        )
+
     def bind(self, gateway: Gateway) -> None:
         self.registry.register(_GatewayCollector(gateway))
 
@@ -50,6 +58,11 @@ class Metrics:
 
     def run_finished(self, agent: str, status: str, duration_s: float, events: int) -> None:
         self.run_duration.labels(agent, status).observe(duration_s)
+
+    def run_usage(self, agent: str, usage: Usage) -> None:
+        model = usage.model or ""
+        self.tokens.labels(model, agent, "input").inc(usage.input_tokens)
+        self.tokens.labels(model, agent, "output").inc(usage.output_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

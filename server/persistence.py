@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Final
+from typing import Any, Final
 
 from agents.base import Message
 from agents.lifecycle import RunStatus
@@ -258,6 +258,7 @@ class Persistence:
             run.updated_at,
             run.last_seq,
             self.node,
+            _usage_of(run),
         )
         first = run.status == RunStatus.QUEUED
         done = self._submit(
@@ -267,3 +268,8 @@ class Persistence:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.timeout_s):
                     await asyncio.shield(done)
+
+
+def _usage_of(run: RunRecord) -> dict[str, Any] | None:
+    usage = run.extra.get("usage")
+    return dict(usage) if isinstance(usage, dict) else None
