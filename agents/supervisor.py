@@ -22,6 +22,7 @@ from agents.errors import AgentError
 from agents.lifecycle import Action, Lifecycle, RunStatus
 from agents.recorder import MemoryRecorder, Recorder
 from agents.tools import ToolRegistry
+from bridge import logctx
 from bridge.bridge import EventAdapter, RunBridge
 from bridge.broker import Broker, RunRecord
 from bridge.errors import BridgeError, RunClosed, RunGone
@@ -248,6 +249,7 @@ class RunHandle:
         self._supervisor.observer.run_started(self.agent.name, time.perf_counter() - self.created)
 
     async def drive(self) -> None:
+        logctx.bind_run(self.run_id, self.record.thread_id)  # for the run task's log lines
         self._started = True
         started = self.created
         status = RunStatus.COMPLETED

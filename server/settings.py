@@ -127,6 +127,9 @@ class Settings:
         None, "when set, /metrics needs 'Authorization: Bearer <this token>'", repr=False
     )
     log_level: str = _opt("info", "debug, info, warning or error")
+    log_format: str = _opt(
+        "text", "text, or json: one JSON object per line with the run, thread and session ids"
+    )
 
     @property
     def dev_mode(self) -> bool:
@@ -168,6 +171,8 @@ class Settings:
             raise ValueError(
                 f"{ENV_PREFIX}ENTRY_POINTS must be on or off, got {self.entry_points!r}"
             )
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"CHAT_LOG_FORMAT must be text or json, not {self.log_format!r}")
         if self.metrics not in ("on", "off"):
             raise ValueError(f"{ENV_PREFIX}METRICS must be on or off, got {self.metrics!r}")
         if self.load_agent not in ("on", "off"):
