@@ -84,6 +84,8 @@ class Persistence:
         self.failures = 0
         #: Told of a run one of whose writes the store refused (the gateway cancels it).
         self.on_refused: Callable[[RunRecord], None] | None = None
+        #: Told how long each committed transaction of the writer took, in seconds.
+        self.observe_write: Callable[[float], None] | None = None
         self._queue: asyncio.Queue[_Write] | None = None
         self._writer: asyncio.Task[None] | None = None
 
@@ -159,6 +161,7 @@ class Persistence:
 
     async def _write(self, batch: list[_Write]) -> list[Outcome] | None:
         """Commit the batch in one transaction: each write's outcome, or None if it failed."""
+        began = time.perf_counter()
         try:
             async with asyncio.timeout(self.timeout_s):
                 counts = await self.store.write([step for w in batch for step in w.steps])
@@ -166,6 +169,8 @@ class Persistence:
             if len(batch) == 1:  # a batch's failure is counted write by write
                 self._failed(batch[0].what, repr(exc))
             return None
+        if self.observe_write is not None:
+            self.observe_write(time.perf_counter() - began)
         outcomes: list[Outcome] = []
         at = 0
         for write in batch:

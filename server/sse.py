@@ -166,6 +166,7 @@ class SseStream(Response):
             await writer
         if box.close_code == CLOSE_SLOW:
             self.gateway.counters.slow_consumer_closes += 1
+            self.gateway.counters.slow_consumer_by["sse"] += 1
         last = frame("error", {"code": box.error_code, "message": box.close_reason})
         if self._tail is not None:
             last += self._tail(None)

@@ -94,6 +94,7 @@ async def websocket_endpoint(gateway: Gateway, websocket: WebSocket, send: Send)
         if session.aborted.is_set():
             if session.close_code == CLOSE_SLOW:
                 gateway.counters.slow_consumer_closes += 1
+                gateway.counters.slow_consumer_by["ws"] += 1
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await writer
