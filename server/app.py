@@ -16,7 +16,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from server import routes
+from server import admin, routes
 from server.auth import Authenticator
 from server.gateway import Gateway
 from server.settings import Settings
@@ -80,6 +80,7 @@ def create_app(settings: Settings | None = None, *, dev_secret: str | None = Non
         Route("/api/threads", routes.list_threads, methods=["GET"]),
         Route("/api/threads/{thread_id}/messages", routes.thread_messages, methods=["GET"]),
         Route("/api/threads/{thread_id}", routes.delete_thread, methods=["DELETE"]),
+        *admin.routes(),
         Route(
             "/api/{rest:path}",
             routes.api_not_found,

@@ -127,6 +127,9 @@ class Settings:
         None, "when set, /metrics needs 'Authorization: Bearer <this token>'", repr=False
     )
     log_level: str = _opt("info", "debug, info, warning or error")
+    admin_claim: str | None = _opt(
+        None, "claim=value that makes a token an operator (/admin); unset: no operators"
+    )
     log_format: str = _opt(
         "text", "text, or json: one JSON object per line with the run, thread and session ids"
     )
@@ -171,6 +174,8 @@ class Settings:
             raise ValueError(
                 f"{ENV_PREFIX}ENTRY_POINTS must be on or off, got {self.entry_points!r}"
             )
+        if self.admin_claim is not None and "=" not in self.admin_claim.strip("="):
+            raise ValueError(f"{ENV_PREFIX}ADMIN_CLAIM must be claim=value, e.g. role=operator")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"CHAT_LOG_FORMAT must be text or json, not {self.log_format!r}")
         if self.metrics not in ("on", "off"):
