@@ -132,3 +132,30 @@ async def test_lease_renewals_are_counted_with_redis(redis_url: str) -> None:
         got = await scrape(srv)
     for name in ("lease_renewal_failures", "fence_refusals", "fenced", "nodes_reaped"):
         assert got[(f"chat_redis_{name}_total", ())] == 0, name
+
+
+async def test_a_fenced_process_counts_the_refusal_and_its_rejoin(redis_url: str) -> None:
+    import redis.asyncio as aioredis
+
+    r = aioredis.from_url(redis_url)
+    try:
+        before = {n.decode() for n in await r.smembers("chat:nodes")}
+        with run_server(broker_url=redis_url, run_lease_s=0.3) as srv:
+
+            async def joined() -> bool:
+                return bool({n.decode() for n in await r.smembers("chat:nodes")} - before)
+
+            await wait_for(joined, timeout=10)
+            (node,) = {n.decode() for n in await r.smembers("chat:nodes")} - before
+            # As a reaper does: the fence marker, which its next renewal finds.
+            await r.set(f"chat:fenced:{node}", "1", ex=30)
+
+            async def rejoined() -> bool:
+                return (await scrape(srv))[("chat_redis_fenced_total", ())] == 1
+
+            await wait_for(rejoined, timeout=10)
+            got = await scrape(srv)
+            assert got[("chat_redis_fence_refusals_total", ())] >= 1
+            assert f"{node}~2".encode() in await r.smembers("chat:nodes")
+    finally:
+        await r.aclose()
