@@ -297,6 +297,7 @@ class Gateway:
             if record.owner != user.user_id:
                 raise RunNotFound(f"no run {run_id}")
             public = record.public()
+            public["usage"] = None
             if record.ended:
                 # The tokens a run used are in its stored record once it has ended.
                 try:
@@ -309,7 +310,6 @@ class Gateway:
         if row is None or row.owner != user.user_id:
             raise RunNotFound(f"no run {run_id}")
         return {
-            "usage": row.usage,
             "run_id": row.id,
             "thread_id": row.thread_id,
             "agent": row.agent,
@@ -318,6 +318,7 @@ class Gateway:
             "created_at": row.created_at,
             "updated_at": row.updated_at,
             "error_code": row.error_code,
+            "usage": row.usage,
         }
 
     # Threads ------------------------------------------------------------------

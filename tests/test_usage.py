@@ -180,3 +180,23 @@ def test_parse_usage() -> None:
     )
     named = {"model": "served", "usage": {"prompt_tokens": 1, "completion_tokens": -2}}
     assert parse_usage(named, "m") == Usage(1, 0, 1, "served")
+
+
+async def test_the_status_route_shows_the_usage_once_the_broker_forgot_the_run(
+    user: str,
+) -> None:
+    with (
+        ag.agent_server() as base,
+        run_server(agents=(f"counted={base}/raw/usage",), resume_window_s=0.2) as server,
+    ):
+        async with ws_client(server, user) as client:
+            events = await client.run("count", agent="counted")
+            run_id = events[1]["run_id"]
+            await asyncio.sleep(0.5)  # past the resume window: only the database has it
+            await client.send(type="resume", run_id=run_id, after_seq=0)
+            assert (await client.recv())["data"]["code"] == "not_found"
+        async with httpx.AsyncClient(base_url=server.http, headers=server.headers(user)) as http:
+            body = (await http.get(f"/api/chat/agents/{run_id}/status")).json()
+    assert body["status"] == "completed"
+    assert body["usage"] == events[-1]["data"]["usage"]
+    assert body["usage"]["total_tokens"] == 22
