@@ -75,6 +75,8 @@ class LLMConfig:
     system_prompt: str | None = None
     timeout_s: float = 60.0
     retry_backoff_s: float = 0.5
+    #: Ask the server for the tokens used (``stream_options.include_usage``).
+    include_usage: bool = True
 
     def __post_init__(self) -> None:
         if not self.base_url or not self.model:
@@ -687,11 +689,12 @@ class LLMAgent:
         status: TurnStatus,
     ) -> None:
         extra: dict[str, Any] = {"tools": tools} if tools else {}
+        if self.config.include_usage:
+            extra["stream_options"] = {"include_usage": True}
         stream = await client.chat.completions.create(
             model=self.config.model,
             messages=cast(Any, messages),
             stream=True,
-            stream_options={"include_usage": True},
             **extra,
         )
         try:

@@ -88,6 +88,9 @@ class Settings:
         None, "API key for the llm endpoint (local servers need none)", repr=False
     )
     llm_model: str | None = _opt(None, "model name the llm endpoint serves")
+    llm_usage: str = _opt(
+        "on", "ask the llm endpoint for token usage (stream_options.include_usage): on or off"
+    )
     llm_max_steps: int = _opt(6, "model requests per run of the llm agent (tool-calling turns)")
     llm_retries: int = _opt(2, "retries of a failed llm request before its first token")
     llm_max_history: int = _opt(20, "earlier messages of the thread sent to the model")
@@ -176,6 +179,8 @@ class Settings:
             )
         if self.admin_claim is not None and "=" not in self.admin_claim.strip("="):
             raise ValueError(f"{ENV_PREFIX}ADMIN_CLAIM must be claim=value, e.g. role=operator")
+        if self.llm_usage not in ("on", "off"):
+            raise ValueError(f"{ENV_PREFIX}LLM_USAGE must be on or off, got {self.llm_usage!r}")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"CHAT_LOG_FORMAT must be text or json, not {self.log_format!r}")
         if self.metrics not in ("on", "off"):

@@ -200,3 +200,17 @@ async def test_the_status_route_shows_the_usage_once_the_broker_forgot_the_run(
     assert body["status"] == "completed"
     assert body["usage"] == events[-1]["data"]["usage"]
     assert body["usage"]["total_tokens"] == 22
+
+
+async def test_usage_can_be_left_unasked(user: str) -> None:
+    with (
+        run_stub() as stub,
+        run_server(llm_base_url=stub.url, llm_model=oa.MODEL, llm_usage="off") as server,
+    ):
+        stub.queue(oa.stream(oa.content("Hi.")))
+        async with ws_client(server, user) as client:
+            events = await client.run("hi", agent="llm")
+    (request,) = stub.requests
+    assert "stream_options" not in request.body and request.usage is None
+    assert events[-1]["data"]["status"] == "completed"
+    assert "usage" not in events[-1]["data"]
