@@ -61,7 +61,9 @@ class JsonFormatter(logging.Formatter):
 
 def secrets_of(settings: Settings) -> list[str]:
     """What must never be written: the settings' secrets."""
-    values = (settings.jwt_secret, settings.metrics_token, settings.llm_api_key)
+    values = [settings.jwt_secret, settings.metrics_token, settings.llm_api_key]
+    # The values of the headers sent to AG-UI agents (``agent.Header-Name=value``).
+    values += [spec.partition("=")[2] for spec in settings.agent_headers]
     return [v for v in values if v]
 
 

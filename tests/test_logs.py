@@ -15,7 +15,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from bridge import logctx
-from server.logs import JsonFormatter
+from server.logs import JsonFormatter, secrets_of
+from server.settings import Settings
 from tests.support import SECRET, free_port, spawn_server, ws_client
 
 API_KEY = "sk-logtest-0123456789abcdef"
@@ -100,3 +101,13 @@ def test_the_formatter_redacts_tokens_and_secrets_and_keeps_the_ids() -> None:
         "bearer.[redacted] said x with [redacted] at /ws?access_token=[redacted]&y=1"
     )
     assert line["run_id"] == "r_1" and line["thread_id"] is None and line["level"] == "warning"
+
+
+def test_the_secrets_of_the_settings() -> None:
+    settings = Settings(
+        jwt_secret=SECRET,
+        metrics_token="scrape-token-123",
+        llm_api_key=API_KEY,
+        agent_headers=("remote.Authorization=Bearer agent-secret-42",),
+    )
+    assert secrets_of(settings) == [SECRET, "scrape-token-123", API_KEY, "Bearer agent-secret-42"]
