@@ -58,7 +58,7 @@ from ag_ui.core import (
 )
 from pydantic import TypeAdapter, ValidationError
 
-from agents.base import RunContext
+from agents.base import RunContext, Usage
 from agents.errors import RemoteAgentError
 from agents.llm import ThoughtBuffer, status_line
 
@@ -214,6 +214,8 @@ class AGUIMapper:
         self.has_state = False
         self.outcome: Outcome | None = None
         self.interrupt = ""
+        #: The tokens the agent reported in ``RUN_FINISHED.usage``, not yet the run's.
+        self.usage: list[Usage] = []
         self._status = status
         self._shown = False  # this round showed a thinking line
 
@@ -313,6 +315,7 @@ class AGUIMapper:
             raise RemoteAgentError(f"the agent reported an error: {message}")
         elif kind is EventType.RUN_FINISHED:
             self._finish(out, field_.get("outcome"))
+            self.usage.extend(_usage(field_.get("usage")))
         # RUN_STARTED, STEP_FINISHED, MESSAGES_SNAPSHOT, REASONING_START and the rest:
         # nothing of the run's own (the gateway's thread is the history).
         return out
@@ -425,6 +428,17 @@ class AGUIMapper:
             self.outcome = "interrupt"
 
 
+def _usage(entries: Any) -> list[Usage]:
+    """``RUN_FINISHED.usage`` (one ``TokenUsage`` per provider and model) as the run's."""
+    out: list[Usage] = []
+    for entry in entries or ():
+        given = getattr(entry, "input_tokens", None), getattr(entry, "output_tokens", None)
+        inputs, outputs = (value or 0 for value in given)
+        total = getattr(entry, "total_tokens", None) or inputs + outputs
+        out.append(Usage(inputs, outputs, total, getattr(entry, "model", None) or None))
+    return out
+
+
 def _fields(event: BaseEvent) -> dict[str, Any]:
     """The event's fields by attribute name (values as they are, models included)."""
     return {name: getattr(event, name) for name in type(event).model_fields}
@@ -497,7 +511,13 @@ class AGUIAgent:
                 context=[],
                 forwarded_props={},
             )
-            await self._round(ctx, mapper, run_input, started)
+            try:
+                await self._round(ctx, mapper, run_input, started)
+            finally:
+                # What the agent reported is the run's, however the round ended.
+                for usage in mapper.usage:
+                    ctx.report_usage(usage)
+                mapper.usage.clear()
             if mapper.outcome == "cancelled":
                 log.info("run %s: the AG-UI agent %s cancelled its run", ctx.run_id, self.name)
                 raise asyncio.CancelledError

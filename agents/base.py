@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import re
 import time
@@ -31,6 +32,32 @@ class ToolOutcome:
     error: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Tokens a run's model requests used, as the model's server reported them."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    total_tokens: int = 0
+    model: str | None = None
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.input_tokens + other.input_tokens,
+            self.output_tokens + other.output_tokens,
+            self.total_tokens + other.total_tokens,
+            other.model or self.model,
+        )
+
+    def wire(self) -> dict[str, object]:
+        return {
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "total_tokens": self.total_tokens,
+            "model": self.model,
+        }
+
+
 @dataclass(slots=True)
 class RunContext:
     """Everything an agent gets for one run.  Every event goes out through ``emit``."""
@@ -44,6 +71,31 @@ class RunContext:
     history: Sequence[Message] = ()
     typing_delay_s: float = 0.0
     _call_ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+    #: The tokens reported so far (:meth:`report_usage`), by model.
+    _usage: dict[str, Usage] = field(default_factory=dict)
+
+    def report_usage(self, usage: Usage) -> None:
+        """Add a model request's tokens to the run's; ``agent_completed`` carries the sum."""
+        key = usage.model or ""
+        earlier = self._usage.get(key)
+        self._usage[key] = usage if earlier is None else earlier + usage
+
+    def usage_by_model(self) -> list[Usage]:
+        """The tokens reported, one entry per model (in the order first reported)."""
+        return list(self._usage.values())
+
+    @property
+    def usage(self) -> Usage | None:
+        """The run's tokens summed over its models (``model`` names them all, joined
+        with ``+``), or None if none were reported."""
+        entries = self.usage_by_model()
+        if not entries:
+            return None
+        total = Usage()
+        for entry in entries:
+            total = total + entry
+        models = [entry.model for entry in entries if entry.model]
+        return dataclasses.replace(total, model="+".join(models) or None)
 
     def new_call_id(self) -> str:
         """The next tool call id of this run (``call_1``, ``call_2``, …)."""

@@ -40,7 +40,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal, cast
 
-from agents.base import Message, RunContext, ToolOutcome
+from agents.base import Message, RunContext, ToolOutcome, Usage
 from agents.errors import LLMError
 
 if TYPE_CHECKING:
@@ -75,6 +75,8 @@ class LLMConfig:
     system_prompt: str | None = None
     timeout_s: float = 60.0
     retry_backoff_s: float = 0.5
+    #: Ask the server for the tokens used (``stream_options.include_usage``).
+    include_usage: bool = True
 
     def __post_init__(self) -> None:
         if not self.base_url or not self.model:
@@ -151,6 +153,23 @@ def parse_chunk(chunk: Mapping[str, Any]) -> Delta:
         tool_calls=tuple(calls),
         finish_reason=finish if isinstance(finish, str) else None,
     )
+
+
+def _count(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def parse_usage(chunk: Mapping[str, Any], model: str) -> Usage | None:
+    """The usage a chunk reports (the last one, when ``stream_options.include_usage``
+    asked for it), or None.  The model is the one the server names, else ``model``."""
+    usage = chunk.get("usage")
+    if not isinstance(usage, Mapping):
+        return None
+    prompt = _count(usage.get("prompt_tokens"))
+    completion = _count(usage.get("completion_tokens"))
+    total = _count(usage.get("total_tokens")) or prompt + completion
+    named = chunk.get("model")
+    return Usage(prompt, completion, total, named if isinstance(named, str) and named else model)
 
 
 @dataclass(frozen=True, slots=True)
@@ -670,6 +689,8 @@ class LLMAgent:
         status: TurnStatus,
     ) -> None:
         extra: dict[str, Any] = {"tools": tools} if tools else {}
+        if self.config.include_usage:
+            extra["stream_options"] = {"include_usage": True}
         stream = await client.chat.completions.create(
             model=self.config.model,
             messages=cast(Any, messages),
@@ -678,7 +699,11 @@ class LLMAgent:
         )
         try:
             async for chunk in stream:
-                await status.emit(ctx, turn.feed(parse_chunk(chunk.to_dict())), turn)
+                data = chunk.to_dict()
+                usage = parse_usage(data, self.config.model)
+                if usage is not None:
+                    ctx.report_usage(usage)
+                await status.emit(ctx, turn.feed(parse_chunk(data)), turn)
         finally:
             # On cancel too: closing the response closes the connection, and the
             # server stops generating.

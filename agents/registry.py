@@ -65,6 +65,7 @@ def llm_agent(settings: Settings) -> LLMAgent | None:
             system_prompt=settings.llm_system_prompt,
             timeout_s=settings.llm_timeout_s,
             retry_backoff_s=settings.llm_retry_backoff_s,
+            include_usage=settings.llm_usage == "on",
         )
     )
 

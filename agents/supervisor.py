@@ -17,11 +17,12 @@ import time
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-from agents.base import Agent, AgentRegistry, RunContext
+from agents.base import Agent, AgentRegistry, RunContext, Usage
 from agents.errors import AgentError
 from agents.lifecycle import Action, Lifecycle, RunStatus
 from agents.recorder import MemoryRecorder, Recorder
 from agents.tools import ToolRegistry
+from bridge import logctx
 from bridge.bridge import EventAdapter, RunBridge
 from bridge.broker import Broker, RunRecord
 from bridge.errors import BridgeError, RunClosed, RunGone
@@ -49,12 +50,19 @@ class RunObserver(Protocol):
 
     def run_finished(self, agent: str, status: str, duration_s: float, events: int) -> None: ...
 
+    def run_usage(self, agent: str, usage: Usage) -> None:
+        """The tokens a run used with one model, once, as its ``agent_completed`` goes out."""
+        ...
+
 
 class _NoObserver:
     def run_started(self, agent: str, wait_s: float) -> None:
         return None
 
     def run_finished(self, agent: str, status: str, duration_s: float, events: int) -> None:
+        return None
+
+    def run_usage(self, agent: str, usage: Usage) -> None:
         return None
 
 
@@ -241,6 +249,7 @@ class RunHandle:
         self._supervisor.observer.run_started(self.agent.name, time.perf_counter() - self.created)
 
     async def drive(self) -> None:
+        logctx.bind_run(self.run_id, self.record.thread_id)  # for the run task's log lines
         self._started = True
         started = self.created
         status = RunStatus.COMPLETED
@@ -375,6 +384,9 @@ class RunHandle:
         }
         if error is not None and status is not RunStatus.COMPLETED:
             data["error"] = error.wire()
+        usage = self._usage()
+        if usage is not None:
+            data["usage"] = usage
         await bridge.emit("agent_completed", data, gated=False)
         await self._record_end(status, error.code if error is not None else None)
 
@@ -425,16 +437,16 @@ class RunHandle:
         except Exception:
             log.exception("run %s: its ending could not be completed", self.run_id)
         bridge.open_calls.clear()  # whatever was not answered, agent_completed must go out
+        data: dict[str, object] = {
+            "status": str(status),
+            "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+            "error": error.wire(),
+        }
+        usage = self._usage()
+        if usage is not None:
+            data["usage"] = usage
         try:
-            await bridge.emit(
-                "agent_completed",
-                {
-                    "status": str(status),
-                    "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-                    "error": error.wire(),
-                },
-                gated=False,
-            )
+            await bridge.emit("agent_completed", data, gated=False)
         except Exception:
             # The broker itself is gone: its own recovery (a lease, a restart) ends the
             # run for its clients.
@@ -458,6 +470,19 @@ class RunHandle:
             await self._supervisor.recorder.run_changed(dataclasses.replace(record))
         except Exception:
             log.exception("run %s: its end could not be recorded", self.run_id)
+
+    def _usage(self) -> dict[str, object] | None:
+        """The run's tokens for ``agent_completed`` and its stored record, told to the
+        observer the first time."""
+        usage = self.ctx.usage
+        if usage is None:
+            return None
+        wire = usage.wire()
+        if "usage" not in self.record.extra:
+            self.record.extra["usage"] = wire
+            for entry in self.ctx.usage_by_model():
+                self._supervisor.observer.run_usage(self.agent.name, entry)
+        return wire
 
     def _call_started(self, call_id: str, default: float) -> float:
         return self.bridge.call_started.get(call_id, default)

@@ -101,6 +101,14 @@ class InMemoryBroker:
         slot = self._runs.get(run_id)
         return None if slot is None else dataclasses.replace(slot.record)
 
+    def live_runs(self) -> list[tuple[RunRecord, int]]:
+        """Every run not ended, with its number of watchers (the operator's view)."""
+        return [
+            (dataclasses.replace(slot.record), len(slot.watchers))
+            for slot in self._runs.values()
+            if not slot.record.ended
+        ]
+
     async def set_status(self, run_id: str, status: str, error_code: str | None = None) -> None:
         slot = self._slot(run_id)
         record = slot.record

@@ -197,6 +197,19 @@ class RedisBroker:
         #: being reaped (its lease epoch is the name's suffix).
         self.node = self._base_node
         self.epoch = 1
+        #: Counts for the metrics: lease renewals (and failed ones), writes or renewals
+        #: the fence refused, times this process was found reaped while alive, and
+        #: other processes this one reaped.
+        self.stats: dict[str, int] = dict.fromkeys(
+            (
+                "lease_renewals",
+                "lease_renewal_failures",
+                "fence_refusals",
+                "fenced",
+                "nodes_reaped",
+            ),
+            0,
+        )
         self.p = prefix
         # redis-py's asyncio typing does not follow its decoded replies: kept as Any.
         self._r: Any = None
@@ -808,8 +821,10 @@ class RedisBroker:
                 self.reachable = True
             except (RedisError, OSError) as exc:
                 self.reachable = False
+                self.stats["lease_renewal_failures"] += 1
                 log.warning("renewing the lease failed: %r", exc)
                 continue
+            self.stats["lease_renewals"] += 1
             if not renewed:
                 log.error("process %s was reaped while alive (its lease lapsed)", self.node)
                 self._fenced_out()
@@ -830,6 +845,7 @@ class RedisBroker:
 
     def _fenced_out(self) -> None:
         """This process was (or may have been) reaped: check, and join again if so."""
+        self.stats["fence_refusals"] += 1
         if self._rejoining is None or self._rejoining.done():
             task = asyncio.get_running_loop().create_task(self._rejoin(), name="redis rejoin")
             self._rejoining = task
@@ -844,6 +860,7 @@ class RedisBroker:
             except (RedisError, OSError) as exc:
                 log.warning("checking this process's fence failed: %r", exc)
                 await asyncio.sleep(0.5)
+        self.stats["fenced"] += 1
         for owned in list(self._owned.values()):
             self._lose(owned)
             # Normally the reaper's; written here if no reaper did yet (written once).
@@ -925,6 +942,7 @@ class RedisBroker:
             )
             pipe.srem(self.k("nodes"), node)
             await pipe.execute()
+            self.stats["nodes_reaped"] += 1
             log.warning("process %s lost its lease; %d of its runs failed", node, len(runs))
         return reaped
 

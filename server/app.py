@@ -16,7 +16,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from server import agui_stream, aisdk_stream, routes
+from server import admin, agui_stream, aisdk_stream, routes
 from server.auth import Authenticator
 from server.gateway import Gateway
 from server.settings import Settings
@@ -84,6 +84,7 @@ def create_app(settings: Settings | None = None, *, dev_secret: str | None = Non
         Route("/api/ag-ui/{agent}", agui_stream.run_agent, methods=["POST"]),
         Route("/api/ai-sdk/chat", aisdk_stream.chat, methods=["POST"]),
         Route("/api/ai-sdk/chat/{id}/stream", aisdk_stream.resume, methods=["GET"]),
+        *admin.routes(),
         Route(
             "/api/{rest:path}",
             routes.api_not_found,

@@ -19,6 +19,7 @@ from typing import Any
 
 from server.app import create_app
 from server.auth import Authenticator, new_dev_secret, redact_query_tokens
+from server.logs import use_json
 from server.serve import GatewayServer, uvicorn_config
 from server.settings import ENV_PREFIX, Settings, parse_value
 from server.workers import run_workers
@@ -104,11 +105,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--workers > 1 needs a shared broker: set CHAT_BROKER_URL=redis://host:port/0 "
             "(with the in-memory broker each worker would see only its own runs)"
         )
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    for name in ("uvicorn.access", "uvicorn.error"):  # both log the request's path
-        logging.getLogger(name).addFilter(RedactTokens())
+    if settings.log_format == "json":
+        use_json(settings)
+    else:
+        logging.basicConfig(
+            level=settings.log_level.upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        for name in ("uvicorn.access", "uvicorn.error"):  # both log the request's path
+            logging.getLogger(name).addFilter(RedactTokens())
     dev_secret = None
     if settings.dev_mode:
         dev_secret = new_dev_secret()
@@ -139,6 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         forget_dev_secret()
         parser.error(str(exc))
     config = uvicorn_config(app, settings, args.host, args.port)
+    if settings.log_format == "json":
+        use_json(settings)  # uvicorn's config set up its own handlers
     try:
         GatewayServer(config, after_shutdown=forget_dev_secret).run()
     finally:

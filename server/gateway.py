@@ -21,7 +21,7 @@ from typing import Protocol
 from agents.registry import build_agents, build_tools, llm_agent
 from agents.supervisor import RunError, Supervisor, SupervisorConfig
 from bridge.broker import Broker, RunRecord, Wake, Watch
-from bridge.errors import RunNotFound
+from bridge.errors import ResumeUnavailable, RunNotFound
 from bridge.memory import InMemoryBroker
 from bridge.redis import RedisBroker
 from server.auth import Authenticator, Principal
@@ -70,6 +70,12 @@ class Counters:
     slow_consumer_closes: int = 0
     auth_failures: int = 0
     events_delivered: int = 0
+    #: Slow-consumer closes by transport (``ws``, ``sse``).
+    slow_consumer_by: dict[str, int] = field(default_factory=lambda: {"ws": 0, "sse": 0})
+    #: Resumes (a watch after a seq) that replayed the run, and those answered
+    #: ``resume_unavailable``.
+    resumes_recovered: int = 0
+    resumes_unavailable: int = 0
 
 
 class LocalSession(Protocol):
@@ -290,7 +296,16 @@ class Gateway:
         if record is not None:
             if record.owner != user.user_id:
                 raise RunNotFound(f"no run {run_id}")
-            return record.public()
+            public = record.public()
+            public["usage"] = None
+            if record.ended:
+                # The tokens a run used are in its stored record once it has ended.
+                try:
+                    stored = await self.store.get_run(run_id)
+                except Exception:
+                    stored = None  # the store is out: the status without the tokens
+                public["usage"] = stored.usage if stored is not None else None
+            return public
         row = await self.store.get_run(run_id)
         if row is None or row.owner != user.user_id:
             raise RunNotFound(f"no run {run_id}")
@@ -303,6 +318,7 @@ class Gateway:
             "created_at": row.created_at,
             "updated_at": row.updated_at,
             "error_code": row.error_code,
+            "usage": row.usage,
         }
 
     # Threads ------------------------------------------------------------------
@@ -347,9 +363,18 @@ class Gateway:
         await self.find_run(user, run_id)
         return await self.broker.command(run_id, action)
 
-    async def watch(self, user: Principal, run_id: str, after_seq: int, wake: Wake) -> Watch:
+    async def watch(
+        self, user: Principal, run_id: str, after_seq: int, wake: Wake, *, resume: bool = False
+    ) -> Watch:
+        """Watch a run's events after ``after_seq``; a ``resume`` (of a run the client
+        watched before) is counted, recovered or ``resume_unavailable``."""
         await self.find_run(user, run_id)
         try:
-            return await self.broker.watch(run_id, after_seq, wake)
+            watch = await self.broker.watch(run_id, after_seq, wake)
         except ValueError as exc:
             raise ProtocolError("bad_message", str(exc)) from None
+        except ResumeUnavailable:
+            self.counters.resumes_unavailable += resume
+            raise
+        self.counters.resumes_recovered += resume
+        return watch

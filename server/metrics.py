@@ -10,11 +10,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from bridge.redis import RedisBroker
+
 if TYPE_CHECKING:
+    from agents.base import Usage
     from server.gateway import Gateway
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -40,8 +43,22 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.store_write = Histogram(
+            "chat_store_write_seconds",
+            "Time of each transaction the persistence writer committed",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "chat_llm_tokens",
+            "Tokens the runs' model requests used, as their servers reported them",
+            ["model", "agent", "kind"],
+            registry=self.registry,
+        )
+
     def bind(self, gateway: Gateway) -> None:
         self.registry.register(_GatewayCollector(gateway))
+        gateway.persistence.observe_write = self.store_write.observe
 
     # RunObserver ------------------------------------------------------------------
 
@@ -50,6 +67,11 @@ class Metrics:
 
     def run_finished(self, agent: str, status: str, duration_s: float, events: int) -> None:
         self.run_duration.labels(agent, status).observe(duration_s)
+
+    def run_usage(self, agent: str, usage: Usage) -> None:
+        model = usage.model or ""
+        self.tokens.labels(model, agent, "input").inc(usage.input_tokens)
+        self.tokens.labels(model, agent, "output").inc(usage.output_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -94,6 +116,43 @@ class _GatewayCollector(Collector):
             "Connections closed with 4408",
             value=counters.slow_consumer_closes,
         )
+        by_transport = CounterMetricFamily(
+            "chat_slow_consumer_closes_by_transport",
+            "Connections closed with 4408 (WebSocket) or cut as slow (SSE), by transport",
+            labels=["transport"],
+        )
+        for transport, count in sorted(counters.slow_consumer_by.items()):
+            by_transport.add_metric([transport], count)
+        yield by_transport
+        resumes = CounterMetricFamily(
+            "chat_resumes",
+            "Resumes (a watch after a seq, WebSocket or SSE): recovered, or resume_unavailable",
+            labels=["outcome"],
+        )
+        resumes.add_metric(["recovered"], counters.resumes_recovered)
+        resumes.add_metric(["unavailable"], counters.resumes_unavailable)
+        yield resumes
+        lag = GaugeMetricFamily(
+            "chat_outbound_lag_bytes",
+            "Bytes published to watched runs not sent yet, by transport: the sum and the most "
+            "one client holds",
+            labels=["transport", "of"],
+        )
+        for transport in ("ws", "sse"):
+            held = [s.buffered_bytes() for s in gw.sessions() if s.transport == transport]
+            lag.add_metric([transport, "sum"], sum(held))
+            lag.add_metric([transport, "max"], max(held, default=0))
+        yield lag
+        if isinstance(gw.broker, RedisBroker):
+            stats = gw.broker.stats
+            for name, help_ in (
+                ("lease_renewals", "This process's lease renewals in Redis"),
+                ("lease_renewal_failures", "Lease renewals that could not reach Redis"),
+                ("fence_refusals", "Writes or renewals of this process the fence refused"),
+                ("fenced", "Times this process was found reaped while alive, and joined again"),
+                ("nodes_reaped", "Processes whose lease lapsed that this process reaped"),
+            ):
+                yield CounterMetricFamily(f"chat_redis_{name}", help_, value=stats[name])
         yield CounterMetricFamily(
             "chat_auth_failures",
             "Requests and sockets refused for their token",

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Final
+from typing import Any, Final
 
 from agents.base import Message
 from agents.lifecycle import RunStatus
@@ -84,6 +84,8 @@ class Persistence:
         self.failures = 0
         #: Told of a run one of whose writes the store refused (the gateway cancels it).
         self.on_refused: Callable[[RunRecord], None] | None = None
+        #: Told how long each committed transaction of the writer took, in seconds.
+        self.observe_write: Callable[[float], None] | None = None
         self._queue: asyncio.Queue[_Write] | None = None
         self._writer: asyncio.Task[None] | None = None
 
@@ -159,6 +161,7 @@ class Persistence:
 
     async def _write(self, batch: list[_Write]) -> list[Outcome] | None:
         """Commit the batch in one transaction: each write's outcome, or None if it failed."""
+        began = time.perf_counter()
         try:
             async with asyncio.timeout(self.timeout_s):
                 counts = await self.store.write([step for w in batch for step in w.steps])
@@ -166,6 +169,8 @@ class Persistence:
             if len(batch) == 1:  # a batch's failure is counted write by write
                 self._failed(batch[0].what, repr(exc))
             return None
+        if self.observe_write is not None:
+            self.observe_write(time.perf_counter() - began)
         outcomes: list[Outcome] = []
         at = 0
         for write in batch:
@@ -258,6 +263,7 @@ class Persistence:
             run.updated_at,
             run.last_seq,
             self.node,
+            _usage_of(run),
         )
         first = run.status == RunStatus.QUEUED
         done = self._submit(
@@ -267,3 +273,8 @@ class Persistence:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.timeout_s):
                     await asyncio.shield(done)
+
+
+def _usage_of(run: RunRecord) -> dict[str, Any] | None:
+    usage = run.extra.get("usage")
+    return dict(usage) if isinstance(usage, dict) else None

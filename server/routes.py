@@ -159,7 +159,7 @@ async def run_events(request: Request) -> Response:
     after = _after_seq(request)
     stream = await sse.open_stream(gateway, user)
     try:
-        stream.attach(await gateway.watch(user, run_id, after, stream.wake))
+        stream.attach(await gateway.watch(user, run_id, after, stream.wake, resume=True))
     except BaseException:
         await gateway.remove_session(stream)
         raise

@@ -226,12 +226,20 @@ class Session:
             before=lambda: self.enqueue(
                 events.ack(ref, "resume", command.run_id, record.status, last_seq=record.last_seq)
             ),
+            resume=True,
         )
 
     async def _watch(
-        self, run_id: str, after_seq: int, before: Callable[[], None] | None = None
+        self,
+        run_id: str,
+        after_seq: int,
+        before: Callable[[], None] | None = None,
+        *,
+        resume: bool = False,
     ) -> None:
-        watch = await self.gateway.watch(self.user, run_id, after_seq, self._wake.set)
+        watch = await self.gateway.watch(
+            self.user, run_id, after_seq, self._wake.set, resume=resume
+        )
         if before is not None:
             before()
         # A resume's replay backlog is allowed on top of the send buffer: the

@@ -91,6 +91,9 @@ class Settings:
         None, "API key for the llm endpoint (local servers need none)", repr=False
     )
     llm_model: str | None = _opt(None, "model name the llm endpoint serves")
+    llm_usage: str = _opt(
+        "on", "ask the llm endpoint for token usage (stream_options.include_usage): on or off"
+    )
     llm_max_steps: int = _opt(6, "model requests per run of the llm agent (tool-calling turns)")
     llm_retries: int = _opt(2, "retries of a failed llm request before its first token")
     llm_max_history: int = _opt(20, "earlier messages of the thread sent to the model")
@@ -133,6 +136,12 @@ class Settings:
         None, "when set, /metrics needs 'Authorization: Bearer <this token>'", repr=False
     )
     log_level: str = _opt("info", "debug, info, warning or error")
+    admin_claim: str | None = _opt(
+        None, "claim=value that makes a token an operator (/admin); unset: no operators"
+    )
+    log_format: str = _opt(
+        "text", "text, or json: one JSON object per line with the run, thread and session ids"
+    )
 
     @property
     def dev_mode(self) -> bool:
@@ -174,6 +183,12 @@ class Settings:
             raise ValueError(
                 f"{ENV_PREFIX}ENTRY_POINTS must be on or off, got {self.entry_points!r}"
             )
+        if self.admin_claim is not None and "=" not in self.admin_claim.strip("="):
+            raise ValueError(f"{ENV_PREFIX}ADMIN_CLAIM must be claim=value, e.g. role=operator")
+        if self.llm_usage not in ("on", "off"):
+            raise ValueError(f"{ENV_PREFIX}LLM_USAGE must be on or off, got {self.llm_usage!r}")
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"CHAT_LOG_FORMAT must be text or json, not {self.log_format!r}")
         if self.metrics not in ("on", "off"):
             raise ValueError(f"{ENV_PREFIX}METRICS must be on or off, got {self.metrics!r}")
         if self.load_agent not in ("on", "off"):

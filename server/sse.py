@@ -170,6 +170,7 @@ class SseStream(Response):
             await writer
         if box.close_code == CLOSE_SLOW:
             self.gateway.counters.slow_consumer_closes += 1
+            self.gateway.counters.slow_consumer_by["sse"] += 1
         last = self.framer(events.error(box.error_code or "internal", box.close_reason))
         if self._tail is not None:
             last += self._tail(None)

@@ -30,16 +30,23 @@ def _worker(
 ) -> None:
     from server.app import create_app
     from server.cli import RedactTokens
+    from server.logs import use_json
     from server.serve import GatewayServer, uvicorn_config
 
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
-    )
-    for name in ("uvicorn.access", "uvicorn.error"):  # both log the request's path
-        logging.getLogger(name).addFilter(RedactTokens())
+    if settings.log_format == "json":
+        use_json(settings)
+    else:
+        logging.basicConfig(
+            level=settings.log_level.upper(),
+            format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
+        )
+        for name in ("uvicorn.access", "uvicorn.error"):  # both log the request's path
+            logging.getLogger(name).addFilter(RedactTokens())
     app = create_app(settings, dev_secret=secret)
-    GatewayServer(uvicorn_config(app, settings, host, port)).run(sockets=[sock])
+    config = uvicorn_config(app, settings, host, port)
+    if settings.log_format == "json":
+        use_json(settings)  # uvicorn's config set up its own handlers
+    GatewayServer(config).run(sockets=[sock])
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -21,7 +21,7 @@ from starlette.types import Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from agents.supervisor import new_id
-from bridge import events
+from bridge import events, logctx
 from bridge.errors import BrokerUnavailable
 from server.auth import token_for_websocket
 from server.errors import AuthError
@@ -76,6 +76,7 @@ async def websocket_endpoint(gateway: Gateway, websocket: WebSocket, send: Send)
     # The token's expiry on the loop's clock, which the outbox is given.
     expires_at = loop.time() + user.expires_at + gateway.auth.leeway_s - time.time()
     session = Session(gateway, user, new_id("s_"), send, close, expires_at=expires_at)
+    logctx.SESSION_ID.set(session.id)  # for its log lines, and those of the runs it starts
     try:
         added = await gateway.add_session(session)
     except BrokerUnavailable:
@@ -103,6 +104,7 @@ async def websocket_endpoint(gateway: Gateway, websocket: WebSocket, send: Send)
         if session.aborted.is_set():
             if session.close_code == CLOSE_SLOW:
                 gateway.counters.slow_consumer_closes += 1
+                gateway.counters.slow_consumer_by["ws"] += 1
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await writer

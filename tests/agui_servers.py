@@ -316,6 +316,19 @@ async def _raw(request: Request) -> Response:
                 *_sse({"type": "TEXT_MESSAGE_END", "messageId": "m2"}, FINISHED),
             ]
         )
+    if kind == "usage":
+        # Usage as AG-UI reports it: one entry per provider and model, in camelCase.
+        usage = [
+            {"provider": "openai", "model": "gpt-x", "inputTokens": 12, "outputTokens": 5},
+            {"model": "small-y", "inputTokens": 3, "outputTokens": 2, "totalTokens": 5},
+        ]
+        return _stream(
+            _sse(
+                STARTED,
+                {"type": "TEXT_MESSAGE_CHUNK", "messageId": "m1", "delta": "Counted."},
+                {**FINISHED, "usage": usage},
+            )
+        )
     return Response("no such endpoint", status_code=404)
 
 

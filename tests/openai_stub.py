@@ -77,6 +77,21 @@ class Reply:
     #: The JSON body of an error reply.
     body: dict[str, Any] | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    #: The usage its last chunk reports when the request asks for it
+    #: (``stream_options.include_usage``); None: counted by :func:`count_usage`.
+    usage: dict[str, int] | None = None
+
+
+def count_usage(request: Request, reply: Reply) -> dict[str, int]:
+    """The usage the stub reports unless the reply names one: a token per word of
+    the request's messages, a token per chunk of the reply."""
+    prompt = sum(len(str(m.get("content") or "").split()) for m in request.messages)
+    completion = sum(1 for item in reply.items or () if isinstance(item, dict))
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
 
 
 def chunk(delta: dict[str, Any], finish: str | None = None, chunk_id: str = "") -> dict[str, Any]:
@@ -162,6 +177,8 @@ class Request:
     completed: bool = False
     #: When the client went away before the stream ended (``time.monotonic()``).
     disconnected_at: float | None = None
+    #: The usage its stream reported (``stream_options.include_usage``), if it did.
+    usage: dict[str, int] | None = None
 
     @property
     def messages(self) -> list[dict[str, Any]]:
@@ -242,6 +259,8 @@ class OpenAIStub:
                 ],
             }
         )
+        options = request.body.get("stream_options") or {}
+        include_usage = bool(options.get("include_usage"))
         watcher = asyncio.create_task(self._watch(receive, request))
         try:
             for item in reply.items:
@@ -256,7 +275,15 @@ class OpenAIStub:
                     body = {"error": {"message": item.message, "code": item.code}}
                     await self._event(send, request, json.dumps(body))
                 else:
-                    await self._event(send, request, json.dumps(item))
+                    # As OpenAI does: every chunk says ``usage: null`` when it is asked for.
+                    sent = {**item, "usage": None} if include_usage else item
+                    await self._event(send, request, json.dumps(sent))
+            if request.disconnected_at is None and include_usage:
+                # The last chunk, without choices, carries the usage.
+                usage = reply.usage or count_usage(request, reply)
+                last = {**chunk({}), "choices": [], "usage": usage}
+                await self._event(send, request, json.dumps(last))
+                request.usage = usage
             if request.disconnected_at is None:
                 await self._event(send, request, "[DONE]")
         except OSError:  # the client went away as a chunk was sent

@@ -88,6 +88,8 @@ class RunRow:
     updated_at: float
     last_seq: int
     node: str | None = None  # the process that ran it
+    #: The tokens it used (``input_tokens``, ``output_tokens``, ``total_tokens``, ``model``).
+    usage: dict[str, Any] | None = None
 
 
 class Store(Protocol):

@@ -57,6 +57,10 @@ MIGRATIONS: Final[list[list[str]]] = [
     [
         "ALTER TABLE threads ADD COLUMN deleted_at {real}",
     ],
+    # 4: the tokens a run used (JSON: input_tokens, output_tokens, total_tokens, model).
+    [
+        "ALTER TABLE runs ADD COLUMN usage TEXT",
+    ],
 ]
 
 LATEST: Final = len(MIGRATIONS)

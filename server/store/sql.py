@@ -16,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Final, Protocol, TypeVar
 
+import orjson
+
 from server.store.base import (
     UNFINISHED,
     MessageRow,
@@ -229,7 +231,9 @@ MIGRATION_LOCK = 0x63686174  # "chat"
 
 _THREAD = "id, owner, title, created_at, updated_at"
 _MESSAGE = "id, thread_id, role, content, run_id, fallback, created_at, pos"
-_RUN = "id, thread_id, owner, agent, status, error_code, created_at, updated_at, last_seq, node"
+_RUN = (
+    "id, thread_id, owner, agent, status, error_code, created_at, updated_at, last_seq, node, usage"
+)
 
 
 def _thread(row: Row) -> ThreadRow:
@@ -254,6 +258,7 @@ def _run(row: Row) -> RunRow:
         float(row[7]),
         int(row[8]),
         row[9],
+        orjson.loads(row[10]) if row[10] else None,
     )
 
 
@@ -449,9 +454,10 @@ class SqlStore:
         # this transaction, or this one sees the delete.  Taken before the run's row, in
         # the order a delete takes them.
         share = " FOR SHARE" if self.driver.dialect == "postgresql" else ""
+        usage = orjson.dumps(row.usage).decode() if row.usage is not None else None
         steps: list[Step] = [
             (
-                f"INSERT INTO runs ({_RUN}) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ? "
+                f"INSERT INTO runs ({_RUN}) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? "
                 f"WHERE EXISTS (SELECT 1 FROM threads WHERE {_LIVE_OF_OWNER}{share}) "
                 "ON CONFLICT (id) DO NOTHING",
                 (
@@ -465,14 +471,23 @@ class SqlStore:
                     row.updated_at,
                     row.last_seq,
                     row.node,
+                    usage,
                     row.thread_id,
                     row.owner,
                 ),
             ),
             (
-                "UPDATE runs SET status = ?, error_code = ?, updated_at = ?, last_seq = ? "
-                "WHERE id = ? AND owner = ?",
-                (row.status, row.error_code, row.updated_at, row.last_seq, row.id, row.owner),
+                "UPDATE runs SET status = ?, error_code = ?, updated_at = ?, last_seq = ?, "
+                "usage = COALESCE(?, usage) WHERE id = ? AND owner = ?",
+                (
+                    row.status,
+                    row.error_code,
+                    row.updated_at,
+                    row.last_seq,
+                    usage,
+                    row.id,
+                    row.owner,
+                ),
             ),
         ]
         if row.status not in UNFINISHED:
