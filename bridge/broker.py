@@ -21,11 +21,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from bridge.events import Event
+from bridge.wire import is_terminal
 
 Wake = Callable[[], None]
-
-RUN_STATUSES = ("queued", "running", "paused", "completed", "cancelled", "failed")
-TERMINAL_STATUSES = frozenset({"completed", "cancelled", "failed"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +55,7 @@ class RunRecord:
 
     @property
     def ended(self) -> bool:
-        return self.status in TERMINAL_STATUSES
+        return is_terminal(self.status)
 
     def public(self) -> dict[str, object]:
         return {

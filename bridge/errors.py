@@ -10,15 +10,19 @@ The whole tree, under one root::
     ├── RunConflict         a lifecycle command the run's status does not allow
     ├── ResumeUnavailable   the events asked for are no longer kept
     ├── AnswerTooLarge      a response chunk would make the answer larger than allowed
-    └── BrokerUnavailable   the shared broker (Redis) cannot be reached
+    ├── BrokerUnavailable   the shared broker (Redis) cannot be reached
+    └── RemoteCommandError  the process running a run answered a command with an error
 
-Each error knows the ``error.code`` it has on the wire.
+Each error knows the ``error.code`` it has on the wire; the root derives from
+:class:`bridge.wire.WireError`, as every package's root does.
 """
 
 from __future__ import annotations
 
+from bridge.wire import WireError
 
-class BridgeError(Exception):
+
+class BridgeError(WireError):
     """Root of the bridge's errors."""
 
     code = "internal"
@@ -73,3 +77,11 @@ class BrokerUnavailable(BridgeError):
     http_status = 503
     #: Its message is meant for clients (it names no secret).
     public = True
+
+
+class RemoteCommandError(BridgeError):
+    """An error the process running the run answered a lifecycle command with."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code

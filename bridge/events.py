@@ -39,13 +39,6 @@ THINKING_KINDS: Final[frozenset[str]] = frozenset(get_args(ThinkingKind))
 ConnectionEventType = Literal["connection_ready", "pong", "ack", "error"]
 EventType = RunEventType | ConnectionEventType
 
-RUN_EVENT_TYPES: Final[frozenset[str]] = frozenset(get_args(RunEventType))
-
-#: The events an agent must be able to emit, and which the bridge never drops.
-CRITICAL_EVENT_TYPES: Final[frozenset[str]] = frozenset(
-    {"agent_started", "agent_thinking", "tool_executing", "tool_completed", "agent_completed"}
-)
-
 
 class Event:
     """One server-to-client message: the contract's envelope as encoded JSON text.

@@ -56,9 +56,16 @@ from redis.exceptions import RedisError
 
 from bridge import redis_scripts as lua
 from bridge.broker import RunController, RunQuota, RunRecord, Wake
-from bridge.errors import BrokerUnavailable, ResumeUnavailable, RunConflict, RunNotFound
+from bridge.errors import (
+    BrokerUnavailable,
+    RemoteCommandError,
+    ResumeUnavailable,
+    RunConflict,
+    RunNotFound,
+)
 from bridge.events import Event, decode_event, make_event
 from bridge.log import EVENT_OVERHEAD, RunLog
+from bridge.wire import Action, RunStatus, is_terminal
 
 log = logging.getLogger("chat.redis")
 
@@ -344,7 +351,7 @@ class RedisBroker:
         if error_code is not None:
             fields["error_code"] = error_code
         owned = self._owned.get(run_id)
-        ended = status in ("completed", "cancelled", "failed")
+        ended = is_terminal(status)
         if owned is None and ended:
             # Its agent_completed was appended with the status, in one step: nothing
             # is left to write (and a Redis that just restarted cannot fail it).
@@ -738,7 +745,7 @@ class RedisBroker:
         finally:
             self._replies.pop(request_id, None)
         if "error" in reply:
-            raise _RemoteError(reply["error"]["code"], reply["error"]["message"])
+            raise RemoteCommandError(reply["error"]["code"], reply["error"]["message"])
         return str(reply["status"])
 
     async def _send(self, node: str, message: dict[str, Any]) -> None:
@@ -996,7 +1003,7 @@ class RedisBroker:
         now = time.time()
         fields = {
             **_record_fields(record, ""),
-            "status": "failed",
+            "status": RunStatus.FAILED.value,
             "error_code": code,
             "last_seq": last.seq or 0,
             "updated_at": now,
@@ -1019,7 +1026,11 @@ class RedisBroker:
         args = [node, record.last_seq, int(recreate), *lua.flatten(commands)]
         if not await self._script("END_LOST_RUN", [run_key], args):
             return False
-        record.status, record.error_code, record.last_seq = "failed", code, last.seq or 0
+        record.status, record.error_code, record.last_seq = (
+            RunStatus.FAILED.value,
+            code,
+            last.seq or 0,
+        )
         record.updated_at = now
         return True
 
@@ -1056,7 +1067,7 @@ class RedisBroker:
         expected_last = (ending[0].seq or 1) - 1
         stored = dataclasses.replace(
             record,
-            status="failed",
+            status=RunStatus.FAILED.value,
             error_code=OUTAGE_CODE,
             last_seq=last.seq or 0,
             updated_at=time.time(),
@@ -1127,7 +1138,7 @@ def _ending(
         (
             "agent_completed",
             {
-                "status": "failed",
+                "status": RunStatus.FAILED.value,
                 "duration_ms": duration,
                 "error": {"code": code, "message": message},
             },
@@ -1144,17 +1155,9 @@ def _pairs(fields: dict[str, Any]) -> list[Any]:
     return [item for pair in fields.items() for item in pair]
 
 
-class _RemoteError(Exception):
-    """An error the process running the run answered a command with."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 def _ended_answer(record: RunRecord, action: str) -> str:
     """The answer for a run no process executes any more (the lifecycle's, for its end)."""
-    if record.status == "cancelled" and action == "cancel":
+    if record.status == RunStatus.CANCELLED and action == Action.CANCEL:
         return record.status
     raise RunConflict(f"cannot {action} run {record.run_id}: it is {record.status}")
 
@@ -1181,7 +1184,7 @@ def _record_from(run_id: str, raw: dict[bytes, bytes]) -> RunRecord:
         f.get("thread_id", ""),
         f.get("owner", ""),
         f.get("agent", ""),
-        f.get("status", "queued"),
+        f.get("status", RunStatus.QUEUED.value),
         float(f.get("created_at", 0)),
         float(f.get("updated_at", 0)),
         int(f.get("last_seq", 0)),

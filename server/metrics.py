@@ -14,6 +14,8 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from bridge.wire import UNFINISHED, RunStatus
+
 if TYPE_CHECKING:
     from server.gateway import Gateway
 
@@ -77,8 +79,8 @@ class _GatewayCollector(Collector):
             "chat_runs", "Runs held by this process, by status", labels=["status"]
         )
         statuses = gw.supervisor.statuses()
-        for status in ("queued", "running", "paused", "cancelled"):
-            runs.add_metric([status], statuses.get(status, 0))
+        for status in (*UNFINISHED, RunStatus.CANCELLED):
+            runs.add_metric([status.value], statuses.get(status.value, 0))
         yield runs
         yield CounterMetricFamily("chat_runs_started", "Runs started", value=counters.runs_started)
         yield CounterMetricFamily(
