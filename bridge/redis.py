@@ -55,7 +55,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from bridge import redis_scripts as lua
-from bridge.broker import RunController, RunQuota, RunRecord, Wake
+from bridge.broker import BrokerStats, RunController, RunLost, RunQuota, RunRecord, Wake
 from bridge.errors import (
     BrokerUnavailable,
     RemoteCommandError,
@@ -84,8 +84,6 @@ RESERVATION_HOLD_S: Final = 30.0
 FENCE_KEEP_S: Final = 86_400
 #: How long an ending that could not be appended is tried again.
 ENDING_RETRY_S: Final = 600.0
-
-Reaped = Callable[[RunRecord], Awaitable[None]]
 
 
 def _seq_id(seq: int) -> str:
@@ -181,6 +179,7 @@ class RedisBroker:
     """The :class:`~bridge.broker.Broker` over Redis (``CHAT_BROKER_URL=redis://…``)."""
 
     name = "redis"
+    shared = True
 
     def __init__(
         self,
@@ -220,7 +219,7 @@ class RedisBroker:
         self._rejoining: asyncio.Task[None] | None = None
         #: Told of each run this process ended without its agent: failed for a lost
         #: node, or for Redis out of reach too long (to record it).
-        self.on_reaped: Reaped | None = None
+        self.on_run_lost: RunLost | None = None
         self.reachable = False
 
     @property
@@ -298,6 +297,10 @@ class RedisBroker:
                 with contextlib.suppress(Exception):
                     await client.aclose()
         self._r = self._tail_r = None
+
+    def stats(self) -> BrokerStats:
+        # Runs and their logs are kept in Redis, not in this process.
+        return BrokerStats()
 
     async def healthy(self) -> bool:
         try:
@@ -980,9 +983,9 @@ class RedisBroker:
         )
         if not await self._write_ending(record, ending, node):
             return False
-        if self.on_reaped is not None:
+        if self.on_run_lost is not None:
             with contextlib.suppress(Exception):
-                await self.on_reaped(record)
+                await self.on_run_lost(record)
         return True
 
     async def _write_ending(
@@ -1072,9 +1075,9 @@ class RedisBroker:
             last_seq=last.seq or 0,
             updated_at=time.time(),
         )
-        if self.on_reaped is not None:
+        if self.on_run_lost is not None:
             with contextlib.suppress(Exception):
-                await self.on_reaped(stored)
+                await self.on_run_lost(stored)
         record.last_seq = expected_last
         node = self.node
         deadline = time.monotonic() + ENDING_RETRY_S

@@ -11,51 +11,26 @@ import asyncio
 import contextlib
 import logging
 import math
-import os
-import secrets
-import socket
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from agents.registry import build_agents, build_tools, llm_agent
-from agents.supervisor import RunError, Supervisor, SupervisorConfig
+from agents.registry import llm_agent
+from agents.supervisor import RunError
 from bridge.broker import Broker, RunRecord, Wake, Watch
 from bridge.errors import RunNotFound
-from bridge.memory import InMemoryBroker
-from bridge.redis import RedisBroker
 from server.auth import Authenticator, Principal
+from server.compose import Services, build_services, make_broker
 from server.errors import ProtocolError, RateLimited, ShuttingDown
-from server.metrics import Metrics
-from server.persistence import Persistence
+from server.metrics import MetricsSnapshot
 from server.settings import Settings
-from server.store import ThreadRow, open_store
+from server.store import ThreadRow
 
 log = logging.getLogger("chat")
 
 THREAD_DELETED = RunError("cancelled", "the thread was deleted")
 
 __all__ = ["Gateway", "llm_agent", "make_broker"]
-
-
-def make_broker(settings: Settings) -> Broker:
-    """The broker ``CHAT_BROKER_URL`` names: in-memory when unset, Redis for ``redis://``."""
-    url = settings.broker_url
-    if not url or url == "memory":
-        return InMemoryBroker(
-            run_log_max_bytes=settings.run_log_max_bytes,
-            resume_window_s=settings.resume_window_s,
-        )
-    if url.startswith(("redis://", "rediss://", "unix://")):
-        return RedisBroker(
-            url,
-            run_log_max_bytes=settings.run_log_max_bytes,
-            resume_window_s=settings.resume_window_s,
-            lease_s=settings.run_lease_s,
-            outage_s=settings.redis_outage_s,
-            node=f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}",
-        )
-    raise ValueError("CHAT_BROKER_URL must be unset, 'memory', or a redis:// URL")
 
 
 @dataclass(slots=True)
@@ -101,40 +76,24 @@ class Gateway:
         auth: Authenticator,
         *,
         broker: Broker | None = None,
+        services: Services | None = None,
     ) -> None:
+        built = services or build_services(settings, broker=broker)
         self.settings = settings
         self.auth = auth
-        self.broker: Broker = broker or make_broker(settings)
-        self.agents = build_agents(settings)
-        self.tools = build_tools(settings)
-        self.store = open_store(settings.db_url)
-        self.metrics = Metrics()
-        self.persistence = Persistence(
-            self.store,
-            timeout_s=settings.store_timeout_s,
-            history_messages=settings.history_messages,
-            node=f"{socket.gethostname()}:{os.getpid()}",
-        )
-        self.supervisor = Supervisor(
-            self.broker,
-            self.agents,
-            self.tools,
-            SupervisorConfig(
-                detach_grace_s=settings.detach_grace_s,
-                typing_delay_ms=settings.typing_delay_ms,
-                max_answer_bytes=settings.max_answer_bytes,
-            ),
-            recorder=self.persistence,
-            observer=self.metrics,
-        )
-        self.metrics.bind(self)
+        self.broker: Broker = built.broker
+        self.agents = built.agents
+        self.tools = built.tools
+        self.store = built.store
+        self.metrics = built.metrics
+        self.persistence = built.persistence
+        self.supervisor = built.supervisor
+        self.metrics.bind(self.metrics_snapshot)
         self.counters = Counters()
         self.shutting_down = False
         self._sessions: dict[str, set[LocalSession]] = {}
         self._watchdog: asyncio.Task[None] | None = None
         self.persistence.on_refused = self._refused_by_store
-        if isinstance(self.broker, RedisBroker):
-            self.broker.on_reaped = self.persistence.run_changed
 
     # Sessions -----------------------------------------------------------------
 
@@ -168,15 +127,30 @@ class Gateway:
 
     def memory_report(self) -> dict[str, int]:
         """What the process holds for runs, for the health route."""
-        report = {"runs_in_memory": 0, "run_log_bytes": 0}
-        if isinstance(self.broker, InMemoryBroker):
-            report["runs_in_memory"] = self.broker.runs_in_memory()
-            report["run_log_bytes"] = self.broker.held_bytes()
+        stats = self.broker.stats()
+        report = {"runs_in_memory": stats.runs_in_memory, "run_log_bytes": stats.run_log_bytes}
         # What clients have not been sent yet: bytes their cursors still hold in the
         # run logs, which stay alive (even past the resume window) until read or cut.
         report["sse_streams"] = self.counters.sse_streams
         report["outbound_buffered_bytes"] = sum(s.buffered_bytes() for s in self.sessions())
         return report
+
+    def metrics_snapshot(self) -> MetricsSnapshot:
+        """The counts ``/metrics`` reports, read when scraped."""
+        counters = self.counters
+        return MetricsSnapshot(
+            connections=counters.connections,
+            sse_streams=counters.sse_streams,
+            outbound_buffered_bytes=sum(s.buffered_bytes() for s in self.sessions()),
+            runs=self.supervisor.statuses(),
+            runs_started=counters.runs_started,
+            events_emitted=self.supervisor.events_emitted(),
+            events_delivered=counters.events_delivered,
+            slow_consumer_closes=counters.slow_consumer_closes,
+            auth_failures=counters.auth_failures,
+            rate_limited=counters.rate_limited,
+            store_failures=self.persistence.failures,
+        )
 
     def sessions(self) -> list[LocalSession]:
         return [s for group in self._sessions.values() for s in group]
@@ -184,7 +158,7 @@ class Gateway:
     async def start(self) -> None:
         await self.store.open()
         self.persistence.start()
-        if isinstance(self.broker, InMemoryBroker):
+        if not self.broker.shared:
             # Runs are this process's alone: whatever is unfinished died with the last one.
             # With a shared broker, other processes may be running theirs; a dead
             # process's runs are failed by lease instead (node_lost).

@@ -7,8 +7,8 @@ once per run.  Each app has a registry of its own.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -16,10 +16,29 @@ from prometheus_client.registry import Collector
 
 from bridge.wire import UNFINISHED, RunStatus
 
-if TYPE_CHECKING:
-    from server.gateway import Gateway
-
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSnapshot:
+    """The counts a scrape reports, read from the services that keep them."""
+
+    connections: int
+    sse_streams: int
+    outbound_buffered_bytes: int
+    #: Runs held by this process, by status.
+    runs: Mapping[str, int]
+    runs_started: int
+    events_emitted: int
+    events_delivered: int
+    slow_consumer_closes: int
+    auth_failures: int
+    rate_limited: int
+    store_failures: int
+
+
+#: Reads the counts when scraped.
+Snapshot = Callable[[], MetricsSnapshot]
 
 
 class Metrics:
@@ -42,8 +61,9 @@ class Metrics:
             registry=self.registry,
         )
 
-    def bind(self, gateway: Gateway) -> None:
-        self.registry.register(_GatewayCollector(gateway))
+    def bind(self, snapshot: Snapshot) -> None:
+        """Report what ``snapshot`` reads at each scrape."""
+        self.registry.register(_SnapshotCollector(snapshot))
 
     # RunObserver ------------------------------------------------------------------
 
@@ -57,55 +77,51 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-class _GatewayCollector(Collector):
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
+class _SnapshotCollector(Collector):
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
 
     def collect(self) -> Iterator[Metric]:
-        gw = self.gateway
-        counters = gw.counters
+        snap = self.snapshot()
         yield GaugeMetricFamily(
-            "chat_connections_open", "Open WebSocket sessions", value=counters.connections
+            "chat_connections_open", "Open WebSocket sessions", value=snap.connections
         )
-        yield GaugeMetricFamily(
-            "chat_sse_streams_open", "Open SSE streams", value=counters.sse_streams
-        )
+        yield GaugeMetricFamily("chat_sse_streams_open", "Open SSE streams", value=snap.sse_streams)
         yield GaugeMetricFamily(
             "chat_outbound_buffered_bytes",
             "Bytes published to the runs clients watch that they have not been sent yet",
-            value=gw.memory_report()["outbound_buffered_bytes"],
+            value=snap.outbound_buffered_bytes,
         )
         runs = GaugeMetricFamily(
             "chat_runs", "Runs held by this process, by status", labels=["status"]
         )
-        statuses = gw.supervisor.statuses()
         for status in (*UNFINISHED, RunStatus.CANCELLED):
-            runs.add_metric([status.value], statuses.get(status.value, 0))
+            runs.add_metric([status.value], snap.runs.get(status.value, 0))
         yield runs
-        yield CounterMetricFamily("chat_runs_started", "Runs started", value=counters.runs_started)
+        yield CounterMetricFamily("chat_runs_started", "Runs started", value=snap.runs_started)
         yield CounterMetricFamily(
-            "chat_events_emitted", "Run events published", value=gw.supervisor.events_emitted()
+            "chat_events_emitted", "Run events published", value=snap.events_emitted
         )
         yield CounterMetricFamily(
             "chat_events_delivered",
             "Run events written to WebSocket and SSE clients",
-            value=counters.events_delivered,
+            value=snap.events_delivered,
         )
         yield CounterMetricFamily(
             "chat_slow_consumer_closes",
             "Connections closed with 4408",
-            value=counters.slow_consumer_closes,
+            value=snap.slow_consumer_closes,
         )
         yield CounterMetricFamily(
             "chat_auth_failures",
             "Requests and sockets refused for their token",
-            value=counters.auth_failures,
+            value=snap.auth_failures,
         )
         yield CounterMetricFamily(
-            "chat_rate_limited", "Runs refused by a per-user limit", value=counters.rate_limited
+            "chat_rate_limited", "Runs refused by a per-user limit", value=snap.rate_limited
         )
         yield CounterMetricFamily(
             "chat_store_failures",
             "Database calls that failed or timed out",
-            value=gw.persistence.failures,
+            value=snap.store_failures,
         )
