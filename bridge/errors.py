@@ -6,6 +6,7 @@ The whole tree, under one root::
     ├── BridgeNotAttached   an agent emitted with no run bound to its adapter
     ├── RunGone             an agent emitted into a run whose clients are gone for good
     ├── RunClosed           an event was emitted after the run's ``agent_completed``
+    ├── InvariantBroken     an event would break the run's invariants (also a ValueError)
     ├── RunNotFound         no such run (or not one the caller may see)
     ├── RunConflict         a lifecycle command the run's status does not allow
     ├── ResumeUnavailable   the events asked for are no longer kept
@@ -42,6 +43,12 @@ class RunGone(BridgeError):
 
 class RunClosed(BridgeError):
     """The run has already sent its ``agent_completed``; nothing may follow it."""
+
+    code = "internal"
+
+
+class InvariantBroken(BridgeError, ValueError):
+    """An event that would break its run's invariants (an unknown call completed, …)."""
 
     code = "internal"
 

@@ -65,6 +65,7 @@ from bridge.errors import (
 )
 from bridge.events import Event, decode_event, make_event
 from bridge.log import EVENT_OVERHEAD, RunLog
+from bridge.runstate import RunState
 from bridge.wire import Action, RunStatus, is_terminal
 
 log = logging.getLogger("chat.redis")
@@ -107,21 +108,9 @@ class _Owned:
     sizes: deque[tuple[int, int]] = field(default_factory=deque)  # (seq, bytes) kept
     held: int = 0
     flushed_seq: int = 0  # the last seq the stream holds
-    #: What the appended events opened and said, for an ending written without them.
-    progress: _Progress = field(default_factory=lambda: _Progress())
-
-
-@dataclass(slots=True)
-class _Progress:
-    """What a run's events so far leave open: tool calls, the answer, its completion."""
-
-    open_calls: dict[str, str] = field(default_factory=dict)
-    chunks: int = 0  # response chunks appended
-    chars: int = 0  # characters of the answer they make
-    #: The answer they make; kept by the run's process only for a reaper (its own
-    #: comes from the controller, which holds the chunks anyway).
-    content: str = ""
-    responded: bool = False
+    #: What the appended events opened and said, for an ending written without them
+    #: (the answer itself is the controller's: it holds the chunks anyway).
+    progress: RunState = field(default_factory=lambda: RunState(keep_answer=False))
 
 
 class _Mirror:
@@ -968,19 +957,14 @@ class RedisBroker:
         pipe.get(self.k("answer", run_id))
         pipe.hmget(self.k("run", run_id), "chunks", "responded")
         calls, answer, (chunk_count, responded) = await pipe.execute()
-        progress = _Progress(
+        state = RunState.resumed(
+            seq=record.last_seq,
             open_calls={k.decode(): v.decode() for k, v in calls.items()},
             chunks=int(chunk_count or 0),
             responded=bool(responded),
             content=answer.decode() if answer else "",
         )
-        ending = _ending(
-            record,
-            progress,
-            code=code,
-            message=message,
-            apology=apology,
-        )
+        ending = _ending(record, state, code=code, message=message, apology=apology)
         if not await self._write_ending(record, ending, node):
             return False
         if self.on_run_lost is not None:
@@ -1049,15 +1033,20 @@ class RedisBroker:
         record = owned.record
         owned.failure = exc
         self._lose(owned)
+        progress = owned.progress
+        state = RunState.resumed(
+            seq=owned.flushed_seq,
+            open_calls=progress.open_calls,
+            chunks=progress.chunks,
+            responded=progress.responded,
+            content=owned.controller.answer(progress.chars),
+        )
         ending = _ending(
             record,
-            dataclasses.replace(
-                owned.progress, content=owned.controller.answer(owned.progress.chars)
-            ),
+            state,
             code=OUTAGE_CODE,
             message="the run's events could not be kept: Redis was unreachable",
             apology=OUTAGE_APOLOGY,
-            last_seq=owned.flushed_seq,
         )
         self._mirror_append(record.run_id, ending)
         ended = dataclasses.replace(record, extra=dict(record.extra))
@@ -1102,55 +1091,22 @@ class RedisBroker:
 
 
 def _ending(
-    record: RunRecord,
-    progress: _Progress,
-    *,
-    code: str,
-    message: str,
-    apology: str,
-    last_seq: int | None = None,
+    record: RunRecord, state: RunState, *, code: str, message: str, apology: str
 ) -> list[Event]:
-    """The events that end a run its agent cannot end: open calls answered, the answer
-    completed (what its chunks said, and an apology), ``agent_completed`` failed."""
-    run_id, thread = record.run_id, record.thread_id
-    seq = record.last_seq if last_seq is None else last_seq
-    ending: list[tuple[str, dict[str, Any]]] = [
-        (
-            "tool_completed",
-            {"call_id": call_id, "tool": tool, "ok": False, "error": code, "duration_ms": 0.0},
-        )
-        for call_id, tool in progress.open_calls.items()
-    ]
-    if not progress.responded:
-        content = progress.content
-        text = ("\n\n" if content else "") + apology
-        ending.append(("response_chunk", {"text": text, "index": progress.chunks}))
-        ending.append(
-            (
-                "response_complete",
-                {
-                    "message_id": f"m_{secrets.token_urlsafe(12)}",
-                    "content": content + text,
-                    "fallback": True,
-                    "stored": False,
-                },
-            )
-        )
-    duration = round((time.time() - record.created_at) * 1000, 3)
-    ending.append(
-        (
-            "agent_completed",
-            {
-                "status": RunStatus.FAILED.value,
-                "duration_ms": duration,
-                "error": {"code": code, "message": message},
-            },
-        )
+    """The events that end a run its agent cannot end, after ``state``'s last ``seq``
+    (see :meth:`RunState.lost`)."""
+    closing = state.lost(
+        code=code,
+        message=message,
+        apology=apology,
+        message_id=f"m_{secrets.token_urlsafe(12)}",
+        duration_ms=(time.time() - record.created_at) * 1000,
     )
+    run_id, thread, seq = record.run_id, record.thread_id, state.seq
     events: list[Event] = []
-    for kind, data in ending:
+    for item in closing:
         seq += 1
-        events.append(make_event(kind, data, run_id=run_id, thread_id=thread, seq=seq))  # type: ignore[arg-type]
+        events.append(make_event(item.type, item.data(), run_id=run_id, thread_id=thread, seq=seq))
     return events
 
 
