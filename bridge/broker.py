@@ -211,6 +211,7 @@ class Broker(Protocol):
 
         Raises:
             RunNotFound: no such run.
+            CursorAhead: ``after_seq`` is beyond the run's last event.
             ResumeUnavailable: events after ``after_seq`` were dropped.
         """
         ...

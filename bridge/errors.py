@@ -10,6 +10,7 @@ The whole tree, under one root::
     ├── RunNotFound         no such run (or not one the caller may see)
     ├── RunConflict         a lifecycle command the run's status does not allow
     ├── ResumeUnavailable   the events asked for are no longer kept
+    ├── CursorAhead         a watch asked for events after ones the run has not made
     ├── AnswerTooLarge      a response chunk would make the answer larger than allowed
     ├── BrokerUnavailable   the shared broker (Redis) cannot be reached
     └── RemoteCommandError  the process running a run answered a command with an error
@@ -63,6 +64,12 @@ class ResumeUnavailable(BridgeError):
     """The events after the asked ``seq`` were dropped from the run's log."""
 
     code = "resume_unavailable"
+
+
+class CursorAhead(BridgeError):
+    """A watch's ``after_seq`` is beyond the run's last ``seq``: a cursor of no such run."""
+
+    code = "bad_message"
 
 
 class AnswerTooLarge(BridgeError):

@@ -8,7 +8,7 @@ import secrets
 import time
 
 from bridge.broker import BrokerStats, RunController, RunLost, RunQuota, RunRecord, Wake
-from bridge.errors import RunNotFound
+from bridge.errors import CursorAhead, RunNotFound
 from bridge.events import Event
 from bridge.limits import SlidingWindow
 from bridge.log import RunLog
@@ -207,7 +207,7 @@ class InMemoryBroker:
     async def watch(self, run_id: str, after_seq: int, wake: Wake) -> _MemoryWatch:
         slot = self._slot(run_id)
         if after_seq > slot.log.last_seq:
-            raise ValueError(
+            raise CursorAhead(
                 f"after_seq {after_seq} is beyond the run's last seq {slot.log.last_seq}"
             )
         slot.log.read(after_seq, 0)  # raises ResumeUnavailable when the events are gone

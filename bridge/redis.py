@@ -50,14 +50,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from bridge import bus
 from bridge import redis_scripts as lua
 from bridge.broker import BrokerStats, RunController, RunLost, RunQuota, RunRecord, Wake
 from bridge.errors import (
     BrokerUnavailable,
+    CursorAhead,
     RemoteCommandError,
     ResumeUnavailable,
     RunConflict,
@@ -66,7 +67,7 @@ from bridge.errors import (
 from bridge.events import Event, decode_event, make_event
 from bridge.log import EVENT_OVERHEAD, RunLog
 from bridge.runstate import RunState
-from bridge.wire import Action, RunStatus, is_terminal
+from bridge.wire import Action, RunStatus, WireError, is_terminal
 
 log = logging.getLogger("chat.redis")
 
@@ -199,7 +200,7 @@ class RedisBroker:
         self._owned: dict[str, _Owned] = {}
         self._mirrors: dict[str, _Mirror] = {}
         self._mirrors_changed = asyncio.Event()
-        self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._replies: dict[str, asyncio.Future[bus.CommandReply]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._pubsub: Any = None
@@ -613,7 +614,7 @@ class RedisBroker:
         if record is None:
             raise RunNotFound(f"no run {run_id}")
         if after_seq > record.last_seq:
-            raise ValueError(
+            raise CursorAhead(
                 f"after_seq {after_seq} is beyond the run's last seq {record.last_seq}"
             )
         first = int(str(record.extra.get("first_seq", 1)))
@@ -671,9 +672,7 @@ class RedisBroker:
             return
         record = record or await self.get_run(run_id)
         if record is not None and not record.ended and record.extra.get("node"):
-            await self._send(
-                str(record.extra["node"]), {"kind": "watchers", "run_id": run_id, "count": total}
-            )
+            await self._send(str(record.extra["node"]), bus.watchers(run_id, total))
 
     async def _tail(self) -> None:
         """Feed the mirrors of runs executed elsewhere, in order, from their streams."""
@@ -717,31 +716,22 @@ class RedisBroker:
             # Nothing executes it any more: answer as the lifecycle would.
             return _ended_answer(record, action)
         request_id = secrets.token_hex(8)
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[bus.CommandReply] = asyncio.get_running_loop().create_future()
         self._replies[request_id] = future
         try:
-            await self._send(
-                node,
-                {
-                    "kind": "cmd",
-                    "id": request_id,
-                    "run_id": run_id,
-                    "action": action,
-                    "reply_to": self.node,
-                },
-            )
+            await self._send(node, bus.command(request_id, run_id, action, self.node))
             async with asyncio.timeout(COMMAND_TIMEOUT_S):
                 reply = await future
         except TimeoutError:
             raise BrokerUnavailable(f"the process running {run_id} did not answer") from None
         finally:
             self._replies.pop(request_id, None)
-        if "error" in reply:
-            raise RemoteCommandError(reply["error"]["code"], reply["error"]["message"])
-        return str(reply["status"])
+        if reply.error_code is not None:
+            raise RemoteCommandError(reply.error_code, reply.error_message or "")
+        return str(reply.status)
 
-    async def _send(self, node: str, message: dict[str, Any]) -> None:
-        await self._call("publish", self.r.publish(self.k("bus", node), orjson.dumps(message)))
+    async def _send(self, node: str, message: bus.Message) -> None:
+        await self._call("publish", self.r.publish(self.k("bus", node), bus.encode(message)))
 
     async def _listen(self) -> None:
         while True:
@@ -756,40 +746,38 @@ class RedisBroker:
                 continue
             if message is None:
                 continue
-            try:
-                body = orjson.loads(message["data"])
-            except orjson.JSONDecodeError:
+            body = bus.decode(message["data"])
+            if body is None:
                 continue
             task = asyncio.get_running_loop().create_task(self._on_message(body))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
-    async def _on_message(self, body: dict[str, Any]) -> None:
-        kind = body.get("kind")
-        if kind == "reply":
-            future = self._replies.get(body.get("id", ""))
+    async def _on_message(self, body: bus.Message) -> None:
+        if isinstance(body, bus.CommandReply):
+            future = self._replies.get(body.id)
             if future is not None and not future.done():
                 future.set_result(body)
-        elif kind == "cmd":
-            reply: dict[str, Any] = {"kind": "reply", "id": body["id"]}
-            owned = self._owned.get(body["run_id"])
+        elif isinstance(body, bus.CommandRequest):
+            owned = self._owned.get(body.run_id)
+            answer: bus.CommandReply
             try:
                 if owned is None:
-                    record = await self.get_run(body["run_id"])
+                    record = await self.get_run(body.run_id)
                     if record is None:
-                        raise RunNotFound(f"no run {body['run_id']}")
-                    reply["status"] = _ended_answer(record, body["action"])
+                        raise RunNotFound(f"no run {body.run_id}")
+                    answer = bus.reply(body.id, _ended_answer(record, body.action))
                 else:
-                    reply["status"] = await owned.controller.apply(body["action"])
+                    answer = bus.reply(body.id, await owned.controller.apply(body.action))
             except Exception as exc:
-                code = getattr(exc, "code", "internal")
-                reply["error"] = {"code": code, "message": str(exc)}
+                code = exc.code if isinstance(exc, WireError) else "internal"
+                answer = bus.failed(body.id, code, str(exc))
             with contextlib.suppress(BrokerUnavailable):
-                await self._send(body["reply_to"], reply)
-        elif kind == "watchers":
-            owned = self._owned.get(body.get("run_id", ""))
+                await self._send(body.reply_to, answer)
+        else:
+            owned = self._owned.get(body.run_id)
             if owned is not None:
-                owned.controller.watchers_changed(int(body["count"]))
+                owned.controller.watchers_changed(body.count)
 
     # Leases and lost nodes --------------------------------------------------------------
 

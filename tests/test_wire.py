@@ -7,6 +7,7 @@ import pytest
 from agents.errors import AgentError, LifecycleConflict, ToolError
 from agents.lifecycle import Action as LifecycleAction
 from agents.lifecycle import RunStatus as LifecycleStatus
+from bridge import bus
 from bridge.errors import (
     BridgeError,
     BrokerUnavailable,
@@ -71,3 +72,15 @@ def test_codes_statuses_and_actions() -> None:
     assert [s for s in RunStatus if s.terminal] == ["completed", "cancelled", "failed"]
     # The agents' lifecycle speaks the same vocabulary, not a copy of it.
     assert LifecycleStatus is RunStatus and LifecycleAction is Action
+
+
+def test_bus_messages_round_trip_and_strays_are_dropped() -> None:
+    for message in (
+        bus.command("q1", "r_1", "cancel", "node-a"),
+        bus.reply("q1", "cancelled"),
+        bus.failed("q1", "conflict", "it is completed"),
+        bus.watchers("r_1", 3),
+    ):
+        assert bus.decode(bus.encode(message)) == message
+    for stray in (b"not json", b"[1]", b'{"kind": "cmd"}', b'{"kind": "other"}'):
+        assert bus.decode(stray) is None
