@@ -12,8 +12,6 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Protocol
 
 from agents.registry import llm_agent
 from agents.supervisor import RunError
@@ -21,8 +19,9 @@ from bridge.broker import Broker, RunRecord, Wake, Watch
 from bridge.errors import RunNotFound
 from server.auth import Authenticator, Principal
 from server.compose import Services, build_services, make_broker
-from server.errors import ProtocolError, RateLimited, ShuttingDown
+from server.errors import RateLimited, ShuttingDown
 from server.metrics import MetricsSnapshot
+from server.sessions import CHECK_EVERY_S, Counters, LocalSession, SessionRegistry
 from server.settings import Settings
 from server.store import ThreadRow
 
@@ -31,42 +30,6 @@ log = logging.getLogger("chat")
 THREAD_DELETED = RunError("cancelled", "the thread was deleted")
 
 __all__ = ["Gateway", "llm_agent", "make_broker"]
-
-
-@dataclass(slots=True)
-class Counters:
-    """Plain counts the health route reports."""
-
-    started_at: float = field(default_factory=time.time)
-    connections: int = 0
-    runs_started: int = 0
-    rate_limited: int = 0
-    sse_streams: int = 0
-    slow_consumer_closes: int = 0
-    auth_failures: int = 0
-    events_delivered: int = 0
-
-
-class LocalSession(Protocol):
-    """What the gateway needs of a client in this process (a WebSocket session or an
-    SSE stream): its user, a way to close it, and its outbox's verdict."""
-
-    user_id: str
-    #: ``"ws"`` or ``"sse"``.
-    transport: str
-
-    def close(self, code: int, reason: str, *, drain: bool = True) -> None: ...
-
-    def check(self, now: float) -> None:
-        """Cut the client if its outbox says it must be (``now`` on the loop's clock)."""
-        ...
-
-    def buffered_bytes(self) -> int:
-        """Bytes published to its runs that it has not been sent yet."""
-        ...
-
-    @property
-    def closed(self) -> asyncio.Event: ...
 
 
 class Gateway:
@@ -91,8 +54,13 @@ class Gateway:
         self.metrics.bind(self.metrics_snapshot)
         self.counters = Counters()
         self.shutting_down = False
-        self._sessions: dict[str, set[LocalSession]] = {}
-        self._watchdog: asyncio.Task[None] | None = None
+        #: The clients connected to this process.
+        self.clients = SessionRegistry(
+            self.broker,
+            self.counters,
+            max_per_user=settings.max_connections_per_user,
+            check_every_s=min(CHECK_EVERY_S, settings.send_timeout_s / 4),
+        )
         self.persistence.on_refused = self._refused_by_store
 
     # Sessions -----------------------------------------------------------------
@@ -100,27 +68,10 @@ class Gateway:
     async def add_session(self, session: LocalSession) -> bool:
         """Count a new connection; False when its user already has the most allowed
         (counted across every process sharing the broker)."""
-        limit = self.settings.max_connections_per_user
-        if not await self.broker.connection_opened(session.user_id, limit):
-            return False
-        self._sessions.setdefault(session.user_id, set()).add(session)
-        if session.transport == "sse":
-            self.counters.sse_streams += 1
-        else:
-            self.counters.connections += 1
-        return True
+        return await self.clients.add(session)
 
     async def remove_session(self, session: LocalSession) -> None:
-        sessions = self._sessions.get(session.user_id)
-        if sessions is not None and session in sessions:
-            sessions.discard(session)
-            if session.transport == "sse":
-                self.counters.sse_streams -= 1
-            else:
-                self.counters.connections -= 1
-            if not sessions:
-                del self._sessions[session.user_id]
-            await self.broker.connection_closed(session.user_id)
+        await self.clients.remove(session)
 
     def count_delivered(self, events: int) -> None:
         self.counters.events_delivered += events
@@ -132,7 +83,7 @@ class Gateway:
         # What clients have not been sent yet: bytes their cursors still hold in the
         # run logs, which stay alive (even past the resume window) until read or cut.
         report["sse_streams"] = self.counters.sse_streams
-        report["outbound_buffered_bytes"] = sum(s.buffered_bytes() for s in self.sessions())
+        report["outbound_buffered_bytes"] = self.clients.buffered_bytes()
         return report
 
     def metrics_snapshot(self) -> MetricsSnapshot:
@@ -141,7 +92,7 @@ class Gateway:
         return MetricsSnapshot(
             connections=counters.connections,
             sse_streams=counters.sse_streams,
-            outbound_buffered_bytes=sum(s.buffered_bytes() for s in self.sessions()),
+            outbound_buffered_bytes=self.clients.buffered_bytes(),
             runs=self.supervisor.statuses(),
             runs_started=counters.runs_started,
             events_emitted=self.supervisor.events_emitted(),
@@ -153,7 +104,7 @@ class Gateway:
         )
 
     def sessions(self) -> list[LocalSession]:
-        return [s for group in self._sessions.values() for s in group]
+        return self.clients.all()
 
     async def start(self) -> None:
         await self.store.open()
@@ -168,7 +119,7 @@ class Gateway:
         # Deleted threads whose last runs ended without recording it (their process died).
         await self.store.purge_deleted_threads()
         await self.broker.start()
-        self._watchdog = asyncio.get_running_loop().create_task(self._police())
+        self.clients.start()
 
     async def drain(self, close_code: int) -> None:
         """Shut down gracefully: no new runs; runs finish for up to the grace, then are
@@ -184,26 +135,8 @@ class Gateway:
         if sessions:
             await asyncio.wait([asyncio.create_task(s.closed.wait()) for s in sessions], timeout=5)
 
-    #: How often each client's outbox is asked whether it must be cut, at most.
-    CHECK_EVERY_S: float = 1.0
-
-    async def _police(self) -> None:
-        """Ask every client's outbox, a few times per ``CHAT_SEND_TIMEOUT_S``, whether it
-        must be cut (send stalled, unread bytes over the buffer, token expired).
-
-        One task for every client of the process: an idle connection costs no timer.
-        """
-        every = min(self.CHECK_EVERY_S, self.settings.send_timeout_s / 4)
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(every)
-            now = loop.time()
-            for session in self.sessions():
-                session.check(now)
-
     async def close(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
+        self.clients.stop()
         self.shutting_down = True
         await self.supervisor.shutdown(self.settings.shutdown_grace_s)
         await self.broker.close()
@@ -323,7 +256,4 @@ class Gateway:
 
     async def watch(self, user: Principal, run_id: str, after_seq: int, wake: Wake) -> Watch:
         await self.find_run(user, run_id)
-        try:
-            return await self.broker.watch(run_id, after_seq, wake)
-        except ValueError as exc:
-            raise ProtocolError("bad_message", str(exc)) from None
+        return await self.broker.watch(run_id, after_seq, wake)
