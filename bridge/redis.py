@@ -65,7 +65,7 @@ from bridge.errors import (
     RunNotFound,
 )
 from bridge.events import Event, decode_event, make_event
-from bridge.log import EVENT_OVERHEAD, RunLog
+from bridge.log import RunLog, kept_size, trim
 from bridge.runstate import RunState
 from bridge.wire import Action, RunStatus, WireError, is_terminal
 
@@ -505,7 +505,7 @@ class RedisBroker:
         log_key, run_key = self.k("log", run_id), self.k("run", run_id)
         answer_key, calls_key = self.k("answer", run_id), self.k("calls", run_id)
         commands: list[lua.Command] = []
-        added = [(event.seq or 0, event.size + EVENT_OVERHEAD) for event in batch]
+        added = [(event.seq or 0, kept_size(event)) for event in batch]
         text: list[str] = []
         opened: dict[str, str] = {}
         closed: list[str] = []
@@ -533,14 +533,12 @@ class RedisBroker:
             commands.append(["HSET", run_key, "chunks", progress.chunks + len(text)])
         # The oldest first, over what the stream keeps and this batch, keeping the newest.
         kept, held = owned.sizes, owned.held + sum(size for _, size in added)
-        count, drop = len(kept) + len(added), 0
+        count = len(kept) + len(added)
 
         def entry(i: int) -> tuple[int, int]:
             return kept[i] if i < len(kept) else added[i - len(kept)]
 
-        while held > self.max_bytes and count - drop > 1:
-            held -= entry(drop)[1]
-            drop += 1
+        drop, held = trim(held, self.max_bytes, count, lambda i: entry(i)[1])
         first_kept = entry(drop)[0] if drop else None
         if first_kept is not None:
             commands.append(["XTRIM", log_key, "MINID", _seq_id(first_kept)])
