@@ -17,8 +17,10 @@ Each error knows the ``error.code`` it has on the wire.
 
 from __future__ import annotations
 
+from bridge.wire import WireError
 
-class AgentError(Exception):
+
+class AgentError(WireError):
     """Root of the agents' errors."""
 
     code = "agent_error"

@@ -16,28 +16,11 @@ status is a :class:`LifecycleConflict`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
 
 from agents.errors import LifecycleConflict
+from bridge.wire import Action, RunStatus
 
-
-class RunStatus(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    PAUSED = "paused"
-    COMPLETED = "completed"
-    CANCELLED = "cancelled"
-    FAILED = "failed"
-
-    @property
-    def terminal(self) -> bool:
-        return self in (RunStatus.COMPLETED, RunStatus.CANCELLED, RunStatus.FAILED)
-
-
-class Action(StrEnum):
-    STOP = "stop"
-    START = "start"
-    CANCEL = "cancel"
+__all__ = ["Action", "Lifecycle", "RunStatus", "Transition"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,8 @@ from bridge import logctx
 from bridge.bridge import EventAdapter, RunBridge
 from bridge.broker import Broker, RunRecord
 from bridge.errors import BridgeError, RunClosed, RunGone
+from bridge.events import ErrorData
+from bridge.runstate import AgentCompleted, ResponseComplete
 
 log = logging.getLogger("chat.runs")
 
@@ -79,7 +81,7 @@ class RunError:
     code: str
     message: str
 
-    def wire(self) -> dict[str, str]:
+    def wire(self) -> ErrorData:
         return {"code": self.code, "message": self.message}
 
 
@@ -110,8 +112,8 @@ class RunHandle:
         self._announced = False  # agent_started published
         self._commands = asyncio.Lock()
         # How far the ending got: an ending interrupted by a cancel resumes from there.
+        # (whether the answer was completed is the bridge's run state's).
         self._apologized = False
-        self._response_completed = False
         self._answer_id: str | None = None
         self._answer_stored = False
         #: Set when the broker ended the run without it (:meth:`lost`).
@@ -325,26 +327,15 @@ class RunHandle:
             error = self._cancel_error
         gated = status is not RunStatus.CANCELLED
         reason = "cancelled" if status is RunStatus.CANCELLED else "the agent failed"
-        now = time.perf_counter()
-        for call_id, tool in list(bridge.open_calls.items()):
-            await bridge.emit(
-                "tool_completed",
-                {
-                    "call_id": call_id,
-                    "tool": tool,
-                    "ok": False,
-                    "error": reason,
-                    "duration_ms": round((now - self._call_started(call_id, now)) * 1000, 3),
-                },
-                gated=gated,
-            )
+        for call in bridge.state.failed_calls(reason, self._call_durations()):
+            await bridge.emit(call.type, call.data(), gated=gated)
         if status is RunStatus.FAILED and not self._apologized:
             self._apologized = True
             separator = "" if bridge.ends_with_space else "\n\n"
             for i, piece in enumerate(APOLOGY):
                 text = separator + piece if i == 0 else piece
                 await bridge.emit("response_chunk", {"text": text}, gated=gated)
-        if not self._response_completed:
+        if not bridge.state.responded:
             fallback = status is RunStatus.FAILED
             if self._answer_id is None:
                 # Stored once, before it is announced: its id is the stored message's.
@@ -358,36 +349,25 @@ class RunHandle:
                     # included): the stream goes on, as for a failed write.
                     log.exception("run %s: its answer could not be recorded", self.run_id)
                     self._answer_stored = False
-            complete = {
-                "message_id": self._answer_id,
-                "content": bridge.content,
-                "fallback": fallback,
-                "stored": self._answer_stored,
-            }
             while gated and not bridge.gate.is_set():
                 await bridge.gate.wait()
-            # Marked before the await: the event is published before emit can yield, so
-            # an ending resumed after a cancel must not publish it again.
-            self._response_completed = True
-            try:
-                await bridge.emit("response_complete", complete, gated=False)
-            except Exception:
-                self._response_completed = False  # it raised before it was published
-                raise
+            # The run state counts it as made before emit can yield: an ending resumed
+            # after a cancel does not publish it again.
+            complete = ResponseComplete(
+                self._answer_id, bridge.content, fallback, self._answer_stored
+            )
+            await bridge.emit(complete.type, complete.data(), gated=False)
         while gated and not bridge.gate.is_set():
             await bridge.gate.wait()
         if status is not RunStatus.CANCELLED:
             self.lifecycle.finish(status)
-        data: dict[str, object] = {
-            "status": str(status),
-            "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-        }
-        if error is not None and status is not RunStatus.COMPLETED:
-            data["error"] = error.wire()
-        usage = self._usage()
-        if usage is not None:
-            data["usage"] = usage
-        await bridge.emit("agent_completed", data, gated=False)
+        end = AgentCompleted(
+            status,
+            (time.perf_counter() - started) * 1000,
+            error.wire() if error is not None else None,
+            self._usage(),
+        )
+        await bridge.emit(end.type, end.data(), gated=False)
         await self._record_end(status, error.code if error is not None else None)
 
     async def _end_anyway(self, cause: Exception, started: float) -> None:
@@ -407,46 +387,22 @@ class RunHandle:
             await self._record_end(status, self.record.error_code)
             return
         self.lifecycle.status = status
-        now = time.perf_counter()
         try:
-            for call_id, tool in list(bridge.open_calls.items()):
-                started_at = self._call_started(call_id, now)
-                await bridge.emit(
-                    "tool_completed",
-                    {
-                        "call_id": call_id,
-                        "tool": tool,
-                        "ok": False,
-                        "error": "the run failed",
-                        "duration_ms": round((now - started_at) * 1000, 3),
-                    },
-                    gated=False,
+            for call in bridge.state.failed_calls("the run failed", self._call_durations()):
+                await bridge.emit(call.type, call.data(), gated=False)
+            if not bridge.state.responded:
+                complete = ResponseComplete(
+                    self._answer_id or new_id("m_"), bridge.content, True, self._answer_stored
                 )
-            if not self._response_completed:
-                self._response_completed = True
-                await bridge.emit(
-                    "response_complete",
-                    {
-                        "message_id": self._answer_id or new_id("m_"),
-                        "content": bridge.content,
-                        "fallback": True,
-                        "stored": self._answer_stored,
-                    },
-                    gated=False,
-                )
+                await bridge.emit(complete.type, complete.data(), gated=False)
         except Exception:
             log.exception("run %s: its ending could not be completed", self.run_id)
         bridge.open_calls.clear()  # whatever was not answered, agent_completed must go out
-        data: dict[str, object] = {
-            "status": str(status),
-            "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-            "error": error.wire(),
-        }
-        usage = self._usage()
-        if usage is not None:
-            data["usage"] = usage
+        end = AgentCompleted(
+            status, (time.perf_counter() - started) * 1000, error.wire(), self._usage()
+        )
         try:
-            await bridge.emit("agent_completed", data, gated=False)
+            await bridge.emit(end.type, end.data(), gated=False)
         except Exception:
             # The broker itself is gone: its own recovery (a lease, a restart) ends the
             # run for its clients.
@@ -484,8 +440,11 @@ class RunHandle:
                 self._supervisor.observer.run_usage(self.agent.name, entry)
         return wire
 
-    def _call_started(self, call_id: str, default: float) -> float:
-        return self.bridge.call_started.get(call_id, default)
+    def _call_durations(self) -> dict[str, float]:
+        """Milliseconds since each open tool call was announced."""
+        now = time.perf_counter()
+        started = self.bridge.call_started
+        return {call_id: (now - started.get(call_id, now)) * 1000 for call_id in started}
 
     @staticmethod
     def _uncancel() -> None:

@@ -14,14 +14,14 @@ either published, or its emitter gets an exception.
 from __future__ import annotations
 
 import asyncio
-import io
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from bridge.broker import Broker
-from bridge.errors import AnswerTooLarge, BridgeError, BridgeNotAttached, RunClosed
+from bridge.errors import AnswerTooLarge, BridgeError, BridgeNotAttached, InvariantBroken, RunClosed
 from bridge.events import THINKING_KINDS, Event, RunEventType, ThinkingKind, make_event
+from bridge.runstate import RunState
 
 #: Give the event loop a turn after this many events of one run, so that a fast
 #: agent cannot starve the writers; yielding on every event costs throughput.
@@ -45,39 +45,53 @@ class RunBridge:
         #: Set while the run may emit; cleared while it is paused.
         self.gate = asyncio.Event()
         self.gate.set()
-        self.seq = 0
-        #: Tool calls announced and not yet answered: call id → tool name.
-        self.open_calls: dict[str, str] = {}
+        #: The run's events so far, as its invariants see them.
+        self.state = RunState()
         #: When each open call was announced (``time.perf_counter()``).
         self.call_started: dict[str, float] = {}
-        #: The answer so far, every chunk's text in ``index`` order.  Kept as one
-        #: buffer, not a list of chunks: its memory is the answer's, however small the
-        #: chunks are.
-        self._content = io.StringIO()
-        #: Response chunks published so far (the next chunk's ``index``).
-        self.chunk_count = 0
-        #: UTF-8 bytes of the answer so far.
-        self.answer_bytes = 0
         #: The most ``answer_bytes`` the agent's chunks may reach (None: no bound).
         self.max_answer_bytes = max_answer_bytes
         #: Set when the agent's answer reached its bound; the run then fails with it.
         self.limit_error: AnswerTooLarge | None = None
-        self._last_char = ""
-        self.completed = False
         #: Once set, every emit from the agent raises this error.
         self.agent_error: BridgeError | None = None
         self._since_yield = 0
         self._publish_now: Callable[[Event], None] | None = getattr(broker, "publish_now", None)
 
     @property
+    def seq(self) -> int:
+        """``seq`` of the run's last event."""
+        return self.state.seq
+
+    @property
+    def open_calls(self) -> dict[str, str]:
+        """Tool calls announced and not yet answered: call id → tool name."""
+        return self.state.open_calls
+
+    @property
+    def chunk_count(self) -> int:
+        """Response chunks published so far (the next chunk's ``index``)."""
+        return self.state.chunks
+
+    @property
+    def answer_bytes(self) -> int:
+        """UTF-8 bytes of the answer so far."""
+        return self.state.answer_bytes
+
+    @property
+    def completed(self) -> bool:
+        """Whether the run's ``agent_completed`` was published."""
+        return self.state.completed
+
+    @property
     def content(self) -> str:
         """The response so far: every chunk's text in ``index`` order."""
-        return self._content.getvalue()
+        return self.state.content
 
     @property
     def ends_with_space(self) -> bool:
         """Whether the response so far is empty or ends with whitespace."""
-        return not self._last_char or self._last_char.isspace()
+        return self.state.ends_with_space
 
     async def emit(
         self, type: RunEventType, data: Mapping[str, Any], *, gated: bool = True
@@ -97,15 +111,18 @@ class RunBridge:
             await self.gate.wait()
         if self.completed:
             raise RunClosed(f"run {self.run_id} has ended; {type} cannot follow agent_completed")
-        data = self._book(type, data)
-        seq = self.seq + 1
+        state = self.state
+        data = state.check(type, data)
+        seq = state.seq + 1
         # Encoded before anything is booked: an event that cannot be made (out of
         # memory) leaves no gap in seq and no chunk that was never sent.
         event = make_event(type, data, run_id=self.run_id, thread_id=self.thread_id, seq=seq)
-        self._commit(type, data)
-        self.seq = seq
-        if type == "agent_completed":
-            self.completed = True
+        state.apply(type, data)
+        state.seq = seq
+        if type == "tool_executing":
+            self.call_started[data["call_id"]] = time.perf_counter()
+        elif type == "tool_completed":
+            self.call_started.pop(data["call_id"], None)
         if self._publish_now is not None:
             self._publish_now(event)  # a broker that never waits: no coroutine per event
         else:
@@ -126,10 +143,11 @@ class RunBridge:
                 the agent raises the same error.
         """
         if not isinstance(text, str) or not text:
-            raise ValueError("a response chunk needs non-empty text")
+            raise InvariantBroken("a response chunk needs non-empty text")
         nbytes = _utf8_len(text)
         limit = self.max_answer_bytes
-        if limit is not None and self.answer_bytes + nbytes > limit:
+        state = self.state
+        if limit is not None and state.answer_bytes + nbytes > limit:
             error = AnswerTooLarge(
                 f"the answer would pass {limit} bytes, the most a run may answer"
             )
@@ -139,61 +157,22 @@ class RunBridge:
             raise error
         if self.completed or not self.gate.is_set() or self._publish_now is None:
             return await self.emit("response_chunk", {"text": text})
-        seq = self.seq + 1
+        seq = state.seq + 1
         event = make_event(
             "response_chunk",
-            {"text": text, "index": self.chunk_count},
+            {"text": text, "index": state.chunks},
             run_id=self.run_id,
             thread_id=self.thread_id,
             seq=seq,
         )
-        self._add_chunk(text, nbytes)
-        self.seq = seq
+        state.add_chunk(text, nbytes)
+        state.seq = seq
         self._publish_now(event)
         self._since_yield += 1
         if self._since_yield >= YIELD_EVERY:
             self._since_yield = 0
             await asyncio.sleep(0)
         return event
-
-    def _add_chunk(self, text: str, nbytes: int) -> None:
-        self._content.write(text)
-        self.chunk_count += 1
-        self.answer_bytes += nbytes
-        self._last_char = text[-1]
-
-    def _book(self, type: RunEventType, data: Mapping[str, Any]) -> Mapping[str, Any]:
-        """The event's data if it keeps the run's invariants (nothing is changed yet)."""
-        if type == "response_chunk":
-            text = data["text"]
-            if not isinstance(text, str) or not text:
-                raise ValueError("a response chunk needs non-empty text")
-            return {"text": text, "index": self.chunk_count}
-        if type == "tool_executing":
-            if data["call_id"] in self.open_calls:
-                raise ValueError(f"tool call {data['call_id']} is already open")
-        elif type == "tool_completed":
-            if data["call_id"] not in self.open_calls:
-                raise ValueError(
-                    f"tool call {data['call_id']} was never announced or already completed"
-                )
-        elif type == "agent_completed" and self.open_calls:
-            raise ValueError(f"tool calls still open: {sorted(self.open_calls)}")
-        return data
-
-    def _commit(self, type: RunEventType, data: Mapping[str, Any]) -> None:
-        """Record what the event changes, once it is made."""
-        if type == "response_chunk":
-            text = data["text"]
-            self._add_chunk(text, _utf8_len(text))
-        elif type == "tool_executing":
-            call_id = data["call_id"]
-            self.open_calls[call_id] = data["tool"]
-            self.call_started[call_id] = time.perf_counter()
-        elif type == "tool_completed":
-            call_id = data["call_id"]
-            del self.open_calls[call_id]
-            self.call_started.pop(call_id, None)
 
 
 def _utf8_len(text: str) -> int:
@@ -211,10 +190,6 @@ class EventAdapter:
 
     def detach(self) -> None:
         self._bridge = None
-
-    @property
-    def attached(self) -> bool:
-        return self._bridge is not None
 
     async def _emit(self, type: RunEventType, data: Mapping[str, Any]) -> Event:
         bridge = self._bridge

@@ -16,16 +16,26 @@ that fell behind further than the log keeps gets :class:`ResumeUnavailable`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from bridge.events import Event
+from bridge.wire import is_terminal
 
 Wake = Callable[[], None]
 
-RUN_STATUSES = ("queued", "running", "paused", "completed", "cancelled", "failed")
-TERMINAL_STATUSES = frozenset({"completed", "cancelled", "failed"})
+
+@dataclass(frozen=True, slots=True)
+class BrokerStats:
+    """What a broker holds in this process's memory, for the health route."""
+
+    #: Runs whose record and log this process keeps.
+    runs_in_memory: int = 0
+    #: Bytes of events kept for resume, over those runs.
+    run_log_bytes: int = 0
+    #: The broker's own counts for the metrics (with Redis: lease renewals, fencing).
+    counts: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +67,7 @@ class RunRecord:
 
     @property
     def ended(self) -> bool:
-        return self.status in TERMINAL_STATUSES
+        return is_terminal(self.status)
 
     def public(self) -> dict[str, object]:
         return {
@@ -128,10 +138,24 @@ class Watch(Protocol):
         ...
 
 
+#: Told of a run the broker ended without its agent (its process was lost, or the
+#: broker was out of reach too long), with the record as it ended.
+RunLost = Callable[["RunRecord"], Awaitable[None]]
+
+
 class Broker(Protocol):
     """Run registry, event logs and lifecycle commands, shared by every session."""
 
     name: str
+    #: Whether other processes share the runs: when False, a run is this process's
+    #: alone and whatever the last process left unfinished died with it.
+    shared: bool
+    #: Called for each run the broker ended itself (a broker that never does, never calls it).
+    on_run_lost: RunLost | None
+
+    def stats(self) -> BrokerStats:
+        """What the broker holds in this process's memory."""
+        ...
 
     async def start(self) -> None: ...
 
@@ -189,6 +213,7 @@ class Broker(Protocol):
 
         Raises:
             RunNotFound: no such run.
+            CursorAhead: ``after_seq`` is beyond the run's last event.
             ResumeUnavailable: events after ``after_seq`` were dropped.
         """
         ...

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Any, Final, Literal, get_args
+from typing import Any, Final, Literal, NotRequired, TypedDict, get_args
 
 import orjson
 
@@ -39,12 +39,41 @@ THINKING_KINDS: Final[frozenset[str]] = frozenset(get_args(ThinkingKind))
 ConnectionEventType = Literal["connection_ready", "pong", "ack", "error"]
 EventType = RunEventType | ConnectionEventType
 
-RUN_EVENT_TYPES: Final[frozenset[str]] = frozenset(get_args(RunEventType))
 
-#: The events an agent must be able to emit, and which the bridge never drops.
-CRITICAL_EVENT_TYPES: Final[frozenset[str]] = frozenset(
-    {"agent_started", "agent_thinking", "tool_executing", "tool_completed", "agent_completed"}
-)
+# The payloads of the events that end a run, as the contract spells them.
+
+
+class ErrorData(TypedDict):
+    code: str
+    message: str
+
+
+class ToolCompletedData(TypedDict):
+    call_id: str
+    tool: str
+    ok: bool
+    duration_ms: float
+    result: NotRequired[Any]
+    error: NotRequired[str]
+
+
+class ResponseChunkData(TypedDict):
+    text: str
+    index: int
+
+
+class ResponseCompleteData(TypedDict):
+    message_id: str
+    content: str
+    fallback: bool
+    stored: bool
+
+
+class AgentCompletedData(TypedDict):
+    status: str
+    duration_ms: float
+    error: NotRequired[ErrorData]
+    usage: NotRequired[dict[str, object]]
 
 
 class Event:

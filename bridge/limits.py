@@ -37,13 +37,6 @@ class SlidingWindow:
             with contextlib.suppress(ValueError):
                 hits.remove(at)
 
-    def allow(self, key: str, now: float) -> bool:
-        """Count one event for ``key`` at ``now`` if the limit allows it."""
-        if not self.allows(key, now):
-            return False
-        self.hit(key, now)
-        return True
-
     def retry_after(self, key: str, now: float) -> float:
         """Seconds until ``key`` may act again (0 when it may now)."""
         hits = self._hits.get(key)

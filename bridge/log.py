@@ -9,6 +9,7 @@ a partial replay.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final
 
 from bridge.errors import ResumeUnavailable
@@ -96,10 +97,11 @@ class RunLog:
         if event.type == "agent_completed":
             self.closed = True
         if held > self.max_bytes:
-            # Drop the oldest first, but always keep the newest event.
-            while self._held > self.max_bytes and len(events) - self._head > 1:
-                self._held -= events[self._head].size + EVENT_OVERHEAD
-                self._head += 1
+            head = self._head
+            drop, self._held = trim(
+                held, self.max_bytes, len(events) - head, lambda i: kept_size(events[head + i])
+            )
+            self._head = head + drop
             if self._head > 64 and self._head * 2 > len(events):
                 self._compacted_bytes = self._ends[self._head - 1]
                 del events[: self._head]
@@ -132,3 +134,22 @@ class RunLog:
         if index <= 0:
             return self.total - self._compacted_bytes
         return self.total - self._ends[index - 1]
+
+
+def kept_size(event: Event) -> int:
+    """What an event counts against a log's bound: its encoded size and the overhead."""
+    return event.size + EVENT_OVERHEAD
+
+
+def trim(held: int, max_bytes: int, count: int, size_of: Callable[[int], int]) -> tuple[int, int]:
+    """The one trim policy of a run's log, in memory (:class:`RunLog`) or in Redis: drop
+    the oldest of ``count`` events while the bytes ``held`` pass ``max_bytes``, always
+    keeping the newest.  ``size_of(i)`` is what the ``i``-th oldest counts.
+
+    Returns how many of the oldest to drop, and the bytes held after.
+    """
+    drop = 0
+    while held > max_bytes and count - drop > 1:
+        held -= size_of(drop)
+        drop += 1
+    return drop, held

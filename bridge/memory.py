@@ -7,8 +7,8 @@ import dataclasses
 import secrets
 import time
 
-from bridge.broker import RunController, RunQuota, RunRecord, Wake
-from bridge.errors import RunNotFound
+from bridge.broker import BrokerStats, RunController, RunLost, RunQuota, RunRecord, Wake
+from bridge.errors import CursorAhead, RunNotFound
 from bridge.events import Event
 from bridge.limits import SlidingWindow
 from bridge.log import RunLog
@@ -66,8 +66,11 @@ class InMemoryBroker:
     """
 
     name = "memory"
+    shared = False
 
     def __init__(self, *, run_log_max_bytes: int, resume_window_s: float) -> None:
+        #: Never called: runs in memory end only by their agents.
+        self.on_run_lost: RunLost | None = None
         self._max_bytes = run_log_max_bytes
         self._window = resume_window_s
         self._runs: dict[str, _Slot] = {}
@@ -179,12 +182,11 @@ class InMemoryBroker:
             self._rate = SlidingWindow(limit, window_s)
         return self._rate
 
-    def runs_in_memory(self) -> int:
-        return len(self._runs)
-
-    def held_bytes(self) -> int:
-        """Bytes of events kept for resume, over every run in memory."""
-        return sum(slot.log.held_bytes for slot in self._runs.values())
+    def stats(self) -> BrokerStats:
+        return BrokerStats(
+            runs_in_memory=len(self._runs),
+            run_log_bytes=sum(slot.log.held_bytes for slot in self._runs.values()),
+        )
 
     # Event logs ---------------------------------------------------------------
 
@@ -213,7 +215,7 @@ class InMemoryBroker:
     async def watch(self, run_id: str, after_seq: int, wake: Wake) -> _MemoryWatch:
         slot = self._slot(run_id)
         if after_seq > slot.log.last_seq:
-            raise ValueError(
+            raise CursorAhead(
                 f"after_seq {after_seq} is beyond the run's last seq {slot.log.last_seq}"
             )
         slot.log.read(after_seq, 0)  # raises ResumeUnavailable when the events are gone

@@ -50,15 +50,24 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from bridge import bus
 from bridge import redis_scripts as lua
-from bridge.broker import RunController, RunQuota, RunRecord, Wake
-from bridge.errors import BrokerUnavailable, ResumeUnavailable, RunConflict, RunNotFound
+from bridge.broker import BrokerStats, RunController, RunLost, RunQuota, RunRecord, Wake
+from bridge.errors import (
+    BrokerUnavailable,
+    CursorAhead,
+    RemoteCommandError,
+    ResumeUnavailable,
+    RunConflict,
+    RunNotFound,
+)
 from bridge.events import Event, decode_event, make_event
-from bridge.log import EVENT_OVERHEAD, RunLog
+from bridge.log import RunLog, kept_size, trim
+from bridge.runstate import RunState
+from bridge.wire import Action, RunStatus, WireError, is_terminal
 
 log = logging.getLogger("chat.redis")
 
@@ -77,8 +86,6 @@ RESERVATION_HOLD_S: Final = 30.0
 FENCE_KEEP_S: Final = 86_400
 #: How long an ending that could not be appended is tried again.
 ENDING_RETRY_S: Final = 600.0
-
-Reaped = Callable[[RunRecord], Awaitable[None]]
 
 
 def _seq_id(seq: int) -> str:
@@ -102,21 +109,9 @@ class _Owned:
     sizes: deque[tuple[int, int]] = field(default_factory=deque)  # (seq, bytes) kept
     held: int = 0
     flushed_seq: int = 0  # the last seq the stream holds
-    #: What the appended events opened and said, for an ending written without them.
-    progress: _Progress = field(default_factory=lambda: _Progress())
-
-
-@dataclass(slots=True)
-class _Progress:
-    """What a run's events so far leave open: tool calls, the answer, its completion."""
-
-    open_calls: dict[str, str] = field(default_factory=dict)
-    chunks: int = 0  # response chunks appended
-    chars: int = 0  # characters of the answer they make
-    #: The answer they make; kept by the run's process only for a reaper (its own
-    #: comes from the controller, which holds the chunks anyway).
-    content: str = ""
-    responded: bool = False
+    #: What the appended events opened and said, for an ending written without them
+    #: (the answer itself is the controller's: it holds the chunks anyway).
+    progress: RunState = field(default_factory=lambda: RunState(keep_answer=False))
 
 
 class _Mirror:
@@ -174,6 +169,7 @@ class RedisBroker:
     """The :class:`~bridge.broker.Broker` over Redis (``CHAT_BROKER_URL=redis://…``)."""
 
     name = "redis"
+    shared = True
 
     def __init__(
         self,
@@ -200,7 +196,7 @@ class RedisBroker:
         #: Counts for the metrics: lease renewals (and failed ones), writes or renewals
         #: the fence refused, times this process was found reaped while alive, and
         #: other processes this one reaped.
-        self.stats: dict[str, int] = dict.fromkeys(
+        self.counts: dict[str, int] = dict.fromkeys(
             (
                 "lease_renewals",
                 "lease_renewal_failures",
@@ -217,7 +213,7 @@ class RedisBroker:
         self._owned: dict[str, _Owned] = {}
         self._mirrors: dict[str, _Mirror] = {}
         self._mirrors_changed = asyncio.Event()
-        self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._replies: dict[str, asyncio.Future[bus.CommandReply]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._pubsub: Any = None
@@ -226,7 +222,7 @@ class RedisBroker:
         self._rejoining: asyncio.Task[None] | None = None
         #: Told of each run this process ended without its agent: failed for a lost
         #: node, or for Redis out of reach too long (to record it).
-        self.on_reaped: Reaped | None = None
+        self.on_run_lost: RunLost | None = None
         self.reachable = False
 
     @property
@@ -305,6 +301,10 @@ class RedisBroker:
                     await client.aclose()
         self._r = self._tail_r = None
 
+    def stats(self) -> BrokerStats:
+        # Runs and their logs are kept in Redis, not in this process.
+        return BrokerStats(counts=dict(self.counts))
+
     async def healthy(self) -> bool:
         try:
             async with asyncio.timeout(2):
@@ -357,7 +357,7 @@ class RedisBroker:
         if error_code is not None:
             fields["error_code"] = error_code
         owned = self._owned.get(run_id)
-        ended = status in ("completed", "cancelled", "failed")
+        ended = is_terminal(status)
         if owned is None and ended:
             # Its agent_completed was appended with the status, in one step: nothing
             # is left to write (and a Redis that just restarted cannot fail it).
@@ -518,7 +518,7 @@ class RedisBroker:
         log_key, run_key = self.k("log", run_id), self.k("run", run_id)
         answer_key, calls_key = self.k("answer", run_id), self.k("calls", run_id)
         commands: list[lua.Command] = []
-        added = [(event.seq or 0, event.size + EVENT_OVERHEAD) for event in batch]
+        added = [(event.seq or 0, kept_size(event)) for event in batch]
         text: list[str] = []
         opened: dict[str, str] = {}
         closed: list[str] = []
@@ -546,14 +546,12 @@ class RedisBroker:
             commands.append(["HSET", run_key, "chunks", progress.chunks + len(text)])
         # The oldest first, over what the stream keeps and this batch, keeping the newest.
         kept, held = owned.sizes, owned.held + sum(size for _, size in added)
-        count, drop = len(kept) + len(added), 0
+        count = len(kept) + len(added)
 
         def entry(i: int) -> tuple[int, int]:
             return kept[i] if i < len(kept) else added[i - len(kept)]
 
-        while held > self.max_bytes and count - drop > 1:
-            held -= entry(drop)[1]
-            drop += 1
+        drop, held = trim(held, self.max_bytes, count, lambda i: entry(i)[1])
         first_kept = entry(drop)[0] if drop else None
         if first_kept is not None:
             commands.append(["XTRIM", log_key, "MINID", _seq_id(first_kept)])
@@ -627,7 +625,7 @@ class RedisBroker:
         if record is None:
             raise RunNotFound(f"no run {run_id}")
         if after_seq > record.last_seq:
-            raise ValueError(
+            raise CursorAhead(
                 f"after_seq {after_seq} is beyond the run's last seq {record.last_seq}"
             )
         first = int(str(record.extra.get("first_seq", 1)))
@@ -685,9 +683,7 @@ class RedisBroker:
             return
         record = record or await self.get_run(run_id)
         if record is not None and not record.ended and record.extra.get("node"):
-            await self._send(
-                str(record.extra["node"]), {"kind": "watchers", "run_id": run_id, "count": total}
-            )
+            await self._send(str(record.extra["node"]), bus.watchers(run_id, total))
 
     async def _tail(self) -> None:
         """Feed the mirrors of runs executed elsewhere, in order, from their streams."""
@@ -731,31 +727,22 @@ class RedisBroker:
             # Nothing executes it any more: answer as the lifecycle would.
             return _ended_answer(record, action)
         request_id = secrets.token_hex(8)
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[bus.CommandReply] = asyncio.get_running_loop().create_future()
         self._replies[request_id] = future
         try:
-            await self._send(
-                node,
-                {
-                    "kind": "cmd",
-                    "id": request_id,
-                    "run_id": run_id,
-                    "action": action,
-                    "reply_to": self.node,
-                },
-            )
+            await self._send(node, bus.command(request_id, run_id, action, self.node))
             async with asyncio.timeout(COMMAND_TIMEOUT_S):
                 reply = await future
         except TimeoutError:
             raise BrokerUnavailable(f"the process running {run_id} did not answer") from None
         finally:
             self._replies.pop(request_id, None)
-        if "error" in reply:
-            raise _RemoteError(reply["error"]["code"], reply["error"]["message"])
-        return str(reply["status"])
+        if reply.error_code is not None:
+            raise RemoteCommandError(reply.error_code, reply.error_message or "")
+        return str(reply.status)
 
-    async def _send(self, node: str, message: dict[str, Any]) -> None:
-        await self._call("publish", self.r.publish(self.k("bus", node), orjson.dumps(message)))
+    async def _send(self, node: str, message: bus.Message) -> None:
+        await self._call("publish", self.r.publish(self.k("bus", node), bus.encode(message)))
 
     async def _listen(self) -> None:
         while True:
@@ -770,40 +757,38 @@ class RedisBroker:
                 continue
             if message is None:
                 continue
-            try:
-                body = orjson.loads(message["data"])
-            except orjson.JSONDecodeError:
+            body = bus.decode(message["data"])
+            if body is None:
                 continue
             task = asyncio.get_running_loop().create_task(self._on_message(body))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
-    async def _on_message(self, body: dict[str, Any]) -> None:
-        kind = body.get("kind")
-        if kind == "reply":
-            future = self._replies.get(body.get("id", ""))
+    async def _on_message(self, body: bus.Message) -> None:
+        if isinstance(body, bus.CommandReply):
+            future = self._replies.get(body.id)
             if future is not None and not future.done():
                 future.set_result(body)
-        elif kind == "cmd":
-            reply: dict[str, Any] = {"kind": "reply", "id": body["id"]}
-            owned = self._owned.get(body["run_id"])
+        elif isinstance(body, bus.CommandRequest):
+            owned = self._owned.get(body.run_id)
+            answer: bus.CommandReply
             try:
                 if owned is None:
-                    record = await self.get_run(body["run_id"])
+                    record = await self.get_run(body.run_id)
                     if record is None:
-                        raise RunNotFound(f"no run {body['run_id']}")
-                    reply["status"] = _ended_answer(record, body["action"])
+                        raise RunNotFound(f"no run {body.run_id}")
+                    answer = bus.reply(body.id, _ended_answer(record, body.action))
                 else:
-                    reply["status"] = await owned.controller.apply(body["action"])
+                    answer = bus.reply(body.id, await owned.controller.apply(body.action))
             except Exception as exc:
-                code = getattr(exc, "code", "internal")
-                reply["error"] = {"code": code, "message": str(exc)}
+                code = exc.code if isinstance(exc, WireError) else "internal"
+                answer = bus.failed(body.id, code, str(exc))
             with contextlib.suppress(BrokerUnavailable):
-                await self._send(body["reply_to"], reply)
-        elif kind == "watchers":
-            owned = self._owned.get(body.get("run_id", ""))
+                await self._send(body.reply_to, answer)
+        else:
+            owned = self._owned.get(body.run_id)
             if owned is not None:
-                owned.controller.watchers_changed(int(body["count"]))
+                owned.controller.watchers_changed(body.count)
 
     # Leases and lost nodes --------------------------------------------------------------
 
@@ -821,10 +806,10 @@ class RedisBroker:
                 self.reachable = True
             except (RedisError, OSError) as exc:
                 self.reachable = False
-                self.stats["lease_renewal_failures"] += 1
+                self.counts["lease_renewal_failures"] += 1
                 log.warning("renewing the lease failed: %r", exc)
                 continue
-            self.stats["lease_renewals"] += 1
+            self.counts["lease_renewals"] += 1
             if not renewed:
                 log.error("process %s was reaped while alive (its lease lapsed)", self.node)
                 self._fenced_out()
@@ -845,7 +830,7 @@ class RedisBroker:
 
     def _fenced_out(self) -> None:
         """This process was (or may have been) reaped: check, and join again if so."""
-        self.stats["fence_refusals"] += 1
+        self.counts["fence_refusals"] += 1
         if self._rejoining is None or self._rejoining.done():
             task = asyncio.get_running_loop().create_task(self._rejoin(), name="redis rejoin")
             self._rejoining = task
@@ -860,7 +845,7 @@ class RedisBroker:
             except (RedisError, OSError) as exc:
                 log.warning("checking this process's fence failed: %r", exc)
                 await asyncio.sleep(0.5)
-        self.stats["fenced"] += 1
+        self.counts["fenced"] += 1
         for owned in list(self._owned.values()):
             self._lose(owned)
             # Normally the reaper's; written here if no reaper did yet (written once).
@@ -942,7 +927,7 @@ class RedisBroker:
             )
             pipe.srem(self.k("nodes"), node)
             await pipe.execute()
-            self.stats["nodes_reaped"] += 1
+            self.counts["nodes_reaped"] += 1
             log.warning("process %s lost its lease; %d of its runs failed", node, len(runs))
         return reaped
 
@@ -976,24 +961,19 @@ class RedisBroker:
         pipe.get(self.k("answer", run_id))
         pipe.hmget(self.k("run", run_id), "chunks", "responded")
         calls, answer, (chunk_count, responded) = await pipe.execute()
-        progress = _Progress(
+        state = RunState.resumed(
+            seq=record.last_seq,
             open_calls={k.decode(): v.decode() for k, v in calls.items()},
             chunks=int(chunk_count or 0),
             responded=bool(responded),
             content=answer.decode() if answer else "",
         )
-        ending = _ending(
-            record,
-            progress,
-            code=code,
-            message=message,
-            apology=apology,
-        )
+        ending = _ending(record, state, code=code, message=message, apology=apology)
         if not await self._write_ending(record, ending, node):
             return False
-        if self.on_reaped is not None:
+        if self.on_run_lost is not None:
             with contextlib.suppress(Exception):
-                await self.on_reaped(record)
+                await self.on_run_lost(record)
         return True
 
     async def _write_ending(
@@ -1014,7 +994,7 @@ class RedisBroker:
         now = time.time()
         fields = {
             **_record_fields(record, ""),
-            "status": "failed",
+            "status": RunStatus.FAILED.value,
             "error_code": code,
             "last_seq": last.seq or 0,
             "updated_at": now,
@@ -1037,7 +1017,11 @@ class RedisBroker:
         args = [node, record.last_seq, int(recreate), *lua.flatten(commands)]
         if not await self._script("END_LOST_RUN", [run_key], args):
             return False
-        record.status, record.error_code, record.last_seq = "failed", code, last.seq or 0
+        record.status, record.error_code, record.last_seq = (
+            RunStatus.FAILED.value,
+            code,
+            last.seq or 0,
+        )
         record.updated_at = now
         return True
 
@@ -1053,15 +1037,20 @@ class RedisBroker:
         record = owned.record
         owned.failure = exc
         self._lose(owned)
+        progress = owned.progress
+        state = RunState.resumed(
+            seq=owned.flushed_seq,
+            open_calls=progress.open_calls,
+            chunks=progress.chunks,
+            responded=progress.responded,
+            content=owned.controller.answer(progress.chars),
+        )
         ending = _ending(
             record,
-            dataclasses.replace(
-                owned.progress, content=owned.controller.answer(owned.progress.chars)
-            ),
+            state,
             code=OUTAGE_CODE,
             message="the run's events could not be kept: Redis was unreachable",
             apology=OUTAGE_APOLOGY,
-            last_seq=owned.flushed_seq,
         )
         self._mirror_append(record.run_id, ending)
         ended = dataclasses.replace(record, extra=dict(record.extra))
@@ -1074,14 +1063,14 @@ class RedisBroker:
         expected_last = (ending[0].seq or 1) - 1
         stored = dataclasses.replace(
             record,
-            status="failed",
+            status=RunStatus.FAILED.value,
             error_code=OUTAGE_CODE,
             last_seq=last.seq or 0,
             updated_at=time.time(),
         )
-        if self.on_reaped is not None:
+        if self.on_run_lost is not None:
             with contextlib.suppress(Exception):
-                await self.on_reaped(stored)
+                await self.on_run_lost(stored)
         record.last_seq = expected_last
         node = self.node
         deadline = time.monotonic() + ENDING_RETRY_S
@@ -1106,55 +1095,22 @@ class RedisBroker:
 
 
 def _ending(
-    record: RunRecord,
-    progress: _Progress,
-    *,
-    code: str,
-    message: str,
-    apology: str,
-    last_seq: int | None = None,
+    record: RunRecord, state: RunState, *, code: str, message: str, apology: str
 ) -> list[Event]:
-    """The events that end a run its agent cannot end: open calls answered, the answer
-    completed (what its chunks said, and an apology), ``agent_completed`` failed."""
-    run_id, thread = record.run_id, record.thread_id
-    seq = record.last_seq if last_seq is None else last_seq
-    ending: list[tuple[str, dict[str, Any]]] = [
-        (
-            "tool_completed",
-            {"call_id": call_id, "tool": tool, "ok": False, "error": code, "duration_ms": 0.0},
-        )
-        for call_id, tool in progress.open_calls.items()
-    ]
-    if not progress.responded:
-        content = progress.content
-        text = ("\n\n" if content else "") + apology
-        ending.append(("response_chunk", {"text": text, "index": progress.chunks}))
-        ending.append(
-            (
-                "response_complete",
-                {
-                    "message_id": f"m_{secrets.token_urlsafe(12)}",
-                    "content": content + text,
-                    "fallback": True,
-                    "stored": False,
-                },
-            )
-        )
-    duration = round((time.time() - record.created_at) * 1000, 3)
-    ending.append(
-        (
-            "agent_completed",
-            {
-                "status": "failed",
-                "duration_ms": duration,
-                "error": {"code": code, "message": message},
-            },
-        )
+    """The events that end a run its agent cannot end, after ``state``'s last ``seq``
+    (see :meth:`RunState.lost`)."""
+    closing = state.lost(
+        code=code,
+        message=message,
+        apology=apology,
+        message_id=f"m_{secrets.token_urlsafe(12)}",
+        duration_ms=(time.time() - record.created_at) * 1000,
     )
+    run_id, thread, seq = record.run_id, record.thread_id, state.seq
     events: list[Event] = []
-    for kind, data in ending:
+    for item in closing:
         seq += 1
-        events.append(make_event(kind, data, run_id=run_id, thread_id=thread, seq=seq))  # type: ignore[arg-type]
+        events.append(make_event(item.type, item.data(), run_id=run_id, thread_id=thread, seq=seq))
     return events
 
 
@@ -1162,17 +1118,9 @@ def _pairs(fields: dict[str, Any]) -> list[Any]:
     return [item for pair in fields.items() for item in pair]
 
 
-class _RemoteError(Exception):
-    """An error the process running the run answered a command with."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 def _ended_answer(record: RunRecord, action: str) -> str:
     """The answer for a run no process executes any more (the lifecycle's, for its end)."""
-    if record.status == "cancelled" and action == "cancel":
+    if record.status == RunStatus.CANCELLED and action == Action.CANCEL:
         return record.status
     raise RunConflict(f"cannot {action} run {record.run_id}: it is {record.status}")
 
@@ -1199,7 +1147,7 @@ def _record_from(run_id: str, raw: dict[bytes, bytes]) -> RunRecord:
         f.get("thread_id", ""),
         f.get("owner", ""),
         f.get("agent", ""),
-        f.get("status", "queued"),
+        f.get("status", RunStatus.QUEUED.value),
         float(f.get("created_at", 0)),
         float(f.get("updated_at", 0)),
         int(f.get("last_seq", 0)),

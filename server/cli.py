@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -18,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from server.app import create_app
-from server.auth import Authenticator, new_dev_secret, redact_query_tokens
-from server.logs import use_json
+from server.auth import Authenticator, new_dev_secret
+from server.logs import configure_logging, use_json
 from server.serve import GatewayServer, uvicorn_config
 from server.settings import ENV_PREFIX, Settings, parse_value
 from server.workers import run_workers
@@ -70,20 +69,6 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return settings
 
 
-class RedactTokens(logging.Filter):
-    """Keep query tokens (``access_token=…``, however its name is percent-encoded) out
-    of the access and error logs."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
-            record.args = tuple(
-                redact_query_tokens(a) if isinstance(a, str) else a for a in record.args
-            )
-        if isinstance(record.msg, str):
-            record.msg = redact_query_tokens(record.msg)
-        return True
-
-
 def write_dev_secret(secret: str, path: Path = DEV_SECRET_FILE) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -108,12 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if settings.log_format == "json":
         use_json(settings)
     else:
-        logging.basicConfig(
-            level=settings.log_level.upper(),
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
-        for name in ("uvicorn.access", "uvicorn.error"):  # both log the request's path
-            logging.getLogger(name).addFilter(RedactTokens())
+        configure_logging(settings.log_level, "%(asctime)s %(levelname)s %(name)s: %(message)s")
     dev_secret = None
     if settings.dev_mode:
         dev_secret = new_dev_secret()

@@ -11,93 +11,25 @@ import asyncio
 import contextlib
 import logging
 import math
-import os
-import secrets
-import socket
 import time
-from dataclasses import dataclass, field
-from typing import Protocol
 
-from agents.registry import build_agents, build_tools, llm_agent
-from agents.supervisor import RunError, Supervisor, SupervisorConfig
+from agents.registry import llm_agent
+from agents.supervisor import RunError
 from bridge.broker import Broker, RunRecord, Wake, Watch
 from bridge.errors import ResumeUnavailable, RunNotFound
-from bridge.memory import InMemoryBroker
-from bridge.redis import RedisBroker
 from server.auth import Authenticator, Principal
-from server.errors import ProtocolError, RateLimited, ShuttingDown
-from server.metrics import Metrics
-from server.persistence import Persistence
+from server.compose import Services, build_services, make_broker
+from server.errors import RateLimited, ShuttingDown
+from server.metrics import MetricsSnapshot
+from server.sessions import CHECK_EVERY_S, Counters, LocalSession, SessionRegistry
 from server.settings import Settings
-from server.store import ThreadRow, open_store
+from server.store import ThreadRow
 
 log = logging.getLogger("chat")
 
 THREAD_DELETED = RunError("cancelled", "the thread was deleted")
 
 __all__ = ["Gateway", "llm_agent", "make_broker"]
-
-
-def make_broker(settings: Settings) -> Broker:
-    """The broker ``CHAT_BROKER_URL`` names: in-memory when unset, Redis for ``redis://``."""
-    url = settings.broker_url
-    if not url or url == "memory":
-        return InMemoryBroker(
-            run_log_max_bytes=settings.run_log_max_bytes,
-            resume_window_s=settings.resume_window_s,
-        )
-    if url.startswith(("redis://", "rediss://", "unix://")):
-        return RedisBroker(
-            url,
-            run_log_max_bytes=settings.run_log_max_bytes,
-            resume_window_s=settings.resume_window_s,
-            lease_s=settings.run_lease_s,
-            outage_s=settings.redis_outage_s,
-            node=f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}",
-        )
-    raise ValueError("CHAT_BROKER_URL must be unset, 'memory', or a redis:// URL")
-
-
-@dataclass(slots=True)
-class Counters:
-    """Plain counts the health route reports."""
-
-    started_at: float = field(default_factory=time.time)
-    connections: int = 0
-    runs_started: int = 0
-    rate_limited: int = 0
-    sse_streams: int = 0
-    slow_consumer_closes: int = 0
-    auth_failures: int = 0
-    events_delivered: int = 0
-    #: Slow-consumer closes by transport (``ws``, ``sse``).
-    slow_consumer_by: dict[str, int] = field(default_factory=lambda: {"ws": 0, "sse": 0})
-    #: Resumes (a watch after a seq) that replayed the run, and those answered
-    #: ``resume_unavailable``.
-    resumes_recovered: int = 0
-    resumes_unavailable: int = 0
-
-
-class LocalSession(Protocol):
-    """What the gateway needs of a client in this process (a WebSocket session or an
-    SSE stream): its user, a way to close it, and its outbox's verdict."""
-
-    user_id: str
-    #: ``"ws"`` or ``"sse"``.
-    transport: str
-
-    def close(self, code: int, reason: str, *, drain: bool = True) -> None: ...
-
-    def check(self, now: float) -> None:
-        """Cut the client if its outbox says it must be (``now`` on the loop's clock)."""
-        ...
-
-    def buffered_bytes(self) -> int:
-        """Bytes published to its runs that it has not been sent yet."""
-        ...
-
-    @property
-    def closed(self) -> asyncio.Event: ...
 
 
 class Gateway:
@@ -107,90 +39,90 @@ class Gateway:
         auth: Authenticator,
         *,
         broker: Broker | None = None,
+        services: Services | None = None,
     ) -> None:
+        built = services or build_services(settings, broker=broker)
         self.settings = settings
         self.auth = auth
-        self.broker: Broker = broker or make_broker(settings)
-        self.agents = build_agents(settings)
-        self.tools = build_tools(settings)
-        self.store = open_store(settings.db_url)
-        self.metrics = Metrics()
-        self.persistence = Persistence(
-            self.store,
-            timeout_s=settings.store_timeout_s,
-            history_messages=settings.history_messages,
-            node=f"{socket.gethostname()}:{os.getpid()}",
-        )
-        self.supervisor = Supervisor(
-            self.broker,
-            self.agents,
-            self.tools,
-            SupervisorConfig(
-                detach_grace_s=settings.detach_grace_s,
-                typing_delay_ms=settings.typing_delay_ms,
-                max_answer_bytes=settings.max_answer_bytes,
-            ),
-            recorder=self.persistence,
-            observer=self.metrics,
-        )
-        self.metrics.bind(self)
+        self.broker: Broker = built.broker
+        self.agents = built.agents
+        self.tools = built.tools
+        self.store = built.store
+        self.metrics = built.metrics
+        self.persistence = built.persistence
+        self.supervisor = built.supervisor
+        self.metrics.bind(self.metrics_snapshot)
+        self.persistence.observe_write = self.metrics.store_write.observe
         self.counters = Counters()
         self.shutting_down = False
-        self._sessions: dict[str, set[LocalSession]] = {}
-        self._watchdog: asyncio.Task[None] | None = None
+        #: The clients connected to this process.
+        self.clients = SessionRegistry(
+            self.broker,
+            self.counters,
+            max_per_user=settings.max_connections_per_user,
+            check_every_s=min(CHECK_EVERY_S, settings.send_timeout_s / 4),
+        )
         self.persistence.on_refused = self._refused_by_store
-        if isinstance(self.broker, RedisBroker):
-            self.broker.on_reaped = self.persistence.run_changed
 
     # Sessions -----------------------------------------------------------------
 
     async def add_session(self, session: LocalSession) -> bool:
         """Count a new connection; False when its user already has the most allowed
         (counted across every process sharing the broker)."""
-        limit = self.settings.max_connections_per_user
-        if not await self.broker.connection_opened(session.user_id, limit):
-            return False
-        self._sessions.setdefault(session.user_id, set()).add(session)
-        if session.transport == "sse":
-            self.counters.sse_streams += 1
-        else:
-            self.counters.connections += 1
-        return True
+        return await self.clients.add(session)
 
     async def remove_session(self, session: LocalSession) -> None:
-        sessions = self._sessions.get(session.user_id)
-        if sessions is not None and session in sessions:
-            sessions.discard(session)
-            if session.transport == "sse":
-                self.counters.sse_streams -= 1
-            else:
-                self.counters.connections -= 1
-            if not sessions:
-                del self._sessions[session.user_id]
-            await self.broker.connection_closed(session.user_id)
+        await self.clients.remove(session)
 
     def count_delivered(self, events: int) -> None:
         self.counters.events_delivered += events
 
     def memory_report(self) -> dict[str, int]:
         """What the process holds for runs, for the health route."""
-        report = {"runs_in_memory": 0, "run_log_bytes": 0}
-        if isinstance(self.broker, InMemoryBroker):
-            report["runs_in_memory"] = self.broker.runs_in_memory()
-            report["run_log_bytes"] = self.broker.held_bytes()
+        stats = self.broker.stats()
+        report = {"runs_in_memory": stats.runs_in_memory, "run_log_bytes": stats.run_log_bytes}
         # What clients have not been sent yet: bytes their cursors still hold in the
         # run logs, which stay alive (even past the resume window) until read or cut.
         report["sse_streams"] = self.counters.sse_streams
-        report["outbound_buffered_bytes"] = sum(s.buffered_bytes() for s in self.sessions())
+        report["outbound_buffered_bytes"] = self.clients.buffered_bytes()
         return report
 
+    def metrics_snapshot(self) -> MetricsSnapshot:
+        """The counts ``/metrics`` reports, read when scraped."""
+        counters = self.counters
+        return MetricsSnapshot(
+            connections=counters.connections,
+            sse_streams=counters.sse_streams,
+            outbound_buffered_bytes=self.clients.buffered_bytes(),
+            runs=self.supervisor.statuses(),
+            runs_started=counters.runs_started,
+            events_emitted=self.supervisor.events_emitted(),
+            events_delivered=counters.events_delivered,
+            slow_consumer_closes=counters.slow_consumer_closes,
+            auth_failures=counters.auth_failures,
+            rate_limited=counters.rate_limited,
+            store_failures=self.persistence.failures,
+            slow_consumer_by=dict(counters.slow_consumer_by),
+            resumes_recovered=counters.resumes_recovered,
+            resumes_unavailable=counters.resumes_unavailable,
+            outbound_lag=self._outbound_lag(),
+            broker_counts=self.broker.stats().counts,
+        )
+
+    def _outbound_lag(self) -> dict[str, tuple[int, int]]:
+        lag: dict[str, tuple[int, int]] = {}
+        for transport in ("ws", "sse"):
+            held = [s.buffered_bytes() for s in self.sessions() if s.transport == transport]
+            lag[transport] = (sum(held), max(held, default=0))
+        return lag
+
     def sessions(self) -> list[LocalSession]:
-        return [s for group in self._sessions.values() for s in group]
+        return self.clients.all()
 
     async def start(self) -> None:
         await self.store.open()
         self.persistence.start()
-        if isinstance(self.broker, InMemoryBroker):
+        if not self.broker.shared:
             # Runs are this process's alone: whatever is unfinished died with the last one.
             # With a shared broker, other processes may be running theirs; a dead
             # process's runs are failed by lease instead (node_lost).
@@ -200,7 +132,7 @@ class Gateway:
         # Deleted threads whose last runs ended without recording it (their process died).
         await self.store.purge_deleted_threads()
         await self.broker.start()
-        self._watchdog = asyncio.get_running_loop().create_task(self._police())
+        self.clients.start()
 
     async def drain(self, close_code: int) -> None:
         """Shut down gracefully: no new runs; runs finish for up to the grace, then are
@@ -216,26 +148,8 @@ class Gateway:
         if sessions:
             await asyncio.wait([asyncio.create_task(s.closed.wait()) for s in sessions], timeout=5)
 
-    #: How often each client's outbox is asked whether it must be cut, at most.
-    CHECK_EVERY_S: float = 1.0
-
-    async def _police(self) -> None:
-        """Ask every client's outbox, a few times per ``CHAT_SEND_TIMEOUT_S``, whether it
-        must be cut (send stalled, unread bytes over the buffer, token expired).
-
-        One task for every client of the process: an idle connection costs no timer.
-        """
-        every = min(self.CHECK_EVERY_S, self.settings.send_timeout_s / 4)
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(every)
-            now = loop.time()
-            for session in self.sessions():
-                session.check(now)
-
     async def close(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
+        self.clients.stop()
         self.shutting_down = True
         await self.supervisor.shutdown(self.settings.shutdown_grace_s)
         await self.broker.close()
@@ -371,8 +285,6 @@ class Gateway:
         await self.find_run(user, run_id)
         try:
             watch = await self.broker.watch(run_id, after_seq, wake)
-        except ValueError as exc:
-            raise ProtocolError("bad_message", str(exc)) from None
         except ResumeUnavailable:
             self.counters.resumes_unavailable += resume
             raise

@@ -7,20 +7,50 @@ once per run.  Each app has a registry of its own.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from bridge.redis import RedisBroker
+from bridge.wire import UNFINISHED, RunStatus
 
 if TYPE_CHECKING:
     from agents.base import Usage
-    from server.gateway import Gateway
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSnapshot:
+    """The counts a scrape reports, read from the services that keep them."""
+
+    connections: int
+    sse_streams: int
+    outbound_buffered_bytes: int
+    #: Runs held by this process, by status.
+    runs: Mapping[str, int]
+    runs_started: int
+    events_emitted: int
+    events_delivered: int
+    slow_consumer_closes: int
+    auth_failures: int
+    rate_limited: int
+    store_failures: int
+    #: Slow-consumer closes by transport (``ws``, ``sse``).
+    slow_consumer_by: Mapping[str, int] = field(default_factory=dict)
+    resumes_recovered: int = 0
+    resumes_unavailable: int = 0
+    #: Bytes not sent yet, by transport: (their sum, the most one client holds).
+    outbound_lag: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    #: The broker's own counts (with Redis: lease renewals, fencing).
+    broker_counts: Mapping[str, int] = field(default_factory=dict)
+
+
+#: Reads the counts when scraped.
+Snapshot = Callable[[], MetricsSnapshot]
 
 
 class Metrics:
@@ -56,9 +86,9 @@ class Metrics:
             registry=self.registry,
         )
 
-    def bind(self, gateway: Gateway) -> None:
-        self.registry.register(_GatewayCollector(gateway))
-        gateway.persistence.observe_write = self.store_write.observe
+    def bind(self, snapshot: Snapshot) -> None:
+        """Report what ``snapshot`` reads at each scrape."""
+        self.registry.register(_SnapshotCollector(snapshot))
 
     # RunObserver ------------------------------------------------------------------
 
@@ -77,51 +107,47 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-class _GatewayCollector(Collector):
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
+class _SnapshotCollector(Collector):
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
 
     def collect(self) -> Iterator[Metric]:
-        gw = self.gateway
-        counters = gw.counters
+        snap = self.snapshot()
         yield GaugeMetricFamily(
-            "chat_connections_open", "Open WebSocket sessions", value=counters.connections
+            "chat_connections_open", "Open WebSocket sessions", value=snap.connections
         )
-        yield GaugeMetricFamily(
-            "chat_sse_streams_open", "Open SSE streams", value=counters.sse_streams
-        )
+        yield GaugeMetricFamily("chat_sse_streams_open", "Open SSE streams", value=snap.sse_streams)
         yield GaugeMetricFamily(
             "chat_outbound_buffered_bytes",
             "Bytes published to the runs clients watch that they have not been sent yet",
-            value=gw.memory_report()["outbound_buffered_bytes"],
+            value=snap.outbound_buffered_bytes,
         )
         runs = GaugeMetricFamily(
             "chat_runs", "Runs held by this process, by status", labels=["status"]
         )
-        statuses = gw.supervisor.statuses()
-        for status in ("queued", "running", "paused", "cancelled"):
-            runs.add_metric([status], statuses.get(status, 0))
+        for status in (*UNFINISHED, RunStatus.CANCELLED):
+            runs.add_metric([status.value], snap.runs.get(status.value, 0))
         yield runs
-        yield CounterMetricFamily("chat_runs_started", "Runs started", value=counters.runs_started)
+        yield CounterMetricFamily("chat_runs_started", "Runs started", value=snap.runs_started)
         yield CounterMetricFamily(
-            "chat_events_emitted", "Run events published", value=gw.supervisor.events_emitted()
+            "chat_events_emitted", "Run events published", value=snap.events_emitted
         )
         yield CounterMetricFamily(
             "chat_events_delivered",
             "Run events written to WebSocket and SSE clients",
-            value=counters.events_delivered,
+            value=snap.events_delivered,
         )
         yield CounterMetricFamily(
             "chat_slow_consumer_closes",
             "Connections closed with 4408",
-            value=counters.slow_consumer_closes,
+            value=snap.slow_consumer_closes,
         )
         by_transport = CounterMetricFamily(
             "chat_slow_consumer_closes_by_transport",
             "Connections closed with 4408 (WebSocket) or cut as slow (SSE), by transport",
             labels=["transport"],
         )
-        for transport, count in sorted(counters.slow_consumer_by.items()):
+        for transport, count in sorted(snap.slow_consumer_by.items()):
             by_transport.add_metric([transport], count)
         yield by_transport
         resumes = CounterMetricFamily(
@@ -129,8 +155,8 @@ class _GatewayCollector(Collector):
             "Resumes (a watch after a seq, WebSocket or SSE): recovered, or resume_unavailable",
             labels=["outcome"],
         )
-        resumes.add_metric(["recovered"], counters.resumes_recovered)
-        resumes.add_metric(["unavailable"], counters.resumes_unavailable)
+        resumes.add_metric(["recovered"], snap.resumes_recovered)
+        resumes.add_metric(["unavailable"], snap.resumes_unavailable)
         yield resumes
         lag = GaugeMetricFamily(
             "chat_outbound_lag_bytes",
@@ -139,12 +165,12 @@ class _GatewayCollector(Collector):
             labels=["transport", "of"],
         )
         for transport in ("ws", "sse"):
-            held = [s.buffered_bytes() for s in gw.sessions() if s.transport == transport]
-            lag.add_metric([transport, "sum"], sum(held))
-            lag.add_metric([transport, "max"], max(held, default=0))
+            total, most = snap.outbound_lag.get(transport, (0, 0))
+            lag.add_metric([transport, "sum"], total)
+            lag.add_metric([transport, "max"], most)
         yield lag
-        if isinstance(gw.broker, RedisBroker):
-            stats = gw.broker.stats
+        if snap.broker_counts:
+            counts = snap.broker_counts
             for name, help_ in (
                 ("lease_renewals", "This process's lease renewals in Redis"),
                 ("lease_renewal_failures", "Lease renewals that could not reach Redis"),
@@ -152,17 +178,17 @@ class _GatewayCollector(Collector):
                 ("fenced", "Times this process was found reaped while alive, and joined again"),
                 ("nodes_reaped", "Processes whose lease lapsed that this process reaped"),
             ):
-                yield CounterMetricFamily(f"chat_redis_{name}", help_, value=stats[name])
+                yield CounterMetricFamily(f"chat_redis_{name}", help_, value=counts.get(name, 0))
         yield CounterMetricFamily(
             "chat_auth_failures",
             "Requests and sockets refused for their token",
-            value=counters.auth_failures,
+            value=snap.auth_failures,
         )
         yield CounterMetricFamily(
-            "chat_rate_limited", "Runs refused by a per-user limit", value=counters.rate_limited
+            "chat_rate_limited", "Runs refused by a per-user limit", value=snap.rate_limited
         )
         yield CounterMetricFamily(
             "chat_store_failures",
             "Database calls that failed or timed out",
-            value=gw.persistence.failures,
+            value=snap.store_failures,
         )

@@ -37,6 +37,7 @@ from bridge import events
 from bridge.broker import Watch
 from bridge.errors import ResumeUnavailable
 from bridge.events import Event
+from bridge.wire import CloseCode
 from server.errors import wire_error
 
 #: Events read from one run per take before the others get their turn.
@@ -44,9 +45,9 @@ BATCH: Final = 256
 #: Connection messages (acks, errors, pongs) that may wait for the writer.
 MAX_CONTROL_QUEUE: Final = 1024
 
-CLOSE_NORMAL: Final = 1000
-CLOSE_UNAUTHORIZED: Final = 4401
-CLOSE_SLOW: Final = 4408
+CLOSE_NORMAL: Final = CloseCode.NORMAL
+CLOSE_UNAUTHORIZED: Final = CloseCode.UNAUTHORIZED
+CLOSE_SLOW: Final = CloseCode.SLOW_CONSUMER
 
 
 class State(enum.Enum):

@@ -33,7 +33,7 @@ from agents.base import Message
 from agents.lifecycle import RunStatus
 from bridge.broker import RunRecord
 from bridge.errors import RunNotFound
-from server.errors import GatewayError
+from server.errors import StorageUnavailable
 from server.store import MessageRow, RunRow, Store, ThreadRow
 from server.store.base import Step, refused
 
@@ -61,11 +61,6 @@ class _Write:
     done: asyncio.Future[Outcome] | None
     #: The run a message or run write belongs to; the store may refuse such a write.
     run: RunRecord | None = None
-
-
-class StorageUnavailable(GatewayError):
-    code = "internal"
-    http_status = 503
 
 
 def title_of(message: str) -> str:

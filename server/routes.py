@@ -23,10 +23,11 @@ from starlette.responses import JSONResponse, Response
 
 from bridge.errors import RunNotFound
 from bridge.events import PROTOCOL
+from bridge.wire import Action
 from server import sse
 from server.auth import Principal, bearer_from_headers, token_for_http
 from server.commands import MAX_THREAD_ID_CHARS, client_ref, optional_id
-from server.errors import AuthError, ProtocolError, wire_error
+from server.errors import AuthError, BodyTooLarge, ProtocolError, wire_error
 from server.gateway import Gateway
 from server.metrics import CONTENT_TYPE
 from server.params import check_int, parse_int
@@ -34,7 +35,6 @@ from server.params import check_int, parse_int
 log = logging.getLogger("chat.http")
 
 Endpoint = Callable[[Request], Awaitable[Response]]
-ACTIONS: Final = ("start", "stop", "cancel")
 
 
 class OrjsonResponse(JSONResponse):
@@ -84,12 +84,12 @@ def authenticate(request: Request) -> Principal:
 async def read_json_body(request: Request, limit: int) -> dict[str, Any]:
     declared = request.headers.get("content-length")
     if declared is not None and parse_int(declared, "Content-Length") > limit:
-        raise _TooLarge(f"body larger than {limit} bytes")
+        raise BodyTooLarge(f"body larger than {limit} bytes")
     body = b""
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise _TooLarge(f"body larger than {limit} bytes")
+            raise BodyTooLarge(f"body larger than {limit} bytes")
     try:
         raw = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -97,11 +97,6 @@ async def read_json_body(request: Request, limit: int) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ProtocolError("bad_message", "body must be a JSON object")
     return raw
-
-
-class _TooLarge(ProtocolError):
-    def __init__(self, message: str) -> None:
-        super().__init__("too_large", message)
 
 
 @api
@@ -173,8 +168,9 @@ async def lifecycle(request: Request) -> Response:
     user = authenticate(request)
     run_id = request.path_params["run_id"]
     action = request.path_params["action"]
-    if action not in ACTIONS:
-        raise RunNotFound(f"no action {action[:32]!r}; expected one of {', '.join(ACTIONS)}")
+    if action not in set(Action):
+        expected = ", ".join(Action)
+        raise RunNotFound(f"no action {action[:32]!r}; expected one of {expected}")
     status = await gateway.control(user, run_id, action)
     return OrjsonResponse({"ok": True, "run_id": run_id, "action": action, "status": status})
 
@@ -352,5 +348,5 @@ def new_message(content: str, limit: int) -> str:
         ProtocolError: ``too_large`` (413) when it is longer.
     """
     if len(content.encode()) > limit:
-        raise _TooLarge(f"the new message is larger than {limit} bytes")
+        raise BodyTooLarge(f"the new message is larger than {limit} bytes")
     return content

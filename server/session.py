@@ -23,6 +23,7 @@ from typing import Any, Final
 
 from bridge import events
 from bridge.events import Event, Ref
+from bridge.wire import CloseCode
 from server.auth import Principal
 from server.commands import Command, Control, Ping, Resume, UserMessage, parse_command
 from server.errors import ProtocolError, wire_error
@@ -42,10 +43,10 @@ __all__ = [
     "Session",
 ]
 
-CLOSE_TOO_BIG: Final = 1009
-CLOSE_RESTART: Final = 1012
-CLOSE_FORBIDDEN: Final = 4403
-CLOSE_TOO_MANY: Final = 4429
+CLOSE_TOO_BIG: Final = CloseCode.TOO_BIG
+CLOSE_RESTART: Final = CloseCode.RESTART
+CLOSE_FORBIDDEN: Final = CloseCode.FORBIDDEN
+CLOSE_TOO_MANY: Final = CloseCode.TOO_MANY
 
 #: The ASGI ``send`` of the connection: frames go straight to the server, one message each.
 Send = Callable[[dict[str, Any]], Awaitable[None]]

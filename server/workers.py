@@ -17,6 +17,7 @@ import time
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
+from server.logs import configure_logging
 from server.settings import Settings
 
 log = logging.getLogger("chat.workers")
@@ -29,19 +30,15 @@ def _worker(
     settings: Settings, host: str, port: int, sock: socket.socket, secret: str | None
 ) -> None:
     from server.app import create_app
-    from server.cli import RedactTokens
     from server.logs import use_json
     from server.serve import GatewayServer, uvicorn_config
 
     if settings.log_format == "json":
         use_json(settings)
     else:
-        logging.basicConfig(
-            level=settings.log_level.upper(),
-            format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
+        configure_logging(
+            settings.log_level, "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
         )
-        for name in ("uvicorn.access", "uvicorn.error"):  # both log the request's path
-            logging.getLogger(name).addFilter(RedactTokens())
     app = create_app(settings, dev_secret=secret)
     config = uvicorn_config(app, settings, host, port)
     if settings.log_format == "json":

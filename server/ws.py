@@ -23,6 +23,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from agents.supervisor import new_id
 from bridge import events, logctx
 from bridge.errors import BrokerUnavailable
+from bridge.wire import CloseCode
 from server.auth import token_for_websocket
 from server.errors import AuthError
 from server.gateway import Gateway
@@ -39,7 +40,7 @@ from server.session import (
 log = logging.getLogger("chat.ws")
 
 #: "Try again later": the shared broker (Redis) cannot be reached.
-CLOSE_UNAVAILABLE: Final = 1013
+CLOSE_UNAVAILABLE: Final = CloseCode.TRY_AGAIN_LATER
 #: A close frame is a control frame: 125 bytes of payload, 2 of them the code (RFC 6455 5.5).
 MAX_REASON_BYTES: Final = 123
 

@@ -18,6 +18,7 @@ import httpx
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
 
+from bridge.runstate import RunState
 from scripts.kit import launcher, sse
 from scripts.kit.launcher import free_port
 from server.app import create_app
@@ -175,6 +176,12 @@ def check_run_invariants(run_events: list[dict[str, Any]]) -> None:
         elif paused:
             # Only a cancel may end a pause without run_status running.
             assert run_events[-1]["data"]["status"] == "cancelled", event
+    if seqs[0] == 1:
+        # The same rules as the bridge's: the whole run replays through its run state.
+        state = RunState()
+        for event in run_events:
+            state.feed(event["type"], event["data"], event["seq"])
+        assert state.completed and not state.open_calls and state.responded
 
 
 @dataclass

@@ -59,8 +59,8 @@ async def test_bridge_numbers_events_and_refuses_anything_after_the_end() -> Non
     del broker
     bridge = RunBridge(sup.broker, "r_x", "t_x")
     with pytest.raises(ValueError, match="never announced"):
-        bridge._book("tool_completed", {"call_id": "c1", "tool": "x"})
-    bridge.completed = True
+        bridge.state.check("tool_completed", {"call_id": "c1", "tool": "x"})
+    bridge.state.completed = True
     with pytest.raises(RunClosed):
         await bridge.emit("agent_thinking", {"text": "late"})
 

@@ -4,7 +4,7 @@ import pytest
 
 from bridge.errors import ResumeUnavailable
 from bridge.events import make_event
-from bridge.log import EVENT_OVERHEAD, RunLog
+from bridge.log import EVENT_OVERHEAD, RunLog, trim
 
 
 def ev(seq: int, text: str = "x", run_id: str = "r_1"):  # type: ignore[no-untyped-def]
@@ -84,3 +84,12 @@ def test_lag_counts_unread_bytes() -> None:
 def test_negative_after_seq_is_an_error() -> None:
     with pytest.raises(ValueError):
         RunLog("r_1", 100).read(-1)
+
+
+def test_one_trim_policy_drops_the_oldest_and_keeps_the_newest() -> None:
+    sizes = [40, 30, 20, 10]
+    assert trim(100, 100, 4, sizes.__getitem__) == (0, 100)
+    assert trim(100, 50, 4, sizes.__getitem__) == (2, 30)
+    # However large the newest is, it stays.
+    assert trim(100, 1, 4, sizes.__getitem__) == (3, 10)
+    assert trim(500, 1, 1, sizes.__getitem__) == (0, 500)

@@ -10,7 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.cli import RedactTokens, build_parser, settings_from
+from server.cli import build_parser, settings_from
+from server.logs import RedactTokens
 from server.settings import Settings
 from tests.support import free_port
 

@@ -20,11 +20,26 @@ from agents.supervisor import Supervisor, SupervisorConfig
 from agents.tools import builtin_tools
 from bridge.memory import InMemoryBroker
 from server.persistence import Persistence, title_of
-from server.store import MessageRow, RunRow, ThreadRow, open_store
+from server.store import MessageRow, RunRow, Store, ThreadRow, open_store
+from server.store.base import refused
 from server.store.migrations import LATEST
 from tests.support import check_run_invariants, parse_sse, spawn_server, ws_client
 from tests.test_bridge import collect
 from tests.test_faults import record_figures
+
+# Writes go through the store's steps, as the persistence does, one transaction each.
+
+
+async def create_thread(store: Store, row: ThreadRow) -> None:
+    await store.write(store.thread_steps(row))
+
+
+async def add_message(store: Store, row: MessageRow, owner: str) -> bool:
+    return not refused(await store.write(store.message_steps(row, owner)))
+
+
+async def upsert_run(store: Store, row: RunRow) -> bool:
+    return not refused(await store.write(store.run_steps(row)))
 
 
 async def test_migrations_from_empty_and_from_the_previous_schema(db_url: str) -> None:
@@ -55,8 +70,8 @@ async def test_migrations_from_empty_and_from_the_previous_schema(db_url: str) -
         assert message.content == "hello" and message.pos >= 1
         run = await store.get_run("r_1")
         assert run is not None and run.status == "running" and run.node is None
-        await store.upsert_run(
-            RunRow("r_2", "t_1", "alice", "load", "running", None, 2, 2, 1, "n1")
+        await upsert_run(
+            store, RunRow("r_2", "t_1", "alice", "load", "running", None, 2, 2, 1, "n1")
         )
         assert (await store.get_run("r_2")).node == "n1"  # type: ignore[union-attr]
         await store.migrate()  # idempotent
@@ -70,8 +85,8 @@ async def test_threads_messages_runs_and_pagination(db_url: str) -> None:
     await store.open()
     try:
         for i in range(5):
-            await store.create_thread(ThreadRow(f"t_{i}", "alice", f"title {i}", i, 10.0 + i))
-        await store.create_thread(ThreadRow("t_bob", "bob", "bob's", 0, 100.0))
+            await create_thread(store, ThreadRow(f"t_{i}", "alice", f"title {i}", i, 10.0 + i))
+        await create_thread(store, ThreadRow("t_bob", "bob", "bob's", 0, 100.0))
         page1 = await store.list_threads("alice", 2, None)
         assert [t.id for t in page1] == ["t_4", "t_3"]
         page2 = await store.list_threads("alice", 2, (page1[-1].updated_at, page1[-1].id))
@@ -82,16 +97,16 @@ async def test_threads_messages_runs_and_pagination(db_url: str) -> None:
         for i in range(7):
             role = "user" if i % 2 == 0 else "assistant"
             row = MessageRow(f"m_{i}", "t_1", role, f"text {i}", None, False, i)
-            assert await store.add_message(row, "alice")
+            assert await add_message(store, row, "alice")
         first = await store.list_messages("t_1", 3, 0)
         assert [m.id for m in first] == ["m_0", "m_1", "m_2"]
         rest = await store.list_messages("t_1", 10, first[-1].pos)
         assert [m.id for m in rest] == ["m_3", "m_4", "m_5", "m_6"]
         assert [m.id for m in await store.recent_messages("t_1", 2)] == ["m_5", "m_6"]
 
-        await store.upsert_run(RunRow("r_1", "t_1", "alice", "demo", "running", None, 1, 1, 2))
-        await store.upsert_run(RunRow("r_1", "t_1", "alice", "demo", "paused", None, 1, 2, 5))
-        await store.upsert_run(RunRow("r_2", "t_1", "alice", "demo", "completed", None, 1, 2, 9))
+        await upsert_run(store, RunRow("r_1", "t_1", "alice", "demo", "running", None, 1, 1, 2))
+        await upsert_run(store, RunRow("r_1", "t_1", "alice", "demo", "paused", None, 1, 2, 5))
+        await upsert_run(store, RunRow("r_2", "t_1", "alice", "demo", "completed", None, 1, 2, 9))
         assert (await store.get_run("r_1")).status == "paused"  # type: ignore[union-attr]
         assert await store.fail_unfinished_runs("server_restart", 3.0) == 1
         run = await store.get_run("r_1")
@@ -204,16 +219,16 @@ async def test_a_deleted_thread_takes_no_writes_and_keeps_its_id_until_its_runs_
     store = open_store(db_url)
     await store.open()
     try:
-        await store.create_thread(ThreadRow("t", "alice", "notes", 1.0, 1.0))
-        assert await store.upsert_run(run_row("r_a", "t", "alice", "running"))
-        assert await store.add_message(
-            MessageRow("m_1", "t", "user", "hi", "r_a", False, 2), "alice"
+        await create_thread(store, ThreadRow("t", "alice", "notes", 1.0, 1.0))
+        assert await upsert_run(store, run_row("r_a", "t", "alice", "running"))
+        assert await add_message(
+            store, MessageRow("m_1", "t", "user", "hi", "r_a", False, 2), "alice"
         )
         # Bob's writes never land in Alice's thread.
-        assert not await store.add_message(
-            MessageRow("m_b", "t", "user", "x", "r_b", False, 3), "bob"
+        assert not await add_message(
+            store, MessageRow("m_b", "t", "user", "x", "r_b", False, 3), "bob"
         )
-        assert not await store.upsert_run(run_row("r_b", "t", "bob", "running"))
+        assert not await upsert_run(store, run_row("r_b", "t", "bob", "running"))
         assert await store.get_run("r_b") is None
         assert [m.id for m in await store.list_messages("t", 10, 0)] == ["m_1"]
 
@@ -223,38 +238,38 @@ async def test_a_deleted_thread_takes_no_writes_and_keeps_its_id_until_its_runs_
         assert await store.list_messages("t", 10, 0) == []
         assert await store.unfinished_runs("t", "alice") == ["r_a"]
         # The id is not free while r_a can still write: Bob's claim takes nothing.
-        await store.create_thread(ThreadRow("t", "bob", "mine", 5.0, 5.0))
+        await create_thread(store, ThreadRow("t", "bob", "mine", 5.0, 5.0))
         assert await store.get_thread("t") is None
         # r_a's answer is refused, its status is still recorded; no new run is admitted.
-        assert not await store.add_message(
-            MessageRow("m_2", "t", "assistant", "late", "r_a", False, 6), "alice"
+        assert not await add_message(
+            store, MessageRow("m_2", "t", "assistant", "late", "r_a", False, 6), "alice"
         )
-        assert await store.upsert_run(run_row("r_a", "t", "alice", "running", 7))
-        assert not await store.upsert_run(run_row("r_a2", "t", "alice", "queued"))
+        assert await upsert_run(store, run_row("r_a", "t", "alice", "running", 7))
+        assert not await upsert_run(store, run_row("r_a2", "t", "alice", "queued"))
         assert await store.purge_deleted_threads() == 0
         # r_a ends: it goes, and the tombstone with it.
-        assert await store.upsert_run(run_row("r_a", "t", "alice", "cancelled", 9))
+        assert await upsert_run(store, run_row("r_a", "t", "alice", "cancelled", 9))
         assert await store.get_run("r_a") is None
 
-        await store.create_thread(ThreadRow("t", "bob", "mine", 10.0, 10.0))
+        await create_thread(store, ThreadRow("t", "bob", "mine", 10.0, 10.0))
         thread = await store.get_thread("t")
         assert thread is not None and thread.owner == "bob"
         # Late writes of Alice's ended run find Bob's thread: refused, nothing lands.
-        assert not await store.add_message(
-            MessageRow("m_3", "t", "assistant", "late", "r_a", False, 11), "alice"
+        assert not await add_message(
+            store, MessageRow("m_3", "t", "assistant", "late", "r_a", False, 11), "alice"
         )
-        assert not await store.upsert_run(run_row("r_a", "t", "alice", "completed", 12))
+        assert not await upsert_run(store, run_row("r_a", "t", "alice", "completed", 12))
         assert await store.list_messages("t", 10, 0) == []
         assert await store.get_run("r_a") is None
         assert (await store.get_thread("t")) == thread  # not even touched
 
         # A tombstone whose run died with its process is removed once the run is failed.
-        await store.create_thread(ThreadRow("u", "alice", "other", 1.0, 1.0))
-        assert await store.upsert_run(run_row("r_u", "u", "alice", "running"))
+        await create_thread(store, ThreadRow("u", "alice", "other", 1.0, 1.0))
+        assert await upsert_run(store, run_row("r_u", "u", "alice", "running"))
         assert await store.delete_thread("u", "alice", 13.0)
         assert await store.fail_unfinished_runs("server_restart", 14.0) == 1
         assert await store.purge_deleted_threads() == 1
-        await store.create_thread(ThreadRow("u", "bob", "free", 15.0, 15.0))
+        await create_thread(store, ThreadRow("u", "bob", "free", 15.0, 15.0))
         assert (await store.get_thread("u")).owner == "bob"  # type: ignore[union-attr]
     finally:
         await store.close()
@@ -272,14 +287,14 @@ async def test_a_delete_and_runs_starting_in_its_thread_are_ordered(db_url: str)
     try:
         for i in range(30):
             tid = f"t_{i}"
-            await starts.create_thread(ThreadRow(tid, "alice", "race", 1.0, 1.0))
+            await create_thread(starts, ThreadRow(tid, "alice", "race", 1.0, 1.0))
 
             async def admit(n: int, tid: str = tid) -> bool:
                 await asyncio.sleep(n * 0.0005)
                 run_id = f"r_{tid}_{n}"
-                ok = await starts.upsert_run(run_row(run_id, tid, "alice", "queued"))
+                ok = await upsert_run(starts, run_row(run_id, tid, "alice", "queued"))
                 message = MessageRow(f"m_{tid}_{n}", tid, "user", "hi", run_id, False, 3.0)
-                await starts.add_message(message, "alice")
+                await add_message(starts, message, "alice")
                 return ok
 
             async def delete_then_look(tid: str = tid) -> list[str]:

@@ -201,6 +201,22 @@ async def test_finished_run_replays_identically(server: LiveServer, user: str) -
     assert tail[1:] == live[7:]
 
 
+async def test_a_resume_past_the_runs_last_event_is_a_bad_message(
+    server: LiveServer, user: str
+) -> None:
+    async with ws_client(server, user) as client:
+        live = await client.run("chunks=2", agent="load")
+        run_id, last = live[0]["run_id"], live[-1]["seq"]
+        await client.send(type="resume", run_id=run_id, after_seq=last + 5, id="ahead")
+        answer = await client.recv_until("error")
+        await client.send(type="ping", id="still")
+        pong = await client.recv_until("pong")
+    error = answer[-1]["data"]
+    assert error["code"] == "bad_message" and error["ref"] == "ahead"
+    assert f"beyond the run's last seq {last}" in error["message"]
+    assert pong[-1]["data"]["ref"] == "still"  # the session goes on
+
+
 async def test_run_outlives_its_client(server: LiveServer, user: str) -> None:
     async with ws_client(server, user) as client:
         await client.send(type="user_message", agent="load", content="chunks=30 delay_ms=10")

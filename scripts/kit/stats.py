@@ -17,6 +17,7 @@ from typing import Any, Final
 
 import orjson
 
+from bridge.wire import is_terminal
 from scripts.kit.sse import SseMessage
 
 #: Values kept for percentiles per measure; beyond, a uniform sample of this size.
@@ -211,7 +212,7 @@ class Stats:
         self.statuses[status] += 1
         if run.first_at is not None:
             run.completed_at = now
-            if status in ("completed", "cancelled", "failed"):
+            if is_terminal(status):
                 self.completed_ms.add((now - run.sent_at) * 1000)
                 self.last_end = now if self.last_end is None else max(self.last_end, now)
         self.lost += len(run.missing)

@@ -13,11 +13,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
+from bridge import wire
+from server.errors import StoreError as StoreError
+
 #: One SQL statement and its arguments.
 Step = tuple[str, tuple[Any, ...]]
 
 #: Run statuses of a run that has not ended (and may still write).
-UNFINISHED: Final = ("queued", "running", "paused")
+UNFINISHED: Final = tuple(status.value for status in wire.UNFINISHED)
 
 #: The leading steps of a :meth:`Store.message_steps` or :meth:`Store.run_steps` write
 #: that check the thread: when none of them changed a row, the store refused the write.
@@ -28,12 +31,6 @@ def refused(counts: Sequence[int]) -> bool:
     """Whether a message or run write, given the rows each of its steps changed, was
     refused: its thread is missing, deleted, or not its run's owner's."""
     return not any(count > 0 for count in counts[:CHECKED_STEPS])
-
-
-class StoreError(Exception):
-    """The database failed or is unreachable; the store's own errors are mapped to this."""
-
-    code = "internal"
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,8 +106,6 @@ class Store(Protocol):
         """The thread, or None when there is none or it was deleted."""
         ...
 
-    async def create_thread(self, row: ThreadRow) -> None: ...
-
     async def list_threads(
         self, owner: str, limit: int, before: tuple[float, str] | None
     ) -> list[ThreadRow]:
@@ -127,20 +122,12 @@ class Store(Protocol):
         """
         ...
 
-    async def add_message(self, row: MessageRow, owner: str) -> bool:
-        """Add a message of ``owner``'s run; False when the store refused it."""
-        ...
-
     async def list_messages(self, thread_id: str, limit: int, after_pos: int) -> list[MessageRow]:
         """Messages of the thread, oldest first, with ``pos > after_pos``."""
         ...
 
     async def recent_messages(self, thread_id: str, limit: int) -> list[MessageRow]:
         """The thread's last ``limit`` messages, oldest first."""
-        ...
-
-    async def upsert_run(self, row: RunRow) -> bool:
-        """Record a run; False when the store refused it."""
         ...
 
     async def get_run(self, run_id: str) -> RunRow | None: ...

@@ -18,6 +18,7 @@ from typing import Any, Final, Protocol, TypeVar
 
 import orjson
 
+from bridge.wire import RunStatus
 from server.store.base import (
     UNFINISHED,
     MessageRow,
@@ -25,7 +26,6 @@ from server.store.base import (
     Step,
     StoreError,
     ThreadRow,
-    refused,
 )
 from server.store.migrations import LATEST, statements
 
@@ -302,9 +302,6 @@ class SqlStore:
         )
         return _thread(rows[0]) if rows else None
 
-    async def create_thread(self, row: ThreadRow) -> None:
-        await self.write(self.thread_steps(row))
-
     def thread_steps(self, row: ThreadRow) -> list[Step]:
         """Create the thread; nothing when a thread of that id exists already (a deleted
         one's tombstone included)."""
@@ -391,9 +388,6 @@ class SqlStore:
 
     # Messages -----------------------------------------------------------------
 
-    async def add_message(self, row: MessageRow, owner: str) -> bool:
-        return not refused(await self.write(self.message_steps(row, owner)))
-
     def message_steps(self, row: MessageRow, owner: str) -> list[Step]:
         """Make the thread the most recently updated and add the message, if the thread
         is ``owner``'s and not deleted."""
@@ -440,9 +434,6 @@ class SqlStore:
         return [_message(r) for r in reversed(rows)]
 
     # Runs ---------------------------------------------------------------------
-
-    async def upsert_run(self, row: RunRow) -> bool:
-        return not refused(await self.write(self.run_steps(row)))
 
     def run_steps(self, row: RunRow) -> list[Step]:
         """Insert the run if its thread is its owner's and not deleted, else update it.
@@ -517,7 +508,7 @@ class SqlStore:
 
     async def fail_unfinished_runs(self, error_code: str, now: float) -> int:
         return await self.driver.execute(
-            "UPDATE runs SET status = 'failed', error_code = ?, updated_at = ? "
+            f"UPDATE runs SET status = '{RunStatus.FAILED}', error_code = ?, updated_at = ? "
             f"WHERE status IN {_UNFINISHED}",
             error_code,
             now,
