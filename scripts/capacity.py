@@ -28,7 +28,9 @@ inherit it). Every wait is bounded; all traffic stays on 127.0.0.1.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import signal
 import sys
 import tempfile
 import time
@@ -40,7 +42,7 @@ import orjson
 
 from scripts.kit import balancer
 from scripts.kit.args import positive, positive_int
-from scripts.kit.capacity import MODEL_PACE, P99_BOUND_MS, StepConfig, ramp
+from scripts.kit.capacity import MODEL_PACE, P99_BOUND_MS, StepConfig, capacity_step, ramp
 from scripts.kit.launcher import (
     LaunchError,
     Process,
@@ -54,7 +56,7 @@ from scripts.kit.launcher import (
 )
 from scripts.kit.loop import run_async
 from scripts.kit.measure import raise_nofile
-from scripts.kit.report import loadavg, machine
+from scripts.kit.report import hot_spots, loadavg, machine
 from scripts.kit.scenarios import idle
 from scripts.kit.tokens import TokenCache
 
@@ -155,13 +157,55 @@ async def capacity(args: argparse.Namespace, log: Callable[[str], None]) -> dict
     with tempfile.TemporaryDirectory(prefix="capacity-") as tmp:
         for target in args.targets:
             log(f"{target}:")
-            out[target] = await ramp(target, starter(target, Path(tmp)), steps, cfg, tokens, log)
+            start = starter(target, Path(tmp))
+            out[target] = result = await ramp(target, start, steps, cfg, tokens, log)
+            worse = result["first_not_held"]
+            if args.profile is not None and worse is not None and target != "socketio":
+                result["profile"] = await profile(
+                    target, start, worse["streams"], cfg, tokens, args.profile
+                )
+                log(f"  profile at {worse['streams']} streams: {result['profile'].get('file')}")
     return {
         "mode": "capacity",
         "config": {**cfg.__dict__, "steps": steps},
         "nofile": {"soft": soft, "hard": hard},
         "results": out,
     }
+
+
+async def profile(
+    target: str,
+    start: Callable[[], contextlib.AbstractAsyncContextManager[tuple[str, int, list[Process]]]],
+    n: int,
+    cfg: StepConfig,
+    tokens: TokenCache,
+    out_dir: Path,
+) -> dict[str, Any]:
+    """py-spy on the (first) gateway process during one more step of ``n`` streams, not
+    measured (py-spy pauses the process for each sample); where its time went."""
+    pyspy = Path(sys.executable).parent / "py-spy"
+    if not pyspy.exists():
+        return {"error": f"py-spy not found at {pyspy} (pip install py-spy)"}
+    out = out_dir / f"capacity-{target}-{n}.speedscope.json"
+    async with start() as (kind, port, servers):
+        spy = await asyncio.create_subprocess_exec(
+            str(pyspy), "record", "--pid", str(servers[0].pid), "--rate", "200",
+            "--format", "speedscope", "--output", str(out),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        await asyncio.sleep(1.0)
+        try:
+            step = await capacity_step(kind, port, servers, n, cfg, tokens)
+        finally:
+            spy.send_signal(signal.SIGINT)
+            try:
+                _, err = await asyncio.wait_for(spy.communicate(), 60)
+            except TimeoutError:
+                spy.kill()
+                _, err = await spy.communicate()
+    if not out.exists():
+        return {"error": err.decode(errors="replace")[-2000:]}
+    return {"file": str(out), "streams": n, "step_under_profiler": step, **hot_spots(out)}
 
 
 async def idle_mode(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
@@ -238,6 +282,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--idle", type=positive_int, default=None, metavar="N", help="instead: N idle connections"
     )
     parser.add_argument("--hold-s", type=positive, default=10.0, help="idle: hold for S s (10)")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="after each gateway target's ramp, one more (unmeasured) step at the first "
+        "number that did not hold with py-spy on the gateway process; speedscope files "
+        "into DIR and the hot spots in the report",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--save", type=Path, default=None, help="also write the JSON to FILE")
     return parser
@@ -256,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     def log(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
     before = loadavg()
     began = time.perf_counter()
     try:

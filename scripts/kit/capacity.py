@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ async def capacity_step(
     conns: list[Conn] = []
     began = time.perf_counter()
     cpu0 = [s.cpu_s() for s in servers]
+    client0 = time.process_time()
 
     async def client(i: int) -> None:
         await asyncio.sleep(cfg.ramp_s * i / max(n, 1))
@@ -87,6 +89,7 @@ async def capacity_step(
     await asyncio.gather(*(client(i) for i in range(n)))
     wall_s = time.perf_counter() - began
     cpu_s = [s.cpu_s() - c for s, c in zip(servers, cpu0, strict=True)]
+    client_s = time.process_time() - client0
     await close_all(conns)
     report = stats.report()
     latency = report["event_latency_ms"]
@@ -104,6 +107,8 @@ async def capacity_step(
         "seq": report["seq"],
         "events": report["events"]["total"],
         "server_cpu_share": [round(c / wall_s, 3) for c in cpu_s],
+        "client_cpu_share": round(client_s / wall_s, 3),
+        "loadavg_1m": os.getloadavg()[0],
         "wall_s": round(wall_s, 2),
     }
 
@@ -128,7 +133,8 @@ async def ramp(
             f"  {name:<16} {n:>5} streams: {'held' if step['held'] else 'NOT held':<8} "
             f"latency p99 {lat.get('p99')} ms, connect p99 {con.get('p99')} ms, "
             f"connect failures {step['connect_failures'] or 0}, errors {step['errors'] or 0}, "
-            f"server cpu {step['server_cpu_share']}"
+            f"cpu server {step['server_cpu_share']} client {step['client_cpu_share']}, "
+            f"load {step['loadavg_1m']}"
         )
         if not step["held"]:
             break
