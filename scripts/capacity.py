@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import shutil
 import signal
 import sys
 import tempfile
@@ -113,14 +114,18 @@ def socketio(workdir: Path) -> Iterator[Process]:
 
 
 def starter(
-    target: str, workdir: Path
+    target: str, workdir: Path, keep: bool = False
 ) -> Callable[[], contextlib.AbstractAsyncContextManager[tuple[str, int, list[Process]]]]:
-    """Fresh processes for one step of ``target``: the client's kind, the port, the servers."""
+    """Fresh processes for one step of ``target``: the client's kind, the port, the servers.
+    Each step's logs and database go to a directory of its own under ``workdir``, removed
+    afterwards unless ``keep``."""
 
     @contextlib.asynccontextmanager
     async def start() -> AsyncIterator[tuple[str, int, list[Process]]]:
-        with tempfile.TemporaryDirectory(dir=workdir) as tmp, contextlib.ExitStack() as stack:
-            step_dir = Path(tmp)
+        with contextlib.ExitStack() as stack:
+            step_dir = Path(tempfile.mkdtemp(prefix=f"{target}-", dir=workdir))
+            if not keep:
+                stack.callback(shutil.rmtree, step_dir, True)
             if target == "gateway":
                 proc = stack.enter_context(gateway(step_dir))
                 yield "gateway", proc.port, [proc]
@@ -154,10 +159,14 @@ async def capacity(args: argparse.Namespace, log: Callable[[str], None]) -> dict
     )
     tokens = TokenCache(SECRET, 3 * 3600)
     out: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="capacity-") as tmp:
+    with contextlib.ExitStack() as dirs:
+        if args.workdir is not None:
+            tmp = str(args.workdir)
+        else:
+            tmp = dirs.enter_context(tempfile.TemporaryDirectory(prefix="capacity-"))
         for target in args.targets:
             log(f"{target}:")
-            start = starter(target, Path(tmp))
+            start = starter(target, Path(tmp), keep=args.workdir is not None)
             out[target] = result = await ramp(target, start, steps, cfg, tokens, log)
             worse = result["first_not_held"]
             if args.profile is not None and worse is not None and target != "socketio":
@@ -291,6 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
         "number that did not hold with py-spy on the gateway process; speedscope files "
         "into DIR and the hot spots in the report",
     )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="keep each step's server logs and database in DIR (default: removed)",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--save", type=Path, default=None, help="also write the JSON to FILE")
     return parser
@@ -309,8 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     def log(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
-    if args.profile is not None:
-        args.profile.mkdir(parents=True, exist_ok=True)
+    for folder in (args.profile, args.workdir):
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
     before = loadavg()
     began = time.perf_counter()
     try:
