@@ -104,7 +104,7 @@ def parse_event(data: str) -> BaseEvent:
     try:
         raw = json.loads(data)
     except json.JSONDecodeError:
-        log.warning("an AG-UI agent sent an event that is not JSON: %r", data[:EXCERPT_CHARS])
+        log.warning("an AG-UI agent sent an event that is not JSON (%d characters)", len(data))
         raise RemoteAgentError("the agent sent an event that is not valid JSON") from None
     return validate_event(raw)
 

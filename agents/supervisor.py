@@ -274,7 +274,16 @@ class RunHandle:
             else:
                 status = RunStatus.FAILED
                 error = _run_error(exc)
-                log.warning("run %s: agent %s failed: %r", self.run_id, self.agent.name, exc)
+                # The type and the code only: an exception's text may quote the user's
+                # message, which never goes into the logs (the traceback at debug level).
+                log.warning(
+                    "run %s: agent %s failed: %s (%s)",
+                    self.run_id,
+                    self.agent.name,
+                    type(exc).__name__,
+                    error.code,
+                )
+                log.debug("run %s: the agent's exception", self.run_id, exc_info=exc)
         if status is RunStatus.CANCELLED and self._cancel_error is None:
             # Cancelled from outside the supervisor (the event loop is closing).
             self.lifecycle.status = RunStatus.CANCELLED

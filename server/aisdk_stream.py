@@ -217,11 +217,10 @@ def last_user_text(messages: object) -> str:
         parts = message.get("parts")
         if not isinstance(parts, list):
             break
-        text = "".join(
-            str(p.get("text") or "")
-            for p in parts
-            if isinstance(p, dict) and p.get("type") == "text"
-        )
+        texts = [p.get("text") for p in parts if isinstance(p, dict) and p.get("type") == "text"]
+        if any(not isinstance(t, str) for t in texts):
+            raise ProtocolError("bad_message", "a text part's 'text' must be a string")
+        text = "".join(t for t in texts if isinstance(t, str))
         if text.strip():
             return text
         break
@@ -260,7 +259,7 @@ async def chat(request: Request) -> Response:
     if thread_id is None:
         raise ProtocolError("bad_message", "field 'id' (the chat's id) is required")
     trigger = body.get("trigger", "submit-message")
-    if trigger not in TRIGGERS:
+    if not isinstance(trigger, str) or trigger not in TRIGGERS:
         raise ProtocolError("bad_message", f"field 'trigger' must be one of {sorted(TRIGGERS)}")
     agent = optional_id(body, "agent")
     content = routes.new_message(last_user_text(body.get("messages")), limit)

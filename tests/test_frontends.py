@@ -366,6 +366,21 @@ async def test_aisdk_stream_headers_parts_and_done(server: LiveServer, user: str
             "/api/ai-sdk/chat", json={"id": "x", "messages": []}, headers=server.headers(user)
         )
         assert bad.status_code == 400
+        # Wrong types are the client's mistake (400), never a 500.
+        text_part = {"id": "u1", "role": "user", "parts": [{"type": "text", "text": "hi"}]}
+        for wrong in (
+            {"trigger": ["x"]},
+            {"trigger": {"a": 1}},
+            {"messages": [{"id": "u1", "role": "user", "parts": [{"type": "text", "text": 5}]}]},
+            {"messages": [{"role": "user", "parts": [{"type": "text", "text": {"no": 1}}]}]},
+        ):
+            resp = await client.post(
+                "/api/ai-sdk/chat",
+                json={"id": f"w-{user}", "messages": [text_part], **wrong},
+                headers=server.headers(user),
+            )
+            assert resp.status_code == 400, (wrong, resp.text)
+            assert resp.json()["error"]["code"] == "bad_message"
         none = await client.get(f"/api/ai-sdk/chat/c-{user}/stream", headers=server.headers(user))
         assert none.status_code == 204
 
