@@ -31,6 +31,8 @@ class ToolOutcome:
     ok: bool
     result: Any = None
     error: str | None = None
+    #: The arguments the call ran with (an approval may have edited them).
+    args: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,7 +209,7 @@ class RunContext:
         except Exception as exc:  # a tool's bug is its call's failure, not the run's
             outcome = ToolOutcome(call_id, False, error=f"{name} failed: {type(exc).__name__}")
         else:
-            outcome = ToolOutcome(call_id, True, result=result)
+            outcome = ToolOutcome(call_id, True, result=result, args=dict(args))
         await self.emit.tool_completed(
             call_id,
             name,
