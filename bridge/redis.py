@@ -66,7 +66,7 @@ from bridge.errors import (
 )
 from bridge.events import Event, decode_event, make_event
 from bridge.log import RunLog, kept_size, trim
-from bridge.runstate import RunState
+from bridge.runstate import INPUT_KEY_PREFIX, RunState
 from bridge.wire import RESPOND, Action, RunStatus, WireError, is_terminal
 
 log = logging.getLogger("chat.redis")
@@ -537,6 +537,15 @@ class RedisBroker:
                 call_id = event.data["call_id"]
                 closed.append(call_id)
                 commands.append(["HDEL", calls_key, call_id])
+            elif kind == "input_requested":
+                # Kept with the calls, so that an ending written elsewhere resolves it.
+                key = INPUT_KEY_PREFIX + event.data["request_id"]
+                opened[key] = event.data["kind"]
+                commands.append(["HSET", calls_key, key, event.data["kind"]])
+            elif kind == "input_resolved":
+                key = INPUT_KEY_PREFIX + event.data["request_id"]
+                closed.append(key)
+                commands.append(["HDEL", calls_key, key])
             elif kind == "response_complete":
                 responded = True
                 commands.append(["HSET", run_key, "responded", 1])

@@ -21,7 +21,7 @@ from __future__ import annotations
 import io
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Final, Literal
 
 from bridge.errors import InvariantBroken
 from bridge.events import (
@@ -33,6 +33,9 @@ from bridge.events import (
     ToolCompletedData,
 )
 from bridge.wire import RunStatus
+
+#: How an open input request is named among the open calls a run's appends record.
+INPUT_KEY_PREFIX: Final = "input:"
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +182,11 @@ class RunState:
         """The state of a run from what its appends recorded, not from its events."""
         state = cls()
         state.seq = seq
-        state.open_calls = dict(open_calls)
+        for key, value in open_calls.items():
+            if key.startswith(INPUT_KEY_PREFIX):  # an input request, not a call
+                state.open_requests[key.removeprefix(INPUT_KEY_PREFIX)] = value
+            else:
+                state.open_calls[key] = value
         state.chunks = chunks
         state.responded = responded
         if content:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -502,6 +504,41 @@ async def test_cancel_and_stop_through_the_other_process(redis_url: str, tmp_pat
     assert statuses == ["waiting", "paused", "waiting"]
     assert of_type(events, "input_resolved")[0]["by"] == "cancel"
     assert events[-1]["data"]["status"] == "cancelled"
+
+
+async def test_a_waiting_run_whose_process_dies_resolves_its_request(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """The other process ends the run ``node_lost`` from what its appends recorded: the
+    open request is resolved ``by: cancel`` before the open call fails."""
+    env = {
+        "CHAT_BROKER_URL": redis_url,
+        "CHAT_DB_URL": f"sqlite:///{tmp_path}/chat.db",
+        "CHAT_APPROVAL_TOOLS": "calculator",
+        "CHAT_RUN_LEASE_S": "2",
+    }
+    with spawn_server(tmp_path, **env) as a, spawn_server(tmp_path, **env) as b:
+        async with ws_client(a, "erin") as on_a, ws_client(b, "erin") as on_b:
+            await on_a.send(type="user_message", content="What is 7 * 7?", agent="demo")
+            _, request = await until_request(on_a)
+            run_id = request["run_id"]
+            await on_b.send(type="resume", run_id=run_id, after_seq=0)
+            await on_b.recv()
+            seen, _ = await until_request(on_b)
+            assert a.proc is not None
+            os.kill(a.proc.pid, signal.SIGKILL)
+            events = of_run(seen + await on_b.recv_until("agent_completed", timeout=30), run_id)
+    check_inputs(events)
+    types = [e["type"] for e in events]
+    assert types[-5:] == [
+        "input_resolved",
+        "tool_completed",
+        "response_chunk",
+        "response_complete",
+        "agent_completed",
+    ]
+    assert events[-5]["data"]["by"] == "cancel"
+    assert events[-1]["data"]["error"]["code"] == "node_lost"
 
 
 # The llm agent --------------------------------------------------------------------
