@@ -16,7 +16,9 @@ import httpx
 import orjson
 import pytest
 
+from agents.errors import LifecycleConflict
 from agents.inputs import InputDesk, parse_response
+from agents.lifecycle import Action, Lifecycle, RunStatus
 from bridge.errors import InvariantBroken
 from bridge.runstate import RunState
 from tests import openai_stub as oa
@@ -122,6 +124,7 @@ async def test_an_approved_call_runs_with_the_edited_arguments(
         await client.send(type="respond", run_id=run_id, request_id=data["request_id"], answer="x")
         assert (await client.recv())["data"]["code"] == "bad_message"
 
+        began = time.perf_counter()
         await client.send(
             type="respond",
             run_id=run_id,
@@ -131,9 +134,12 @@ async def test_an_approved_call_runs_with_the_edited_arguments(
             id="yes",
         )
         ack = await client.recv()
+        ack_ms = (time.perf_counter() - began) * 1000
         assert ack["type"] == "ack" and ack["data"]["action"] == "respond", ack
         assert ack["data"]["status"] == "running" and ack["data"]["ref"] == "yes"
-        rest_events = await client.recv_until("agent_completed")
+        rest_events = await client.recv_until("input_resolved")
+        resolved_ms = (time.perf_counter() - began) * 1000
+        rest_events += await client.recv_until("agent_completed")
         # A second answer: the request is resolved.
         await client.send(
             type="respond", run_id=run_id, request_id=data["request_id"], approved=False
@@ -165,6 +171,14 @@ async def test_an_approved_call_runs_with_the_edited_arguments(
     assert json.loads(rows[2]["content"])["args"] == {"expression": "6 * 7"}
     assert "chat_input_requests_total" in metrics or "chat_input_requests " in metrics
     assert 'chat_input_resolved_total{by="user"}' in metrics
+    broker = "redis" if server.settings.broker_url else "memory"
+    record_figures(
+        f"approvals_answer_{broker}",
+        {
+            "respond_to_ack_ms": round(ack_ms, 2),
+            "respond_to_input_resolved_ms": round(resolved_ms, 2),
+        },
+    )
 
 
 async def test_a_denied_call_fails_with_the_reason_over_rest(
@@ -657,6 +671,27 @@ def test_run_state_resolves_each_request_once() -> None:
     assert [c.type for c in lost] == ["response_chunk", "response_complete", "agent_completed"]
 
 
+def test_the_lifecycle_waits_and_resumes() -> None:
+    life = Lifecycle("r")
+    life.begin()
+    assert life.wait().after is RunStatus.WAITING
+    life.awaiting = 1
+    assert life.apply(Action.START).after is RunStatus.WAITING  # a no-op: not paused
+    assert not life.apply(Action.START).changed
+    assert life.apply(Action.STOP).after is RunStatus.PAUSED
+    assert life.apply(Action.START).after is RunStatus.WAITING  # still open: waits again
+    life.apply(Action.STOP)
+    life.awaiting = 0  # answered while paused
+    assert life.apply(Action.START).after is RunStatus.RUNNING
+    assert not life.resolved().changed  # already running: no second run_status
+    life.wait()
+    assert life.resolved().after is RunStatus.RUNNING
+    life.wait()
+    assert life.apply(Action.CANCEL).after is RunStatus.CANCELLED
+    with pytest.raises(LifecycleConflict):
+        life.apply(Action.STOP)
+
+
 def test_answers_are_checked_against_their_request() -> None:
     approval = parse_response("tool_approval", {"approved": True, "args": {"a": 1}})
     assert approval.approved and approval.args == {"a": 1}
@@ -710,9 +745,9 @@ def test_respond_frames_are_parsed() -> None:
         assert caught.value.code == "bad_message"
 
 
-async def test_status_route_and_health_work_with_httpx(approving: LiveServer) -> None:
-    """The new status is one /metrics and the status route report (no run: the gauges
-    read zero, and the waiting status is listed by the runs gauge)."""
+async def test_metrics_list_the_waiting_status_and_the_input_gauges(
+    approving: LiveServer,
+) -> None:
     async with httpx.AsyncClient(base_url=approving.http, headers=approving.headers()) as rest:
         metrics = (await rest.get("/metrics")).text
     assert 'chat_runs{status="waiting"}' in metrics
