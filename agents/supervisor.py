@@ -393,6 +393,10 @@ class RunHandle:
             self._supervisor.events_finished += self.bridge.seq
             adapter.detach()
             self.desk.close_all()
+            # No cycle through the handle outlives the run: its answer is freed as soon
+            # as the broker forgets the run, not at the next collection.
+            self.desk.on_resolved = None
+            self.ctx.inputs = None
             if self._grace is not None:
                 self._grace.cancel()
                 self._grace = None
