@@ -11,7 +11,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from agents.errors import ToolError, UnknownAgent
+from agents.errors import AgentInputError, ToolError, UnknownAgent
+from agents.inputs import InputKind, Resolution
 from agents.tools import ToolRegistry
 from bridge.bridge import EventAdapter
 
@@ -30,6 +31,8 @@ class ToolOutcome:
     ok: bool
     result: Any = None
     error: str | None = None
+    #: The arguments the call ran with (an approval may have edited them).
+    args: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +61,18 @@ class Usage:
         }
 
 
+class InputPort(Protocol):
+    """Where a run asks its owner (the run's controller): ``input_requested``, then the
+    run waits (status ``waiting``) for the :class:`Resolution`, announced by
+    ``input_resolved`` before this returns."""
+
+    async def request_input(self, kind: InputKind, fields: Mapping[str, Any]) -> Resolution: ...
+
+
+#: The tool the ``llm`` agent's model calls to ask the user a question.
+ASK_USER_TOOL = "ask_user"
+
+
 @dataclass(slots=True)
 class RunContext:
     """Everything an agent gets for one run.  Every event goes out through ``emit``."""
@@ -70,6 +85,10 @@ class RunContext:
     tools: ToolRegistry
     history: Sequence[Message] = ()
     typing_delay_s: float = 0.0
+    #: Where to ask the run's owner (None: nobody to ask, as in a bare context).
+    inputs: InputPort | None = None
+    #: Tools whose calls wait for the owner's approval (``*``: every tool).
+    approval_tools: frozenset[str] = frozenset()
     _call_ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     #: The tokens reported so far (:meth:`report_usage`), by model.
     _usage: dict[str, Usage] = field(default_factory=dict)
@@ -101,6 +120,43 @@ class RunContext:
         """The next tool call id of this run (``call_1``, ``call_2``, …)."""
         return f"call_{next(self._call_ids)}"
 
+    def needs_approval(self, tool: str) -> bool:
+        """Whether a call of ``tool`` waits for the owner's approval (``CHAT_APPROVAL_TOOLS``)."""
+        return "*" in self.approval_tools or tool in self.approval_tools
+
+    async def ask(self, question: str, choices: Sequence[str] | None = None) -> str:
+        """Ask the run's owner a question and wait for the answer (``""`` when none
+        came within the input timeout, or the request was otherwise resolved empty).
+
+        Raises:
+            AgentInputError: the run has nobody to ask.
+        """
+        fields: dict[str, Any] = {"question": question}
+        if choices is not None:
+            fields["choices"] = [str(choice) for choice in choices]
+        resolution = await self._port().request_input("question", fields)
+        return resolution.answer or ""
+
+    async def approve(
+        self, tool: str, args: Mapping[str, Any], *, call_id: str | None = None
+    ) -> Resolution:
+        """Ask the run's owner to approve a call of ``tool`` with ``args`` and wait.
+
+        The answer says ``approved``; its ``args``, when set, replace the call's.  A
+        request no one answered in time is denied (``by: timeout``).  ``call_id`` names
+        the call's ``tool_executing`` when one was announced.
+
+        Raises:
+            AgentInputError: the run has nobody to ask.
+        """
+        fields: dict[str, Any] = {"call_id": call_id, "tool": tool, "args": dict(args)}
+        return await self._port().request_input("tool_approval", fields)
+
+    def _port(self) -> InputPort:
+        if self.inputs is None:
+            raise AgentInputError("this run has nobody to ask for input")
+        return self.inputs
+
     async def refuse_tool(self, name: str, error: str) -> ToolOutcome:
         """Announce a call that cannot run (bad arguments from a model, an unknown tool)
         and answer it failed at once, so that whoever asked sees why."""
@@ -112,12 +168,29 @@ class RunContext:
     async def call_tool(self, name: str, args: Mapping[str, Any]) -> ToolOutcome:
         """Announce, run and answer one tool call.
 
-        ``tool_executing`` goes out first, then the tool runs with its timeout, then
-        ``tool_completed`` answers it, ``ok`` or with the error.  A tool's failure
+        ``tool_executing`` goes out first; a tool that needs approval then waits for
+        the owner's answer (denied: ``tool_completed`` fails with the denial; approved:
+        it runs with the approved, possibly edited, arguments); then the tool runs with
+        its timeout, and ``tool_completed`` answers it, ``ok`` or with the error.  A tool's failure
         (bad arguments, timeout, exception) is the call's result, not the run's.
         """
         call_id = self.new_call_id()
         await self.emit.tool_executing(call_id, name, args)
+        if self.needs_approval(name):
+            started = time.perf_counter()
+            resolution = await self.approve(name, args, call_id=call_id)
+            if not resolution.approved:
+                error = resolution.denial(name)
+                await self.emit.tool_completed(
+                    call_id,
+                    name,
+                    ok=False,
+                    error=error,
+                    duration_ms=(time.perf_counter() - started) * 1000,
+                )
+                return ToolOutcome(call_id, False, error=error)
+            if resolution.args is not None:
+                args = resolution.args
         return await self.answer_tool(call_id, name, args)
 
     async def answer_tool(self, call_id: str, name: str, args: Mapping[str, Any]) -> ToolOutcome:
@@ -136,7 +209,7 @@ class RunContext:
         except Exception as exc:  # a tool's bug is its call's failure, not the run's
             outcome = ToolOutcome(call_id, False, error=f"{name} failed: {type(exc).__name__}")
         else:
-            outcome = ToolOutcome(call_id, True, result=result)
+            outcome = ToolOutcome(call_id, True, result=result, args=dict(args))
         await self.emit.tool_completed(
             call_id,
             name,

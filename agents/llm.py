@@ -36,11 +36,12 @@ import asyncio
 import json
 import logging
 import random
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal, cast
 
-from agents.base import Message, RunContext, ToolOutcome, Usage
+from agents.base import ASK_USER_TOOL, Message, RunContext, ToolOutcome, Usage
 from agents.errors import LLMError
 
 if TYPE_CHECKING:
@@ -604,6 +605,8 @@ class LLMAgent:
             max_history=config.max_history,
         )
         tools = ctx.tools.schemas()
+        if ctx.inputs is not None:
+            tools = [*tools, ASK_USER_SCHEMA]
         answered = ""  # the last answer text so far, to separate the turns' answers
         results: list[tuple[str, bool]] = []  # the last turn's tool calls: name, ok
         async with self._client() as client:
@@ -717,6 +720,8 @@ class LLMAgent:
         except ValueError as exc:
             name = call.name or "unnamed"
             return await ctx.refuse_tool(name, f"{name}: {exc}")
+        if call.name == ASK_USER_TOOL and ctx.inputs is not None:
+            return await ask_user(ctx, args)
         return await ctx.call_tool(call.name, args)
 
     def _detail(self, exc: BaseException) -> str:
@@ -727,6 +732,56 @@ class LLMAgent:
         if cause is not None and status is None:
             text += f" ({type(cause).__name__}: {cause})"
         return redact(text, self.config.api_key)
+
+
+#: The tool the model calls to ask the user (the run waits for the answer).
+ASK_USER_SCHEMA: Final[dict[str, Any]] = {
+    "type": "function",
+    "function": {
+        "name": ASK_USER_TOOL,
+        "description": (
+            "Ask the user a question and wait for the answer, when you need something "
+            "only they can tell you. Give choices when the answer is one of a few."
+        ),
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "question": {"type": "string", "description": "the question to ask"},
+                "choices": {
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "description": "possible answers, if the answer is one of them",
+                },
+            },
+            "required": ["question"],
+        },
+    },
+}
+
+
+async def ask_user(ctx: RunContext, args: Mapping[str, Any]) -> ToolOutcome:
+    """The model's ``ask_user`` call: announced as a tool call, asked as a question
+    (``input_requested``), answered with ``{"answer": …}`` for the model."""
+    call_id = ctx.new_call_id()
+    await ctx.emit.tool_executing(call_id, ASK_USER_TOOL, args)
+    started = time.perf_counter()
+    question = args.get("question")
+    raw_choices = args.get("choices")
+    if not isinstance(question, str) or not question.strip():
+        error = "ask_user: 'question' must be a non-empty string"
+        await ctx.emit.tool_completed(call_id, ASK_USER_TOOL, ok=False, error=error, duration_ms=0)
+        return ToolOutcome(call_id, False, error=error)
+    choices = [str(c) for c in raw_choices] if isinstance(raw_choices, list) else None
+    answer = await ctx.ask(question, choices)
+    result = {"answer": answer}
+    await ctx.emit.tool_completed(
+        call_id,
+        ASK_USER_TOOL,
+        ok=True,
+        result=result,
+        duration_ms=(time.perf_counter() - started) * 1000,
+    )
+    return ToolOutcome(call_id, True, result=result)
 
 
 def redact(text: str, secret: str | None) -> str:

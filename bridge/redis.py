@@ -46,7 +46,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -66,8 +66,8 @@ from bridge.errors import (
 )
 from bridge.events import Event, decode_event, make_event
 from bridge.log import RunLog, kept_size, trim
-from bridge.runstate import RunState
-from bridge.wire import Action, RunStatus, WireError, is_terminal
+from bridge.runstate import INPUT_KEY_PREFIX, RunState
+from bridge.wire import RESPOND, Action, RunStatus, WireError, is_terminal
 
 log = logging.getLogger("chat.redis")
 
@@ -537,6 +537,15 @@ class RedisBroker:
                 call_id = event.data["call_id"]
                 closed.append(call_id)
                 commands.append(["HDEL", calls_key, call_id])
+            elif kind == "input_requested":
+                # Kept with the calls, so that an ending written elsewhere resolves it.
+                key = INPUT_KEY_PREFIX + event.data["request_id"]
+                opened[key] = event.data["kind"]
+                commands.append(["HSET", calls_key, key, event.data["kind"]])
+            elif kind == "input_resolved":
+                key = INPUT_KEY_PREFIX + event.data["request_id"]
+                closed.append(key)
+                commands.append(["HDEL", calls_key, key])
             elif kind == "response_complete":
                 responded = True
                 commands.append(["HSET", run_key, "responded", 1])
@@ -719,6 +728,16 @@ class RedisBroker:
         owned = self._owned.get(run_id)
         if owned is not None:
             return await owned.controller.apply(action)
+        return await self._remote(run_id, action)
+
+    async def respond(self, run_id: str, request_id: str, payload: Mapping[str, Any]) -> str:
+        owned = self._owned.get(run_id)
+        if owned is not None:
+            return await owned.controller.respond(request_id, payload)
+        return await self._remote(run_id, RESPOND, {**payload, "request_id": request_id})
+
+    async def _remote(self, run_id: str, action: str, payload: dict[str, Any] | None = None) -> str:
+        """Send a command to the process that executes the run, and wait for its answer."""
         record = await self.get_run(run_id)
         if record is None:
             raise RunNotFound(f"no run {run_id}")
@@ -730,7 +749,7 @@ class RedisBroker:
         future: asyncio.Future[bus.CommandReply] = asyncio.get_running_loop().create_future()
         self._replies[request_id] = future
         try:
-            await self._send(node, bus.command(request_id, run_id, action, self.node))
+            await self._send(node, bus.command(request_id, run_id, action, self.node, payload))
             async with asyncio.timeout(COMMAND_TIMEOUT_S):
                 reply = await future
         except TimeoutError:
@@ -778,6 +797,11 @@ class RedisBroker:
                     if record is None:
                         raise RunNotFound(f"no run {body.run_id}")
                     answer = bus.reply(body.id, _ended_answer(record, body.action))
+                elif body.action == RESPOND:
+                    payload = dict(body.payload or {})
+                    request_id = str(payload.pop("request_id", ""))
+                    status = await owned.controller.respond(request_id, payload)
+                    answer = bus.reply(body.id, status)
                 else:
                     answer = bus.reply(body.id, await owned.controller.apply(body.action))
             except Exception as exc:
@@ -1122,6 +1146,8 @@ def _ended_answer(record: RunRecord, action: str) -> str:
     """The answer for a run no process executes any more (the lifecycle's, for its end)."""
     if record.status == RunStatus.CANCELLED and action == Action.CANCEL:
         return record.status
+    if action == RESPOND:
+        raise RunConflict(f"run {record.run_id} has ended: its requests are resolved")
     raise RunConflict(f"cannot {action} run {record.run_id}: it is {record.status}")
 
 

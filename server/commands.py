@@ -46,14 +46,28 @@ class Resume:
 
 
 @dataclass(frozen=True, slots=True)
+class Respond:
+    """An answer to a run's ``input_requested`` (6.4): ``approved`` with optional
+    ``args`` and ``reason`` for an approval, ``answer`` for a question."""
+
+    run_id: str
+    request_id: str
+    payload: dict[str, Any]
+    id: Ref = None
+    type: Literal["respond"] = "respond"
+
+
+@dataclass(frozen=True, slots=True)
 class Ping:
     id: Ref = None
     type: Literal["ping"] = "ping"
 
 
-Command = UserMessage | Control | Resume | Ping
+Command = UserMessage | Control | Resume | Ping | Respond
 
-KNOWN_TYPES: Final = ("user_message", "stop", "start", "cancel", "resume", "ping")
+KNOWN_TYPES: Final = ("user_message", "stop", "start", "cancel", "resume", "ping", "respond")
+#: The fields of an answer that go to the run (the rest of a frame is the envelope's).
+RESPONSE_FIELDS: Final = ("approved", "args", "reason", "answer")
 
 
 def parse_command(frame: str | bytes) -> Command:
@@ -91,11 +105,35 @@ def parse_command(frame: str | bytes) -> Command:
         return Resume(run_id=_run_id(raw, ref), after_seq=after, id=ref)
     if kind == "ping":
         return Ping(id=ref)
+    if kind == "respond":
+        return Respond(
+            run_id=_run_id(raw, ref),
+            request_id=request_id(raw, ref),
+            payload=response_payload(raw, ref),
+            id=ref,
+        )
     raise ProtocolError(
         "unknown_type",
         f"unknown type {kind[:64]!r}; expected one of {', '.join(KNOWN_TYPES)}",
         ref,
     )
+
+
+def request_id(raw: dict[str, Any], ref: Ref = None) -> str:
+    value = raw.get("request_id")
+    if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS:
+        raise ProtocolError("bad_message", "field 'request_id' must be a request id string", ref)
+    return value
+
+
+def response_payload(raw: dict[str, Any], ref: Ref = None) -> dict[str, Any]:
+    """The answer's fields; whether they fit the request is the run's to say."""
+    payload = {name: raw[name] for name in RESPONSE_FIELDS if raw.get(name) is not None}
+    if "approved" not in payload and "answer" not in payload:
+        raise ProtocolError(
+            "bad_message", "an answer needs 'approved' (an approval) or 'answer' (a question)", ref
+        )
+    return payload
 
 
 def client_ref(raw: dict[str, Any]) -> Ref:

@@ -12,6 +12,8 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Mapping
+from typing import Any
 
 from agents.registry import llm_agent
 from agents.supervisor import RunError
@@ -102,6 +104,7 @@ class Gateway:
             auth_failures=counters.auth_failures,
             rate_limited=counters.rate_limited,
             store_failures=self.persistence.failures,
+            inputs=self.supervisor.input_counts(),
             slow_consumer_by=dict(counters.slow_consumer_by),
             resumes_recovered=counters.resumes_recovered,
             resumes_unavailable=counters.resumes_unavailable,
@@ -276,6 +279,13 @@ class Gateway:
     async def control(self, user: Principal, run_id: str, action: str) -> str:
         await self.find_run(user, run_id)
         return await self.broker.command(run_id, action)
+
+    async def respond(
+        self, user: Principal, run_id: str, request_id: str, payload: Mapping[str, Any]
+    ) -> str:
+        """Answer an input request of one of the user's runs, wherever it executes."""
+        await self.find_run(user, run_id)
+        return await self.broker.respond(run_id, request_id, payload)
 
     async def watch(
         self, user: Principal, run_id: str, after_seq: int, wake: Wake, *, resume: bool = False

@@ -24,10 +24,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Final
+
+import orjson
 
 from agents.base import Message
 from agents.lifecycle import RunStatus
@@ -217,7 +219,8 @@ class Persistence:
         except Exception as exc:
             self._failed(f"opening thread {thread_id}", repr(exc))
             raise StorageUnavailable("the conversation store is unavailable") from None
-        return [Message(r.role, r.content) for r in rows]
+        # Input requests and their answers are the thread's history, not the agent's.
+        return [Message(r.role, r.content) for r in rows if r.role in ("user", "assistant")]
 
     async def user_message(self, run: RunRecord, message_id: str, content: str) -> bool:
         row = MessageRow(message_id, run.thread_id, "user", content, run.run_id, False, time.time())
@@ -236,6 +239,15 @@ class Persistence:
             self._failed(f"storing answer {message_id}", "the writer has stopped")
             return False
         return await done is Outcome.STORED
+
+    async def input_event(self, run: RunRecord, type: str, data: Mapping[str, Any]) -> None:
+        """Store an ``input_requested`` or ``input_resolved`` as a message row of its
+        thread: ``role`` the event's type, ``content`` its data as JSON."""
+        message_id = f"m_{data.get('request_id', '')}_{type.removeprefix('input_')}"
+        content = orjson.dumps(dict(data)).decode()
+        row = MessageRow(message_id, run.thread_id, type, content, run.run_id, False, time.time())
+        steps = self.store.message_steps(row, run.owner)
+        self._submit(f"storing {type} {message_id}", steps, run=run)
 
     async def run_changed(self, run: RunRecord) -> None:
         """Record the run's status.

@@ -25,7 +25,7 @@ from bridge import events
 from bridge.events import Event, Ref
 from bridge.wire import CloseCode
 from server.auth import Principal
-from server.commands import Command, Control, Ping, Resume, UserMessage, parse_command
+from server.commands import Command, Control, Ping, Respond, Resume, UserMessage, parse_command
 from server.errors import ProtocolError, wire_error
 from server.gateway import Gateway
 from server.outbox import CLOSE_NORMAL, CLOSE_SLOW, CLOSE_UNAUTHORIZED, Cut, Outbox, Policy
@@ -199,6 +199,11 @@ class Session:
                 await self._resume(command, ref)
             elif isinstance(command, Ping):
                 self.enqueue(events.pong(ref))
+            elif isinstance(command, Respond):
+                status = await self.gateway.respond(
+                    self.user, command.run_id, command.request_id, command.payload
+                )
+                self.enqueue(events.ack(ref, "respond", command.run_id, status))
         except Exception as exc:
             code, message, _ = wire_error(exc)
             if code == "internal":

@@ -63,6 +63,12 @@ class Settings:
     # Runs ---------------------------------------------------------------------
     detach_grace_s: float = _opt(60.0, "a run with no client for this long is cancelled")
     resume_window_s: float = _opt(120.0, "how long a finished run's events stay resumable")
+    approval_tools: tuple[str, ...] = _opt(
+        (), "comma-separated tools whose calls wait for the owner's approval (* for all)"
+    )
+    input_timeout_s: float = _opt(
+        600.0, "an approval or question unanswered this long is resolved by timeout"
+    )
     run_log_max_bytes: int = _opt(32 * MiB, "events kept per run for resume; oldest dropped")
     max_answer_bytes: int = _opt(
         1 * MiB, "largest answer of a run (UTF-8 bytes); past it the run fails answer_too_large"
@@ -225,6 +231,7 @@ class Settings:
             "body_timeout_s",
             "agent_timeout_s",
             "redis_outage_s",
+            "input_timeout_s",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()} must be positive")
