@@ -23,6 +23,8 @@ class CommandRequest:
     run_id: str
     action: str
     reply_to: str
+    #: The sender's W3C trace context (None: tracing is off there).
+    traceparent: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,8 +50,10 @@ class WatcherCount:
 Message = CommandRequest | CommandReply | WatcherCount
 
 
-def command(id: str, run_id: str, action: str, reply_to: str) -> CommandRequest:
-    return CommandRequest("cmd", id, run_id, action, reply_to)
+def command(
+    id: str, run_id: str, action: str, reply_to: str, traceparent: str | None = None
+) -> CommandRequest:
+    return CommandRequest("cmd", id, run_id, action, reply_to, traceparent)
 
 
 def reply(id: str, status: str) -> CommandReply:
@@ -73,6 +77,8 @@ def encode(message: Message) -> bytes:
             "action": message.action,
             "reply_to": message.reply_to,
         }
+        if message.traceparent is not None:
+            body["traceparent"] = message.traceparent
     elif isinstance(message, CommandReply):
         body = {"kind": message.kind, "id": message.id}
         if message.error_code is not None:
@@ -92,8 +98,13 @@ def decode(raw: bytes | str) -> Message | None:
             return None
         kind = body.get("kind")
         if kind == "cmd":
+            parent = body.get("traceparent")
             return command(
-                str(body["id"]), str(body["run_id"]), str(body["action"]), str(body["reply_to"])
+                str(body["id"]),
+                str(body["run_id"]),
+                str(body["action"]),
+                str(body["reply_to"]),
+                parent if isinstance(parent, str) else None,
             )
         if kind == "reply":
             error = body.get("error")

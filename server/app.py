@@ -16,6 +16,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
+from bridge import tracing
 from server import admin, agui_stream, aisdk_stream, routes
 from server.auth import Authenticator
 from server.gateway import Gateway
@@ -97,13 +98,22 @@ def create_app(settings: Settings | None = None, *, dev_secret: str | None = Non
             CORSMiddleware,
             allow_origins=list(settings.allowed_origins),
             allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+            allow_headers=[
+                "Authorization",
+                "Content-Type",
+                "Last-Event-ID",
+                "traceparent",
+                "tracestate",
+            ],
             # The run a front-end protocol's stream started, for its lifecycle routes.
             expose_headers=["X-Chat-Run-Id", "X-Chat-Thread-Id"],
             max_age=600,
         )
     ]
     middleware.append(Middleware(SecurityHeaders))
+    # Off unless OTEL_TRACES_EXPORTER names an exporter (bridge/tracing.py).
+    tracing.configure(content=settings.trace_content == "on")
+    middleware.append(Middleware(tracing.TraceContextMiddleware))
     app = Starlette(routes=route_list, middleware=middleware, lifespan=lifespan)
     app.state.gateway = gateway
     app.state.settings = settings
