@@ -1141,7 +1141,7 @@ def _ended_answer(record: RunRecord, action: str) -> str:
 
 
 def _record_fields(record: RunRecord, node: str) -> dict[str, Any]:
-    return {
+    fields: dict[str, Any] = {
         "thread_id": record.thread_id,
         "owner": record.owner,
         "agent": record.agent,
@@ -1152,9 +1152,12 @@ def _record_fields(record: RunRecord, node: str) -> dict[str, Any]:
         "error_code": record.error_code or "",
         "first_seq": 1,
         "node": node,
-        # The run's trace context: commands from other processes join its trace.
-        "traceparent": str(record.extra.get("traceparent") or ""),
     }
+    traceparent = record.extra.get("traceparent")
+    if traceparent:
+        # The run's trace context (traces on): commands from other processes join it.
+        fields["traceparent"] = str(traceparent)
+    return fields
 
 
 def _record_from(run_id: str, raw: dict[bytes, bytes]) -> RunRecord:

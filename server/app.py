@@ -70,6 +70,7 @@ def create_app(settings: Settings | None = None, *, dev_secret: str | None = Non
             yield
         finally:
             await gateway.close()
+            tracing.shutdown()  # what the batch processor holds goes out now
 
     route_list: list[BaseRoute] = [
         Route("/health", routes.health, methods=["GET"]),

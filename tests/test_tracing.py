@@ -10,9 +10,11 @@ runs a gateway process of its own against an OTLP/HTTP receiver of the test.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 import secrets
+import statistics
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -477,3 +479,77 @@ def test_no_exporter_named_installs_nothing() -> None:
     with pytest.raises(RuntimeError, match="unknown exporter"):
         tracing.configure(environ={"OTEL_TRACES_EXPORTER": "zipkin-please"})
     assert not tracing.enabled()
+
+
+# Overhead, measured (no threshold: the figures are recorded) --------------------------
+
+
+def record_figures(name: str, figures: dict[str, Any]) -> None:
+    out = Path(__file__).resolve().parent.parent / "var" / "figures"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(figures, indent=2) + "\n")
+    print(f"\n{name}: {figures}")
+
+
+async def test_tracing_overhead_per_run_is_measured(user: str) -> None:
+    """Runs one after the other through one gateway, in alternating blocks with traces
+    off and on (the in-memory exporter): the time per run and the fraction it grows,
+    for a short run and a long one (the spans are per run, not per event)."""
+    figures: dict[str, Any] = {
+        "exporter": "InMemorySpanExporter via SimpleSpanProcessor (in process)",
+        "note": "client and gateway share this process: times are the client's round trips",
+    }
+    with run_server(rate_limit_per_minute=100_000, max_active_runs_per_user=1_000) as server:
+        async with ws_client(server, user) as client:
+            for name, message in (
+                ("short", "chunks=20 tools=1 thinking=1"),
+                ("long", "chunks=2000 tools=1 thinking=1"),
+            ):
+                figures[name] = await overhead_of(client, message)
+    record_figures("tracing_overhead", figures)
+
+
+async def overhead_of(client: Any, message: str) -> dict[str, Any]:
+    blocks, per_block = 6, 25
+    timings: dict[str, list[float]] = {"off": [], "on": []}
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(EXPORTER))
+    spans_per_run = 0.0
+    for _ in range(5):  # warm-up
+        await client.run(message, agent="load")
+    for block in range(blocks):
+        mode = "on" if block % 2 else "off"
+        if mode == "on":
+            tracing.install(provider)
+        else:
+            tracing.uninstall()
+        EXPORTER.clear()
+        began_ns = time.time_ns()
+        began = time.perf_counter()
+        for _ in range(per_block):
+            events = await client.run(message, agent="load")
+        timings[mode].append((time.perf_counter() - began) / per_block * 1000)
+        check_run_invariants(events)
+        # Spans begun in this block (the previous block's last run may end in it).
+        spans = EXPORTER.get_finished_spans()
+        made = sum(1 for s in spans if (s.start_time or 0) >= began_ns)
+        if mode == "on":
+            assert made >= per_block  # every run made its span (and more)
+            spans_per_run = made / per_block
+        else:
+            assert made == 0
+    tracing.uninstall()
+    off = statistics.median(timings["off"])
+    on = statistics.median(timings["on"])
+    return {
+        "message": message,
+        "events_per_run": len(events),
+        "runs_per_block": per_block,
+        "ms_per_run_off": [round(t, 3) for t in timings["off"]],
+        "ms_per_run_on": [round(t, 3) for t in timings["on"]],
+        "median_ms_per_run_off": round(off, 3),
+        "median_ms_per_run_on": round(on, 3),
+        "overhead_ms_per_run": round(on - off, 3),
+        "overhead_fraction": round(on / off - 1, 4),
+        "spans_per_run": round(spans_per_run, 2),
+    }
