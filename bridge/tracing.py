@@ -32,6 +32,7 @@ from bridge import logctx
 if TYPE_CHECKING:
     from opentelemetry.context import Context
     from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
     from opentelemetry.trace import Span, Tracer
 
 log = logging.getLogger("chat.tracing")
@@ -74,11 +75,7 @@ def configure(content: bool = False, environ: Mapping[str, str] | None = None) -
         return False
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import (
-        BatchSpanProcessor,
-        ConsoleSpanExporter,
-        SpanExporter,
-    )
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
     provider = TracerProvider(resource=Resource.create({"service.name": _service_name(env)}))
     for name in names:
@@ -97,11 +94,27 @@ def configure(content: bool = False, environ: Mapping[str, str] | None = None) -
         elif name == "console":
             exporter = ConsoleSpanExporter()
         else:
-            raise RuntimeError(f"OTEL_TRACES_EXPORTER: unknown exporter {name!r} (otlp, console)")
+            exporter = _exporter_of_entry_point(name)
         provider.add_span_processor(BatchSpanProcessor(exporter))
     install(provider, content=content)
     log.info("traces: exporting to %s", ", ".join(names))
     return True
+
+
+def _exporter_of_entry_point(name: str) -> SpanExporter:
+    """An exporter an installed package registers, as the SDK's own configuration finds
+    them (the ``opentelemetry_traces_exporter`` entry points: ``otlp_proto_grpc``,
+    ``zipkin_json``, …)."""
+    from importlib.metadata import entry_points
+
+    found = list(entry_points(group="opentelemetry_traces_exporter", name=name))
+    if not found:
+        raise RuntimeError(
+            f"OTEL_TRACES_EXPORTER: unknown exporter {name!r} "
+            "(otlp, console, or one an installed package registers)"
+        )
+    exporter: SpanExporter = found[0].load()()
+    return exporter
 
 
 def _service_name(env: Mapping[str, str]) -> str:

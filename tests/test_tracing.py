@@ -479,6 +479,11 @@ def test_no_exporter_named_installs_nothing() -> None:
     with pytest.raises(RuntimeError, match="unknown exporter"):
         tracing.configure(environ={"OTEL_TRACES_EXPORTER": "zipkin-please"})
     assert not tracing.enabled()
+    # An exporter registered as an entry point, as the SDK's own configuration finds it.
+    assert tracing.configure(environ={"OTEL_TRACES_EXPORTER": "otlp_proto_http"}) is True
+    assert tracing.enabled()
+    tracing.shutdown()
+    tracing.uninstall()
 
 
 # Overhead, measured (no threshold: the figures are recorded) --------------------------
