@@ -402,7 +402,12 @@ def _step(name: str, kind: str, attributes: dict[str, Any]) -> Iterator[Hook]:
 
     span_kind = SpanKind.CLIENT if kind == "client" else SpanKind.INTERNAL
     with _tracer.start_as_current_span(
-        name, kind=span_kind, attributes=attributes, record_exception=False
+        name,
+        kind=span_kind,
+        attributes=attributes,
+        record_exception=False,
+        # The status is set by type alone: an exception's text may quote content.
+        set_status_on_exception=False,
     ) as span:
         step = Step(span)
         try:
@@ -523,7 +528,12 @@ def _store_span(system: str, whats: list[str], carried: list[str]) -> Iterator[H
     }
     # A root of its own: the writer serves every run, not the one that started it.
     with _tracer.start_as_current_span(
-        "chat.store.write", context=context.Context(), links=links, attributes=attributes
+        "chat.store.write",
+        context=context.Context(),
+        links=links,
+        attributes=attributes,
+        record_exception=False,
+        set_status_on_exception=False,
     ) as span:
         step = Step(span)
         try:

@@ -27,7 +27,7 @@ import uvicorn
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, StatusCode
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -377,6 +377,14 @@ async def test_log_lines_of_a_run_carry_its_trace_id(user: str) -> None:
     mine = [line for line in mine if line["run_id"] == events[0]["run_id"]]
     assert mine, lines
     assert all(line["trace_id"] == f"{trace_id:032x}" for line in mine)
+    # The failed request's span says what failed, by type, not the server's words.
+    run = await run_span(events[0]["run_id"])
+    model = one(spans_of(trace_id), f"chat {oa.MODEL}")
+    assert model.status.status_code is StatusCode.ERROR
+    assert (model.attributes or {})["error.type"] == "BadRequestError"
+    assert "bad request" not in all_values([model]) + (model.status.description or "")
+    assert (run.attributes or {})["chat.run.status"] == "failed"
+    assert run.status.status_code is StatusCode.ERROR
     assert logctx.TRACE_ID.get() is None  # the test's own context has none
 
 
