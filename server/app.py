@@ -112,9 +112,10 @@ def create_app(settings: Settings | None = None, *, dev_secret: str | None = Non
         )
     ]
     middleware.append(Middleware(SecurityHeaders))
-    # Off unless OTEL_TRACES_EXPORTER names an exporter (bridge/tracing.py).
-    tracing.configure(content=settings.trace_content == "on")
-    middleware.append(Middleware(tracing.TraceContextMiddleware))
+    # Off unless OTEL_TRACES_EXPORTER names an exporter (bridge/tracing.py); off, the
+    # app is as it would be without tracing.
+    if tracing.configure(content=settings.trace_content == "on"):
+        middleware.append(Middleware(tracing.TraceContextMiddleware))
     app = Starlette(routes=route_list, middleware=middleware, lifespan=lifespan)
     app.state.gateway = gateway
     app.state.settings = settings
