@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from agents.errors import AgentInputError, ToolError, UnknownAgent
 from agents.inputs import InputKind, Resolution
 from agents.tools import ToolRegistry
+from bridge import tracing
 from bridge.bridge import EventAdapter
 
 
@@ -197,27 +198,34 @@ class RunContext:
         """Run a call already announced with ``tool_executing`` (by an agent whose calls
         are made elsewhere, such as an AG-UI agent's client-side tools) and answer it."""
         started = time.perf_counter()
-        try:
-            tool = self.tools.get(name)
-            checked = tool.check_args(args)
-            async with asyncio.timeout(tool.timeout_s):
-                result = await tool.fn(checked)
-        except ToolError as exc:
-            outcome = ToolOutcome(call_id, False, error=str(exc))
-        except TimeoutError:
-            outcome = ToolOutcome(call_id, False, error=f"{name} timed out")
-        except Exception as exc:  # a tool's bug is its call's failure, not the run's
-            outcome = ToolOutcome(call_id, False, error=f"{name} failed: {type(exc).__name__}")
-        else:
-            outcome = ToolOutcome(call_id, True, result=result, args=dict(args))
-        await self.emit.tool_completed(
-            call_id,
-            name,
-            ok=outcome.ok,
-            result=outcome.result,
-            error=outcome.error,
-            duration_ms=(time.perf_counter() - started) * 1000,
-        )
+        with tracing.tool_call(name, call_id) as span:
+            span.content("gen_ai.tool.call.arguments", args)
+            try:
+                tool = self.tools.get(name)
+                checked = tool.check_args(args)
+                async with asyncio.timeout(tool.timeout_s):
+                    result = await tool.fn(checked)
+            except ToolError as exc:
+                outcome = ToolOutcome(call_id, False, error=str(exc))
+            except TimeoutError:
+                outcome = ToolOutcome(call_id, False, error=f"{name} timed out")
+            except Exception as exc:  # a tool's bug is its call's failure, not the run's
+                error = f"{name} failed: {type(exc).__name__}"
+                outcome = ToolOutcome(call_id, False, error=error)
+            else:
+                outcome = ToolOutcome(call_id, True, result=result, args=dict(args))
+                span.content("gen_ai.tool.call.result", result)
+            if not outcome.ok:
+                span.failed("tool_error")
+                span.content("chat.tool.error", outcome.error)
+            await self.emit.tool_completed(
+                call_id,
+                name,
+                ok=outcome.ok,
+                result=outcome.result,
+                error=outcome.error,
+                duration_ms=(time.perf_counter() - started) * 1000,
+            )
         return outcome
 
     async def say(self, text: str) -> None:

@@ -40,9 +40,11 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal, cast
+from urllib.parse import urlsplit
 
 from agents.base import ASK_USER_TOOL, Message, RunContext, ToolOutcome, Usage
 from agents.errors import LLMError
+from bridge import tracing
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
@@ -694,23 +696,32 @@ class LLMAgent:
         extra: dict[str, Any] = {"tools": tools} if tools else {}
         if self.config.include_usage:
             extra["stream_options"] = {"include_usage": True}
-        stream = await client.chat.completions.create(
-            model=self.config.model,
-            messages=cast(Any, messages),
-            stream=True,
-            **extra,
-        )
-        try:
-            async for chunk in stream:
-                data = chunk.to_dict()
-                usage = parse_usage(data, self.config.model)
-                if usage is not None:
-                    ctx.report_usage(usage)
-                await status.emit(ctx, turn.feed(parse_chunk(data)), turn)
-        finally:
-            # On cancel too: closing the response closes the connection, and the
-            # server stops generating.
-            await stream.close()
+        server = urlsplit(self.config.base_url).hostname
+        with tracing.model_request("openai", self.config.model, server) as span:
+            span.content("gen_ai.input.messages", messages)
+            stream = await client.chat.completions.create(
+                model=self.config.model,
+                messages=cast(Any, messages),
+                stream=True,
+                **extra,
+            )
+            try:
+                async for chunk in stream:
+                    data = chunk.to_dict()
+                    usage = parse_usage(data, self.config.model)
+                    if usage is not None:
+                        ctx.report_usage(usage)
+                        span.usage(usage.input_tokens, usage.output_tokens)
+                    delta = parse_chunk(data)
+                    if delta.content or delta.reasoning or delta.tool_calls:
+                        span.first_token()
+                    await status.emit(ctx, turn.feed(delta), turn)
+            finally:
+                # On cancel too: closing the response closes the connection, and the
+                # server stops generating.
+                await stream.close()
+            span.finish(turn.finish_reason)
+            span.content("gen_ai.output.messages", turn.text)
         await status.emit(ctx, turn.finish(), turn)
         await status.close(ctx)
 

@@ -17,7 +17,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from agents.base import Agent, AgentRegistry, RunContext, Usage
 from agents.errors import AgentError
@@ -25,12 +25,15 @@ from agents.inputs import InputDesk, InputKind, Resolution
 from agents.lifecycle import Action, Lifecycle, RunStatus
 from agents.recorder import MemoryRecorder, Recorder
 from agents.tools import ToolRegistry
-from bridge import logctx
+from bridge import logctx, tracing
 from bridge.bridge import EventAdapter, RunBridge
 from bridge.broker import Broker, RunRecord
 from bridge.errors import BridgeError, RunClosed, RunGone
 from bridge.events import ErrorData
 from bridge.runstate import AgentCompleted, ResponseComplete
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 log = logging.getLogger("chat.runs")
 
@@ -127,6 +130,8 @@ class RunHandle:
         self._answer_stored = False
         #: Set when the broker ended the run without it (:meth:`lost`).
         self._lost = False
+        #: The run's span (None with tracing off).
+        self.span: Span | None = None
 
     @property
     def run_id(self) -> str:
@@ -340,6 +345,7 @@ class RunHandle:
 
     async def drive(self) -> None:
         logctx.bind_run(self.run_id, self.record.thread_id)  # for the run task's log lines
+        tracing.bind_run(self.span)
         self._started = True
         started = self.created
         status = RunStatus.COMPLETED
@@ -400,6 +406,8 @@ class RunHandle:
                 self.agent.name, self.record.status, time.perf_counter() - started, self.bridge.seq
             )
             self._supervisor.events_finished += self.bridge.seq
+            if self.span is not None:
+                self._end_span()
             adapter.detach()
             self.desk.close_all()
             # No cycle through the handle outlives the run: its answer is freed as soon
@@ -549,6 +557,21 @@ class RunHandle:
                 self._supervisor.observer.run_usage(self.agent.name, entry)
         return wire
 
+    def _end_span(self) -> None:
+        bridge = self.bridge
+        first = bridge.first_event_at
+        usage = self.record.extra.get("usage")
+        tracing.end_run(
+            self.span,
+            status=self.record.status,
+            error_code=self.record.error_code,
+            events=bridge.seq,
+            answer_bytes=bridge.state.answer_bytes,
+            first_event_s=first - self.created if first is not None else None,
+            usage=usage if isinstance(usage, dict) else None,
+            answer=bridge.content,
+        )
+
     def _call_durations(self) -> dict[str, float]:
         """Milliseconds since each open tool call was announced."""
         now = time.perf_counter()
@@ -620,6 +643,7 @@ class Supervisor:
         run_id = new_id("r_")
         now = time.time()
         record = RunRecord(run_id, thread, owner, chosen.name, str(RunStatus.QUEUED), now, now)
+        span = tracing.start_run(run_id, thread, owner, chosen.name, content, record.extra)
         bridge = RunBridge(
             self.broker, run_id, thread, max_answer_bytes=self.config.max_answer_bytes
         )
@@ -638,6 +662,7 @@ class Supervisor:
         )
         handle = RunHandle(self, record, chosen, ctx, bridge)
         ctx.inputs = handle
+        handle.span = span
         await self.broker.create_run(record, handle)
         self._runs[run_id] = handle
         message_id = new_id("m_")

@@ -25,6 +25,8 @@ class CommandRequest:
     reply_to: str
     #: For ``respond``: the answer, with its ``request_id``.
     payload: dict[str, Any] | None = None
+    #: The sender's W3C trace context (None: tracing is off there).
+    traceparent: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,9 +53,14 @@ Message = CommandRequest | CommandReply | WatcherCount
 
 
 def command(
-    id: str, run_id: str, action: str, reply_to: str, payload: dict[str, Any] | None = None
+    id: str,
+    run_id: str,
+    action: str,
+    reply_to: str,
+    payload: dict[str, Any] | None = None,
+    traceparent: str | None = None,
 ) -> CommandRequest:
-    return CommandRequest("cmd", id, run_id, action, reply_to, payload)
+    return CommandRequest("cmd", id, run_id, action, reply_to, payload, traceparent)
 
 
 def reply(id: str, status: str) -> CommandReply:
@@ -79,6 +86,8 @@ def encode(message: Message) -> bytes:
         }
         if message.payload is not None:
             body["payload"] = message.payload
+        if message.traceparent is not None:
+            body["traceparent"] = message.traceparent
     elif isinstance(message, CommandReply):
         body = {"kind": message.kind, "id": message.id}
         if message.error_code is not None:
@@ -99,12 +108,14 @@ def decode(raw: bytes | str) -> Message | None:
         kind = body.get("kind")
         if kind == "cmd":
             payload = body.get("payload")
+            parent = body.get("traceparent")
             return command(
                 str(body["id"]),
                 str(body["run_id"]),
                 str(body["action"]),
                 str(body["reply_to"]),
                 payload if isinstance(payload, dict) else None,
+                parent if isinstance(parent, str) else None,
             )
         if kind == "reply":
             error = body.get("error")

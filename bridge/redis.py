@@ -53,7 +53,7 @@ from typing import Any, Final
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from bridge import bus
+from bridge import bus, tracing
 from bridge import redis_scripts as lua
 from bridge.broker import BrokerStats, RunController, RunLost, RunQuota, RunRecord, Wake
 from bridge.errors import (
@@ -748,14 +748,24 @@ class RedisBroker:
         request_id = secrets.token_hex(8)
         future: asyncio.Future[bus.CommandReply] = asyncio.get_running_loop().create_future()
         self._replies[request_id] = future
-        try:
-            await self._send(node, bus.command(request_id, run_id, action, self.node, payload))
-            async with asyncio.timeout(COMMAND_TIMEOUT_S):
-                reply = await future
-        except TimeoutError:
-            raise BrokerUnavailable(f"the process running {run_id} did not answer") from None
-        finally:
-            self._replies.pop(request_id, None)
+        # In the run's trace (its context is in its record): the process running it
+        # continues it from this span.
+        carried = record.extra.get("traceparent")
+        with tracing.command(
+            f"chat.command {action}", run_id, action, carried if isinstance(carried, str) else None
+        ) as span:
+            span.set("chat.node", node)
+            try:
+                message = bus.command(
+                    request_id, run_id, action, self.node, payload, tracing.current_traceparent()
+                )
+                await self._send(node, message)
+                async with asyncio.timeout(COMMAND_TIMEOUT_S):
+                    reply = await future
+            except TimeoutError:
+                raise BrokerUnavailable(f"the process running {run_id} did not answer") from None
+            finally:
+                self._replies.pop(request_id, None)
         if reply.error_code is not None:
             raise RemoteCommandError(reply.error_code, reply.error_message or "")
         return str(reply.status)
@@ -791,22 +801,27 @@ class RedisBroker:
         elif isinstance(body, bus.CommandRequest):
             owned = self._owned.get(body.run_id)
             answer: bus.CommandReply
-            try:
-                if owned is None:
-                    record = await self.get_run(body.run_id)
-                    if record is None:
-                        raise RunNotFound(f"no run {body.run_id}")
-                    answer = bus.reply(body.id, _ended_answer(record, body.action))
-                elif body.action == RESPOND:
-                    payload = dict(body.payload or {})
-                    request_id = str(payload.pop("request_id", ""))
-                    status = await owned.controller.respond(request_id, payload)
-                    answer = bus.reply(body.id, status)
-                else:
-                    answer = bus.reply(body.id, await owned.controller.apply(body.action))
-            except Exception as exc:
-                code = exc.code if isinstance(exc, WireError) else "internal"
-                answer = bus.failed(body.id, code, str(exc))
+            with tracing.command(
+                f"chat.command.apply {body.action}", body.run_id, body.action, body.traceparent
+            ) as span:
+                span.set("chat.command.from", body.reply_to)
+                try:
+                    if owned is None:
+                        record = await self.get_run(body.run_id)
+                        if record is None:
+                            raise RunNotFound(f"no run {body.run_id}")
+                        answer = bus.reply(body.id, _ended_answer(record, body.action))
+                    elif body.action == RESPOND:
+                        payload = dict(body.payload or {})
+                        request_id = str(payload.pop("request_id", ""))
+                        status = await owned.controller.respond(request_id, payload)
+                        answer = bus.reply(body.id, status)
+                    else:
+                        answer = bus.reply(body.id, await owned.controller.apply(body.action))
+                except Exception as exc:
+                    code = exc.code if isinstance(exc, WireError) else "internal"
+                    answer = bus.failed(body.id, code, str(exc))
+                    span.failed(code)
             with contextlib.suppress(BrokerUnavailable):
                 await self._send(body.reply_to, answer)
         else:
@@ -1152,7 +1167,7 @@ def _ended_answer(record: RunRecord, action: str) -> str:
 
 
 def _record_fields(record: RunRecord, node: str) -> dict[str, Any]:
-    return {
+    fields: dict[str, Any] = {
         "thread_id": record.thread_id,
         "owner": record.owner,
         "agent": record.agent,
@@ -1164,6 +1179,11 @@ def _record_fields(record: RunRecord, node: str) -> dict[str, Any]:
         "first_seq": 1,
         "node": node,
     }
+    traceparent = record.extra.get("traceparent")
+    if traceparent:
+        # The run's trace context (traces on): commands from other processes join it.
+        fields["traceparent"] = str(traceparent)
+    return fields
 
 
 def _record_from(run_id: str, raw: dict[bytes, bytes]) -> RunRecord:
@@ -1178,8 +1198,15 @@ def _record_from(run_id: str, raw: dict[bytes, bytes]) -> RunRecord:
         float(f.get("updated_at", 0)),
         int(f.get("last_seq", 0)),
         f.get("error_code") or None,
-        {"node": f.get("node", ""), "first_seq": int(f.get("first_seq", 1))},
+        _extra_of(f),
     )
+
+
+def _extra_of(f: dict[str, str]) -> dict[str, object]:
+    extra: dict[str, object] = {"node": f.get("node", ""), "first_seq": int(f.get("first_seq", 1))}
+    if f.get("traceparent"):
+        extra["traceparent"] = f["traceparent"]
+    return extra
 
 
 def _safe_url(url: str) -> str:

@@ -114,6 +114,8 @@ GATEWAY_ENV: Final = {
     "CHAT_MAX_ACTIVE_RUNS_PER_USER": "100000",
     "CHAT_MAX_CONNECTIONS_PER_USER": "100000",
 }
+#: More variables for the gateway's processes (``--gateway-env``), e.g. tracing on.
+GATEWAY_EXTRA_ENV: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,7 @@ def serve(kind: str, workdir: Path, gateway_src: Path = ROOT) -> Iterator[Proces
     env = clean_env(PYTHONPATH=str(gateway_src if kind.startswith("gateway") else ROOT))
     if kind.startswith("gateway"):
         env.update(GATEWAY_ENV)
+        env.update(GATEWAY_EXTRA_ENV)
     with launch(
         server_command(kind, port),
         port=port,
@@ -502,6 +505,14 @@ def build_parser() -> argparse.ArgumentParser:
         "`git archive COMMIT | tar -x -C DIR` (default: this checkout)",
     )
     parser.add_argument(
+        "--gateway-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable for the gateway's processes, e.g. "
+        "OTEL_TRACES_EXPORTER=console to measure tracing (repeatable)",
+    )
+    parser.add_argument(
         "--save", type=Path, default=None, metavar="FILE", help="also write the JSON report to FILE"
     )
     parser.add_argument(
@@ -550,6 +561,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.scaling:
         scaling = [sys.executable, str(Path(__file__).with_name("scaling.py"))]
         return subprocess.call([*scaling, *(["--json"] if args.json else [])])
+    for item in args.gateway_env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            parser.error(f"--gateway-env wants NAME=VALUE, not {item!r}")
+        GATEWAY_EXTRA_ENV[name] = value
     if args.capacity or args.idle is not None:
         capacity = [sys.executable, str(Path(__file__).with_name("capacity.py"))]
         extra = ["--idle", str(args.idle)] if args.idle is not None else []
@@ -581,6 +597,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["loadavg"] = {"before": load_before, "after": loadavg()}
     report["git"] = git_state()
     report["gateway_src"] = str(args.gateway_src.resolve())
+    report["gateway_env"] = dict(GATEWAY_EXTRA_ENV)
     if args.save is not None:
         args.save.write_bytes(orjson.dumps(to_json(report), option=orjson.OPT_INDENT_2))
     if args.json:

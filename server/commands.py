@@ -26,6 +26,8 @@ class UserMessage:
     id: Ref = None
     thread_id: str | None = None
     agent: str | None = None
+    #: The client's W3C trace context: the parent of the run's span.
+    traceparent: str | None = None
     type: Literal["user_message"] = "user_message"
 
 
@@ -93,6 +95,7 @@ def parse_command(frame: str | bytes) -> Command:
             id=ref,
             thread_id=optional_id(raw, "thread_id", ref),
             agent=optional_id(raw, "agent", ref),
+            traceparent=_traceparent(raw),
         )
     if kind in ("stop", "start", "cancel"):
         return Control(action=kind, run_id=_run_id(raw, ref), id=ref)  # type: ignore[arg-type]
@@ -152,6 +155,12 @@ def _content(raw: dict[str, Any], ref: Ref) -> str:
     if not isinstance(content, str) or not content.strip():
         raise ProtocolError("bad_message", "field 'content' must be a non-empty string", ref)
     return content
+
+
+def _traceparent(raw: dict[str, Any]) -> str | None:
+    # A trace context that is not one is ignored, as W3C trace context asks.
+    value = raw.get("traceparent")
+    return value if isinstance(value, str) and 0 < len(value) <= 256 else None
 
 
 def _run_id(raw: dict[str, Any], ref: Ref) -> str:

@@ -25,6 +25,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Final
@@ -33,6 +34,7 @@ import orjson
 
 from agents.base import Message
 from agents.lifecycle import RunStatus
+from bridge import tracing
 from bridge.broker import RunRecord
 from bridge.errors import RunNotFound
 from server.errors import StorageUnavailable
@@ -159,9 +161,12 @@ class Persistence:
     async def _write(self, batch: list[_Write]) -> list[Outcome] | None:
         """Commit the batch in one transaction: each write's outcome, or None if it failed."""
         began = time.perf_counter()
+        span = _store_span(self.store, batch)
         try:
-            async with asyncio.timeout(self.timeout_s):
-                counts = await self.store.write([step for w in batch for step in w.steps])
+            with span as traced:
+                async with asyncio.timeout(self.timeout_s):
+                    counts = await self.store.write([step for w in batch for step in w.steps])
+                traced.set("chat.store.steps", len(counts))
         except Exception as exc:
             if len(batch) == 1:  # a batch's failure is counted write by write
                 self._failed(batch[0].what, repr(exc))
@@ -280,6 +285,17 @@ class Persistence:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.timeout_s):
                     await asyncio.shield(done)
+
+
+def _store_span(store: Store, batch: list[_Write]) -> AbstractContextManager[tracing.Hook]:
+    """The transaction's span (a no-op with tracing off), linked to its runs' spans."""
+    if not tracing.enabled():
+        return tracing.store_write("", [], [])
+    driver = getattr(store, "driver", None)
+    system = str(getattr(driver, "dialect", type(store).__name__))
+    whats = [w.what.rsplit(" ", 1)[0] for w in batch]
+    carried = [str(w.run.extra.get("traceparent") or "") for w in batch if w.run is not None]
+    return tracing.store_write(system, whats, [c for c in carried if c])
 
 
 def _usage_of(run: RunRecord) -> dict[str, Any] | None:

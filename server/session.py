@@ -21,7 +21,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
-from bridge import events
+from bridge import events, tracing
 from bridge.events import Event, Ref
 from bridge.wire import CloseCode
 from server.auth import Principal
@@ -214,6 +214,7 @@ class Session:
             self._wake.set()
 
     async def _user_message(self, command: UserMessage) -> None:
+        tracing.incoming(command.traceparent)
         record = await self.gateway.start_run(
             self.user,
             command.content,

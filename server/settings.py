@@ -148,6 +148,9 @@ class Settings:
     log_format: str = _opt(
         "text", "text, or json: one JSON object per line with the run, thread and session ids"
     )
+    trace_content: str = _opt(
+        "off", "on: spans carry message content (messages, answers, tool arguments); off: never"
+    )
 
     @property
     def dev_mode(self) -> bool:
@@ -193,6 +196,8 @@ class Settings:
             raise ValueError(f"{ENV_PREFIX}ADMIN_CLAIM must be claim=value, e.g. role=operator")
         if self.llm_usage not in ("on", "off"):
             raise ValueError(f"{ENV_PREFIX}LLM_USAGE must be on or off, got {self.llm_usage!r}")
+        if self.trace_content not in ("on", "off"):
+            raise ValueError(f"CHAT_TRACE_CONTENT must be on or off, not {self.trace_content!r}")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"CHAT_LOG_FORMAT must be text or json, not {self.log_format!r}")
         if self.metrics not in ("on", "off"):
