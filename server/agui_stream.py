@@ -9,7 +9,9 @@ a reasoning message, the answer) so that every ``*_START`` is closed by its
 A rejoin after ``seq`` N reads the run from its first event: the events up to N
 are fed to the framer with their output held back, and at the first event after N
 the framer writes a prelude that re-opens what was open at N (``RUN_STARTED``, the
-open reasoning message's or answer's ``*_START``), then carries on.  Tool calls are
+open reasoning message's or answer's ``*_START``), then carries on.  A rejoin at or
+after the last event of a finished run gets ``RUN_STARTED`` and the run's own
+``RUN_FINISHED``/``RUN_ERROR`` again (:meth:`AguiFramer.tail`), not an empty body.  Tool calls are
 opened and closed within one event, so none is ever open at a cut.
 
 ======================  ================================================================
@@ -122,6 +124,8 @@ class AguiFramer:
         self._reasonings = 0
         self._text_open = False
         self._ended = False
+        #: The run's last AG-UI event (``RUN_FINISHED``/``RUN_ERROR``) and its ``seq``.
+        self._end: tuple[BaseEvent, int | None] | None = None
         self._preluded = after_seq == 0
 
     # Pure mapping ----------------------------------------------------------------------
@@ -236,19 +240,35 @@ class AguiFramer:
                 )
         return out
 
+    def _ending(self, out: list[BaseEvent], seq: int | None) -> list[BaseEvent]:
+        if self._ended and self._end is None and out:
+            self._end = (out[-1], seq)
+        return out
+
     def frame(self, event: Event) -> bytes:
         """The run event as AG-UI SSE messages: nothing up to the rejoin point, then a
         prelude re-opening what was open there, then each event with ``id: <seq>``."""
         if event.seq is not None and event.seq <= self.after_seq:
-            self.events(event)  # only the state moves
+            self._ending(self.events(event), event.seq)  # only the state moves
             return b""
         head = b""
         if not self._preluded:
             self._preluded = True
             prelude = self._prelude()
             head = _encode(prelude, self.after_seq)
-        out = self.events(event)
+        out = self._ending(self.events(event), event.seq)
         return head + _encode(out, event.seq)
+
+    def tail(self, _status: str | None = None) -> bytes:
+        """The end of a rejoin at or past the run's last event: nothing came after the
+        rejoin point, so the run is re-opened and its end repeated (``RUN_STARTED``
+        then its ``RUN_FINISHED``/``RUN_ERROR``), a stream AG-UI's verification takes,
+        rather than an empty one.  Nothing for any other stream."""
+        if self._preluded or self._end is None or not self._started:
+            return b""
+        self._preluded = True
+        end, seq = self._end
+        return _encode([self._run_started(), end], seq)
 
     # What is open ----------------------------------------------------------------------
 
@@ -384,7 +404,7 @@ async def rejoin(request: Request) -> Response:
     run_id = request.path_params["run_id"]
     after = routes.after_seq(request)
     framer = AguiFramer(after_seq=after)
-    stream = await sse.open_stream(gateway, user, framer=framer.frame)
+    stream = await sse.open_stream(gateway, user, framer=framer.frame, tail=framer.tail)
     try:
         # From the first event: those up to ``after`` only tell the framer what is open.
         stream.attach(await gateway.watch(user, run_id, 0, stream.wake))

@@ -180,12 +180,33 @@ async def test_agui_rejoin_at_every_cut_misses_and_repeats_nothing(
                     assert kinds[1:] == ["REASONING_START", "REASONING_MESSAGE_START"]
                 else:
                     assert kinds[1:] == []
+            elif cut == ids[-1]:
+                # At the end: the run re-opened and its end repeated, not an empty body.
+                assert [m["data"] for m in prelude] == [full[0]["data"], full[-1]["data"]]
             else:
                 assert prelude == []
     _figure(
         "frontends_agui_rejoin",
         {"rejoins": len(ids) + 1, "events": len(full), "seconds": time.perf_counter() - started},
     )
+
+
+async def test_agui_rejoin_after_a_finished_runs_end_repeats_its_end(
+    server: LiveServer, user: str
+) -> None:
+    async with http_client(server) as client:
+        for message, last in [("chunks=2", "RUN_FINISHED"), ("chunks=1 fail=1", "RUN_ERROR")]:
+            resp, full = await agui_post(server, user, run_input(f"t-{user}", "e", message))
+            run_id, end = resp.headers["x-chat-run-id"], int(full[-1]["id"])
+            for cut in (end, end + 5):
+                got = await client.get(
+                    f"/api/ag-ui/runs/{run_id}/events",
+                    headers={**server.headers(user), "Last-Event-ID": str(cut)},
+                )
+                assert got.status_code == 200, got.text
+                data = validated(parse_sse(got.text))
+                assert [d["type"] for d in data] == ["RUN_STARTED", last], (message, cut)
+                assert data == [full[0]["data"], full[-1]["data"]]
 
 
 def _figure(name: str, values: dict[str, Any]) -> None:
@@ -525,6 +546,21 @@ async def test_agui_client_rejoins_a_dropped_stream(
     assert after[-1]["type"] == "RUN_FINISHED"
     assert text_of(before) == chunks(3)
     assert text_of(before) + text_of(after) == chunks(12)
+
+
+async def test_agui_client_verifies_a_rejoin_after_the_runs_end(
+    js_deps: Path, server: LiveServer, user: str
+) -> None:
+    for message, last in [("chunks=2", "RUN_FINISHED"), ("chunks=1 fail=1", "RUN_ERROR")]:
+        resp, full = await agui_post(server, user, run_input(f"t-{user}", "late", message))
+        rejoin = await js(
+            js_deps, server, user, "agui.mjs", kind="rejoin",
+            runId=resp.headers["x-chat-run-id"], lastEventId=full[-1]["id"],
+        )  # fmt: skip
+        result = await rejoin.finish()
+        assert result["rejoinError"] is None, result  # verifyEvents took the stream
+        assert [e["type"] for e in result["after"]] == ["RUN_STARTED", last]
+        assert result["after"] == [full[0]["data"], full[-1]["data"]]
 
 
 async def test_agui_run_stopped_and_resumed_over_rest_watched_over_ws(

@@ -110,6 +110,16 @@ if (scenario.kind === "run") {
     rejoinError = String(exc?.message ?? exc);
   }
   say({ result: { ...first, ...seen, after, rejoinError, unhandled } });
+} else if (scenario.kind === "rejoin") {
+  // A rejoin on its own (of a finished run, say), through the library's verification.
+  let after = null;
+  let rejoinError = null;
+  try {
+    after = await rejoin(scenario.runId, scenario.lastEventId);
+  } catch (exc) {
+    rejoinError = String(exc?.message ?? exc);
+  }
+  say({ result: { after, rejoinError } });
 } else {
   throw new Error(`unknown scenario ${scenario.kind}`);
 }
