@@ -687,5 +687,74 @@ async def test_aisdk_client_regenerate_runs_the_last_message_again(
     assert answer_text(result["first"]["message"]) == chunks(2)
     assert answer_text(result["again"]["message"]) == chunks(2)
     assert result["first"]["message"]["id"] != result["again"]["message"]["id"]
-    history = await _history(server, user, chat, 4)
-    assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
+    # The answer replaced, the user's message stored once.
+    history = await _history(server, user, chat, 2)
+    assert [(m["role"], m["run_id"]) for m in history] == [
+        ("user", result["first"]["message"]["id"].removesuffix(":answer")),
+        ("assistant", result["again"]["message"]["id"].removesuffix(":answer")),
+    ]
+    assert history[1]["content"] == chunks(2)
+
+
+async def test_aisdk_regenerate_replaces_the_answer_or_is_a_conflict(
+    server: LiveServer, user: str
+) -> None:
+    chat = f"c-{user}-regen"
+
+    async def post(trigger: str, message_id: str | None = None) -> httpx.Response:
+        body = {**body_of(chat, trigger), "messageId": message_id}
+        async with http_client(server) as client:
+            return await client.post("/api/ai-sdk/chat", json=body, headers=server.headers(user))
+
+    nothing = await post("regenerate-message")  # a chat with no answer yet
+    assert nothing.status_code == 409, nothing.text
+    assert nothing.json()["error"] == {
+        "code": "conflict", "message": "this chat has no answer to regenerate"
+    }  # fmt: skip
+    first = await post("submit-message")
+    run1 = first.headers["x-chat-run-id"]
+    before = await _history(server, user, chat, 2)
+    other = await post("regenerate-message", "r_someother:answer")
+    assert other.status_code == 409 and "last answer" in other.json()["error"]["message"]
+    again = await post("regenerate-message", f"{run1}:answer")
+    assert again.status_code == 200, again.text
+    parts = [json.loads(m) for m in _data_lines(again.text)]
+    assert parts[-1] == {"type": "finish", "finishReason": "stop"}
+    run2 = again.headers["x-chat-run-id"]
+    await wait_for(lambda: _run_done(server, user, run2))
+    after = await _history(server, user, chat, 2)
+    assert [(m["message_id"], m["role"], m["run_id"]) for m in after] == [
+        (before[0]["message_id"], "user", run1), (after[1]["message_id"], "assistant", run2)
+    ]  # fmt: skip
+    assert after[1]["message_id"] != before[1]["message_id"]
+    # Its answer is gone: the same answer id cannot be regenerated twice.
+    stale = await post("regenerate-message", f"{run1}:answer")
+    assert stale.status_code == 409
+    # Another user's chat is not found, as on every route.
+    async with http_client(server) as client:
+        theirs = await client.post(
+            "/api/ai-sdk/chat",
+            json={**body_of(chat, "regenerate-message"), "messageId": None},
+            headers=server.headers(f"{user}-other"),
+        )
+    assert theirs.status_code == 404, theirs.text
+
+
+def body_of(chat: str, trigger: str) -> dict[str, Any]:
+    text = [{"type": "text", "text": "chunks=2"}]
+    return {
+        "id": chat,
+        "agent": "load",
+        "trigger": trigger,
+        "messages": [{"id": "u1", "role": "user", "parts": text}],
+    }
+
+
+def _data_lines(text: str) -> list[str]:
+    lines = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return lines[:-1]
+
+
+async def _run_done(server: LiveServer, user: str, run_id: str) -> bool:
+    return (await _status(server, user, run_id))["status"] == "completed"
