@@ -14,10 +14,11 @@ import dataclasses
 import logging
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-from agents.base import Agent, AgentRegistry, RunContext, Usage
+from agents.base import Agent, AgentRegistry, ClientTool, ClientToolResult, RunContext, Usage
 from agents.errors import AgentError
 from agents.lifecycle import Action, Lifecycle, RunStatus
 from agents.recorder import MemoryRecorder, Recorder
@@ -504,13 +505,16 @@ class Supervisor:
         agent: str | None = None,
         ref: str | int | None = None,
         restate: str | None = None,
+        client_tools: Sequence[ClientTool] = (),
+        tool_results: Sequence[ClientToolResult] = (),
     ) -> RunRecord:
         """Create a run, record and publish its ``user_message`` (seq 1), start its agent.
 
         The agent gets the thread's earlier messages as its history.  ``restate`` is
         the id of the thread's last stored message, a user message answered again (a
         regenerate): it is not stored a second time, and it is the run's message, not
-        part of its history.
+        part of its history.  ``client_tools`` and ``tool_results`` go to the agent's
+        context (see :class:`RunContext`).
 
         Raises:
             UnknownAgent: no agent of that name.
@@ -538,6 +542,8 @@ class Supervisor:
             tools=self.tools,
             history=history,
             typing_delay_s=self.config.typing_delay_ms / 1000,
+            client_tools=client_tools,
+            tool_results=tool_results,
         )
         handle = RunHandle(self, record, chosen, ctx, bridge)
         await self.broker.create_run(record, handle)

@@ -12,8 +12,9 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
+from agents.base import ClientTool, ClientToolResult
 from agents.registry import llm_agent
 from agents.supervisor import RunError
 from bridge.broker import Broker, RunRecord, Wake, Watch
@@ -168,6 +169,8 @@ class Gateway:
         ref: str | int | None = None,
         restate: str | None = None,
         prepare: Callable[[], Awaitable[None]] | None = None,
+        client_tools: Sequence[ClientTool] = (),
+        tool_results: Sequence[ClientToolResult] = (),
     ) -> RunRecord:
         """Start a run of ``content`` (see ``Supervisor.start_run``); ``prepare`` is
         awaited once the user's limits let the run start, just before it does."""
@@ -203,6 +206,8 @@ class Gateway:
                 agent=agent,
                 ref=ref,
                 restate=restate,
+                client_tools=client_tools,
+                tool_results=tool_results,
             )
             started = True  # only runs that started count against the per-minute window
         finally:
