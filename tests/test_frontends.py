@@ -726,6 +726,35 @@ async def test_agui_client_verifies_a_rejoin_after_the_runs_end(
         assert result["after"] == [full[0]["data"], full[-1]["data"]]
 
 
+async def test_agui_client_answers_its_own_tool_with_http_agent(
+    js_deps: Path, llm: tuple[LiveServer, OpenAIStub], user: str
+) -> None:
+    server, stub = llm
+    script_client_tool_call(stub, "Sunny, 21 degrees.")
+    run = await js(
+        js_deps, server, user, "agui.mjs", kind="client-tool", agent="llm",
+        threadId=f"t-{user}-js-tools", runId="jt", message="Weather in Paris?", tools=[WEATHER],
+    )  # fmt: skip
+    result = await run.finish()
+    assert result["error"] is None, result  # both runs passed the client's verification
+    first, second = result["runs"]
+    types = [e["type"] for e in first["events"]]
+    assert types[-4:] == ["TOOL_CALL_START", "TOOL_CALL_ARGS", "TOOL_CALL_END", "RUN_FINISHED"]
+    assert "TOOL_CALL_RESULT" not in types
+    assert text_of(second["events"]) == "Sunny, 21 degrees."
+    # The client's own message list: the call, its answer, then the agent's answer.
+    roles = [m["role"] for m in result["messages"] if m["role"] != "reasoning"]
+    assert roles == ["user", "assistant", "tool", "assistant"]
+    call = result["messages"][[m["role"] for m in result["messages"]].index("tool")]
+    sent = stub.requests[1].messages
+    assert sent[-1] == {
+        "role": "tool",
+        "tool_call_id": call["toolCallId"],
+        "content": call["content"],
+    }
+    assert [m["role"] for m in sent] == ["user", "assistant", "tool"]
+
+
 async def test_agui_run_stopped_and_resumed_over_rest_watched_over_ws(
     js_deps: Path, server: LiveServer, user: str
 ) -> None:
