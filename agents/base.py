@@ -27,6 +27,44 @@ class Message:
 
 
 @dataclass(frozen=True, slots=True)
+class ClientTool:
+    """A tool the client offers (AG-UI's front-end tools): the agent may call it, and
+    the client runs it and answers the call in its next request."""
+
+    name: str
+    description: str = ""
+    #: The arguments' JSON schema.
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+
+    def schema(self) -> dict[str, Any]:
+        """The tool as an OpenAI-style function, as the gateway's tools give theirs."""
+        return {
+            "type": "function",
+            "function": {
+                "name": self.name,
+                "description": self.description,
+                "parameters": dict(self.parameters) or {"type": "object", "properties": {}},
+            },
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ClientToolResult:
+    """The client's answer to a client tool call that the thread's previous run left
+    open: the call as it was made, and what the client's tool returned."""
+
+    call_id: str
+    name: str
+    args: Mapping[str, Any]
+    content: str
+    error: str | None = None
+
+
+#: The error of a ``tool_completed`` that leaves a call to the client (``pending``).
+LEFT_TO_CLIENT = "left to the client"
+
+
+@dataclass(frozen=True, slots=True)
 class ToolOutcome:
     call_id: str
     ok: bool
@@ -90,6 +128,12 @@ class RunContext:
     inputs: InputPort | None = None
     #: Tools whose calls wait for the owner's approval (``*``: every tool).
     approval_tools: frozenset[str] = frozenset()
+    #: Tools the client offers for this run, to be left for it to run (see
+    #: :meth:`leave_to_client`).
+    client_tools: Sequence[ClientTool] = ()
+    #: The client's answers to the client tool calls the thread's previous run left
+    #: open: this run continues from them (its ``message`` is their text).
+    tool_results: Sequence[ClientToolResult] = ()
     _call_ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     #: The tokens reported so far (:meth:`report_usage`), by model.
     _usage: dict[str, Usage] = field(default_factory=dict)
@@ -165,6 +209,21 @@ class RunContext:
         await self.emit.tool_executing(call_id, name, {})
         await self.emit.tool_completed(call_id, name, ok=False, error=error, duration_ms=0.0)
         return ToolOutcome(call_id, False, error=error)
+
+    def client_tool(self, name: str) -> ClientTool | None:
+        """The client tool of that name, if the client offered one."""
+        return next((tool for tool in self.client_tools if tool.name == name), None)
+
+    async def leave_to_client(self, call_id: str, name: str) -> ToolOutcome:
+        """Answer a call of a client tool, already announced with ``tool_executing``, as
+        left to the client: ``tool_completed`` with ``pending`` (``ok`` false, ``error``
+        :data:`LEFT_TO_CLIENT`), so the run's invariants hold.  The agent should end
+        its run then: the client answers the call in its next request, which starts
+        the run that goes on (with :attr:`tool_results`)."""
+        await self.emit.tool_completed(
+            call_id, name, ok=False, error=LEFT_TO_CLIENT, duration_ms=0.0, pending=True
+        )
+        return ToolOutcome(call_id, False, error=LEFT_TO_CLIENT)
 
     async def call_tool(self, name: str, args: Mapping[str, Any]) -> ToolOutcome:
         """Announce, run and answer one tool call.

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal, cast
 from urllib.parse import urlsplit
 
-from agents.base import ASK_USER_TOOL, Message, RunContext, ToolOutcome, Usage
+from agents.base import ASK_USER_TOOL, ClientToolResult, Message, RunContext, ToolOutcome, Usage
 from agents.errors import LLMError
 from bridge import tracing
 
@@ -450,6 +450,48 @@ def build_messages(
     return messages
 
 
+def continued_messages(
+    history: Sequence[Message],
+    results: Sequence[ClientToolResult],
+    *,
+    system_prompt: str | None = None,
+    max_history: int = 20,
+) -> list[dict[str, Any]]:
+    """The opening messages of a run that goes on from the client's answers to tool
+    calls the previous run left to it: the thread up to the user message that led to
+    the calls, the model's turn that made them (its text is the previous run's stored
+    answer), and a ``tool`` message for each."""
+    earlier = list(history)
+    text = ""
+    if earlier and earlier[-1].role == "assistant":
+        text = earlier.pop().content
+    last_user = max((i for i, m in enumerate(earlier) if m.role == "user"), default=None)
+    if last_user is None:  # no user message left in the history window
+        messages = build_messages([], "", system_prompt=system_prompt, max_history=0)[:-1]
+    else:
+        messages = build_messages(
+            earlier[:last_user],
+            earlier[last_user].content,
+            system_prompt=system_prompt,
+            max_history=max_history,
+        )
+    calls = [
+        {
+            "id": r.call_id,
+            "type": "function",
+            "function": {"name": r.name, "arguments": json.dumps(dict(r.args), ensure_ascii=False)},
+        }
+        for r in results
+    ]
+    messages.append({"role": "assistant", "content": text or None, "tool_calls": calls})
+    for r in results:
+        content = r.content
+        if r.error is not None:
+            content = json.dumps({"error": r.error, "content": r.content}, ensure_ascii=False)
+        messages.append({"role": "tool", "tool_call_id": r.call_id, "content": content})
+    return messages
+
+
 def parse_arguments(text: str) -> dict[str, Any]:
     """A tool call's arguments as an object; empty text is no arguments.
 
@@ -600,15 +642,25 @@ class LLMAgent:
 
     async def run(self, ctx: RunContext) -> None:
         config = self.config
-        messages = build_messages(
-            ctx.history,
-            ctx.message,
-            system_prompt=config.system_prompt,
-            max_history=config.max_history,
-        )
+        if ctx.tool_results:
+            messages = continued_messages(
+                ctx.history,
+                ctx.tool_results,
+                system_prompt=config.system_prompt,
+                max_history=config.max_history,
+            )
+        else:
+            messages = build_messages(
+                ctx.history,
+                ctx.message,
+                system_prompt=config.system_prompt,
+                max_history=config.max_history,
+            )
+        # The client's tools beside the gateway's (a gateway tool of the same name wins).
         tools = ctx.tools.schemas()
         if ctx.inputs is not None:
             tools = [*tools, ASK_USER_SCHEMA]
+        tools += [t.schema() for t in ctx.client_tools if t.name not in ctx.tools]
         answered = ""  # the last answer text so far, to separate the turns' answers
         results: list[tuple[str, bool]] = []  # the last turn's tool calls: name, ok
         async with self._client() as client:
@@ -636,10 +688,21 @@ class LLMAgent:
                     return
                 messages.append(assistant_message(turn.text, calls))
                 results = []
+                left = False
                 for call in calls:
-                    outcome = await self._call_tool(ctx, call)
+                    if call.name not in ctx.tools and ctx.client_tool(call.name) is not None:
+                        # The client runs it: announced, left open for its next request.
+                        refused = await self._leave_to_client(ctx, call)
+                        if refused is None:
+                            left = True
+                            continue
+                        outcome = refused
+                    else:
+                        outcome = await self._call_tool(ctx, call)
                     messages.append(tool_message(call, outcome))
                     results.append((call.name or "unnamed", outcome.ok))
+                if left:
+                    return
 
     async def _turn(
         self,
@@ -734,6 +797,18 @@ class LLMAgent:
         if call.name == ASK_USER_TOOL and ctx.inputs is not None:
             return await ask_user(ctx, args)
         return await ctx.call_tool(call.name, args)
+
+    async def _leave_to_client(self, ctx: RunContext, call: ToolCallRequest) -> ToolOutcome | None:
+        """Announce a client tool's call and leave it open; a call whose arguments are
+        no JSON object is refused instead (its outcome), for the model to try again."""
+        try:
+            args = parse_arguments(call.arguments)
+        except ValueError as exc:
+            return await ctx.refuse_tool(call.name, f"{call.name}: {exc}")
+        call_id = ctx.new_call_id()
+        await ctx.emit.tool_executing(call_id, call.name, args)
+        await ctx.leave_to_client(call_id, call.name)
+        return None
 
     def _detail(self, exc: BaseException) -> str:
         """The provider's side of an error, for the log, with the API key redacted."""

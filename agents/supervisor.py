@@ -15,11 +15,11 @@ import dataclasses
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from agents.base import Agent, AgentRegistry, RunContext, Usage
+from agents.base import Agent, AgentRegistry, ClientTool, ClientToolResult, RunContext, Usage
 from agents.errors import AgentError
 from agents.inputs import InputDesk, InputKind, Resolution
 from agents.lifecycle import Action, Lifecycle, RunStatus
@@ -628,10 +628,17 @@ class Supervisor:
         thread_id: str | None = None,
         agent: str | None = None,
         ref: str | int | None = None,
+        restate: str | None = None,
+        client_tools: Sequence[ClientTool] = (),
+        tool_results: Sequence[ClientToolResult] = (),
     ) -> RunRecord:
         """Create a run, record and publish its ``user_message`` (seq 1), start its agent.
 
-        The agent gets the thread's earlier messages as its history.
+        The agent gets the thread's earlier messages as its history.  ``restate`` is
+        the id of the thread's last stored message, a user message answered again (a
+        regenerate): it is not stored a second time, and it is the run's message, not
+        part of its history.  ``client_tools`` and ``tool_results`` go to the agent's
+        context (see :class:`RunContext`).
 
         Raises:
             UnknownAgent: no agent of that name.
@@ -640,6 +647,8 @@ class Supervisor:
         chosen = self.agents.get(agent)
         thread = thread_id or new_id("t_")
         history = await self.recorder.open_thread(owner, thread, content, new=thread_id is None)
+        if restate is not None and history and history[-1].role == "user":
+            history = history[:-1]
         run_id = new_id("r_")
         now = time.time()
         record = RunRecord(run_id, thread, owner, chosen.name, str(RunStatus.QUEUED), now, now)
@@ -659,14 +668,17 @@ class Supervisor:
             history=history,
             typing_delay_s=self.config.typing_delay_ms / 1000,
             approval_tools=self.config.approval_tools,
+            client_tools=client_tools,
+            tool_results=tool_results,
         )
         handle = RunHandle(self, record, chosen, ctx, bridge)
         ctx.inputs = handle
         handle.span = span
         await self.broker.create_run(record, handle)
         self._runs[run_id] = handle
-        message_id = new_id("m_")
-        await self.recorder.user_message(record, message_id, content)
+        message_id = restate or new_id("m_")
+        if restate is None:
+            await self.recorder.user_message(record, message_id, content)
         await self.recorder.run_changed(dataclasses.replace(record))
         await bridge.emit(
             "user_message",

@@ -234,17 +234,22 @@ class EventAdapter:
         duration_ms: float,
         result: Any = None,
         error: str | None = None,
+        pending: bool = False,
     ) -> Event:
+        """``pending``: the call was not run here but left for the client to answer (a
+        client-side tool); it goes out ``ok: false`` with ``pending: true``."""
         data: dict[str, Any] = {
             "call_id": call_id,
             "tool": tool,
-            "ok": ok,
+            "ok": ok and not pending,
             "duration_ms": round(duration_ms, 3),
         }
-        if ok:
+        if ok and not pending:
             data["result"] = result
         else:
             data["error"] = error or "failed"
+        if pending:
+            data["pending"] = True
         return await self._emit("tool_completed", data)
 
     async def agent_state(self, state: Any) -> Event:

@@ -12,16 +12,18 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
+from agents.base import ClientTool, ClientToolResult
 from agents.registry import llm_agent
 from agents.supervisor import RunError
 from bridge.broker import Broker, RunRecord, Wake, Watch
 from bridge.errors import ResumeUnavailable, RunNotFound
+from bridge.wire import ErrorCode
 from server.auth import Authenticator, Principal
 from server.compose import Services, build_services, make_broker
-from server.errors import RateLimited, ShuttingDown
+from server.errors import ProtocolError, RateLimited, ShuttingDown
 from server.metrics import MetricsSnapshot
 from server.sessions import CHECK_EVERY_S, Counters, LocalSession, SessionRegistry
 from server.settings import Settings
@@ -167,7 +169,13 @@ class Gateway:
         thread_id: str | None = None,
         agent: str | None = None,
         ref: str | int | None = None,
+        restate: str | None = None,
+        prepare: Callable[[], Awaitable[None]] | None = None,
+        client_tools: Sequence[ClientTool] = (),
+        tool_results: Sequence[ClientToolResult] = (),
     ) -> RunRecord:
+        """Start a run of ``content`` (see ``Supervisor.start_run``); ``prepare`` is
+        awaited once the user's limits let the run start, just before it does."""
         if self.shutting_down:
             raise ShuttingDown("the server is shutting down; start the run again shortly")
         uid = user.user_id
@@ -191,14 +199,76 @@ class Gateway:
             raise RateLimited(f"{quota.active} runs are still going; at most {limit} at once")
         started = False
         try:
+            if prepare is not None:
+                await prepare()
             record = await self.supervisor.start_run(
-                owner=uid, content=content, thread_id=thread_id, agent=agent, ref=ref
+                owner=uid,
+                content=content,
+                thread_id=thread_id,
+                agent=agent,
+                ref=ref,
+                restate=restate,
+                client_tools=client_tools,
+                tool_results=tool_results,
             )
             started = True  # only runs that started count against the per-minute window
         finally:
             await self.broker.release_run(uid, quota.token, started=started)
         self.counters.runs_started += 1
         return record
+
+    async def regenerate(
+        self,
+        user: Principal,
+        thread_id: str,
+        *,
+        agent: str | None = None,
+        answer_ref: str | None = None,
+    ) -> RunRecord:
+        """Answer a thread's last user message again, in place of the answer it had:
+        that answer is removed from the thread and the user's message is not stored
+        again.  ``answer_ref`` is the client's id of the answer it regenerates
+        (``<run_id>:answer``); only the last answer can be.
+
+        Raises:
+            RunNotFound: no such thread of the user's.
+            ProtocolError: ``conflict``: a run of the thread is still going, the thread
+                does not end with an answer to a user message, ``answer_ref`` names
+                another answer, or another regenerate took the answer first.
+        """
+        thread = await self.store.get_thread(thread_id)
+        if thread is None:
+            raise ProtocolError(ErrorCode.CONFLICT, "this chat has no answer to regenerate")
+        if thread.owner != user.user_id:
+            raise RunNotFound(f"no thread {thread_id}")
+        if await self.store.unfinished_runs(thread_id, user.user_id):
+            raise ProtocolError(
+                ErrorCode.CONFLICT,
+                "a run of this chat is still going: stop or cancel it before regenerating",
+            )
+        last = await self.store.recent_messages(thread_id, 2)
+        if len(last) < 2 or last[-1].role != "assistant" or last[-2].role != "user":
+            raise ProtocolError(ErrorCode.CONFLICT, "this chat has no answer to regenerate")
+        question, answer = last
+        if answer_ref is not None and answer_ref != f"{answer.run_id}:answer":
+            raise ProtocolError(
+                ErrorCode.CONFLICT, "only the chat's last answer can be regenerated"
+            )
+
+        async def drop_answer() -> None:
+            # The delete decides between regenerates sent together: one removes the answer.
+            changed = await self.store.write(self.store.message_delete_steps(answer.id, thread_id))
+            if not changed or changed[0] == 0:
+                raise ProtocolError(ErrorCode.CONFLICT, "this answer is being regenerated already")
+
+        return await self.start_run(
+            user,
+            question.content,
+            thread_id=thread_id,
+            agent=agent,
+            restate=question.id,
+            prepare=drop_answer,
+        )
 
     async def find_run(self, user: Principal, run_id: str) -> RunRecord:
         """The user's run; someone else's is as unknown as a missing one."""

@@ -154,6 +154,11 @@ class Store(Protocol):
         deleted; see :func:`refused`."""
         ...
 
+    def message_delete_steps(self, message_id: str, thread_id: str) -> list[Step]:
+        """Remove one message of the thread (an answer being regenerated); the rows
+        changed say whether it was still there."""
+        ...
+
     def run_steps(self, row: RunRow) -> list[Step]:
         """Update the run, or insert it if its thread is its owner's and not deleted;
         see :func:`refused`.  A run's end on a deleted thread removes the run, and the
