@@ -525,6 +525,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead, the scaling figure: chat-gateway --workers 2 against --workers 1 on "
         "the Redis broker (scripts/scaling.py; needs redis-server)",
     )
+    parser.add_argument(
+        "--capacity",
+        action="store_true",
+        help="instead, the streams one process holds at a model's pace, on each broker, "
+        "against python-socketio and through HAProxy (scripts/capacity.py; its options "
+        "after --)",
+    )
+    parser.add_argument(
+        "--idle",
+        type=int,
+        default=None,
+        metavar="N",
+        help="instead, N idle connections held by one gateway process: bytes each, idle CPU "
+        "(scripts/capacity.py --idle N)",
+    )
+    parser.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     return parser
 
 
@@ -534,6 +550,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.scaling:
         scaling = [sys.executable, str(Path(__file__).with_name("scaling.py"))]
         return subprocess.call([*scaling, *(["--json"] if args.json else [])])
+    if args.capacity or args.idle is not None:
+        capacity = [sys.executable, str(Path(__file__).with_name("capacity.py"))]
+        extra = ["--idle", str(args.idle)] if args.idle is not None else []
+        json_out = ["--json"] if args.json else []
+        save = ["--save", str(args.save)] if args.save is not None else []
+        return subprocess.call([*capacity, *extra, *json_out, *save, *args.rest])
+    if args.rest:
+        parser.error(f"unrecognized arguments: {' '.join(args.rest)}")
     known = (*WS_SERVERS, *SSE_SERVERS)
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     unknown = [s for s in args.servers if s not in known]
