@@ -483,7 +483,7 @@ class RedisBroker:
                     pause = min(pause * 2, 1.0)
                     # The batch may have landed (whole: it is one script) before the
                     # connection broke; it is not appended twice.
-                    if await self._landed(run_id, batch[-1].seq or 0):
+                    if await self._landed(run_id, batch[-1]):
                         appended = True
                         break
             self.reachable = True
@@ -501,12 +501,16 @@ class RedisBroker:
                 if last.type == "agent_completed":
                     self._owned.pop(run_id, None)
 
-    async def _landed(self, run_id: str, seq: int) -> bool:
+    async def _landed(self, run_id: str, last: Event) -> bool:
+        """Whether the stream holds ``last`` itself (its batch landed whole, its reply
+        lost).  A stream that merely reaches its seq is not enough: a reaper that
+        ended the run meanwhile put its own ending at the seqs this batch numbered."""
+        entry_id = _seq_id(last.seq or 0)
         try:
-            newest = await self.r.xrevrange(self.k("log", run_id), "+", "-", count=1)
+            entries = await self.r.xrange(self.k("log", run_id), entry_id, entry_id, count=1)
         except (RedisError, OSError):
             return False
-        return bool(newest) and _seq_of(newest[0][0]) >= seq
+        return bool(entries) and entries[0][1].get(b"e") == last.text.encode()
 
     def _append_commands(
         self, owned: _Owned, batch: list[Event]
