@@ -51,6 +51,9 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from bridge import bus
@@ -86,6 +89,8 @@ RESERVATION_HOLD_S: Final = 30.0
 FENCE_KEEP_S: Final = 86_400
 #: How long an ending that could not be appended is tried again.
 ENDING_RETRY_S: Final = 600.0
+#: How long a Redis call waits for a free pooled connection before it fails.
+POOL_WAIT_S: Final = 5.0
 
 
 def _seq_id(seq: int) -> str:
@@ -181,8 +186,11 @@ class RedisBroker:
         outage_s: float = 30.0,
         node: str | None = None,
         prefix: str = "chat:",
+        max_connections: int = 100,
     ) -> None:
         self.url = url
+        #: Pooled connections to Redis at most (besides the stream reader's and the bus's).
+        self.max_connections = max_connections
         self.max_bytes = run_log_max_bytes
         self.window_s = resume_window_s
         self.lease_s = lease_s
@@ -237,11 +245,25 @@ class RedisBroker:
     # Lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._r = aioredis.Redis.from_url(
-            self.url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=15
+        # A pooled connection that a restarted Redis closed fails its next command:
+        # that command is sent once more on a new connection (a connection error
+        # only; a timeout may mean the command ran).  More concurrent calls than the
+        # pool holds wait for a connection instead of failing as if Redis were down.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self.url,
+            max_connections=self.max_connections,
+            timeout=POOL_WAIT_S,
+            socket_timeout=5,
+            socket_connect_timeout=5,
+            health_check_interval=15,
+            retry=_retry_once(),
         )
+        self._r = aioredis.Redis(connection_pool=pool)
         self._tail_r = aioredis.Redis.from_url(
-            self.url, socket_timeout=5 + TAIL_BLOCK_MS / 1000, socket_connect_timeout=5
+            self.url,
+            socket_timeout=5 + TAIL_BLOCK_MS / 1000,
+            socket_connect_timeout=5,
+            retry=_retry_once(),
         )
         for name in (
             "FENCED_WRITE",
@@ -1158,6 +1180,11 @@ def _record_from(run_id: str, raw: dict[bytes, bytes]) -> RunRecord:
         f.get("error_code") or None,
         {"node": f.get("node", ""), "first_seq": int(f.get("first_seq", 1))},
     )
+
+
+def _retry_once() -> Retry:
+    """One more try, at once, of a command whose connection turned out dead."""
+    return Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
 
 
 def _safe_url(url: str) -> str:
