@@ -1,0 +1,105 @@
+"""The command bus between Redis broker processes: lifecycle commands sent to the
+process that executes a run, their replies, and watcher counts (the typed messages
+of :mod:`bridge.bus`, over one pub/sub channel per process, ``bus:{node}``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from typing import Final
+
+from redis.exceptions import RedisError
+
+from bridge import bus
+from bridge.errors import BrokerUnavailable, RemoteCommandError, RunNotFound
+from bridge.redis_core import RedisCore
+from bridge.redis_registry import ended_answer
+from bridge.wire import WireError
+
+log = logging.getLogger("chat.redis")
+
+COMMAND_TIMEOUT_S: Final = 10.0
+
+
+class RedisBus:
+    def __init__(self, core: RedisCore) -> None:
+        self.core = core
+
+    async def command(self, run_id: str, action: str) -> str:
+        c = self.core
+        owned = c.owned.get(run_id)
+        if owned is not None:
+            return await owned.controller.apply(action)
+        record = await c.registry.get_run(run_id)
+        if record is None:
+            raise RunNotFound(f"no run {run_id}")
+        node = str(record.extra.get("node") or "")
+        if record.ended or not node:
+            # Nothing executes it any more: answer as the lifecycle would.
+            return ended_answer(record, action)
+        request_id = secrets.token_hex(8)
+        future: asyncio.Future[bus.CommandReply] = asyncio.get_running_loop().create_future()
+        c.replies[request_id] = future
+        try:
+            await self.send(node, bus.command(request_id, run_id, action, c.node))
+            async with asyncio.timeout(COMMAND_TIMEOUT_S):
+                reply = await future
+        except TimeoutError:
+            raise BrokerUnavailable(f"the process running {run_id} did not answer") from None
+        finally:
+            c.replies.pop(request_id, None)
+        if reply.error_code is not None:
+            raise RemoteCommandError(reply.error_code, reply.error_message or "")
+        return str(reply.status)
+
+    async def send(self, node: str, message: bus.Message) -> None:
+        c = self.core
+        await c.call("publish", c.r.publish(c.k("bus", node), bus.encode(message)))
+
+    async def listen(self) -> None:
+        c = self.core
+        while True:
+            try:
+                message = await c.pubsub.get_message(timeout=1.0)
+            except (RedisError, OSError) as exc:
+                c.reachable = False
+                log.warning("the command bus failed: %r; resubscribing", exc)
+                await asyncio.sleep(0.5)
+                with contextlib.suppress(Exception):
+                    await c.pubsub.subscribe(c.k("bus", c.node))
+                continue
+            if message is None:
+                continue
+            body = bus.decode(message["data"])
+            if body is None:
+                continue
+            c.spawn(self._on_message(body))
+
+    async def _on_message(self, body: bus.Message) -> None:
+        c = self.core
+        if isinstance(body, bus.CommandReply):
+            future = c.replies.get(body.id)
+            if future is not None and not future.done():
+                future.set_result(body)
+        elif isinstance(body, bus.CommandRequest):
+            owned = c.owned.get(body.run_id)
+            answer: bus.CommandReply
+            try:
+                if owned is None:
+                    record = await c.registry.get_run(body.run_id)
+                    if record is None:
+                        raise RunNotFound(f"no run {body.run_id}")
+                    answer = bus.reply(body.id, ended_answer(record, body.action))
+                else:
+                    answer = bus.reply(body.id, await owned.controller.apply(body.action))
+            except Exception as exc:
+                code = exc.code if isinstance(exc, WireError) else "internal"
+                answer = bus.failed(body.id, code, str(exc))
+            with contextlib.suppress(BrokerUnavailable):
+                await self.send(body.reply_to, answer)
+        else:
+            owned = c.owned.get(body.run_id)
+            if owned is not None:
+                owned.controller.watchers_changed(body.count)
