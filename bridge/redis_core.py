@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from bridge import bus
 from bridge import redis_scripts as lua
@@ -206,6 +206,9 @@ class RedisCore:
         #: node, or for Redis out of reach too long (to record it).
         self.on_run_lost: RunLost | None = None
         self.reachable = False
+        #: Fenced writes waiting for the next pipeline, and the task that sends them.
+        self._writes: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
+        self._writer: asyncio.Task[None] | None = None
         # The parts the others call, set by the broker that builds them.
         self.registry: Registry
         self.watches: Watches
@@ -250,6 +253,10 @@ class RedisCore:
             self.scripts[name] = self._r.register_script(getattr(lua, name))
 
     async def disconnect(self) -> None:
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._writer
         for client in (self._r, self.tail_r):
             if client is not None:
                 with contextlib.suppress(Exception):
@@ -260,10 +267,58 @@ class RedisCore:
         return self.scripts[name](keys=keys, args=args)  # type: ignore[no-any-return]
 
     async def fenced_write(self, run_id: str, commands: list[lua.Command]) -> bool:
-        """Run ``commands`` unless this process may no longer write the run."""
+        """Run ``commands`` unless this process may no longer write the run.
+
+        Fenced writes of every run made in the same turn of the event loop (and
+        those made while a batch is on its way) go to Redis in one pipeline: each
+        is its own script call, checked and applied on its own, and answered on
+        its own; a connection that breaks fails each of them."""
         keys = [self.k("run", run_id), self.k("fenced", self.node)]
-        done = await self.script("FENCED_WRITE", keys, [self.node, *lua.flatten(commands)])
-        return bool(done)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._writes.append((keys, [self.node, *lua.flatten(commands)], future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write_batches())
+        return bool(await future)
+
+    async def _write_batches(self) -> None:
+        script = self.scripts["FENCED_WRITE"]
+        while self._writes:
+            batch, self._writes = self._writes, []
+            while batch:
+                pipe = self.r.pipeline(transaction=False)
+                for keys, args, _ in batch:
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                try:
+                    results = await pipe.execute(raise_on_error=False)
+                except asyncio.CancelledError:
+                    for _, _, future in batch:
+                        future.cancel()
+                    raise
+                except Exception as exc:
+                    for _, _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    break
+                again = []
+                for item, result in zip(batch, results, strict=True):
+                    future = item[2]
+                    if isinstance(result, NoScriptError):
+                        again.append(item)  # a restarted Redis lacks the script
+                    elif future.done():
+                        pass
+                    elif isinstance(result, BaseException):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+                batch = again
+                if again:
+                    try:
+                        await self.r.script_load(lua.FENCED_WRITE)
+                    except (RedisError, OSError) as exc:
+                        for _, _, future in again:
+                            if not future.done():
+                                future.set_exception(exc)
+                        break
 
     async def call(self, what: str, coro: Awaitable[Any]) -> Any:
         """Await a Redis call; its failure becomes :class:`BrokerUnavailable`."""
