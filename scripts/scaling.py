@@ -102,16 +102,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunks", type=positive_int, default=2000)
     parser.add_argument("--reps", type=positive_int, default=2)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="also one worker on the in-memory broker in each repetition, for the ratio "
+        "of one process on Redis to one in memory",
+    )
     args = parser.parse_args(argv)
     if shutil.which("redis-server") is None:
         print("scaling.py needs redis-server (Debian package redis-server)", file=sys.stderr)
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="chat-scaling-"))
     results: dict[int, list[float]] = {}
-    errors: dict[int, list[Any]] = {}
+    errors: dict[int, list[Any]] = {}  # 0: the in-memory broker
+    memory: list[float] = []
     try:
         with redis_server() as url:
             for _ in range(args.reps):
+                if args.memory:
+                    report = run_once(1, "memory", workdir, args)
+                    memory.append(events_per_s(report))
+                    errors.setdefault(0, []).append(report.get("errors") or report.get("integrity"))
                 for workers in (1, 2):
                     report = run_once(workers, url, workdir, args)
                     results.setdefault(workers, []).append(events_per_s(report))
@@ -124,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     best = {w: max(v) for w, v in results.items()}
+    memory_best = max(memory, default=0.0)
     summary = {
         "clients": args.clients,
         "messages": args.messages,
@@ -131,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         "events_per_s": results,
         "best_events_per_s": best,
         "two_workers_over_one": round(best[2] / best[1], 3) if best.get(1) else None,
+        "memory_events_per_s": memory or None,
+        "redis_over_memory": round(best[1] / memory_best, 3) if memory_best else None,
         "errors": errors,
         "cores": os.cpu_count(),
     }
@@ -141,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
             runs = ", ".join(f"{v:,.0f}" for v in results[workers])
             print(f"--workers {workers}: {runs} events/s (best {best[workers]:,.0f})")
         print(f"two workers / one: {summary['two_workers_over_one']}")
+        if memory:
+            runs = ", ".join(f"{v:,.0f}" for v in memory)
+            print(f"in memory, one process: {runs} events/s")
+            print(f"one process on Redis / in memory: {summary['redis_over_memory']}")
     return 0
 
 

@@ -25,7 +25,7 @@ from starlette.routing import BaseRoute, Route
 from bridge.broker import RunRecord
 from bridge.errors import RunNotFound
 from bridge.memory import InMemoryBroker
-from bridge.redis import RedisBroker, _record_from
+from bridge.redis import RedisBroker
 from server.auth import Principal, token_for_http
 from server.errors import AuthError
 from server.gateway import Gateway
@@ -86,37 +86,8 @@ async def live_runs(gateway: Gateway) -> list[tuple[RunRecord, int, str]]:
         node = gateway.persistence.node
         return [(record, watchers, node) for record, watchers in broker.live_runs()]
     if isinstance(broker, RedisBroker):
-        return await _redis_live_runs(broker)
+        return await broker.live_runs()
     return []
-
-
-async def _redis_live_runs(broker: RedisBroker) -> list[tuple[RunRecord, int, str]]:
-    r = broker.r
-    nodes = sorted(_text(n) for n in await r.smembers(broker.k("nodes")))
-    pipe = r.pipeline(transaction=False)
-    for node in nodes:
-        pipe.smembers(broker.k("runs", node))
-    run_ids = sorted({_text(run_id) for ids in await pipe.execute() for run_id in ids})
-    pipe = r.pipeline(transaction=False)
-    for run_id in run_ids:
-        pipe.hgetall(broker.k("run", run_id))
-        pipe.hvals(broker.k("watchers", run_id))
-    replies = await pipe.execute()
-    out: list[tuple[RunRecord, int, str]] = []
-    for i, run_id in enumerate(run_ids):
-        raw, counts = replies[2 * i], replies[2 * i + 1]
-        if not raw:
-            continue  # ended and expired meanwhile
-        record = _record_from(run_id, raw)
-        if record.ended:
-            continue
-        watchers = sum(max(int(c), 0) for c in counts)
-        out.append((record, watchers, str(record.extra.get("node") or "")))
-    return out
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def row(record: RunRecord, watchers: int, node: str, now: float) -> dict[str, Any]:

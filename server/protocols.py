@@ -29,7 +29,10 @@ from collections import Counter
 from typing import Any, ClassVar, Final
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.exceptions import InvalidState
+from websockets.http11 import Request
 
 from server.settings import Settings
 
@@ -250,9 +253,43 @@ class HeadLimitedHttpProtocol(HttpToolsProtocol):
 HANDSHAKE_REFUSED: Final = plain_response(400, "invalid WebSocket handshake\n")
 
 
+#: The ASGI extension (in ``scope["extensions"]``) and message type of a batch of
+#: text frames sent in one socket write: ``{"type": SEND_BATCH, "texts": [...]}``.
+SEND_BATCH: Final = "chat.websocket.send_batch"
+
+
 class RefusingWebSocketsProtocol(WebSocketsSansIOProtocol):
     """uvicorn's websockets (Sans-I/O) protocol, which writes the library's refusal
-    of a handshake it could not parse instead of leaving the client waiting."""
+    of a handshake it could not parse instead of leaving the client waiting, and
+    accepts a batch of text frames (:data:`SEND_BATCH`) that it writes to the socket
+    at once: frames ready together cost one ASGI send and one transport write."""
+
+    def handle_connect(self, event: Request) -> None:
+        super().handle_connect(event)
+        scope = getattr(self, "scope", None)
+        if scope is not None:  # the handshake was accepted; the app has not run yet
+            scope["extensions"][SEND_BATCH] = {}
+
+    async def send(self, message: Any) -> None:
+        if message["type"] != SEND_BATCH:
+            await super().send(message)
+            return
+        await self.writable.wait()
+        if self.disconnected:
+            raise ClientDisconnected()
+        if not self.handshake_complete or self.initial_response is not None:
+            raise RuntimeError(f"'{SEND_BATCH}' before the handshake was accepted")
+        if self.close_sent:
+            raise RuntimeError(
+                f"Unexpected ASGI message '{SEND_BATCH}', after sending 'websocket.close'."
+            )
+        conn = self.conn
+        try:
+            for text in message["texts"]:
+                conn.send_text(text.encode())
+        except InvalidState:
+            raise ClientDisconnected() from None
+        self.transport.write(b"".join(conn.data_to_send()))
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)

@@ -21,7 +21,7 @@ import orjson
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from bridge.errors import RunNotFound
+from bridge.errors import BrokerUnavailable, RunNotFound
 from bridge.events import PROTOCOL
 from bridge.wire import RESPOND, Action
 from server import commands, sse
@@ -44,7 +44,10 @@ class OrjsonResponse(JSONResponse):
 
 def error_response(exc: BaseException) -> Response:
     code, message, status = wire_error(exc)
-    if code == "internal":
+    if isinstance(exc, BrokerUnavailable):
+        # An outage, not a fault of this code: one line, no traceback (503).
+        log.warning("request refused: %s", exc)
+    elif code == "internal":
         log.error("request failed", exc_info=exc)
     return OrjsonResponse({"ok": False, "error": {"code": code, "message": message}}, status)
 

@@ -29,6 +29,7 @@ from server.commands import Command, Control, Ping, Respond, Resume, UserMessage
 from server.errors import ProtocolError, wire_error
 from server.gateway import Gateway
 from server.outbox import CLOSE_NORMAL, CLOSE_SLOW, CLOSE_UNAUTHORIZED, Cut, Outbox, Policy
+from server.protocols import SEND_BATCH
 
 log = logging.getLogger("chat.ws")
 
@@ -60,6 +61,9 @@ def policy_of(gateway: Gateway) -> Policy:
 
 class Session:
     transport = "ws"
+    #: Whether the server takes frames ready together in one send
+    #: (:data:`server.protocols.SEND_BATCH`); set by the endpoint from the scope.
+    send_batch = False
 
     def __init__(
         self,
@@ -148,13 +152,21 @@ class Session:
                 ready, more = await box.take()
                 self._room.set()
                 runs = 0
-                for event in ready:
+                if self.send_batch and len(ready) > 1:
+                    # Frames ready together: one ASGI send, one socket write.
                     box.in_send = True
-                    await send({"type": "websocket.send", "text": event.text})
+                    await send({"type": SEND_BATCH, "texts": [e.text for e in ready]})
                     box.sends += 1
                     box.in_send = False
-                    if event.seq is not None:
-                        runs += 1
+                    runs = sum(1 for e in ready if e.seq is not None)
+                else:
+                    for event in ready:
+                        box.in_send = True
+                        await send({"type": "websocket.send", "text": event.text})
+                        box.sends += 1
+                        box.in_send = False
+                        if event.seq is not None:
+                            runs += 1
                 counters.events_delivered += runs
                 if more:
                     wake.set()

@@ -117,6 +117,9 @@ class Settings:
     redis_outage_s: float = _opt(
         30.0, "with Redis: a run whose events cannot be appended this long is ended failed"
     )
+    redis_max_connections: int = _opt(
+        100, "with Redis: pooled connections at most; more concurrent calls wait for one"
+    )
     # Storage ------------------------------------------------------------------
     db_url: str = _opt(
         "sqlite:///var/chat.db", "sqlite:///path.db (default, WAL) or postgresql://user@host/db"

@@ -28,6 +28,7 @@ from server.auth import token_for_websocket
 from server.errors import AuthError
 from server.gateway import Gateway
 from server.origin import origin_allowed
+from server.protocols import SEND_BATCH
 from server.session import (
     CLOSE_FORBIDDEN,
     CLOSE_SLOW,
@@ -77,6 +78,7 @@ async def websocket_endpoint(gateway: Gateway, websocket: WebSocket, send: Send)
     # The token's expiry on the loop's clock, which the outbox is given.
     expires_at = loop.time() + user.expires_at + gateway.auth.leeway_s - time.time()
     session = Session(gateway, user, new_id("s_"), send, close, expires_at=expires_at)
+    session.send_batch = SEND_BATCH in websocket.scope.get("extensions", {})
     logctx.SESSION_ID.set(session.id)  # for its log lines, and those of the runs it starts
     try:
         added = await gateway.add_session(session)

@@ -71,13 +71,6 @@ def test_idle_connections_are_held_and_measured() -> None:
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
-@pytest.mark.xfail(
-    strict=True,
-    reason="redis-py's asyncio pool allows 100 connections by default and raises "
-    "MaxConnectionsError rather than wait; the Redis broker takes that for Redis being "
-    "unreachable: run starts are answered internal 'Redis is unreachable (run limits)' or "
-    "'(get run)' and new sockets are closed 1013 while 200 runs stream on one process",
-)
 def test_200_streams_starting_together_on_redis_are_all_served() -> None:
     """Latency aside (the bound is out of the way): every client gets in and every run
     completes, on one process on the Redis broker."""

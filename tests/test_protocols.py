@@ -297,3 +297,51 @@ async def test_slow_bodies_are_cut_at_their_deadline(user: str) -> None:
         "slow_bodies",
         {"body_timeout_s": timeout_s, **{k: round(t, 3) for k, (_, t) in outcome.items()}},
     )
+
+
+async def test_frames_sent_as_one_batch_arrive_whole_and_in_order() -> None:
+    """The gateway's WebSocket protocol offers the send-batch extension and writes a
+    batch of frames in one go: every frame arrives, in order, and a plain send after
+    it follows it (a real uvicorn on loopback, an ASGI app of the test's own)."""
+    import threading
+
+    import uvicorn
+
+    from server.protocols import SEND_BATCH
+    from server.serve import uvicorn_config
+    from server.settings import Settings
+    from tests.support import SECRET, free_port
+
+    offered: list[bool] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        offered.append(SEND_BATCH in scope.get("extensions", {}))
+        if offered[-1]:
+            await send({"type": SEND_BATCH, "texts": [f"frame {i}" for i in range(200)]})
+        await send({"type": "websocket.send", "text": "after"})
+        await send({"type": "websocket.close", "code": 1000})
+
+    port = free_port()
+    settings = Settings(jwt_secret=SECRET, log_level="warning", db_url="sqlite:///:memory:")
+    server = uvicorn.Server(uvicorn_config(app, settings, "127.0.0.1", port, lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(2000):
+            if server.started:
+                break
+            await asyncio.sleep(0.01)
+        async with connect(f"ws://127.0.0.1:{port}/") as ws:
+            got = [message async for message in ws]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+    assert offered == [True]
+    assert got == [f"frame {i}" for i in range(200)] + ["after"]

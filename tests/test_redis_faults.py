@@ -383,3 +383,46 @@ async def test_a_run_cut_off_from_redis_past_the_outage_limit_is_ended(
     record_figures(
         "redis_outage_limit", {"outage_s": 2, "killed_to_run_ended_s": round(ended_s, 3)}
     )
+
+
+async def test_stale_pooled_connections_after_a_redis_restart_are_retried_once(
+    tmp_path: Path,
+) -> None:
+    """A Redis restarted between requests leaves the pool's connections dead: the first
+    requests after it are served (each dead connection tried again once, on a new
+    one), not refused as if Redis were down; while Redis is really down a stream
+    request is answered 503, and nothing is logged as a traceback."""
+    redis = redis_or_skip(tmp_path)
+    await redis.start()
+    user = "wen"
+    body = {"message": "chunks=3 delay_ms=1", "agent": "load"}
+    try:
+        with spawn_server(tmp_path, **shared_env(redis.url, tmp_path)) as srv:
+            async with httpx.AsyncClient(base_url=srv.http, timeout=30) as client:
+
+                async def stream() -> httpx.Response:
+                    return await client.post(
+                        "/api/chat/stream", json=body, headers=srv.headers(user)
+                    )
+
+                # Several requests at once: the pool holds several connections.
+                warm = await asyncio.gather(*(stream() for _ in range(4)))
+                assert [r.status_code for r in warm] == [200] * 4
+                await redis.kill()
+                await redis.start()
+                after = await asyncio.gather(*(stream() for _ in range(4)))
+                statuses = [r.status_code for r in after]
+                assert statuses == [200] * 4, [r.text[:200] for r in after]
+                assert all("agent_completed" in r.text for r in after)
+                async with ws_client(srv, user) as ws:
+                    await ws.send(type="user_message", agent="load", content="chunks=2")
+                    seen = await ws.recv_until("agent_completed")
+                assert seen[-1]["data"]["status"] == "completed"
+
+                await redis.kill()
+                down = await stream()
+                assert down.status_code == 503, down.text
+            log_text = srv.log()
+            assert "Traceback" not in log_text, log_text[-3000:]
+    finally:
+        await redis.kill()

@@ -1,0 +1,292 @@
+"""Appending a run's events to its stream, by the one process that executes the run.
+
+Events are numbered by the run, appended in order (pipelined in one fenced script,
+up to :data:`FLUSH_BATCH` events a round trip) with what an ending written
+elsewhere needs (open tool calls, the answer so far), and the stream trimmed by
+the same policy as the in-memory log (:func:`bridge.log.trim`).  A short outage
+is ridden out; a long one ends the run (:meth:`RedisAppender.give_up`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from typing import Final
+
+from redis.exceptions import RedisError
+
+from bridge import redis_scripts as lua
+from bridge.broker import RunRecord
+from bridge.errors import BrokerUnavailable, RunNotFound
+from bridge.events import Event
+from bridge.log import kept_size, trim
+from bridge.redis_core import Owned, RedisCore, seq_id
+from bridge.redis_lease import ending
+from bridge.redis_registry import record_fields
+from bridge.runstate import INPUT_KEY_PREFIX, RunState
+from bridge.wire import RunStatus
+
+log = logging.getLogger("chat.redis")
+
+#: Events appended in one pipeline at most.
+FLUSH_BATCH: Final = 512
+OUTAGE_APOLOGY: Final = "Sorry, this answer could not be kept going. Please try again."
+#: The ``error.code`` of a run ended because its events could not reach Redis.
+OUTAGE_CODE: Final = "broker_unavailable"
+#: How long an ending that could not be appended is tried again.
+ENDING_RETRY_S: Final = 600.0
+
+
+class RedisAppender:
+    def __init__(self, core: RedisCore) -> None:
+        self.core = core
+
+    async def publish(self, event: Event) -> None:
+        run_id = event.run_id
+        owned = self.core.owned.get(run_id or "")
+        if owned is None:
+            raise RunNotFound(f"run {run_id} is not executed by this process")
+        if owned.failure is not None:
+            raise BrokerUnavailable("Redis is unreachable: the run's events cannot be kept") from (
+                owned.failure
+            )
+        owned.pending.append(event)
+        if owned.flusher is None or owned.flusher.done():
+            owned.flusher = asyncio.get_running_loop().create_task(self._flush(owned))
+        if len(owned.pending) >= FLUSH_BATCH * 8 or event.type == "agent_completed":
+            # Back-pressure on a fast agent, and the run's end is durable before it returns.
+            await self.drain(owned)
+
+    async def drain(self, owned: Owned) -> None:
+        while owned.flusher is not None and not owned.flusher.done():
+            await asyncio.shield(owned.flusher)
+        if owned.failure is not None:
+            raise BrokerUnavailable("Redis is unreachable: the run's events cannot be kept") from (
+                owned.failure
+            )
+
+    async def _flush(self, owned: Owned) -> None:
+        """Append what the run published, in order; ride out a short Redis outage.
+
+        While Redis is unreachable the events wait here (the agent waits too, once
+        too many are pending) and each batch is tried again with a growing pause;
+        after ``outage_s`` the run is ended ``failed`` / ``broker_unavailable``
+        by :meth:`give_up`.  An append refused by the fence (this process was
+        reaped) stops the run: its ending is the reaper's.
+        """
+        c = self.core
+        run_id = owned.record.run_id
+        while owned.pending:
+            batch = owned.pending[:FLUSH_BATCH]
+            del owned.pending[:FLUSH_BATCH]
+            pause, gave_up_at = 0.05, time.monotonic() + c.outage_s
+            commands, applied = self._append_commands(owned, batch)
+            while True:
+                try:
+                    appended = bool(await c.fenced_write(run_id, commands))
+                    break
+                except (RedisError, OSError) as exc:
+                    c.reachable = False
+                    if time.monotonic() > gave_up_at:
+                        log.error("run %s: appending to Redis failed: %r", run_id, exc)
+                        self.give_up(owned, exc)
+                        return
+                    log.warning("run %s: Redis unreachable (%r); trying again", run_id, exc)
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 1.0)
+                    # The batch may have landed (whole: it is one script) before the
+                    # connection broke; it is not appended twice.
+                    if await self._landed(run_id, batch[-1]):
+                        appended = True
+                        break
+            c.reachable = True
+            if appended:
+                applied()
+            if not appended:
+                log.error("run %s: this process was reaped; its events are refused", run_id)
+                c.lease.lose(owned)
+                c.lease.fenced_out()
+                return
+            last = batch[-1] if batch else None
+            if last is not None:
+                owned.flushed_seq = last.seq or 0
+                c.watches.mirror_append(run_id, batch)
+                if last.type == "agent_completed":
+                    c.owned.pop(run_id, None)
+
+    async def _landed(self, run_id: str, last: Event) -> bool:
+        """Whether the stream holds ``last`` itself (its batch landed whole, its reply
+        lost).  A stream that merely reaches its seq is not enough: a reaper that
+        ended the run meanwhile put its own ending at the seqs this batch numbered."""
+        c = self.core
+        entry_id = seq_id(last.seq or 0)
+        try:
+            entries = await c.r.xrange(c.k("log", run_id), entry_id, entry_id, count=1)
+        except (RedisError, OSError):
+            return False
+        return bool(entries) and entries[0][1].get(b"e") == last.text.encode()
+
+    def _append_commands(
+        self, owned: Owned, batch: list[Event]
+    ) -> tuple[list[lua.Command], Callable[[], None]]:
+        """The fenced write that appends ``batch`` with the run's record, and what to
+        note once it is done."""
+        c = self.core
+        record = owned.record
+        run_id = record.run_id
+        log_key, run_key = c.k("log", run_id), c.k("run", run_id)
+        answer_key, calls_key = c.k("answer", run_id), c.k("calls", run_id)
+        commands: list[lua.Command] = []
+        added = [(event.seq or 0, kept_size(event)) for event in batch]
+        text: list[str] = []
+        opened: dict[str, str] = {}
+        closed: list[str] = []
+        responded = False
+        for event in batch:
+            commands.append(["XADD", log_key, seq_id(event.seq or 0), "e", event.text])
+            # What an ending written by another process needs, whatever the trim keeps.
+            kind = event.type
+            if kind == "response_chunk":
+                text.append(event.data["text"])
+            elif kind == "tool_executing":
+                data = event.data
+                opened[data["call_id"]] = data["tool"]
+                commands.append(["HSET", calls_key, data["call_id"], data["tool"]])
+            elif kind == "tool_completed":
+                call_id = event.data["call_id"]
+                closed.append(call_id)
+                commands.append(["HDEL", calls_key, call_id])
+            elif kind == "input_requested":
+                # Kept with the calls, so that an ending written elsewhere resolves it.
+                key = INPUT_KEY_PREFIX + event.data["request_id"]
+                opened[key] = event.data["kind"]
+                commands.append(["HSET", calls_key, key, event.data["kind"]])
+            elif kind == "input_resolved":
+                key = INPUT_KEY_PREFIX + event.data["request_id"]
+                closed.append(key)
+                commands.append(["HDEL", calls_key, key])
+            elif kind == "response_complete":
+                responded = True
+                commands.append(["HSET", run_key, "responded", 1])
+        progress = owned.progress
+        if text:
+            commands.append(["APPEND", answer_key, "".join(text)])
+            commands.append(["HSET", run_key, "chunks", progress.chunks + len(text)])
+        # The oldest first, over what the stream keeps and this batch, keeping the newest.
+        kept, held = owned.sizes, owned.held + sum(size for _, size in added)
+        count = len(kept) + len(added)
+
+        def entry(i: int) -> tuple[int, int]:
+            return kept[i] if i < len(kept) else added[i - len(kept)]
+
+        drop, held = trim(held, c.max_bytes, count, lambda i: entry(i)[1])
+        first_kept = entry(drop)[0] if drop else None
+        if first_kept is not None:
+            commands.append(["XTRIM", log_key, "MINID", seq_id(first_kept)])
+            commands.append(["HSET", run_key, "first_seq", first_kept])
+        last = batch[-1]
+        # A record that a restarted Redis lost is written again, whole.
+        for name, value in record_fields(record, c.node).items():
+            if name not in ("first_seq", "last_seq", "updated_at"):
+                commands.append(["HSETNX", run_key, name, value])
+        commands.append(["HSET", run_key, "last_seq", last.seq or 0, "updated_at", last.ts])
+        if last.type == "agent_completed":
+            # The run's end and its status land together: whoever reads the record
+            # after seeing agent_completed finds the run ended.
+            final = last.data
+            code = (final.get("error") or {}).get("code", "")
+            commands.append(["HSET", run_key, "status", final["status"], "error_code", code])
+            commands.append(["SREM", c.k("active", record.owner), run_id])
+            commands.append(["SREM", c.k("runs", c.node), run_id])
+            expire = max(1, int(c.window_s))
+            for key in (log_key, run_key, c.k("watchers", run_id), answer_key, calls_key):
+                commands.append(["EXPIRE", key, expire])
+        else:
+            commands.append(["SADD", c.k("runs", c.node), run_id])
+            commands.append(["SADD", c.k("active", record.owner), run_id])
+
+        def applied() -> None:
+            progress.chunks += len(text)
+            progress.chars += sum(len(t) for t in text)
+            progress.open_calls.update(opened)
+            for call_id in closed:
+                progress.open_calls.pop(call_id, None)
+            progress.responded = progress.responded or responded
+            kept.extend(added)
+            for _ in range(drop):
+                kept.popleft()
+            owned.held = held
+
+        return commands, applied
+
+    # Runs whose events cannot reach Redis ------------------------------------------------
+
+    def give_up(self, owned: Owned, exc: BaseException) -> None:
+        """End a run whose events could not be appended for ``outage_s``.
+
+        Its clients here get the ending at once (after the last event the stream
+        holds: what every client saw); the store records it; the stream gets the
+        same ending once Redis is back (tried for ``ENDING_RETRY_S``).
+        """
+        c = self.core
+        record = owned.record
+        owned.failure = exc
+        c.lease.lose(owned)
+        progress = owned.progress
+        state = RunState.resumed(
+            seq=owned.flushed_seq,
+            open_calls=progress.open_calls,
+            chunks=progress.chunks,
+            responded=progress.responded,
+            content=owned.controller.answer(progress.chars),
+        )
+        closing = ending(
+            record,
+            state,
+            code=OUTAGE_CODE,
+            message="the run's events could not be kept: Redis was unreachable",
+            apology=OUTAGE_APOLOGY,
+        )
+        c.watches.mirror_append(record.run_id, closing)
+        ended = dataclasses.replace(record, extra=dict(record.extra))
+        c.spawn(self._end_when_back(ended, closing))
+
+    async def _end_when_back(self, record: RunRecord, closing: list[Event]) -> None:
+        c = self.core
+        last = closing[-1]
+        expected_last = (closing[0].seq or 1) - 1
+        stored = dataclasses.replace(
+            record,
+            status=RunStatus.FAILED.value,
+            error_code=OUTAGE_CODE,
+            last_seq=last.seq or 0,
+            updated_at=time.time(),
+        )
+        if c.on_run_lost is not None:
+            with contextlib.suppress(Exception):
+                await c.on_run_lost(stored)
+        record.last_seq = expected_last
+        node = c.node
+        deadline = time.monotonic() + ENDING_RETRY_S
+        while time.monotonic() < deadline:
+            try:
+                if await c.lease.write_ending(record, closing, node, recreate=True):
+                    return
+                # The stream moved on: a batch landed whose reply was lost. The run is
+                # ended from what Redis holds, unless another process ended it already.
+                if await c.lease.fail_lost_run(
+                    record.run_id,
+                    node,
+                    code=OUTAGE_CODE,
+                    message=closing[-1].data["error"]["message"],
+                    apology=OUTAGE_APOLOGY,
+                ):
+                    log.warning("run %s: ended from what Redis kept", record.run_id)
+                return
+            except (RedisError, OSError):
+                await asyncio.sleep(1.0)
+        log.error("run %s: its ending could not be appended to Redis", record.run_id)

@@ -1,0 +1,337 @@
+"""What the parts of the Redis broker share: the connections and scripts, the keys,
+this process's name in Redis, the runs it executes and the mirrors of the runs its
+clients watch.
+
+:class:`~bridge.redis.RedisBroker` builds one :class:`RedisCore` and the parts over
+it (``registry``, ``appender``, ``watches``, ``bus``, ``lease``); the parts reach
+each other through it, each as the small protocol declared here (no import circle).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections import deque
+from collections.abc import Awaitable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
+
+from bridge import bus
+from bridge import redis_scripts as lua
+from bridge.broker import RunController, RunLost, RunRecord, Wake
+from bridge.errors import BrokerUnavailable
+from bridge.events import Event
+from bridge.log import RunLog
+from bridge.runstate import RunState
+
+#: How long the XREAD loop blocks before it looks at the set of mirrored runs again.
+TAIL_BLOCK_MS: Final = 100
+#: How long a Redis call waits for a free pooled connection before it fails.
+POOL_WAIT_S: Final = 5.0
+SCRIPTS: Final = (
+    "FENCED_WRITE",
+    "END_LOST_RUN",
+    "RENEW_LEASE",
+    "CLAIM_LOST_NODE",
+    "OPEN_CONNECTION",
+    "RESERVE_RUN",
+    "COUNT_WATCHERS",
+)
+
+
+def seq_id(seq: int) -> str:
+    return f"0-{seq}"
+
+
+def seq_of(entry_id: bytes | str) -> int:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return int(text.split("-", 1)[1])
+
+
+def text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def pairs(fields: dict[str, Any]) -> list[Any]:
+    return [item for pair in fields.items() for item in pair]
+
+
+def safe_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    head, sep, tail = url.partition("@")
+    if not sep:
+        return url
+    scheme, _, _ = head.partition("://")
+    return f"{scheme}://…@{tail}"
+
+
+def retry_once() -> Retry:
+    """One more try, at once, of a command whose connection turned out dead (a
+    connection error only: after a timeout the command may have run)."""
+    return Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+
+
+@dataclass(slots=True)
+class Owned:
+    """A run this process executes: its pending appends and what its stream holds."""
+
+    record: RunRecord
+    controller: RunController
+    pending: list[Event] = field(default_factory=list)
+    flusher: asyncio.Task[None] | None = None
+    failure: BaseException | None = None
+    sizes: deque[tuple[int, int]] = field(default_factory=deque)  # (seq, bytes) kept
+    held: int = 0
+    flushed_seq: int = 0  # the last seq the stream holds
+    #: What the appended events opened and said, for an ending written without them
+    #: (the answer itself is the controller's: it holds the chunks anyway).
+    progress: RunState = field(default_factory=lambda: RunState(keep_answer=False))
+
+
+class Watcher(Protocol):
+    """A local watch, as its run's mirror knows it."""
+
+    wake: Wake
+
+
+class Registry(Protocol):
+    """What the other parts ask of :class:`~bridge.redis_registry.RedisRegistry`."""
+
+    async def get_run(self, run_id: str) -> RunRecord | None: ...
+
+
+class Watches(Protocol):
+    """What the other parts ask of :class:`~bridge.redis_watch.RedisWatches`."""
+
+    def mirror_append(self, run_id: str, events: list[Event]) -> None: ...
+
+    async def watchers_changed(self, run_id: str, record: RunRecord | None) -> None: ...
+
+    async def drop_watchers(self, node: str) -> None: ...
+
+
+class Bus(Protocol):
+    """What the other parts ask of :class:`~bridge.redis_bus.RedisBus`."""
+
+    async def send(self, node: str, message: bus.Message) -> None: ...
+
+
+class Lease(Protocol):
+    """What the other parts ask of :class:`~bridge.redis_lease.RedisLease`."""
+
+    def lose(self, owned: Owned) -> None: ...
+
+    def fenced_out(self) -> None: ...
+
+    async def write_ending(
+        self, record: RunRecord, closing: list[Event], node: str, *, recreate: bool = False
+    ) -> bool: ...
+
+    async def fail_lost_run(
+        self, run_id: str, node: str, *, code: str = ..., message: str = ..., apology: str = ...
+    ) -> bool: ...
+
+
+class Mirror:
+    """This process's copy of a run's recent events, for its local watchers."""
+
+    __slots__ = ("log", "watchers")
+
+    def __init__(self, log: RunLog) -> None:
+        self.log = log
+        self.watchers: set[Watcher] = set()
+
+
+class RedisCore:
+    """The state every part of the Redis broker reads and writes."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        run_log_max_bytes: int,
+        resume_window_s: float,
+        lease_s: float,
+        outage_s: float,
+        node: str | None,
+        prefix: str,
+        max_connections: int,
+    ) -> None:
+        self.url = url
+        self.max_bytes = run_log_max_bytes
+        self.window_s = resume_window_s
+        self.lease_s = lease_s
+        #: How long a run's events wait for an unreachable Redis before the run is ended.
+        self.outage_s = outage_s
+        #: Pooled connections to Redis at most (besides the stream reader's and the bus's).
+        self.max_connections = max_connections
+        self.base_node = node or f"n_{secrets.token_hex(6)}"
+        #: This process's name in Redis; a new one each time it joins again after
+        #: being reaped (its lease epoch is the name's suffix).
+        self.node = self.base_node
+        self.epoch = 1
+        #: Counts for the metrics: lease renewals (and failed ones), writes or renewals
+        #: the fence refused, times this process was found reaped while alive, and
+        #: other processes this one reaped.
+        self.counts: dict[str, int] = dict.fromkeys(
+            (
+                "lease_renewals",
+                "lease_renewal_failures",
+                "fence_refusals",
+                "fenced",
+                "nodes_reaped",
+            ),
+            0,
+        )
+        self.p = prefix
+        # redis-py's asyncio typing does not follow its decoded replies: kept as Any.
+        self._r: Any = None
+        self.tail_r: Any = None
+        self.pubsub: Any = None
+        self.scripts: dict[str, Any] = {}
+        self.owned: dict[str, Owned] = {}
+        self.mirrors: dict[str, Mirror] = {}
+        self.mirrors_changed = asyncio.Event()
+        self.replies: dict[str, asyncio.Future[bus.CommandReply]] = {}
+        self.background: set[asyncio.Task[None]] = set()
+        self.conns: dict[str, int] = {}  # this process's open connections, per user
+        #: Told of each run this process ended without its agent: failed for a lost
+        #: node, or for Redis out of reach too long (to record it).
+        self.on_run_lost: RunLost | None = None
+        self.reachable = False
+        #: Fenced writes waiting for the next pipeline, and the task that sends them.
+        self._writes: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
+        self._writer: asyncio.Task[None] | None = None
+        # The parts the others call, set by the broker that builds them.
+        self.registry: Registry
+        self.watches: Watches
+        self.bus: Bus
+        self.lease: Lease
+
+    @property
+    def r(self) -> Any:
+        if self._r is None:
+            raise BrokerUnavailable("the Redis broker is not started")
+        return self._r
+
+    def k(self, *parts: str) -> str:
+        return self.p + ":".join(parts)
+
+    def connect(self) -> None:
+        """Make the clients (no round trip yet).
+
+        A pooled connection that a restarted Redis closed fails its next command:
+        that command is sent once more on a new connection.  More concurrent calls
+        than the pool holds wait for a connection instead of failing as if Redis
+        were down.
+        """
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self.url,
+            max_connections=self.max_connections,
+            timeout=POOL_WAIT_S,
+            socket_timeout=5,
+            socket_connect_timeout=5,
+            health_check_interval=15,
+            retry=retry_once(),
+        )
+        self._r = aioredis.Redis(connection_pool=pool)
+        self.tail_r = aioredis.Redis.from_url(
+            self.url,
+            socket_timeout=5 + TAIL_BLOCK_MS / 1000,
+            socket_connect_timeout=5,
+            retry=retry_once(),
+        )
+        for name in SCRIPTS:
+            # Sent by hash, loaded again by redis-py when a restarted Redis lacks it.
+            self.scripts[name] = self._r.register_script(getattr(lua, name))
+
+    async def disconnect(self) -> None:
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._writer
+        for client in (self._r, self.tail_r):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.aclose()
+        self._r = self.tail_r = None
+
+    def script(self, name: str, keys: list[str], args: list[Any]) -> Awaitable[Any]:
+        return self.scripts[name](keys=keys, args=args)  # type: ignore[no-any-return]
+
+    async def fenced_write(self, run_id: str, commands: list[lua.Command]) -> bool:
+        """Run ``commands`` unless this process may no longer write the run.
+
+        Fenced writes of every run made in the same turn of the event loop (and
+        those made while a batch is on its way) go to Redis in one pipeline: each
+        is its own script call, checked and applied on its own, and answered on
+        its own; a connection that breaks fails each of them."""
+        keys = [self.k("run", run_id), self.k("fenced", self.node)]
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._writes.append((keys, [self.node, *lua.flatten(commands)], future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write_batches())
+        return bool(await future)
+
+    async def _write_batches(self) -> None:
+        script = self.scripts["FENCED_WRITE"]
+        while self._writes:
+            batch, self._writes = self._writes, []
+            while batch:
+                pipe = self.r.pipeline(transaction=False)
+                for keys, args, _ in batch:
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                try:
+                    results = await pipe.execute(raise_on_error=False)
+                except asyncio.CancelledError:
+                    for _, _, future in batch:
+                        future.cancel()
+                    raise
+                except Exception as exc:
+                    for _, _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    break
+                again = []
+                for item, result in zip(batch, results, strict=True):
+                    future = item[2]
+                    if isinstance(result, NoScriptError):
+                        again.append(item)  # a restarted Redis lacks the script
+                    elif future.done():
+                        pass
+                    elif isinstance(result, BaseException):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+                batch = again
+                if again:
+                    try:
+                        await self.r.script_load(lua.FENCED_WRITE)
+                    except (RedisError, OSError) as exc:
+                        for _, _, future in again:
+                            if not future.done():
+                                future.set_exception(exc)
+                        break
+
+    async def call(self, what: str, coro: Awaitable[Any]) -> Any:
+        """Await a Redis call; its failure becomes :class:`BrokerUnavailable`."""
+        try:
+            result = await coro
+        except (RedisError, OSError) as exc:
+            self.reachable = False
+            raise BrokerUnavailable(f"Redis is unreachable ({what})") from exc
+        self.reachable = True
+        return result
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str | None = None) -> None:
+        """Run ``coro`` in the background; cancelled when the broker closes."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
