@@ -241,7 +241,8 @@ class RedisCore:
             health_check_interval=15,
             retry=retry_once(),
         )
-        self._r = aioredis.Redis(connection_pool=pool)
+        # The client owns the pool: closing it closes the pooled connections too.
+        self._r = aioredis.Redis.from_pool(pool)
         self.tail_r = aioredis.Redis.from_url(
             self.url,
             socket_timeout=5 + TAIL_BLOCK_MS / 1000,
