@@ -494,8 +494,12 @@ class Supervisor:
         thread_id: str | None = None,
         agent: str | None = None,
         ref: str | int | None = None,
+        run_id: str | None = None,
     ) -> RunRecord:
         """Create a run, record and publish its ``user_message`` (seq 1), start its agent.
+
+        ``run_id`` is the run's id when the caller chose it beforehand (an idempotent
+        send claims it before the run exists).
 
         The agent gets the thread's earlier messages as its history.
 
@@ -506,7 +510,7 @@ class Supervisor:
         chosen = self.agents.get(agent)
         thread = thread_id or new_id("t_")
         history = await self.recorder.open_thread(owner, thread, content, new=thread_id is None)
-        run_id = new_id("r_")
+        run_id = run_id or new_id("r_")
         now = time.time()
         record = RunRecord(run_id, thread, owner, chosen.name, str(RunStatus.QUEUED), now, now)
         bridge = RunBridge(

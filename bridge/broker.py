@@ -203,6 +203,19 @@ class Broker(Protocol):
         """End a reservation: the run was created (it counts by itself now) or refused."""
         ...
 
+    # Idempotency keys, claimed once wherever the broker's processes are ----------
+    async def claim_key(self, user: str, key: str, value: str, ttl_s: float) -> str | None:
+        """Claim ``user``'s ``key`` with ``value`` for ``ttl_s``, atomically.
+
+        Returns None when this call claimed it, else the value of the claim already
+        held (by any process).
+        """
+        ...
+
+    async def release_key(self, user: str, key: str, value: str) -> None:
+        """Give up a claim made with ``value`` (a claim since taken by another stays)."""
+        ...
+
     # Event logs ---------------------------------------------------------------
     async def publish(self, event: Event) -> None:
         """Append the run's next event to its log and wake its watchers."""

@@ -79,6 +79,7 @@ class InMemoryBroker:
         self._rate: SlidingWindow | None = None
         self._reserved: dict[str, int] = {}  # run starts under way, per user
         self._reservations: dict[str, tuple[str, float]] = {}  # token: (user, hit time)
+        self._claims: dict[tuple[str, str], tuple[str, float]] = {}  # (user, key): (value, until)
 
     async def start(self) -> None:
         return None
@@ -176,6 +177,21 @@ class InMemoryBroker:
             self._reserved.pop(user, None)
         if not started and self._rate is not None:
             self._rate.forget(user, reservation[1])
+
+    async def claim_key(self, user: str, key: str, value: str, ttl_s: float) -> str | None:
+        now = time.monotonic()
+        held = self._claims.get((user, key))
+        if held is not None and held[1] > now:
+            return held[0]
+        if len(self._claims) > 10_000:
+            self._claims = {k: v for k, v in self._claims.items() if v[1] > now}
+        self._claims[(user, key)] = (value, now + ttl_s)
+        return None
+
+    async def release_key(self, user: str, key: str, value: str) -> None:
+        held = self._claims.get((user, key))
+        if held is not None and held[0] == value:
+            del self._claims[(user, key)]
 
     def _window_for(self, limit: int, window_s: float) -> SlidingWindow:
         if self._rate is None or self._rate.limit != limit or self._rate.window_s != window_s:

@@ -251,6 +251,7 @@ class RedisBroker:
             "OPEN_CONNECTION",
             "RESERVE_RUN",
             "COUNT_WATCHERS",
+            "RELEASE_KEY",
         ):
             # Sent by hash, loaded again by redis-py when a restarted Redis lacks it.
             self._scripts[name] = self._r.register_script(getattr(lua, name))
@@ -426,6 +427,26 @@ class RedisBroker:
         except BrokerUnavailable as exc:
             # The reservation lapses by itself after RESERVATION_HOLD_S.
             log.warning("releasing a run start of %s failed: %s", user, exc)
+
+    async def claim_key(self, user: str, key: str, value: str, ttl_s: float) -> str | None:
+        name = self.k("idem", user, key)
+        ttl_ms = max(1, int(ttl_s * 1000))
+        for _ in range(3):
+            claimed = await self._call("claim key", self.r.set(name, value, nx=True, px=ttl_ms))
+            if claimed:
+                return None
+            held = await self._call("claim key", self.r.get(name))
+            if held is not None:
+                return held.decode() if isinstance(held, bytes) else str(held)
+            # Released or expired between the two calls: claim it again.
+        raise BrokerUnavailable(f"the key {key[:32]!r} changed hands too often; try again")
+
+    async def release_key(self, user: str, key: str, value: str) -> None:
+        with contextlib.suppress(BrokerUnavailable):  # the claim lapses by itself
+            await self._call(
+                "release key",
+                self._script("RELEASE_KEY", [self.k("idem", user, key)], [value]),
+            )
 
     # Event logs -----------------------------------------------------------------------
 

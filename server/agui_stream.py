@@ -363,9 +363,11 @@ async def run_agent(request: Request) -> Response:
     framer = AguiFramer(client_run_id=body.run_id)
     stream = await sse.open_stream(gateway, user, framer=framer.frame)
     try:
-        record = await gateway.start_run(
-            user, content, thread_id=thread_id, agent=agent, ref=client_run_id
+        # A retried POST of the same runId rejoins its run rather than starting another.
+        sent = await gateway.send(
+            user, content, thread_id=thread_id, agent=agent, ref=client_run_id, key=client_run_id
         )
+        record = sent.record
         stream.headers["x-chat-run-id"] = record.run_id
         stream.headers["x-chat-thread-id"] = record.thread_id
         stream.attach(await gateway.watch(user, record.run_id, 0, stream.wake))

@@ -97,7 +97,7 @@ def create_app(settings: Settings | None = None, *, dev_secret: str | None = Non
             CORSMiddleware,
             allow_origins=list(settings.allowed_origins),
             allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+            allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "Idempotency-Key"],
             # The run a front-end protocol's stream started, for its lifecycle routes.
             expose_headers=["X-Chat-Run-Id", "X-Chat-Thread-Id"],
             max_age=600,

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import math
 import time
+from dataclasses import dataclass
 
 from agents.registry import llm_agent
-from agents.supervisor import RunError
+from agents.supervisor import RunError, new_id
 from bridge.broker import Broker, RunRecord, Wake, Watch
 from bridge.errors import ResumeUnavailable, RunNotFound
 from server.auth import Authenticator, Principal
 from server.compose import Services, build_services, make_broker
-from server.errors import RateLimited, ShuttingDown
+from server.errors import DuplicateConflict, RateLimited, ShuttingDown
 from server.metrics import MetricsSnapshot
 from server.sessions import CHECK_EVERY_S, Counters, LocalSession, SessionRegistry
 from server.settings import Settings
@@ -29,7 +31,28 @@ log = logging.getLogger("chat")
 
 THREAD_DELETED = RunError("cancelled", "the thread was deleted")
 
-__all__ = ["Gateway", "llm_agent", "make_broker"]
+__all__ = ["Gateway", "Sent", "llm_agent", "make_broker"]
+
+#: How long a repeated send waits for the run its first send is starting (another
+#: process may be creating it) before it answers with what it has.
+CLAIM_WAIT_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """The answer to a send: the run it started, or the one its key started before."""
+
+    record: RunRecord
+    duplicate: bool = False
+
+
+def idempotency_key(key: str | int) -> str:
+    """A client's key as the broker holds it: strings and integers kept apart."""
+    return f"s:{key}" if isinstance(key, str) else f"i:{key}"
+
+
+def _digest(content: str) -> str:
+    return hashlib.sha256(content.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 class Gateway:
@@ -164,6 +187,7 @@ class Gateway:
         thread_id: str | None = None,
         agent: str | None = None,
         ref: str | int | None = None,
+        run_id: str | None = None,
     ) -> RunRecord:
         if self.shutting_down:
             raise ShuttingDown("the server is shutting down; start the run again shortly")
@@ -189,13 +213,88 @@ class Gateway:
         started = False
         try:
             record = await self.supervisor.start_run(
-                owner=uid, content=content, thread_id=thread_id, agent=agent, ref=ref
+                owner=uid,
+                content=content,
+                thread_id=thread_id,
+                agent=agent,
+                ref=ref,
+                run_id=run_id,
             )
             started = True  # only runs that started count against the per-minute window
         finally:
             await self.broker.release_run(uid, quota.token, started=started)
         self.counters.runs_started += 1
         return record
+
+    async def send(
+        self,
+        user: Principal,
+        content: str,
+        *,
+        thread_id: str | None = None,
+        agent: str | None = None,
+        ref: str | int | None = None,
+        key: str | int | None = None,
+    ) -> Sent:
+        """Start a run for a message, once per idempotency ``key`` within the window.
+
+        The key is claimed in the broker (atomically, across processes) with the run
+        id the message will get and a digest of its content, before the run starts.
+        A repeat finds the claim: same content, it answers the run of the first send
+        (waiting while that run is being created); other content is a conflict.  A
+        first send that starts nothing (a limit, an unknown agent) gives the key up.
+        """
+        if key is None:
+            return Sent(
+                await self.start_run(user, content, thread_id=thread_id, agent=agent, ref=ref)
+            )
+        uid = user.user_id
+        name = idempotency_key(key)
+        digest = _digest(content)
+        window = self.settings.idempotency_window_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CLAIM_WAIT_S
+        while True:
+            run_id = new_id("r_")
+            mine = f"{run_id} {digest}"
+            held = await self.broker.claim_key(uid, name, mine, window)
+            if held is None:
+                try:
+                    record = await self.start_run(
+                        user, content, thread_id=thread_id, agent=agent, ref=ref, run_id=run_id
+                    )
+                except BaseException:
+                    await self.broker.release_key(uid, name, mine)
+                    raise
+                return Sent(record)
+            held_run, _, held_digest = held.partition(" ")
+            if held_digest != digest:
+                raise DuplicateConflict(
+                    f"id {str(key)[:64]!r} was sent with other content (run {held_run})"
+                )
+            found = await self.broker.get_run(held_run)
+            if found is None:
+                stored = await self.store.get_run(held_run)
+                if stored is not None and stored.owner == uid:
+                    found = RunRecord(
+                        stored.id,
+                        stored.thread_id,
+                        stored.owner,
+                        stored.agent,
+                        stored.status,
+                        stored.created_at,
+                        stored.updated_at,
+                        stored.last_seq,
+                        stored.error_code,
+                    )
+            if found is not None and found.owner == uid:
+                self.counters.duplicate_sends += 1
+                return Sent(found, duplicate=True)
+            if loop.time() >= deadline:
+                raise ShuttingDown(
+                    f"the run of id {str(key)[:64]!r} is still being started; send it again"
+                )
+            await asyncio.sleep(0.02)  # the first send is creating it, or gives the key up
 
     async def find_run(self, user: Principal, run_id: str) -> RunRecord:
         """The user's run; someone else's is as unknown as a missing one."""

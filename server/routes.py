@@ -115,12 +115,22 @@ async def chat_stream(request: Request) -> Response:
     thread_id = optional_id(body, "thread_id")
     agent = optional_id(body, "agent")
     ref = client_ref(body)
+    key: str | int | None = idempotency_header(request)
+    if key is None:
+        key = ref
+    elif ref is None:
+        ref = key
     ids: dict[str, str] = {}
     stream = await sse.open_stream(
         gateway, user, tail=lambda status: sse.frame("stream_end", {**ids, "status": status})
     )
     try:
-        record = await gateway.start_run(user, message, thread_id=thread_id, agent=agent, ref=ref)
+        # A repeat of the key streams the run its first send started, from its first event.
+        sent = await gateway.send(user, message, thread_id=thread_id, agent=agent, ref=ref, key=key)
+        record = sent.record
+        if sent.duplicate:
+            stream.headers["x-chat-duplicate"] = "true"
+        stream.headers["x-chat-run-id"] = record.run_id
         ids.update(run_id=record.run_id, thread_id=record.thread_id)
         stream.head = sse.frame("stream_start", ids)
         stream.attach(await gateway.watch(user, record.run_id, 0, stream.wake))
@@ -128,6 +138,17 @@ async def chat_stream(request: Request) -> Response:
         await gateway.remove_session(stream)
         raise
     return stream
+
+
+def idempotency_header(request: Request) -> str | None:
+    """The ``Idempotency-Key`` header, held to the bounds of a frame's ``id``."""
+    raw = request.headers.get("idempotency-key")
+    if raw is None:
+        return None
+    value = client_ref({"id": raw.strip()})
+    if not isinstance(value, str) or not value:
+        raise ProtocolError("bad_message", "header 'Idempotency-Key' must not be empty")
+    return value
 
 
 def _after_seq(request: Request) -> int:

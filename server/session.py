@@ -209,13 +209,28 @@ class Session:
             self._wake.set()
 
     async def _user_message(self, command: UserMessage) -> None:
-        record = await self.gateway.start_run(
+        sent = await self.gateway.send(
             self.user,
             command.content,
             thread_id=command.thread_id,
             agent=command.agent,
             ref=command.id,
+            key=command.id,
         )
+        record = sent.record
+        if sent.duplicate:
+            # Started by an earlier send of this id: the client resumes it if it wants.
+            self.enqueue(
+                events.ack(
+                    command.id,
+                    "user_message",
+                    record.run_id,
+                    record.status,
+                    thread_id=record.thread_id,
+                    duplicate=True,
+                )
+            )
+            return
         await self._watch(record.run_id, 0)
 
     async def _resume(self, command: Resume, ref: Ref) -> None:

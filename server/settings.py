@@ -63,6 +63,9 @@ class Settings:
     # Runs ---------------------------------------------------------------------
     detach_grace_s: float = _opt(60.0, "a run with no client for this long is cancelled")
     resume_window_s: float = _opt(120.0, "how long a finished run's events stay resumable")
+    idempotency_window_s: float = _opt(
+        300.0, "a user_message id (Idempotency-Key) of a user starts one run within this window"
+    )
     run_log_max_bytes: int = _opt(32 * MiB, "events kept per run for resume; oldest dropped")
     max_answer_bytes: int = _opt(
         1 * MiB, "largest answer of a run (UTF-8 bytes); past it the run fails answer_too_large"
@@ -218,6 +221,7 @@ class Settings:
             "heartbeat_s",
             "detach_grace_s",
             "resume_window_s",
+            "idempotency_window_s",
             "send_timeout_s",
             "store_timeout_s",
             "llm_timeout_s",

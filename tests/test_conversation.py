@@ -1,0 +1,229 @@
+"""Conversation semantics (contract section 6) over a real gateway: idempotent sends
+and watching a thread, on the in-memory broker and on Redis with two processes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.support import (
+    LiveServer,
+    check_run_invariants,
+    http_client,
+    parse_sse,
+    spawn_server,
+    wait_for,
+    ws_client,
+)
+from tests.test_faults import record_figures
+
+
+def of_run(messages: list[dict[str, Any]], run_id: str) -> list[dict[str, Any]]:
+    return [m for m in messages if m.get("run_id") == run_id]
+
+
+async def stored_messages(server: LiveServer, user: str, thread_id: str) -> list[dict[str, Any]]:
+    """The thread's stored messages, once every run of it is recorded as ended."""
+    async with http_client(server, headers=server.headers(user)) as rest:
+        answer = await rest.get(f"/api/threads/{thread_id}/messages")
+        assert answer.status_code == 200, answer.text
+        messages: list[dict[str, Any]] = answer.json()["messages"]
+    return messages
+
+
+async def post_stream(
+    rest: httpx.AsyncClient, body: dict[str, Any], **headers: str
+) -> tuple[int, list[dict[str, Any]], httpx.Headers]:
+    answer = await rest.post("/api/chat/stream", json=body, headers=headers)
+    return answer.status_code, parse_sse(answer.text), answer.headers
+
+
+def run_events_of(sse_messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [m["data"] for m in sse_messages if "id" in m]
+
+
+# 6.1 Idempotent sends --------------------------------------------------------------
+
+
+async def test_a_repeated_id_on_the_socket_starts_no_second_run(
+    server: LiveServer, user: str
+) -> None:
+    async with ws_client(server, user) as client:
+        first = await client.run("chunks=5", agent="load", id="m-1")
+        check_run_invariants(first)
+        run_id = first[0]["run_id"]
+        thread_id = first[0]["thread_id"]
+        assert first[0]["data"]["ref"] == "m-1"
+
+        await client.send(type="user_message", agent="load", content="chunks=5", id="m-1")
+        ack = await client.recv()
+        assert ack["type"] == "ack", ack
+        assert ack["data"]["action"] == "user_message"
+        assert ack["data"]["ref"] == "m-1"
+        assert ack["data"]["run_id"] == run_id
+        assert ack["data"]["status"] == "completed"
+        assert ack["data"]["duplicate"] is True
+
+        # The same id with other content is a conflict, and starts nothing either.
+        await client.send(type="user_message", agent="load", content="chunks=6", id="m-1")
+        refused = await client.recv()
+        assert refused["type"] == "error" and refused["data"]["code"] == "conflict", refused
+        assert refused["data"]["ref"] == "m-1"
+
+        # An integer id is a key of its own, not the string "7".
+        seven = await client.run("chunks=2", agent="load", id=7, thread_id=thread_id)
+        check_run_invariants(seven)
+        other = await client.run("chunks=2", agent="load", id="7", thread_id=thread_id)
+        check_run_invariants(other)
+        assert other[0]["run_id"] != seven[0]["run_id"]
+        await client.send(type="ping", id="p")
+        assert (await client.recv())["type"] == "pong"  # nothing else was sent meanwhile
+
+    async def recorded() -> bool:
+        messages = await stored_messages(server, user, thread_id)
+        return len(messages) == 6
+
+    await wait_for(recorded)
+    messages = await stored_messages(server, user, thread_id)
+    assert [m["role"] for m in messages] == ["user", "assistant"] * 3
+    assert messages[0]["run_id"] == run_id
+
+
+async def test_a_repeated_idempotency_key_streams_the_first_run(
+    server: LiveServer, user: str
+) -> None:
+    async with http_client(server, headers=server.headers(user)) as rest:
+        body = {"message": "chunks=30 delay_ms=5", "agent": "load"}
+        (s1, m1, h1), (s2, m2, h2) = await asyncio.gather(
+            post_stream(rest, body, **{"Idempotency-Key": "k-1"}),
+            post_stream(rest, body, **{"Idempotency-Key": "k-1"}),
+        )
+        assert s1 == s2 == 200
+        runs = {h1["x-chat-run-id"], h2["x-chat-run-id"]}
+        assert len(runs) == 1, runs
+        assert {h1.get("x-chat-duplicate"), h2.get("x-chat-duplicate")} == {None, "true"}
+        one, two = run_events_of(m1), run_events_of(m2)
+        check_run_invariants(one)
+        assert one == two  # both from the first event, the same events
+        assert m1[0]["event"] == m2[0]["event"] == "stream_start"
+        assert m1[-1]["event"] == m2[-1]["event"] == "stream_end"
+
+        # The body's id is the same key as the header, and a repeat over the socket too.
+        status, again, headers = await post_stream(rest, {**body, "id": "k-1"})
+        assert status == 200 and headers["x-chat-duplicate"] == "true"
+        assert run_events_of(again) == one
+        async with ws_client(server, user) as client:
+            await client.send(type="user_message", content=body["message"], agent="load", id="k-1")
+            ack = await client.recv()
+        assert ack["data"]["duplicate"] is True and ack["data"]["run_id"] == one[0]["run_id"]
+
+        # Other content under the key: 409, no run.
+        refused = await rest.post(
+            "/api/chat/stream",
+            json={"message": "chunks=1", "agent": "load"},
+            headers={"Idempotency-Key": "k-1"},
+        )
+        assert refused.status_code == 409
+        assert refused.json()["error"]["code"] == "conflict"
+        empty = await rest.post(
+            "/api/chat/stream", json=body, headers={"Idempotency-Key": "k" * 129}
+        )
+        assert empty.status_code == 400
+
+    thread_id = one[0]["thread_id"]
+    messages = await stored_messages(server, user, thread_id)
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+
+
+async def test_a_key_is_the_users_own(server: LiveServer, user: str) -> None:
+    """Another user's key of the same name is another key: it starts its own run."""
+    async with ws_client(server, user) as mine, ws_client(server, f"{user}-b") as theirs:
+        a = await mine.run("chunks=2", agent="load", id="same")
+        b = await theirs.run("chunks=2", agent="load", id="same")
+    check_run_invariants(a)
+    check_run_invariants(b)
+    assert a[0]["run_id"] != b[0]["run_id"]
+
+
+async def test_a_send_refused_by_a_limit_gives_its_key_up(server: LiveServer, user: str) -> None:
+    async with ws_client(server, user) as client:
+        await client.send(type="user_message", agent="nope", content="hi", id="m-x")
+        refused = await client.recv()
+        assert refused["type"] == "error" and refused["data"]["code"] == "bad_message"
+        # The key was given up: the same id starts a run now.
+        events = await client.run("chunks=2", agent="load", id="m-x")
+    check_run_invariants(events)
+    assert events[0]["data"]["ref"] == "m-x"
+
+
+async def test_fifty_concurrent_sends_of_one_id_through_two_processes_make_one_run(
+    redis_url: str, tmp_path: Path
+) -> None:
+    env = {
+        "CHAT_BROKER_URL": redis_url,
+        "CHAT_DB_URL": f"sqlite:///{tmp_path}/chat.db",
+        "CHAT_MAX_CONNECTIONS_PER_USER": "200",
+        "CHAT_RATE_LIMIT_PER_MINUTE": "200",
+    }
+    user = f"idem-{time.monotonic_ns()}"
+    content = "chunks=40 delay_ms=5"
+    with spawn_server(tmp_path, **env) as a, spawn_server(tmp_path, **env) as b:
+
+        async def over_ws(server: LiveServer) -> tuple[str, bool, list[dict[str, Any]]]:
+            async with ws_client(server, user) as client:
+                await client.send(type="user_message", agent="load", content=content, id="once")
+                first = await client.recv(timeout=30)
+                if first["type"] == "ack":
+                    return first["data"]["run_id"], True, []
+                assert first["type"] == "user_message", first
+                rest = await client.recv_until("agent_completed", timeout=60)
+                return first["run_id"], False, [first, *rest]
+
+        async def over_http(server: LiveServer) -> tuple[str, bool, list[dict[str, Any]]]:
+            async with httpx.AsyncClient(
+                base_url=server.http, headers=server.headers(user), timeout=60
+            ) as rest:
+                status, messages, headers = await post_stream(
+                    rest, {"message": content, "agent": "load"}, **{"Idempotency-Key": "once"}
+                )
+            assert status == 200, messages
+            return (
+                headers["x-chat-run-id"],
+                headers.get("x-chat-duplicate") == "true",
+                (run_events_of(messages)),
+            )
+
+        began = time.perf_counter()
+        sends = [over_ws(s) for s in (a, b) * 13] + [over_http(s) for s in (a, b) * 12]
+        results = await asyncio.gather(*sends)
+        elapsed = time.perf_counter() - began
+        assert len(results) == 50
+        run_ids = {run_id for run_id, _, _ in results}
+        assert len(run_ids) == 1, run_ids
+        firsts = [r for r in results if not r[1]]
+        assert len(firsts) == 1, [r[:2] for r in results]
+        whole = firsts[0][2]
+        check_run_invariants(whole)
+        for _, _, events in results:
+            if events:  # every HTTP repeat streams the very same run
+                assert events == whole
+        async with httpx.AsyncClient(base_url=a.http, headers=a.headers(user)) as rest:
+            threads = (await rest.get("/api/threads")).json()["threads"]
+        assert len(threads) == 1
+        thread_id = whole[0]["thread_id"]
+        assert threads[0]["thread_id"] == thread_id
+        messages = await stored_messages(a, user, thread_id)
+        assert [m["role"] for m in messages] == ["user", "assistant"]
+    record_figures(
+        "idempotent_sends",
+        {
+            "sends": 50,
+            "processes": 2,
+            "runs_started": len(run_ids),
+            "seconds_for_all_sends_to_finish": round(elapsed, 3),
+        },
+    )
