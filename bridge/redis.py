@@ -55,7 +55,15 @@ from redis.exceptions import RedisError
 
 from bridge import bus
 from bridge import redis_scripts as lua
-from bridge.broker import BrokerStats, RunController, RunLost, RunQuota, RunRecord, Wake
+from bridge.broker import (
+    BrokerStats,
+    RunAnnounced,
+    RunController,
+    RunLost,
+    RunQuota,
+    RunRecord,
+    Wake,
+)
 from bridge.errors import (
     BrokerUnavailable,
     CursorAhead,
@@ -165,6 +173,24 @@ class _RedisWatch:
         self._broker._unwatch(self)
 
 
+class _RedisFollow:
+    __slots__ = ("_followers", "announce", "thread_id")
+
+    def __init__(
+        self, thread_id: str, announce: RunAnnounced, followers: dict[str, set[_RedisFollow]]
+    ) -> None:
+        self.thread_id = thread_id
+        self.announce = announce
+        self._followers = followers
+
+    def close(self) -> None:
+        followers = self._followers.get(self.thread_id)
+        if followers is not None:
+            followers.discard(self)
+            if not followers:
+                del self._followers[self.thread_id]
+
+
 class RedisBroker:
     """The :class:`~bridge.broker.Broker` over Redis (``CHAT_BROKER_URL=redis://…``)."""
 
@@ -219,6 +245,7 @@ class RedisBroker:
         self._pubsub: Any = None
         self._scripts: dict[str, Any] = {}
         self._conns: dict[str, int] = {}  # this process's open connections, per user
+        self._followers: dict[str, set[_RedisFollow]] = {}  # thread: its followers here
         self._rejoining: asyncio.Task[None] | None = None
         #: Told of each run this process ended without its agent: failed for a lost
         #: node, or for Redis out of reach too long (to record it).
@@ -263,7 +290,7 @@ class RedisBroker:
             raise BrokerUnavailable(f"cannot reach Redis at {_safe_url(self.url)}: {exc}") from exc
         self.reachable = True
         self._pubsub = self.r.pubsub(ignore_subscribe_messages=True)
-        await self._pubsub.subscribe(self.k("bus", self.node))
+        await self._pubsub.subscribe(*self._channels())
         loop = asyncio.get_running_loop()
         for coro, name in (
             (self._listen(), "bus"),
@@ -343,11 +370,16 @@ class RedisBroker:
             ["HSET", run_key, *_pairs(fields)],
             ["SADD", self.k("runs", self.node), record.run_id],
             ["SADD", self.k("active", record.owner), record.run_id],
+            ["ZADD", self.k("thread", record.thread_id), record.created_at, record.run_id],
         ]
         if not await self._call("create run", self._fenced_write(record.run_id, commands)):
             self._fenced_out()
             raise BrokerUnavailable("this process is joining Redis again; try again shortly")
         self._owned[record.run_id] = _Owned(record, controller)
+        # Followers of the thread, on every process (this one included), watch it now.
+        announced = bus.encode(bus.run_created(record.thread_id, record.run_id))
+        with contextlib.suppress(BrokerUnavailable):
+            await self._call("announce run", self.r.publish(self.k("threads"), announced))
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         raw = await self._call("get run", self.r.hgetall(self.k("run", run_id)))
@@ -366,6 +398,7 @@ class RedisBroker:
         commands: list[lua.Command] = [["HSET", self.k("run", run_id), *_pairs(fields)]]
         if ended and owned is not None:
             commands.append(["SREM", self.k("active", owned.record.owner), run_id])
+            commands.append(["ZREM", self.k("thread", owned.record.thread_id), run_id])
             commands.append(["SREM", self.k("runs", self.node), run_id])
         if not await self._call("set status", self._fenced_write(run_id, commands)):
             # Reaped: the run's ending is another process's; this one stops it.
@@ -375,6 +408,30 @@ class RedisBroker:
 
     async def active_runs(self, owner: str) -> int:
         return int(await self._call("active runs", self.r.scard(self.k("active", owner))))
+
+    # Threads ------------------------------------------------------------------------
+
+    def _channels(self) -> list[str]:
+        return [self.k("bus", self.node), self.k("threads")]
+
+    async def thread_runs(self, thread_id: str) -> list[str]:
+        key = self.k("thread", thread_id)
+        raw = await self._call("thread runs", self.r.zrange(key, 0, -1))
+        going: list[str] = []
+        for item in raw:
+            run_id = item.decode() if isinstance(item, bytes) else str(item)
+            record = await self.get_run(run_id)
+            if record is None or record.ended:
+                # Ended without this set knowing (its process was lost): forget it here.
+                await self._call("thread runs", self.r.zrem(key, run_id))
+                continue
+            going.append(run_id)
+        return going
+
+    async def follow_thread(self, thread_id: str, announce: RunAnnounced) -> _RedisFollow:
+        follow = _RedisFollow(thread_id, announce, self._followers)
+        self._followers.setdefault(thread_id, set()).add(follow)
+        return follow
 
     # Per-user limits, shared by every process ----------------------------------------
 
@@ -774,7 +831,7 @@ class RedisBroker:
                 log.warning("the command bus failed: %r; resubscribing", exc)
                 await asyncio.sleep(0.5)
                 with contextlib.suppress(Exception):
-                    await self._pubsub.subscribe(self.k("bus", self.node))
+                    await self._pubsub.subscribe(*self._channels())
                 continue
             if message is None:
                 continue
@@ -786,7 +843,10 @@ class RedisBroker:
             task.add_done_callback(self._background.discard)
 
     async def _on_message(self, body: bus.Message) -> None:
-        if isinstance(body, bus.CommandReply):
+        if isinstance(body, bus.RunCreated):
+            for follower in list(self._followers.get(body.thread_id, ())):
+                follower.announce(body.run_id)
+        elif isinstance(body, bus.CommandReply):
             future = self._replies.get(body.id)
             if future is not None and not future.done():
                 future.set_result(body)

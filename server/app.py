@@ -79,6 +79,7 @@ def create_app(settings: Settings | None = None, *, dev_secret: str | None = Non
         Route("/api/chat/agents/{run_id}/{action}", routes.lifecycle, methods=["POST"]),
         Route("/api/threads", routes.list_threads, methods=["GET"]),
         Route("/api/threads/{thread_id}/messages", routes.thread_messages, methods=["GET"]),
+        Route("/api/threads/{thread_id}/events", routes.thread_events, methods=["GET"]),
         Route("/api/threads/{thread_id}", routes.delete_thread, methods=["DELETE"]),
         Route("/api/ag-ui/runs/{run_id}/events", agui_stream.rejoin, methods=["GET"]),
         Route("/api/ag-ui/{agent}", agui_stream.run_agent, methods=["POST"]),

@@ -51,9 +51,28 @@ class Ping:
     type: Literal["ping"] = "ping"
 
 
-Command = UserMessage | Control | Resume | Ping
+@dataclass(frozen=True, slots=True)
+class WatchThread:
+    """``watch_thread`` (``watch``) or ``unwatch_thread``: follow a thread's runs."""
 
-KNOWN_TYPES: Final = ("user_message", "stop", "start", "cancel", "resume", "ping")
+    thread_id: str
+    watch: bool = True
+    id: Ref = None
+    type: Literal["watch_thread"] = "watch_thread"
+
+
+Command = UserMessage | Control | Resume | Ping | WatchThread
+
+KNOWN_TYPES: Final = (
+    "user_message",
+    "stop",
+    "start",
+    "cancel",
+    "resume",
+    "ping",
+    "watch_thread",
+    "unwatch_thread",
+)
 
 
 def parse_command(frame: str | bytes) -> Command:
@@ -91,6 +110,11 @@ def parse_command(frame: str | bytes) -> Command:
         return Resume(run_id=_run_id(raw, ref), after_seq=after, id=ref)
     if kind == "ping":
         return Ping(id=ref)
+    if kind in ("watch_thread", "unwatch_thread"):
+        thread_id = optional_id(raw, "thread_id", ref)
+        if thread_id is None:
+            raise ProtocolError("bad_message", "field 'thread_id' is required", ref)
+        return WatchThread(thread_id, watch=kind == "watch_thread", id=ref)
     raise ProtocolError(
         "unknown_type",
         f"unknown type {kind[:64]!r}; expected one of {', '.join(KNOWN_TYPES)}",

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from agents.registry import llm_agent
 from agents.supervisor import RunError, new_id
-from bridge.broker import Broker, RunRecord, Wake, Watch
+from bridge.broker import Broker, RunAnnounced, RunRecord, ThreadFollow, Wake, Watch
 from bridge.errors import ResumeUnavailable, RunNotFound
 from server.auth import Authenticator, Principal
 from server.compose import Services, build_services, make_broker
@@ -341,6 +341,24 @@ class Gateway:
         if thread is None or thread.owner != user.user_id:
             raise RunNotFound(f"no thread {thread_id}")
         return thread
+
+    async def follow_thread(
+        self, user: Principal, thread_id: str, announce: RunAnnounced
+    ) -> tuple[ThreadFollow, list[str]]:
+        """Follow the user's thread: ``announce`` gets each run created from now on (by
+        any process); the answer's list, the runs of it not ended yet.
+
+        Followed before the runs are listed, so a run created meanwhile is in one or
+        both (a follower watches each run once).
+        """
+        await self.own_thread(user, thread_id)
+        follow = await self.broker.follow_thread(thread_id, announce)
+        try:
+            going = await self.broker.thread_runs(thread_id)
+        except BaseException:
+            follow.close()
+            raise
+        return follow, going
 
     async def delete_thread(self, user: Principal, thread_id: str) -> None:
         """Delete a thread, its messages and runs, and cancel its runs still going.

@@ -183,6 +183,24 @@ async def run_events(request: Request) -> Response:
 
 
 @api
+async def thread_events(request: Request) -> Response:
+    """``GET /api/threads/{thread_id}/events``: every run of the thread not ended, from
+    its first event, then every later run, until the client goes away."""
+    gateway = gateway_of(request)
+    user = authenticate(request)
+    thread_id = request.path_params["thread_id"]
+    stream = await sse.open_stream(gateway, user)
+    try:
+        going = await stream.follow_thread(user, thread_id)
+        stream.headers["x-chat-thread-id"] = thread_id
+        stream.headers["x-chat-active-run-ids"] = ",".join(going)
+    except BaseException:
+        await gateway.remove_session(stream)
+        raise
+    return stream
+
+
+@api
 async def lifecycle(request: Request) -> Response:
     """``POST /api/chat/agents/{run_id}/{start|stop|cancel}``."""
     gateway = gateway_of(request)

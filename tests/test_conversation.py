@@ -227,3 +227,131 @@ async def test_fifty_concurrent_sends_of_one_id_through_two_processes_make_one_r
             "seconds_for_all_sends_to_finish": round(elapsed, 3),
         },
     )
+
+
+# 6.3 Watching a thread -------------------------------------------------------------
+
+
+async def read_runs(
+    client: Any, count: int, timeout: float = 30
+) -> dict[str, list[dict[str, Any]]]:
+    """Run events a client receives until ``count`` runs have ended, by run."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    ended = 0
+    async with asyncio.timeout(timeout):
+        while ended < count:
+            message = await client.recv(timeout)
+            if message.get("run_id") is None or message.get("seq") is None:
+                continue
+            runs.setdefault(message["run_id"], []).append(message)
+            if message["type"] == "agent_completed":
+                ended += 1
+    return runs
+
+
+async def two_sessions_watching_one_thread(
+    first: LiveServer, second: LiveServer, user: str
+) -> None:
+    async with ws_client(first, user) as one, ws_client(second, user) as two:
+        opening = await one.run("chunks=3", agent="load")
+        check_run_invariants(opening)
+        thread_id = opening[0]["thread_id"]
+        for client in (one, two):
+            await client.send(type="watch_thread", thread_id=thread_id, id="w")
+            ack = await client.recv()
+            assert ack["type"] == "ack", ack
+            assert ack["data"]["action"] == "watch_thread"
+            assert ack["data"]["thread_id"] == thread_id
+            assert ack["data"]["active_run_ids"] == []
+
+        # Each session starts runs; each sees every run of the other, from its first event.
+        await one.send(
+            type="user_message", agent="load", content="chunks=20 delay_ms=5", thread_id=thread_id
+        )
+        first_runs = await asyncio.gather(read_runs(one, 1), read_runs(two, 1))
+        await two.send(
+            type="user_message", agent="load", content="chunks=10 delay_ms=5", thread_id=thread_id
+        )
+        second_runs = await asyncio.gather(read_runs(one, 1), read_runs(two, 1))
+        for seen_by_one, seen_by_two in (first_runs, second_runs):
+            assert seen_by_one.keys() == seen_by_two.keys() and len(seen_by_one) == 1
+            (run_id,) = seen_by_one
+            check_run_invariants(seen_by_one[run_id])
+            assert seen_by_one[run_id][0]["seq"] == 1
+            assert seen_by_one[run_id][0]["type"] == "user_message"
+            assert seen_by_one[run_id] == seen_by_two[run_id]
+
+        # A thread's run already going when a session watches: from its first event.
+        await one.send(
+            type="user_message", agent="load", content="chunks=60 delay_ms=10", thread_id=thread_id
+        )
+        started = await one.recv()
+        assert started["type"] == "user_message"
+        async with ws_client(second, user) as late:
+            await late.send(type="watch_thread", thread_id=thread_id, id="late")
+            ack = await late.recv()
+            assert ack["data"]["active_run_ids"] == [started["run_id"]]
+            late_runs = await read_runs(late, 1)
+        own = [started, *of_run(await one.recv_until("agent_completed"), started["run_id"])]
+        check_run_invariants(own)
+        assert late_runs[started["run_id"]] == own
+        assert (await read_runs(two, 1))[started["run_id"]] == own
+
+        # Unwatched: no more new runs of the thread reach the session.
+        await two.send(type="unwatch_thread", thread_id=thread_id, id="u")
+        unwatched = await two.recv()
+        assert unwatched["type"] == "ack" and unwatched["data"]["action"] == "unwatch_thread"
+        await one.run("chunks=2", agent="load", thread_id=thread_id)
+        await two.send(type="ping", id="after")
+        pong = await two.recv_until("pong")
+        assert [m["type"] for m in pong] == ["pong"], pong
+
+        # Only the owner may watch it.
+        async with ws_client(first, f"{user}-other") as other:
+            await other.send(type="watch_thread", thread_id=thread_id, id="x")
+            refused = await other.recv()
+        assert refused["type"] == "error" and refused["data"]["code"] == "not_found"
+
+
+async def test_two_sessions_watching_one_thread_see_every_run(
+    server: LiveServer, user: str
+) -> None:
+    await two_sessions_watching_one_thread(server, server, user)
+
+
+async def test_two_sessions_on_two_processes_watch_one_thread(
+    redis_url: str, tmp_path: Path
+) -> None:
+    env = {"CHAT_BROKER_URL": redis_url, "CHAT_DB_URL": f"sqlite:///{tmp_path}/chat.db"}
+    with spawn_server(tmp_path, **env) as a, spawn_server(tmp_path, **env) as b:
+        await two_sessions_watching_one_thread(a, b, f"watch-{time.monotonic_ns()}")
+
+
+async def test_a_thread_watched_over_sse(server: LiveServer, user: str) -> None:
+    async with ws_client(server, user) as client:
+        opening = await client.run("chunks=2", agent="load")
+        thread_id = opening[0]["thread_id"]
+        async with http_client(server, headers=server.headers(user)) as rest:
+            missing = await rest.get(
+                f"/api/threads/{thread_id}/events", headers=server.headers("mallory")
+            )
+            assert missing.status_code == 404
+            async with rest.stream("GET", f"/api/threads/{thread_id}/events") as stream:
+                assert stream.status_code == 200
+                assert stream.headers["content-type"].startswith("text/event-stream")
+                run_ids = []
+                for _ in range(2):
+                    run = await client.run("chunks=5 delay_ms=2", agent="load", thread_id=thread_id)
+                    check_run_invariants(run)
+                    run_ids.append(run[0]["run_id"])
+                text = ""
+                async with asyncio.timeout(15):
+                    async for piece in stream.aiter_text():
+                        text += piece
+                        if text.count("event: agent_completed") == 2:
+                            break
+        received = run_events_of(parse_sse(text))
+    for run_id in run_ids:
+        events = of_run(received, run_id)
+        check_run_invariants(events)
+        assert events[0]["seq"] == 1
