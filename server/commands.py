@@ -26,6 +26,8 @@ class UserMessage:
     id: Ref = None
     thread_id: str | None = None
     agent: str | None = None
+    #: reject, enqueue, interrupt or rollback; None: the server's ``CHAT_ON_ACTIVE``.
+    on_active: str | None = None
     type: Literal["user_message"] = "user_message"
 
 
@@ -98,6 +100,7 @@ def parse_command(frame: str | bytes) -> Command:
             id=ref,
             thread_id=optional_id(raw, "thread_id", ref),
             agent=optional_id(raw, "agent", ref),
+            on_active=on_active(raw, ref),
         )
     if kind in ("stop", "start", "cancel"):
         return Control(action=kind, run_id=_run_id(raw, ref), id=ref)  # type: ignore[arg-type]
@@ -145,6 +148,21 @@ def _run_id(raw: dict[str, Any], ref: Ref) -> str:
     if not isinstance(run_id, str) or not run_id or len(run_id) > MAX_ID_CHARS:
         raise ProtocolError("bad_message", "field 'run_id' must be a run id string", ref)
     return run_id
+
+
+ON_ACTIVE: Final = ("reject", "enqueue", "interrupt", "rollback")
+
+
+def on_active(raw: dict[str, Any], ref: Ref = None) -> str | None:
+    """The message's ``on_active`` policy, when it names one."""
+    value = raw.get("on_active")
+    if value is None:
+        return None
+    if value not in ON_ACTIVE:
+        raise ProtocolError(
+            "bad_message", f"field 'on_active' must be one of {', '.join(ON_ACTIVE)}", ref
+        )
+    return str(value)
 
 
 def optional_id(raw: dict[str, Any], name: str, ref: Ref = None) -> str | None:

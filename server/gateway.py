@@ -15,10 +15,11 @@ import math
 import time
 from dataclasses import dataclass
 
+from agents.errors import LifecycleConflict
 from agents.registry import llm_agent
 from agents.supervisor import RunError, new_id
 from bridge.broker import Broker, RunAnnounced, RunRecord, ThreadFollow, Wake, Watch
-from bridge.errors import ResumeUnavailable, RunNotFound
+from bridge.errors import ResumeUnavailable, RunConflict, RunNotFound
 from server.auth import Authenticator, Principal
 from server.compose import Services, build_services, make_broker
 from server.errors import DuplicateConflict, RateLimited, ShuttingDown
@@ -188,6 +189,7 @@ class Gateway:
         agent: str | None = None,
         ref: str | int | None = None,
         run_id: str | None = None,
+        on_active: str | None = None,
     ) -> RunRecord:
         if self.shutting_down:
             raise ShuttingDown("the server is shutting down; start the run again shortly")
@@ -212,6 +214,11 @@ class Gateway:
             raise RateLimited(f"{quota.active} runs are still going; at most {limit} at once")
         started = False
         try:
+            queued = False
+            if thread_id is not None:
+                queued = await self._double_text(
+                    user, thread_id, on_active or self.settings.on_active
+                )
             record = await self.supervisor.start_run(
                 owner=uid,
                 content=content,
@@ -219,6 +226,7 @@ class Gateway:
                 agent=agent,
                 ref=ref,
                 run_id=run_id,
+                queued=queued,
             )
             started = True  # only runs that started count against the per-minute window
         finally:
@@ -235,6 +243,7 @@ class Gateway:
         agent: str | None = None,
         ref: str | int | None = None,
         key: str | int | None = None,
+        on_active: str | None = None,
     ) -> Sent:
         """Start a run for a message, once per idempotency ``key`` within the window.
 
@@ -246,7 +255,9 @@ class Gateway:
         """
         if key is None:
             return Sent(
-                await self.start_run(user, content, thread_id=thread_id, agent=agent, ref=ref)
+                await self.start_run(
+                    user, content, thread_id=thread_id, agent=agent, ref=ref, on_active=on_active
+                )
             )
         uid = user.user_id
         name = idempotency_key(key)
@@ -261,7 +272,13 @@ class Gateway:
             if held is None:
                 try:
                     record = await self.start_run(
-                        user, content, thread_id=thread_id, agent=agent, ref=ref, run_id=run_id
+                        user,
+                        content,
+                        thread_id=thread_id,
+                        agent=agent,
+                        ref=ref,
+                        run_id=run_id,
+                        on_active=on_active,
                     )
                 except BaseException:
                     await self.broker.release_key(uid, name, mine)
@@ -295,6 +312,53 @@ class Gateway:
                     f"the run of id {str(key)[:64]!r} is still being started; send it again"
                 )
             await asyncio.sleep(0.02)  # the first send is creating it, or gives the key up
+
+    async def _double_text(self, user: Principal, thread_id: str, policy: str) -> bool:
+        """Apply ``policy`` to the thread's runs not ended (contract section 6.2); True
+        when the new run must be queued behind them."""
+        going: list[RunRecord] = []
+        for run_id in await self.broker.thread_runs(thread_id):
+            record = await self.broker.get_run(run_id)
+            if record is not None and not record.ended and record.owner == user.user_id:
+                going.append(record)
+        if not going:
+            return False
+        if policy == "reject":
+            names = ", ".join(r.run_id for r in going)
+            raise RunConflict(f"thread {thread_id} has a run going ({names}); nothing was sent")
+        if policy == "enqueue":
+            return True
+        code = "interrupted" if policy == "interrupt" else "rolled_back"
+        for record in going:
+            with contextlib.suppress(RunConflict, RunNotFound, LifecycleConflict):
+                await self.broker.command(record.run_id, f"cancel:{code}")
+        for record in going:
+            await self._until_ended(record.run_id)
+            if policy == "rollback":
+                await self.persistence.forget_run(record)
+        return False
+
+    async def _until_ended(self, run_id: str) -> None:
+        """Wait for a cancelled run's ``agent_completed`` (its answer is stored before
+        it), for at most the store timeout and five seconds more."""
+        record = await self.broker.get_run(run_id)
+        if record is None:
+            return
+        woken = asyncio.Event()
+        try:
+            watch = await self.broker.watch(run_id, record.last_seq, woken.set)
+        except (RunNotFound, ResumeUnavailable):
+            return  # forgotten already: long ended
+        try:
+            async with asyncio.timeout(self.settings.store_timeout_s + 5):
+                while not watch.finished:
+                    woken.clear()
+                    if not await watch.read(256):
+                        await woken.wait()
+        except TimeoutError:
+            log.warning("run %s: not ended after its cancel; the new run starts anyway", run_id)
+        finally:
+            watch.close()
 
     async def find_run(self, user: Principal, run_id: str) -> RunRecord:
         """The user's run; someone else's is as unknown as a missing one."""

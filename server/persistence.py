@@ -237,6 +237,15 @@ class Persistence:
             return False
         return await done is Outcome.STORED
 
+    async def forget_run(self, run: RunRecord) -> None:
+        """Remove the run's messages from its thread, behind every write queued before."""
+        steps = self.store.forget_run_steps(run.run_id, run.thread_id, run.owner)
+        done = self._submit(f"removing the messages of run {run.run_id}", steps, wait=True)
+        if done is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.timeout_s):
+                    await asyncio.shield(done)
+
     async def run_changed(self, run: RunRecord) -> None:
         """Record the run's status.
 

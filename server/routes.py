@@ -26,7 +26,7 @@ from bridge.events import PROTOCOL
 from bridge.wire import Action
 from server import sse
 from server.auth import Principal, bearer_from_headers, token_for_http
-from server.commands import MAX_THREAD_ID_CHARS, client_ref, optional_id
+from server.commands import MAX_THREAD_ID_CHARS, client_ref, on_active, optional_id
 from server.errors import AuthError, BodyTooLarge, ProtocolError, wire_error
 from server.gateway import Gateway
 from server.metrics import CONTENT_TYPE
@@ -114,6 +114,7 @@ async def chat_stream(request: Request) -> Response:
         raise ProtocolError("bad_message", "field 'message' must be a non-empty string")
     thread_id = optional_id(body, "thread_id")
     agent = optional_id(body, "agent")
+    policy = on_active(body)
     ref = client_ref(body)
     key: str | int | None = idempotency_header(request)
     if key is None:
@@ -126,7 +127,9 @@ async def chat_stream(request: Request) -> Response:
     )
     try:
         # A repeat of the key streams the run its first send started, from its first event.
-        sent = await gateway.send(user, message, thread_id=thread_id, agent=agent, ref=ref, key=key)
+        sent = await gateway.send(
+            user, message, thread_id=thread_id, agent=agent, ref=ref, key=key, on_active=policy
+        )
         record = sent.record
         if sent.duplicate:
             stream.headers["x-chat-duplicate"] = "true"

@@ -240,6 +240,7 @@ class Session:
             agent=command.agent,
             ref=command.id,
             key=command.id,
+            on_active=command.on_active,
         )
         record = sent.record
         if sent.duplicate:

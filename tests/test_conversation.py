@@ -355,3 +355,234 @@ async def test_a_thread_watched_over_sse(server: LiveServer, user: str) -> None:
         events = of_run(received, run_id)
         check_run_invariants(events)
         assert events[0]["seq"] == 1
+
+
+# 6.2 Double-texting ----------------------------------------------------------------
+
+SLOW = "thinking=0 chunks=200 chunk_chars=4 delay_ms=10"
+
+
+async def a_run_going(client: Any) -> tuple[str, str, list[dict[str, Any]]]:
+    """Open a thread, then start a slow run in it and read until it has answered a bit."""
+    opening = await client.run("chunks=1", agent="load")
+    thread_id = opening[0]["thread_id"]
+    await client.send(type="user_message", agent="load", content=SLOW, thread_id=thread_id)
+    seen = await client.recv_until("response_chunk")
+    seen += [await client.recv() for _ in range(3)]
+    return thread_id, seen[0]["run_id"], seen
+
+
+async def until_recorded(server: LiveServer, user: str, thread_id: str, count: int) -> None:
+    async def recorded() -> bool:
+        return len(await stored_messages(server, user, thread_id)) >= count
+
+    await wait_for(recorded)
+
+
+def pairs(messages: list[dict[str, Any]]) -> list[tuple[str, str | None]]:
+    return [(m["role"], m["run_id"]) for m in messages]
+
+
+async def test_reject_refuses_a_message_while_a_run_goes(server: LiveServer, user: str) -> None:
+    async with ws_client(server, user) as client:
+        thread_id, going, seen = await a_run_going(client)
+        await client.send(
+            type="user_message",
+            agent="load",
+            content="chunks=1",
+            thread_id=thread_id,
+            on_active="reject",
+            id="second",
+        )
+        while True:  # the going run's events interleave
+            message = await client.recv()
+            if message["type"] == "error":
+                break
+            seen.append(message)
+        assert message["data"]["code"] == "conflict" and message["data"]["ref"] == "second"
+        assert going in message["data"]["message"]
+        seen += await client.recv_until("agent_completed", run_id=going)
+        check_run_invariants(of_run(seen, going))
+        async with http_client(server, headers=server.headers(user)) as rest:
+            refused = await rest.post(
+                "/api/chat/stream",
+                json={"message": "x", "thread_id": thread_id, "on_active": "bogus"},
+            )
+            assert refused.status_code == 400
+    await until_recorded(server, user, thread_id, 4)
+    stored = await stored_messages(server, user, thread_id)
+    assert [m["role"] for m in stored] == ["user", "assistant", "user", "assistant"]
+    assert {m["run_id"] for m in stored[2:]} == {going}
+
+
+async def test_enqueue_runs_a_threads_messages_one_after_another(
+    server: LiveServer, user: str
+) -> None:
+    async with ws_client(server, user) as client:
+        thread_id, going, seen = await a_run_going(client)
+        for n in (2, 3):
+            await client.send(
+                type="user_message", agent="load", content=f"chunks={n}", thread_id=thread_id
+            )
+        # Both queued runs' user_message come at once, before the going run ends.
+        queued: list[str] = []
+        while len(queued) < 2:
+            message = await client.recv()
+            seen.append(message)
+            if message["type"] == "user_message":
+                queued.append(message["run_id"])
+        async with http_client(server, headers=server.headers(user)) as rest:
+            status = await rest.get(f"/api/chat/agents/{queued[0]}/status")
+            assert status.json()["status"] == "queued"
+            metrics = (await rest.get("/metrics")).text
+        assert 'status="queued"' in metrics
+        for run_id in (going, *queued):
+            seen += await client.recv_until("agent_completed", run_id=run_id, timeout=30)
+    order = [
+        (m["type"], m["run_id"]) for m in seen if m["type"] in ("agent_started", "agent_completed")
+    ]
+    assert order[-4:] == [
+        ("agent_started", queued[0]),
+        ("agent_completed", queued[0]),
+        ("agent_started", queued[1]),
+        ("agent_completed", queued[1]),
+    ]
+    assert order.index(("agent_completed", going)) < order.index(("agent_started", queued[0]))
+    for run_id in (going, *queued):
+        check_run_invariants(of_run(seen, run_id))
+    await until_recorded(server, user, thread_id, 8)
+    stored = await stored_messages(server, user, thread_id)
+    first = stored[0]["run_id"]
+    assert pairs(stored) == [
+        ("user", first),
+        ("assistant", first),
+        ("user", going),
+        ("assistant", going),
+        ("user", queued[0]),
+        ("assistant", queued[0]),
+        ("user", queued[1]),
+        ("assistant", queued[1]),
+    ]
+
+
+async def test_cancelling_a_queued_run_takes_it_out_of_the_queue(
+    server: LiveServer, user: str
+) -> None:
+    async with ws_client(server, user) as client:
+        thread_id, going, seen = await a_run_going(client)
+        await client.send(
+            type="user_message", agent="load", content="chunks=2", thread_id=thread_id
+        )
+        await client.send(
+            type="user_message", agent="load", content="chunks=3", thread_id=thread_id
+        )
+        queued: list[str] = []
+        while len(queued) < 2:
+            message = await client.recv()
+            seen.append(message)
+            if message["type"] == "user_message":
+                queued.append(message["run_id"])
+        await client.send(type="cancel", run_id=queued[0], id="c")
+        seen += await client.recv_until("agent_completed", run_id=queued[0])
+        seen += await client.recv_until("agent_completed", run_id=going, timeout=30)
+        seen += await client.recv_until("agent_completed", run_id=queued[1], timeout=30)
+    cancelled = of_run(seen, queued[0])
+    check_run_invariants(cancelled)
+    assert cancelled[-1]["data"]["status"] == "cancelled"
+    assert "agent_started" not in [m["type"] for m in cancelled]
+    check_run_invariants(of_run(seen, queued[1]))
+    assert of_run(seen, queued[1])[-1]["data"]["status"] == "completed"
+    await until_recorded(server, user, thread_id, 6)
+    stored = await stored_messages(server, user, thread_id)
+    assert [r for _, r in pairs(stored)][2:] == [going, going, queued[1], queued[1]]
+
+
+async def test_interrupt_keeps_the_partial_answer(server: LiveServer, user: str) -> None:
+    async with ws_client(server, user) as client:
+        thread_id, going, seen = await a_run_going(client)
+        await client.send(
+            type="user_message",
+            agent="load",
+            content="chunks=2",
+            thread_id=thread_id,
+            on_active="interrupt",
+        )
+        seen += await client.recv_until("agent_completed", run_id=going)
+        interrupted = of_run(seen, going)
+        check_run_invariants(interrupted)
+        end = interrupted[-1]["data"]
+        assert end["status"] == "cancelled" and end["error"]["code"] == "interrupted"
+        partial = next(m for m in interrupted if m["type"] == "response_complete")["data"]
+        assert partial["content"]  # it had answered part of it
+        rest = await client.recv_until("agent_completed")
+        new_run = rest[-1]["run_id"]
+        check_run_invariants(of_run([*seen, *rest], new_run))
+    await until_recorded(server, user, thread_id, 6)
+    stored = await stored_messages(server, user, thread_id)
+    first = stored[0]["run_id"]
+    assert pairs(stored) == [
+        ("user", first),
+        ("assistant", first),
+        ("user", going),
+        ("assistant", going),
+        ("user", new_run),
+        ("assistant", new_run),
+    ]
+    assert stored[3]["content"] == partial["content"]
+
+
+async def test_rollback_removes_the_run_from_the_thread(server: LiveServer, user: str) -> None:
+    async with ws_client(server, user) as client:
+        thread_id, going, seen = await a_run_going(client)
+        async with http_client(server, headers=server.headers(user)) as rest:
+            status, messages, _ = await post_stream(
+                rest,
+                {
+                    "message": "chunks=2",
+                    "agent": "load",
+                    "thread_id": thread_id,
+                    "on_active": "rollback",
+                },
+            )
+        assert status == 200
+        new_events = run_events_of(messages)
+        check_run_invariants(new_events)
+        new_run = new_events[0]["run_id"]
+        seen += await client.recv_until("agent_completed", run_id=going)
+        rolled = of_run(seen, going)
+        check_run_invariants(rolled)
+        assert rolled[-1]["data"]["error"]["code"] == "rolled_back"
+    await until_recorded(server, user, thread_id, 4)
+    stored = await stored_messages(server, user, thread_id)
+    first = stored[0]["run_id"]
+    assert pairs(stored) == [
+        ("user", first),
+        ("assistant", first),
+        ("user", new_run),
+        ("assistant", new_run),
+    ]
+
+
+async def test_enqueue_holds_across_processes(redis_url: str, tmp_path: Path) -> None:
+    env = {"CHAT_BROKER_URL": redis_url, "CHAT_DB_URL": f"sqlite:///{tmp_path}/chat.db"}
+    user = f"queue-{time.monotonic_ns()}"
+    with spawn_server(tmp_path, **env) as a, spawn_server(tmp_path, **env) as b:
+        async with ws_client(a, user) as on_a, ws_client(b, user) as on_b:
+            thread_id, going, seen_a = await a_run_going(on_a)
+            await on_b.send(
+                type="user_message", agent="load", content="chunks=3", thread_id=thread_id
+            )
+            first_b = await on_b.recv()
+            assert first_b["type"] == "user_message"
+            queued = first_b["run_id"]
+            seen_b = [first_b, *await on_b.recv_until("agent_completed", timeout=30)]
+            seen_a += await on_a.recv_until("agent_completed", run_id=going, timeout=30)
+        check_run_invariants(of_run(seen_a, going))
+        check_run_invariants(seen_b)
+        # It began on b only once the run going on a had ended.
+        ended_a = of_run(seen_a, going)[-1]["ts"]
+        began_b = next(m for m in seen_b if m["type"] == "agent_started")["ts"]
+        assert began_b >= ended_a
+        await until_recorded(a, user, thread_id, 6)
+        stored = await stored_messages(a, user, thread_id)
+        assert [r for _, r in pairs(stored)][2:] == [going, going, queued, queued]

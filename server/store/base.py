@@ -154,6 +154,11 @@ class Store(Protocol):
         deleted; see :func:`refused`."""
         ...
 
+    def forget_run_steps(self, run_id: str, thread_id: str, owner: str) -> list[Step]:
+        """Remove the messages of a run (its user message and answer) from its thread,
+        as if it had never been sent (a ``rollback``)."""
+        ...
+
     def run_steps(self, row: RunRow) -> list[Step]:
         """Update the run, or insert it if its thread is its owner's and not deleted;
         see :func:`refused`.  A run's end on a deleted thread removes the run, and the
