@@ -100,7 +100,12 @@ def create_app(settings: Settings | None = None, *, dev_secret: str | None = Non
             allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "Idempotency-Key"],
             # The run a front-end protocol's stream started, for its lifecycle routes.
-            expose_headers=["X-Chat-Run-Id", "X-Chat-Thread-Id"],
+            expose_headers=[
+                "X-Chat-Run-Id",
+                "X-Chat-Thread-Id",
+                "X-Chat-Duplicate",
+                "X-Chat-Active-Run-Ids",
+            ],
             max_age=600,
         )
     ]

@@ -586,3 +586,38 @@ async def test_enqueue_holds_across_processes(redis_url: str, tmp_path: Path) ->
         await until_recorded(a, user, thread_id, 6)
         stored = await stored_messages(a, user, thread_id)
         assert [r for _, r in pairs(stored)][2:] == [going, going, queued, queued]
+
+
+# The pure parts --------------------------------------------------------------------
+
+
+def test_the_new_frames_parse() -> None:
+    from server.commands import UserMessage, WatchThread, parse_command
+    from server.errors import ProtocolError
+
+    watch = parse_command('{"type": "watch_thread", "thread_id": "t1", "id": 3}')
+    assert watch == WatchThread("t1", watch=True, id=3)
+    assert parse_command('{"type": "unwatch_thread", "thread_id": "t1"}') == WatchThread(
+        "t1", watch=False
+    )
+    message = parse_command('{"type": "user_message", "content": "hi", "on_active": "rollback"}')
+    assert isinstance(message, UserMessage) and message.on_active == "rollback"
+    for bad in (
+        '{"type": "watch_thread"}',
+        '{"type": "watch_thread", "thread_id": ""}',
+        '{"type": "user_message", "content": "hi", "on_active": "later"}',
+    ):
+        try:
+            parse_command(bad)
+        except ProtocolError as exc:
+            assert exc.code == "bad_message"
+        else:
+            raise AssertionError(f"{bad} parsed")
+
+
+def test_a_run_created_message_crosses_the_bus() -> None:
+    from bridge import bus
+
+    message = bus.run_created("t_1", "r_1")
+    assert bus.decode(bus.encode(message)) == message
+    assert bus.decode(b'{"kind": "run", "thread_id": "t"}') is None
