@@ -315,7 +315,14 @@ class Gateway:
 
     async def _double_text(self, user: Principal, thread_id: str, policy: str) -> bool:
         """Apply ``policy`` to the thread's runs not ended (contract section 6.2); True
-        when the new run must be queued behind them."""
+        when the new run must take its place in the thread's queue.
+
+        With ``enqueue`` it always does, runs going or not: two messages sent at once
+        (through two processes, say) then run one after the other, in the order the
+        broker lists them, rather than side by side.
+        """
+        if policy == "enqueue":
+            return True
         going: list[RunRecord] = []
         for run_id in await self.broker.thread_runs(thread_id):
             record = await self.broker.get_run(run_id)
@@ -326,8 +333,6 @@ class Gateway:
         if policy == "reject":
             names = ", ".join(r.run_id for r in going)
             raise RunConflict(f"thread {thread_id} has a run going ({names}); nothing was sent")
-        if policy == "enqueue":
-            return True
         code = "interrupted" if policy == "interrupt" else "rolled_back"
         for record in going:
             with contextlib.suppress(RunConflict, RunNotFound, LifecycleConflict):

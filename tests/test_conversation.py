@@ -563,6 +563,27 @@ async def test_rollback_removes_the_run_from_the_thread(server: LiveServer, user
     ]
 
 
+async def test_two_messages_sent_at_once_to_an_idle_thread_run_one_after_the_other(
+    server: LiveServer, user: str
+) -> None:
+    async with ws_client(server, user) as one, ws_client(server, user) as two:
+        opening = await one.run("chunks=1", agent="load")
+        thread_id = opening[0]["thread_id"]
+        content = "thinking=0 chunks=30 delay_ms=5"
+        await asyncio.gather(
+            one.send(type="user_message", agent="load", content=content, thread_id=thread_id),
+            two.send(type="user_message", agent="load", content=content, thread_id=thread_id),
+        )
+        a, b = await asyncio.gather(
+            one.recv_until("agent_completed"), two.recv_until("agent_completed")
+        )
+    check_run_invariants(a)
+    check_run_invariants(b)
+    first, second = sorted((a, b), key=lambda run: run[-1]["ts"])
+    began = next(m for m in second if m["type"] == "agent_started")["ts"]
+    assert began >= first[-1]["ts"]
+
+
 async def test_enqueue_holds_across_processes(redis_url: str, tmp_path: Path) -> None:
     env = {"CHAT_BROKER_URL": redis_url, "CHAT_DB_URL": f"sqlite:///{tmp_path}/chat.db"}
     user = f"queue-{time.monotonic_ns()}"
