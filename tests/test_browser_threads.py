@@ -118,12 +118,8 @@ def test_a_message_sent_as_the_connection_drops_makes_one_run(
         open_chat(page, proxy.http, gateway.token(user), "?agent=load")
         send(page, "chunks=2")
         expect(page.locator(".msg.assistant").last).to_have_attribute("data-status", "completed")
-        # The frame goes out and the connection is cut before its run can be announced.
-        page.locator("#message").fill("chunks=40 delay_ms=10")
-        page.evaluate(
-            "document.querySelector('#message').dispatchEvent(new KeyboardEvent('keydown',"
-            " {key: 'Enter', bubbles: true}))"
-        )
+        # The connection is cut as the message goes out: it may or may not have arrived.
+        send(page, "chunks=40 delay_ms=10")
         proxy.abort_all()
         turn = page.locator(".turn").nth(1)
         expect(turn.locator(".msg.assistant")).to_have_attribute("data-status", "completed")
@@ -131,3 +127,42 @@ def test_a_message_sent_as_the_connection_drops_makes_one_run(
         expect(page.locator(".turn")).to_have_count(2)
     thread_id = page.evaluate("[...window.chat.client.runs.values()].at(-1).threadId")
     assert stored_roles(gateway, user, thread_id) == ["user", "assistant"] * 2
+
+
+@pytest.mark.parametrize("in_thread", [False, True], ids=["new-thread", "watched-thread"])
+def test_a_message_whose_run_started_unseen_is_not_sent_twice(
+    tabs: tuple[Page, Page],
+    gateway: LiveServer,  # noqa: F811
+    user: str,
+    in_thread: bool,
+) -> None:
+    """The socket closes right behind the message's frame: the gateway starts the run,
+    the page sees none of it, sends the message again with its id after reconnecting,
+    and follows the run the first send started."""
+    page, _ = tabs
+    open_chat(page, gateway.http, gateway.token(user), "?agent=load")
+    if in_thread:  # then the run also comes through the thread's watch
+        send(page, "chunks=2")
+        expect(page.locator(".msg.assistant").last).to_have_attribute("data-status", "completed")
+    page.evaluate(
+        """() => {
+          const send = WebSocket.prototype.send;
+          WebSocket.prototype.send = function (data) {
+            send.call(this, data);
+            if (!window.cutOnce && String(data).includes('"user_message"')) {
+              window.cutOnce = true;
+              this.close();
+            }
+          };
+        }"""
+    )
+    send(page, "chunks=40 delay_ms=10")
+    turns = 1 + in_thread
+    turn = page.locator(".turn").nth(turns - 1)
+    expect(turn.locator(".msg.assistant")).to_have_attribute("data-status", "completed")
+    expect(turn.locator(".answer")).to_have_text(load_text(40))
+    expect(page.locator(".turn")).to_have_count(turns)
+    stats = page.evaluate("window.chat.client.stats")
+    assert stats["duplicateSends"] == 1 and stats["reconnects"] >= 1, stats
+    thread_id = page.evaluate("[...window.chat.client.runs.values()].at(-1).threadId")
+    assert stored_roles(gateway, user, thread_id) == ["user", "assistant"] * turns

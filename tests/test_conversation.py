@@ -604,6 +604,16 @@ async def test_enqueue_holds_across_processes(redis_url: str, tmp_path: Path) ->
         ended_a = of_run(seen_a, going)[-1]["ts"]
         began_b = next(m for m in seen_b if m["type"] == "agent_started")["ts"]
         assert began_b >= ended_a
+        record_figures(
+            "queue_handoff",
+            {
+                "broker": "redis",
+                "processes": 2,
+                "ms_from_the_run_ending_on_a_to_the_queued_run_beginning_on_b": round(
+                    (began_b - ended_a) * 1000, 1
+                ),
+            },
+        )
         await until_recorded(a, user, thread_id, 6)
         stored = await stored_messages(a, user, thread_id)
         assert [r for _, r in pairs(stored)][2:] == [going, going, queued, queued]

@@ -214,7 +214,14 @@ export class ChatClient extends EventTarget {
     this.session = null;
     /** runId → `{runId, threadId, ref, agent, lastSeq, status, done, lost, error}`. */
     this.runs = new Map();
-    this.stats = { connects: 0, reconnects: 0, duplicates: 0, gaps: 0, resumes: [] };
+    this.stats = {
+      connects: 0,
+      reconnects: 0,
+      duplicates: 0,
+      gaps: 0,
+      duplicateSends: 0,
+      resumes: [],
+    };
 
     this._idPrefix = `c${randomId()}-`;
     this._nextId = 1;
@@ -708,12 +715,13 @@ export class ChatClient extends EventTarget {
       case "pong":
       case "ack": {
         const pending = this._pending.get(data.ref);
+        if (message.type === "ack" && data.duplicate) this.stats.duplicateSends++;
         if (pending && pending.kind === "user_message" && data.duplicate) {
-          // Sent before a drop and started then: follow that run from where we are.
-          this._pending.delete(data.ref);
+          // Sent before a drop and started then: follow that run from its first event. The
+          // send resolves when its user_message arrives, as for a first send.
           const run = this.#runRecord(data.run_id, data.thread_id ?? null);
           if (run.ref === null) run.ref = data.ref;
-          pending.resolve({ runId: run.runId, threadId: run.threadId, ref: run.ref });
+          if (run.lastSeq > 0 || run.done) this.#announced(run);
           if (!run.done) this.#sendResume(run);
           break;
         }
