@@ -104,7 +104,7 @@ def parse_event(data: str) -> BaseEvent:
     try:
         raw = json.loads(data)
     except json.JSONDecodeError:
-        log.warning("an AG-UI agent sent an event that is not JSON: %r", data[:EXCERPT_CHARS])
+        log.warning("an AG-UI agent sent an event that is not JSON (%d characters)", len(data))
         raise RemoteAgentError("the agent sent an event that is not valid JSON") from None
     return validate_event(raw)
 
@@ -507,7 +507,7 @@ class AGUIAgent:
                 protocol_version=PROTOCOL_VERSION,
                 state=mapper.state if mapper.has_state else {},
                 messages=messages,
-                tools=gateway_tools(ctx),
+                tools=offered_tools(ctx),
                 context=[],
                 forwarded_props={},
             )
@@ -528,8 +528,13 @@ class AGUIAgent:
                 )
             pending = mapper.unanswered()
             runnable = [c for c in pending if c.name in ctx.tools]
+            left = [c for c in pending if c.name not in ctx.tools and ctx.client_tool(c.name)]
+            for call in left:
+                # The gateway's own client runs it: left open for its next request.
+                await ctx.leave_to_client(call.call_id, call.name)
+                call.answered = True
             for call in pending:
-                if call.name not in ctx.tools:
+                if call.name not in ctx.tools and not call.answered:
                     error = f"the agent left {call.name} unanswered, and it is no gateway tool"
                     await ctx.emit.tool_completed(
                         call.call_id,
@@ -540,9 +545,9 @@ class AGUIAgent:
                     )
                     # Its next input answers it too: no call goes back without a result.
                     call.answered, call.result_text = True, json.dumps({"error": error})
-            if not runnable:
+            if not runnable and not left:
                 return
-            if step == max_steps:
+            if step == max_steps and not left:
                 for call in runnable:
                     await ctx.emit.tool_completed(
                         call.call_id,
@@ -567,6 +572,8 @@ class AGUIAgent:
                 body = outcome.result if outcome.ok else {"error": outcome.error or "failed"}
                 call.result_text = json.dumps(body, ensure_ascii=False, default=str)
                 results.append((call.name, outcome.ok))
+            if left:
+                return  # the run that answers the client's calls goes on
             messages = [*messages, *round_messages(ctx, step, mapper)]
 
     async def _round(
@@ -629,16 +636,43 @@ def _since(started: Mapping[str, float], call_id: str) -> float:
 
 
 def history_messages(ctx: RunContext) -> list[Any]:
-    """The thread's earlier messages and the new one, as AG-UI messages."""
+    """The thread's earlier messages and the new one, as AG-UI messages; for a run that
+    goes on from the client's tool results, the calls and their results instead of a
+    new message (the previous run's stored answer is the calls' message's text)."""
     out: list[Any] = []
-    for i, message in enumerate(ctx.history):
+    history = list(ctx.history)
+    text = ""
+    if ctx.tool_results and history and history[-1].role == "assistant":
+        text = history.pop().content
+    for i, message in enumerate(history):
         if not message.content:
             continue
         if message.role == "user":
             out.append(UserMessage(id=f"{ctx.thread_id}.{i}", content=message.content))
         elif message.role == "assistant":
             out.append(AssistantMessage(id=f"{ctx.thread_id}.{i}", content=message.content))
-    out.append(UserMessage(id=f"{ctx.run_id}.user", content=ctx.message))
+    if not ctx.tool_results:
+        out.append(UserMessage(id=f"{ctx.run_id}.user", content=ctx.message))
+        return out
+    out.append(
+        AssistantMessage(
+            id=f"{ctx.run_id}.calls",
+            content=text or None,
+            tool_calls=[
+                ToolCall(
+                    id=r.call_id,
+                    function=FunctionCall(name=r.name, arguments=json.dumps(dict(r.args))),
+                )
+                for r in ctx.tool_results
+            ],
+        )
+    )
+    out += [
+        ToolMessage(
+            id=f"{ctx.run_id}.{r.call_id}", tool_call_id=r.call_id, content=r.content, error=r.error
+        )
+        for r in ctx.tool_results
+    ]
     return out
 
 
@@ -675,6 +709,18 @@ def gateway_tools(ctx: RunContext) -> list[Tool]:
         Tool(name=t.name, description=t.description, parameters=dict(t.parameters))
         for t in ctx.tools
     ]
+
+
+def offered_tools(ctx: RunContext) -> list[Tool]:
+    """The gateway's tools and the gateway's client's own (a gateway tool of the same
+    name wins): the agent's client-side tools.  A call of a client's tool is left to
+    that client; a call of a gateway tool is run here."""
+    client = [
+        Tool(name=t.name, description=t.description, parameters=dict(t.parameters))
+        for t in ctx.client_tools
+        if t.name not in ctx.tools
+    ]
+    return [*gateway_tools(ctx), *client]
 
 
 # In process ----------------------------------------------------------------------------------

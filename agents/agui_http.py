@@ -20,6 +20,7 @@ from ag_ui.core import BaseEvent, RunAgentInput
 
 from agents.agui import AGUIAgent, parse_event
 from agents.errors import RemoteAgentError
+from bridge import tracing
 
 log = logging.getLogger("chat.agui")
 
@@ -117,8 +118,11 @@ class HTTPEventSource:
     appear in no message and no log line.
     """
 
-    def __init__(self, url: str, headers: Mapping[str, str], connect_timeout_s: float) -> None:
+    def __init__(
+        self, url: str, headers: Mapping[str, str], connect_timeout_s: float, agent: str = ""
+    ) -> None:
         self.url = url
+        self.agent = agent
         self.headers = dict(headers)
         self.connect_timeout_s = connect_timeout_s
         self.where = public_url(url)
@@ -136,6 +140,10 @@ class HTTPEventSource:
             "Content-Type": "application/json",
         }
         timeout = httpx.Timeout(self.connect_timeout_s, read=None)
+        # The request's span names itself in the request's traceparent: the agent's own
+        # spans join the run's trace.
+        span = tracing.agent_request(self.agent or self.where, self.where)
+        span.inject(headers)
         try:
             async with (
                 httpx.AsyncClient(timeout=timeout, trust_env=False) as client,
@@ -149,7 +157,15 @@ class HTTPEventSource:
                     for message in parser.feed(decoder.decode(data)):
                         yield parse_event(message.data)
         except httpx.HTTPError as exc:
+            span.failed(type(exc).__name__)
             raise self._failed(exc) from None
+        except GeneratorExit:
+            raise  # the agent stopped reading: its run goes on
+        except BaseException as exc:
+            span.failed(type(exc).__name__)
+            raise
+        finally:
+            span.end()
 
     async def _check(self, response: Any) -> None:
         if not 200 <= response.status_code < 300:
@@ -188,7 +204,7 @@ def remote_agent(
     where = public_url(url)
     return AGUIAgent(
         name,
-        HTTPEventSource(url, headers, timeout_s),
+        HTTPEventSource(url, headers, timeout_s, agent=name),
         description=f"AG-UI agent at {where}",
         max_steps=max_steps,
         timeout_s=timeout_s,

@@ -11,8 +11,10 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from agents.errors import ToolError, UnknownAgent
+from agents.errors import AgentInputError, ToolError, UnknownAgent
+from agents.inputs import InputKind, Resolution
 from agents.tools import ToolRegistry
+from bridge import tracing
 from bridge.bridge import EventAdapter
 
 
@@ -25,11 +27,51 @@ class Message:
 
 
 @dataclass(frozen=True, slots=True)
+class ClientTool:
+    """A tool the client offers (AG-UI's front-end tools): the agent may call it, and
+    the client runs it and answers the call in its next request."""
+
+    name: str
+    description: str = ""
+    #: The arguments' JSON schema.
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+
+    def schema(self) -> dict[str, Any]:
+        """The tool as an OpenAI-style function, as the gateway's tools give theirs."""
+        return {
+            "type": "function",
+            "function": {
+                "name": self.name,
+                "description": self.description,
+                "parameters": dict(self.parameters) or {"type": "object", "properties": {}},
+            },
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ClientToolResult:
+    """The client's answer to a client tool call that the thread's previous run left
+    open: the call as it was made, and what the client's tool returned."""
+
+    call_id: str
+    name: str
+    args: Mapping[str, Any]
+    content: str
+    error: str | None = None
+
+
+#: The error of a ``tool_completed`` that leaves a call to the client (``pending``).
+LEFT_TO_CLIENT = "left to the client"
+
+
+@dataclass(frozen=True, slots=True)
 class ToolOutcome:
     call_id: str
     ok: bool
     result: Any = None
     error: str | None = None
+    #: The arguments the call ran with (an approval may have edited them).
+    args: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +100,18 @@ class Usage:
         }
 
 
+class InputPort(Protocol):
+    """Where a run asks its owner (the run's controller): ``input_requested``, then the
+    run waits (status ``waiting``) for the :class:`Resolution`, announced by
+    ``input_resolved`` before this returns."""
+
+    async def request_input(self, kind: InputKind, fields: Mapping[str, Any]) -> Resolution: ...
+
+
+#: The tool the ``llm`` agent's model calls to ask the user a question.
+ASK_USER_TOOL = "ask_user"
+
+
 @dataclass(slots=True)
 class RunContext:
     """Everything an agent gets for one run.  Every event goes out through ``emit``."""
@@ -70,6 +124,16 @@ class RunContext:
     tools: ToolRegistry
     history: Sequence[Message] = ()
     typing_delay_s: float = 0.0
+    #: Where to ask the run's owner (None: nobody to ask, as in a bare context).
+    inputs: InputPort | None = None
+    #: Tools whose calls wait for the owner's approval (``*``: every tool).
+    approval_tools: frozenset[str] = frozenset()
+    #: Tools the client offers for this run, to be left for it to run (see
+    #: :meth:`leave_to_client`).
+    client_tools: Sequence[ClientTool] = ()
+    #: The client's answers to the client tool calls the thread's previous run left
+    #: open: this run continues from them (its ``message`` is their text).
+    tool_results: Sequence[ClientToolResult] = ()
     _call_ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     #: The tokens reported so far (:meth:`report_usage`), by model.
     _usage: dict[str, Usage] = field(default_factory=dict)
@@ -101,6 +165,43 @@ class RunContext:
         """The next tool call id of this run (``call_1``, ``call_2``, …)."""
         return f"call_{next(self._call_ids)}"
 
+    def needs_approval(self, tool: str) -> bool:
+        """Whether a call of ``tool`` waits for the owner's approval (``CHAT_APPROVAL_TOOLS``)."""
+        return "*" in self.approval_tools or tool in self.approval_tools
+
+    async def ask(self, question: str, choices: Sequence[str] | None = None) -> str:
+        """Ask the run's owner a question and wait for the answer (``""`` when none
+        came within the input timeout, or the request was otherwise resolved empty).
+
+        Raises:
+            AgentInputError: the run has nobody to ask.
+        """
+        fields: dict[str, Any] = {"question": question}
+        if choices is not None:
+            fields["choices"] = [str(choice) for choice in choices]
+        resolution = await self._port().request_input("question", fields)
+        return resolution.answer or ""
+
+    async def approve(
+        self, tool: str, args: Mapping[str, Any], *, call_id: str | None = None
+    ) -> Resolution:
+        """Ask the run's owner to approve a call of ``tool`` with ``args`` and wait.
+
+        The answer says ``approved``; its ``args``, when set, replace the call's.  A
+        request no one answered in time is denied (``by: timeout``).  ``call_id`` names
+        the call's ``tool_executing`` when one was announced.
+
+        Raises:
+            AgentInputError: the run has nobody to ask.
+        """
+        fields: dict[str, Any] = {"call_id": call_id, "tool": tool, "args": dict(args)}
+        return await self._port().request_input("tool_approval", fields)
+
+    def _port(self) -> InputPort:
+        if self.inputs is None:
+            raise AgentInputError("this run has nobody to ask for input")
+        return self.inputs
+
     async def refuse_tool(self, name: str, error: str) -> ToolOutcome:
         """Announce a call that cannot run (bad arguments from a model, an unknown tool)
         and answer it failed at once, so that whoever asked sees why."""
@@ -109,42 +210,81 @@ class RunContext:
         await self.emit.tool_completed(call_id, name, ok=False, error=error, duration_ms=0.0)
         return ToolOutcome(call_id, False, error=error)
 
+    def client_tool(self, name: str) -> ClientTool | None:
+        """The client tool of that name, if the client offered one."""
+        return next((tool for tool in self.client_tools if tool.name == name), None)
+
+    async def leave_to_client(self, call_id: str, name: str) -> ToolOutcome:
+        """Answer a call of a client tool, already announced with ``tool_executing``, as
+        left to the client: ``tool_completed`` with ``pending`` (``ok`` false, ``error``
+        :data:`LEFT_TO_CLIENT`), so the run's invariants hold.  The agent should end
+        its run then: the client answers the call in its next request, which starts
+        the run that goes on (with :attr:`tool_results`)."""
+        await self.emit.tool_completed(
+            call_id, name, ok=False, error=LEFT_TO_CLIENT, duration_ms=0.0, pending=True
+        )
+        return ToolOutcome(call_id, False, error=LEFT_TO_CLIENT)
+
     async def call_tool(self, name: str, args: Mapping[str, Any]) -> ToolOutcome:
         """Announce, run and answer one tool call.
 
-        ``tool_executing`` goes out first, then the tool runs with its timeout, then
-        ``tool_completed`` answers it, ``ok`` or with the error.  A tool's failure
+        ``tool_executing`` goes out first; a tool that needs approval then waits for
+        the owner's answer (denied: ``tool_completed`` fails with the denial; approved:
+        it runs with the approved, possibly edited, arguments); then the tool runs with
+        its timeout, and ``tool_completed`` answers it, ``ok`` or with the error.  A tool's failure
         (bad arguments, timeout, exception) is the call's result, not the run's.
         """
         call_id = self.new_call_id()
         await self.emit.tool_executing(call_id, name, args)
+        if self.needs_approval(name):
+            started = time.perf_counter()
+            resolution = await self.approve(name, args, call_id=call_id)
+            if not resolution.approved:
+                error = resolution.denial(name)
+                await self.emit.tool_completed(
+                    call_id,
+                    name,
+                    ok=False,
+                    error=error,
+                    duration_ms=(time.perf_counter() - started) * 1000,
+                )
+                return ToolOutcome(call_id, False, error=error)
+            if resolution.args is not None:
+                args = resolution.args
         return await self.answer_tool(call_id, name, args)
 
     async def answer_tool(self, call_id: str, name: str, args: Mapping[str, Any]) -> ToolOutcome:
         """Run a call already announced with ``tool_executing`` (by an agent whose calls
         are made elsewhere, such as an AG-UI agent's client-side tools) and answer it."""
         started = time.perf_counter()
-        try:
-            tool = self.tools.get(name)
-            checked = tool.check_args(args)
-            async with asyncio.timeout(tool.timeout_s):
-                result = await tool.fn(checked)
-        except ToolError as exc:
-            outcome = ToolOutcome(call_id, False, error=str(exc))
-        except TimeoutError:
-            outcome = ToolOutcome(call_id, False, error=f"{name} timed out")
-        except Exception as exc:  # a tool's bug is its call's failure, not the run's
-            outcome = ToolOutcome(call_id, False, error=f"{name} failed: {type(exc).__name__}")
-        else:
-            outcome = ToolOutcome(call_id, True, result=result)
-        await self.emit.tool_completed(
-            call_id,
-            name,
-            ok=outcome.ok,
-            result=outcome.result,
-            error=outcome.error,
-            duration_ms=(time.perf_counter() - started) * 1000,
-        )
+        with tracing.tool_call(name, call_id) as span:
+            span.content("gen_ai.tool.call.arguments", args)
+            try:
+                tool = self.tools.get(name)
+                checked = tool.check_args(args)
+                async with asyncio.timeout(tool.timeout_s):
+                    result = await tool.fn(checked)
+            except ToolError as exc:
+                outcome = ToolOutcome(call_id, False, error=str(exc))
+            except TimeoutError:
+                outcome = ToolOutcome(call_id, False, error=f"{name} timed out")
+            except Exception as exc:  # a tool's bug is its call's failure, not the run's
+                error = f"{name} failed: {type(exc).__name__}"
+                outcome = ToolOutcome(call_id, False, error=error)
+            else:
+                outcome = ToolOutcome(call_id, True, result=result, args=dict(args))
+                span.content("gen_ai.tool.call.result", result)
+            if not outcome.ok:
+                span.failed("tool_error")
+                span.content("chat.tool.error", outcome.error)
+            await self.emit.tool_completed(
+                call_id,
+                name,
+                ok=outcome.ok,
+                result=outcome.result,
+                error=outcome.error,
+                duration_ms=(time.perf_counter() - started) * 1000,
+            )
         return outcome
 
     async def say(self, text: str) -> None:

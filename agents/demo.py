@@ -128,7 +128,9 @@ class DemoAgent:
             )
             outcome = await ctx.call_tool("calculator", {"expression": expression})
             if outcome.ok:
-                await ctx.say(f"{expression} = {outcome.result}.")
+                # The expression that ran: its approval may have edited it.
+                ran = (outcome.args or {}).get("expression", expression)
+                await ctx.say(f"{ran} = {outcome.result}.")
             else:
                 await ctx.say(f"I couldn't work out {expression}: {outcome.error}.")
             return

@@ -9,8 +9,11 @@ The whole tree, under one root::
     ├── LLMError            the language model's endpoint failed or could not be reached
     ├── PluginError         an agent or tool named in settings or by a package cannot be used
     ├── RemoteAgentError    an AG-UI agent failed, or its stream broke the protocol
-    └── ToolError           a tool refused its arguments or failed
-        └── CalculatorError the calculator could not evaluate an expression
+    ├── ToolError           a tool refused its arguments or failed
+    │   └── CalculatorError the calculator could not evaluate an expression
+    ├── InputNotFound       an answer to an input request the run never made
+    ├── InputConflict       an answer to an input request already resolved
+    └── BadResponse         an answer whose fields do not fit its request
 
 Each error knows the ``error.code`` it has on the wire.
 """
@@ -65,3 +68,21 @@ class ToolError(AgentError):
 
 class CalculatorError(ToolError):
     code = "tool_error"
+
+
+class InputNotFound(AgentError):
+    """An answer to an input request the run never made."""
+
+    code = "not_found"
+
+
+class InputConflict(AgentError):
+    """An answer to an input request that is already resolved."""
+
+    code = "conflict"
+
+
+class BadResponse(AgentError):
+    """An answer whose fields do not fit its request (``approved`` for a question, …)."""
+
+    code = "bad_message"

@@ -6,7 +6,9 @@
       │  ▲              │  ▲
       │  └───start──────┼──┘ (start: paused|queued → running)
       └──stop──▶ paused ◀┘   (stop: running|queued → paused)
-    cancel: queued | running | paused → cancelled
+    cancel: queued | running | paused | waiting → cancelled
+    running ──wait──▶ waiting ──resolved──▶ running   (an input request, section 6.4)
+    stop: waiting → paused; start: paused → waiting while an input request is open
 
 A no-op (stop a paused run, start a running one, cancel a cancelled one)
 answers the current status and changes nothing; any other move from a terminal
@@ -30,10 +32,13 @@ class _Rule:
 
 
 _RULES: dict[Action, _Rule] = {
-    Action.STOP: _Rule(frozenset({RunStatus.RUNNING, RunStatus.QUEUED}), RunStatus.PAUSED),
+    Action.STOP: _Rule(
+        frozenset({RunStatus.RUNNING, RunStatus.QUEUED, RunStatus.WAITING}), RunStatus.PAUSED
+    ),
     Action.START: _Rule(frozenset({RunStatus.PAUSED, RunStatus.QUEUED}), RunStatus.RUNNING),
     Action.CANCEL: _Rule(
-        frozenset({RunStatus.RUNNING, RunStatus.PAUSED, RunStatus.QUEUED}), RunStatus.CANCELLED
+        frozenset({RunStatus.RUNNING, RunStatus.PAUSED, RunStatus.QUEUED, RunStatus.WAITING}),
+        RunStatus.CANCELLED,
     ),
 }
 
@@ -51,11 +56,13 @@ class Transition:
 class Lifecycle:
     """The status of one run and the only way to change it."""
 
-    __slots__ = ("run_id", "status")
+    __slots__ = ("awaiting", "run_id", "status")
 
     def __init__(self, run_id: str, status: RunStatus = RunStatus.QUEUED) -> None:
         self.run_id = run_id
         self.status = status
+        #: Input requests of the run still open: a start makes it ``waiting``, not running.
+        self.awaiting = 0
 
     def apply(self, action: Action | str) -> Transition:
         """Apply a client's ``stop``, ``start`` or ``cancel``.
@@ -67,6 +74,11 @@ class Lifecycle:
         act = Action(action)
         rule = _RULES[act]
         before = self.status
+        if act is Action.START and before is RunStatus.WAITING:
+            return Transition(before, before)  # not paused: nothing to start
+        if act is Action.START and self.awaiting and before in rule.sources:
+            self.status = RunStatus.WAITING
+            return Transition(before, RunStatus.WAITING)
         if before is rule.target:
             return Transition(before, before)
         if before not in rule.sources:
@@ -81,6 +93,21 @@ class Lifecycle:
             self.status = RunStatus.RUNNING
         elif before not in (RunStatus.PAUSED, RunStatus.CANCELLED):
             raise LifecycleConflict(f"cannot begin run {self.run_id}: it is {before}")
+        return Transition(before, self.status)
+
+    def wait(self) -> Transition:
+        """An input request was made: a running run is now ``waiting`` (a paused one
+        stays paused, and waits once started)."""
+        before = self.status
+        if before is RunStatus.RUNNING:
+            self.status = RunStatus.WAITING
+        return Transition(before, self.status)
+
+    def resolved(self) -> Transition:
+        """The resolution was announced: a waiting run with no request open runs again."""
+        before = self.status
+        if before is RunStatus.WAITING and not self.awaiting:
+            self.status = RunStatus.RUNNING
         return Transition(before, self.status)
 
     def finish(self, status: RunStatus) -> Transition:

@@ -36,12 +36,15 @@ import asyncio
 import json
 import logging
 import random
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal, cast
+from urllib.parse import urlsplit
 
-from agents.base import Message, RunContext, ToolOutcome, Usage
+from agents.base import ASK_USER_TOOL, ClientToolResult, Message, RunContext, ToolOutcome, Usage
 from agents.errors import LLMError
+from bridge import tracing
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
@@ -447,6 +450,48 @@ def build_messages(
     return messages
 
 
+def continued_messages(
+    history: Sequence[Message],
+    results: Sequence[ClientToolResult],
+    *,
+    system_prompt: str | None = None,
+    max_history: int = 20,
+) -> list[dict[str, Any]]:
+    """The opening messages of a run that goes on from the client's answers to tool
+    calls the previous run left to it: the thread up to the user message that led to
+    the calls, the model's turn that made them (its text is the previous run's stored
+    answer), and a ``tool`` message for each."""
+    earlier = list(history)
+    text = ""
+    if earlier and earlier[-1].role == "assistant":
+        text = earlier.pop().content
+    last_user = max((i for i, m in enumerate(earlier) if m.role == "user"), default=None)
+    if last_user is None:  # no user message left in the history window
+        messages = build_messages([], "", system_prompt=system_prompt, max_history=0)[:-1]
+    else:
+        messages = build_messages(
+            earlier[:last_user],
+            earlier[last_user].content,
+            system_prompt=system_prompt,
+            max_history=max_history,
+        )
+    calls = [
+        {
+            "id": r.call_id,
+            "type": "function",
+            "function": {"name": r.name, "arguments": json.dumps(dict(r.args), ensure_ascii=False)},
+        }
+        for r in results
+    ]
+    messages.append({"role": "assistant", "content": text or None, "tool_calls": calls})
+    for r in results:
+        content = r.content
+        if r.error is not None:
+            content = json.dumps({"error": r.error, "content": r.content}, ensure_ascii=False)
+        messages.append({"role": "tool", "tool_call_id": r.call_id, "content": content})
+    return messages
+
+
 def parse_arguments(text: str) -> dict[str, Any]:
     """A tool call's arguments as an object; empty text is no arguments.
 
@@ -597,13 +642,25 @@ class LLMAgent:
 
     async def run(self, ctx: RunContext) -> None:
         config = self.config
-        messages = build_messages(
-            ctx.history,
-            ctx.message,
-            system_prompt=config.system_prompt,
-            max_history=config.max_history,
-        )
+        if ctx.tool_results:
+            messages = continued_messages(
+                ctx.history,
+                ctx.tool_results,
+                system_prompt=config.system_prompt,
+                max_history=config.max_history,
+            )
+        else:
+            messages = build_messages(
+                ctx.history,
+                ctx.message,
+                system_prompt=config.system_prompt,
+                max_history=config.max_history,
+            )
+        # The client's tools beside the gateway's (a gateway tool of the same name wins).
         tools = ctx.tools.schemas()
+        if ctx.inputs is not None:
+            tools = [*tools, ASK_USER_SCHEMA]
+        tools += [t.schema() for t in ctx.client_tools if t.name not in ctx.tools]
         answered = ""  # the last answer text so far, to separate the turns' answers
         results: list[tuple[str, bool]] = []  # the last turn's tool calls: name, ok
         async with self._client() as client:
@@ -631,10 +688,21 @@ class LLMAgent:
                     return
                 messages.append(assistant_message(turn.text, calls))
                 results = []
+                left = False
                 for call in calls:
-                    outcome = await self._call_tool(ctx, call)
+                    if call.name not in ctx.tools and ctx.client_tool(call.name) is not None:
+                        # The client runs it: announced, left open for its next request.
+                        refused = await self._leave_to_client(ctx, call)
+                        if refused is None:
+                            left = True
+                            continue
+                        outcome = refused
+                    else:
+                        outcome = await self._call_tool(ctx, call)
                     messages.append(tool_message(call, outcome))
                     results.append((call.name or "unnamed", outcome.ok))
+                if left:
+                    return
 
     async def _turn(
         self,
@@ -691,23 +759,32 @@ class LLMAgent:
         extra: dict[str, Any] = {"tools": tools} if tools else {}
         if self.config.include_usage:
             extra["stream_options"] = {"include_usage": True}
-        stream = await client.chat.completions.create(
-            model=self.config.model,
-            messages=cast(Any, messages),
-            stream=True,
-            **extra,
-        )
-        try:
-            async for chunk in stream:
-                data = chunk.to_dict()
-                usage = parse_usage(data, self.config.model)
-                if usage is not None:
-                    ctx.report_usage(usage)
-                await status.emit(ctx, turn.feed(parse_chunk(data)), turn)
-        finally:
-            # On cancel too: closing the response closes the connection, and the
-            # server stops generating.
-            await stream.close()
+        server = urlsplit(self.config.base_url).hostname
+        with tracing.model_request("openai", self.config.model, server) as span:
+            span.content("gen_ai.input.messages", messages)
+            stream = await client.chat.completions.create(
+                model=self.config.model,
+                messages=cast(Any, messages),
+                stream=True,
+                **extra,
+            )
+            try:
+                async for chunk in stream:
+                    data = chunk.to_dict()
+                    usage = parse_usage(data, self.config.model)
+                    if usage is not None:
+                        ctx.report_usage(usage)
+                        span.usage(usage.input_tokens, usage.output_tokens)
+                    delta = parse_chunk(data)
+                    if delta.content or delta.reasoning or delta.tool_calls:
+                        span.first_token()
+                    await status.emit(ctx, turn.feed(delta), turn)
+            finally:
+                # On cancel too: closing the response closes the connection, and the
+                # server stops generating.
+                await stream.close()
+            span.finish(turn.finish_reason)
+            span.content("gen_ai.output.messages", turn.text)
         await status.emit(ctx, turn.finish(), turn)
         await status.close(ctx)
 
@@ -717,7 +794,21 @@ class LLMAgent:
         except ValueError as exc:
             name = call.name or "unnamed"
             return await ctx.refuse_tool(name, f"{name}: {exc}")
+        if call.name == ASK_USER_TOOL and ctx.inputs is not None:
+            return await ask_user(ctx, args)
         return await ctx.call_tool(call.name, args)
+
+    async def _leave_to_client(self, ctx: RunContext, call: ToolCallRequest) -> ToolOutcome | None:
+        """Announce a client tool's call and leave it open; a call whose arguments are
+        no JSON object is refused instead (its outcome), for the model to try again."""
+        try:
+            args = parse_arguments(call.arguments)
+        except ValueError as exc:
+            return await ctx.refuse_tool(call.name, f"{call.name}: {exc}")
+        call_id = ctx.new_call_id()
+        await ctx.emit.tool_executing(call_id, call.name, args)
+        await ctx.leave_to_client(call_id, call.name)
+        return None
 
     def _detail(self, exc: BaseException) -> str:
         """The provider's side of an error, for the log, with the API key redacted."""
@@ -727,6 +818,56 @@ class LLMAgent:
         if cause is not None and status is None:
             text += f" ({type(cause).__name__}: {cause})"
         return redact(text, self.config.api_key)
+
+
+#: The tool the model calls to ask the user (the run waits for the answer).
+ASK_USER_SCHEMA: Final[dict[str, Any]] = {
+    "type": "function",
+    "function": {
+        "name": ASK_USER_TOOL,
+        "description": (
+            "Ask the user a question and wait for the answer, when you need something "
+            "only they can tell you. Give choices when the answer is one of a few."
+        ),
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "question": {"type": "string", "description": "the question to ask"},
+                "choices": {
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "description": "possible answers, if the answer is one of them",
+                },
+            },
+            "required": ["question"],
+        },
+    },
+}
+
+
+async def ask_user(ctx: RunContext, args: Mapping[str, Any]) -> ToolOutcome:
+    """The model's ``ask_user`` call: announced as a tool call, asked as a question
+    (``input_requested``), answered with ``{"answer": …}`` for the model."""
+    call_id = ctx.new_call_id()
+    await ctx.emit.tool_executing(call_id, ASK_USER_TOOL, args)
+    started = time.perf_counter()
+    question = args.get("question")
+    raw_choices = args.get("choices")
+    if not isinstance(question, str) or not question.strip():
+        error = "ask_user: 'question' must be a non-empty string"
+        await ctx.emit.tool_completed(call_id, ASK_USER_TOOL, ok=False, error=error, duration_ms=0)
+        return ToolOutcome(call_id, False, error=error)
+    choices = [str(c) for c in raw_choices] if isinstance(raw_choices, list) else None
+    answer = await ctx.ask(question, choices)
+    result = {"answer": answer}
+    await ctx.emit.tool_completed(
+        call_id,
+        ASK_USER_TOOL,
+        ok=True,
+        result=result,
+        duration_ms=(time.perf_counter() - started) * 1000,
+    )
+    return ToolOutcome(call_id, True, result=result)
 
 
 def redact(text: str, secret: str | None) -> str:

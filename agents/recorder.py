@@ -6,8 +6,8 @@ by its database.  :class:`MemoryRecorder` keeps threads in this process only.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 from agents.base import Message
 from bridge.broker import RunRecord
@@ -39,6 +39,11 @@ class Recorder(Protocol):
         """Record the run's status, error code and last seq."""
         ...
 
+    async def input_event(self, run: RunRecord, type: str, data: Mapping[str, Any]) -> None:
+        """Record an ``input_requested`` or ``input_resolved`` of the run, as part of its
+        thread's history (not given to agents as context)."""
+        ...
+
 
 class MemoryRecorder:
     """Threads and messages in this process's memory (tests, and no database)."""
@@ -47,6 +52,7 @@ class MemoryRecorder:
         self.owners: dict[str, str] = {}
         self.messages: dict[str, list[Message]] = {}
         self.runs: dict[str, RunRecord] = {}
+        self.inputs: dict[str, list[tuple[str, dict[str, Any]]]] = {}
 
     async def open_thread(
         self, owner: str, thread_id: str, first_message: str, *, new: bool
@@ -65,3 +71,6 @@ class MemoryRecorder:
 
     async def run_changed(self, run: RunRecord) -> None:
         self.runs[run.run_id] = run
+
+    async def input_event(self, run: RunRecord, type: str, data: Mapping[str, Any]) -> None:
+        self.inputs.setdefault(run.thread_id, []).append((type, dict(data)))

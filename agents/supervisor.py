@@ -10,24 +10,30 @@ the run is cancelled with ``client_gone``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import secrets
 import time
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from agents.base import Agent, AgentRegistry, RunContext, Usage
+from agents.base import Agent, AgentRegistry, ClientTool, ClientToolResult, RunContext, Usage
 from agents.errors import AgentError
+from agents.inputs import InputDesk, InputKind, Resolution
 from agents.lifecycle import Action, Lifecycle, RunStatus
 from agents.recorder import MemoryRecorder, Recorder
 from agents.tools import ToolRegistry
-from bridge import logctx
+from bridge import logctx, tracing
 from bridge.bridge import EventAdapter, RunBridge
 from bridge.broker import Broker, RunRecord
 from bridge.errors import BridgeError, RunClosed, RunGone
 from bridge.events import ErrorData
 from bridge.runstate import AgentCompleted, ResponseComplete
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 log = logging.getLogger("chat.runs")
 
@@ -74,6 +80,10 @@ class SupervisorConfig:
     typing_delay_ms: float = 0.0
     #: The most UTF-8 bytes an agent's answer may have (None: no bound).
     max_answer_bytes: int | None = None
+    #: Tools whose calls wait for the owner's approval (``*``: all).
+    approval_tools: frozenset[str] = frozenset()
+    #: How long an input request waits for its answer.
+    input_timeout_s: float = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +112,8 @@ class RunHandle:
         self.ctx = ctx
         self.bridge = bridge
         self.lifecycle = Lifecycle(record.run_id)
+        self.desk = InputDesk(supervisor.config.input_timeout_s)
+        self.desk.on_resolved = self._input_answered
         self.task: asyncio.Task[None] | None = None
         self._started = False
         self._cancel_error: RunError | None = None
@@ -124,6 +136,8 @@ class RunHandle:
         #: stored when it begins: one cancelled while queued leaves nothing in it).
         self.message_id = ""
         self.message_stored = False
+        #: The run's span (None with tracing off).
+        self.span: Span | None = None
 
     @property
     def run_id(self) -> str:
@@ -152,8 +166,10 @@ class RunHandle:
             # announcement until it is started again or cancelled.
             self.bridge.gate.clear()
             await self.bridge.emit("run_status", {"status": "paused"}, gated=False)
-        elif transition.after is RunStatus.RUNNING:
-            await self.bridge.emit("run_status", {"status": "running"}, gated=False)
+        elif transition.after in (RunStatus.RUNNING, RunStatus.WAITING):
+            # Started while an input request is still open: it waits again.
+            status = transition.after.value
+            await self.bridge.emit("run_status", {"status": status}, gated=False)
             self.bridge.gate.set()
         else:
             self._cancel(reason or RunError("cancelled", "the run was cancelled"))
@@ -170,6 +186,76 @@ class RunHandle:
 
     def answer(self, chars: int) -> str:
         return self.bridge.content[:chars]
+
+    async def respond(self, request_id: str, payload: Mapping[str, Any]) -> str:
+        """Resolve one of the run's input requests with its owner's answer; answer the
+        status the answer leads to (a waiting run runs again once its resolution is
+        announced; a paused one takes the answer when it is started).
+
+        Raises:
+            InputNotFound: the run made no such request.
+            InputConflict: it is already resolved.
+            BadResponse: the answer does not fit the request.
+        """
+        self.desk.respond(request_id, payload)
+        status = self.lifecycle.status
+        if status is RunStatus.WAITING and not self.lifecycle.awaiting:
+            return str(RunStatus.RUNNING)
+        return str(status)
+
+    # Input requests (RunContext.inputs) -----------------------------------------
+
+    async def request_input(self, kind: InputKind, fields: Mapping[str, Any]) -> Resolution:
+        """Ask the run's owner: ``input_requested``, ``run_status{waiting}``; wait for
+        the answer, the request's expiry or the run's end; then ``input_resolved`` and
+        ``run_status{running}``.  A cancel while waiting resolves the request in the
+        run's ending (``by: cancel``)."""
+        bridge = self.bridge
+        async with self._gate_and_commands():
+            request = self.desk.make(kind, fields)
+            self.lifecycle.awaiting = self.desk.pending()
+            await bridge.emit("input_requested", request.data(), gated=False)
+            self._supervisor.inputs["requested"] += 1
+            await self._record_input("input_requested", request.data())
+            if self.lifecycle.wait().changed:
+                await bridge.emit("run_status", {"status": "waiting"}, gated=False)
+                await self.set_status(RunStatus.WAITING)
+        resolution = await request.future
+        async with self._gate_and_commands():
+            await bridge.emit("input_resolved", resolution.data(request.request_id), gated=False)
+            self.desk.close(request)
+            await self._record_input("input_resolved", resolution.data(request.request_id))
+            self._supervisor.inputs[resolution.by] += 1
+            if self.lifecycle.resolved().changed:
+                await bridge.emit("run_status", {"status": "running"}, gated=False)
+                await self.set_status(RunStatus.RUNNING)
+        return resolution
+
+    @contextlib.asynccontextmanager
+    async def _gate_and_commands(self) -> AsyncIterator[None]:
+        """Hold the command lock with the run's gate open (not paused), so that an
+        announcement and the status it changes go out together, between commands."""
+        gate = self.bridge.gate
+        while True:
+            while not gate.is_set():
+                await gate.wait()
+            async with self._commands:
+                if not gate.is_set():
+                    continue
+                if self.bridge.agent_error is not None:
+                    raise self.bridge.agent_error
+                yield
+                return
+
+    async def _record_input(self, type: str, data: Mapping[str, Any]) -> None:
+        try:
+            await self._supervisor.recorder.input_event(self.record, type, data)
+        except Exception:  # the stream goes on, as for any failed write
+            log.exception("run %s: its %s could not be recorded", self.run_id, type)
+
+    def _input_answered(self) -> None:
+        # The answer may come while paused: a start then makes the run running.
+        self.lifecycle.awaiting = self.desk.pending()
 
     def lost(self) -> None:
         # The broker wrote the run's ending (or will): nothing more of this process's.
@@ -191,6 +277,13 @@ class RunHandle:
     def _gone(self) -> None:
         self._grace = None
         if self.lifecycle.status.terminal:
+            return
+        expiry = self.desk.earliest_expiry()
+        if expiry is not None:
+            # Waiting for its owner: not given up before the request expires.
+            grace = self._supervisor.config.detach_grace_s
+            delay = max(0.0, expiry - time.time()) + grace
+            self._grace = asyncio.get_running_loop().call_later(delay, self._gone)
             return
         log.info("run %s: no client came back; cancelling", self.run_id)
         self.lifecycle.apply(Action.CANCEL)
@@ -291,6 +384,7 @@ class RunHandle:
 
     async def drive(self) -> None:
         logctx.bind_run(self.run_id, self.record.thread_id)  # for the run task's log lines
+        tracing.bind_run(self.span)
         self._started = True
         started = self.created
         status = RunStatus.COMPLETED
@@ -324,7 +418,16 @@ class RunHandle:
             else:
                 status = RunStatus.FAILED
                 error = _run_error(exc)
-                log.warning("run %s: agent %s failed: %r", self.run_id, self.agent.name, exc)
+                # The type and the code only: an exception's text may quote the user's
+                # message, which never goes into the logs (the traceback at debug level).
+                log.warning(
+                    "run %s: agent %s failed: %s (%s)",
+                    self.run_id,
+                    self.agent.name,
+                    type(exc).__name__,
+                    error.code,
+                )
+                log.debug("run %s: the agent's exception", self.run_id, exc_info=exc)
         if status is RunStatus.CANCELLED and self._cancel_error is None:
             # Cancelled from outside the supervisor (the event loop is closing).
             self.lifecycle.status = RunStatus.CANCELLED
@@ -353,7 +456,14 @@ class RunHandle:
                 self.agent.name, self.record.status, time.perf_counter() - started, self.bridge.seq
             )
             self._supervisor.events_finished += self.bridge.seq
+            if self.span is not None:
+                self._end_span()
             adapter.detach()
+            self.desk.close_all()
+            # No cycle through the handle outlives the run: its answer is freed as soon
+            # as the broker forgets the run, not at the next collection.
+            self.desk.on_resolved = None
+            self.ctx.inputs = None
             if self._grace is not None:
                 self._grace.cancel()
                 self._grace = None
@@ -377,6 +487,10 @@ class RunHandle:
             error = self._cancel_error
         gated = status is not RunStatus.CANCELLED
         reason = "cancelled" if status is RunStatus.CANCELLED else "the agent failed"
+        for request in bridge.state.cancelled_requests():
+            await bridge.emit(request.type, request.data(), gated=gated)
+            self._supervisor.inputs["cancel"] += 1
+            await self._record_input(request.type, request.data())
         for call in bridge.state.failed_calls(reason, self._call_durations()):
             await bridge.emit(call.type, call.data(), gated=gated)
         if status is RunStatus.FAILED and not self._apologized:
@@ -441,6 +555,8 @@ class RunHandle:
             return
         self.lifecycle.status = status
         try:
+            for request in bridge.state.cancelled_requests():
+                await bridge.emit(request.type, request.data(), gated=False)
             for call in bridge.state.failed_calls("the run failed", self._call_durations()):
                 await bridge.emit(call.type, call.data(), gated=False)
             if not bridge.state.responded:
@@ -451,6 +567,7 @@ class RunHandle:
         except Exception:
             log.exception("run %s: its ending could not be completed", self.run_id)
         bridge.open_calls.clear()  # whatever was not answered, agent_completed must go out
+        bridge.state.open_requests.clear()
         end = AgentCompleted(
             status, (time.perf_counter() - started) * 1000, error.wire(), self._usage()
         )
@@ -492,6 +609,21 @@ class RunHandle:
             for entry in self.ctx.usage_by_model():
                 self._supervisor.observer.run_usage(self.agent.name, entry)
         return wire
+
+    def _end_span(self) -> None:
+        bridge = self.bridge
+        first = bridge.first_event_at
+        usage = self.record.extra.get("usage")
+        tracing.end_run(
+            self.span,
+            status=self.record.status,
+            error_code=self.record.error_code,
+            events=bridge.seq,
+            answer_bytes=bridge.state.answer_bytes,
+            first_event_s=first - self.created if first is not None else None,
+            usage=usage if isinstance(usage, dict) else None,
+            answer=bridge.content,
+        )
 
     def _call_durations(self) -> dict[str, float]:
         """Milliseconds since each open tool call was announced."""
@@ -543,6 +675,8 @@ class Supervisor:
         #: Events of runs that ended in this process (live runs: :meth:`events_emitted`).
         self.events_finished = 0
         self._runs: dict[str, RunHandle] = {}
+        #: Input requests made, and resolved by whom (``user``, ``timeout``, ``cancel``).
+        self.inputs: dict[str, int] = {"requested": 0, "user": 0, "timeout": 0, "cancel": 0}
         self._background: set[asyncio.Task[None]] = set()
 
     def __len__(self) -> int:
@@ -558,13 +692,21 @@ class Supervisor:
         ref: str | int | None = None,
         run_id: str | None = None,
         queued: bool = False,
+        restate: str | None = None,
+        client_tools: Sequence[ClientTool] = (),
+        tool_results: Sequence[ClientToolResult] = (),
     ) -> RunRecord:
         """Create a run, record and publish its ``user_message`` (seq 1), start its agent.
 
         ``run_id`` is the run's id when the caller chose it beforehand (an idempotent
-        send claims it before the run exists).
+        send claims it before the run exists); a ``queued`` run begins once the runs of
+        its thread before it have ended (its message is stored then).
 
-        The agent gets the thread's earlier messages as its history.
+        The agent gets the thread's earlier messages as its history.  ``restate`` is
+        the id of the thread's last stored message, a user message answered again (a
+        regenerate): it is not stored a second time, and it is the run's message, not
+        part of its history.  ``client_tools`` and ``tool_results`` go to the agent's
+        context (see :class:`RunContext`).
 
         Raises:
             UnknownAgent: no agent of that name.
@@ -573,9 +715,12 @@ class Supervisor:
         chosen = self.agents.get(agent)
         thread = thread_id or new_id("t_")
         history = await self.recorder.open_thread(owner, thread, content, new=thread_id is None)
+        if restate is not None and history and history[-1].role == "user":
+            history = history[:-1]
         run_id = run_id or new_id("r_")
         now = time.time()
         record = RunRecord(run_id, thread, owner, chosen.name, str(RunStatus.QUEUED), now, now)
+        span = tracing.start_run(run_id, thread, owner, chosen.name, content, record.extra)
         bridge = RunBridge(
             self.broker, run_id, thread, max_answer_bytes=self.config.max_answer_bytes
         )
@@ -590,13 +735,21 @@ class Supervisor:
             tools=self.tools,
             history=history,
             typing_delay_s=self.config.typing_delay_ms / 1000,
+            approval_tools=self.config.approval_tools,
+            client_tools=client_tools,
+            tool_results=tool_results,
         )
         handle = RunHandle(self, record, chosen, ctx, bridge)
+        ctx.inputs = handle
+        handle.span = span
         await self.broker.create_run(record, handle)
         self._runs[run_id] = handle
-        message_id = new_id("m_")
+        message_id = restate or new_id("m_")
         handle.message_id = message_id
-        if not queued:
+        queued = queued and restate is None  # a restated message is in the thread already
+        if restate is not None:
+            handle.message_stored = True
+        elif not queued:
             # A queued run's message joins the thread when the run begins, behind the
             # answers of the runs before it.
             await self.recorder.user_message(record, message_id, content)
@@ -639,6 +792,12 @@ class Supervisor:
         for handle in self._runs.values():
             key = str(handle.lifecycle.status)
             counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def input_counts(self) -> dict[str, int]:
+        """Input requests: made, open now, and resolved by the user, timeout or cancel."""
+        counts = dict(self.inputs)
+        counts["open"] = sum(len(h.bridge.state.open_requests) for h in self._runs.values())
         return counts
 
     def runs_of_thread(self, thread_id: str) -> list[RunHandle]:

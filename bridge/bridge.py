@@ -55,6 +55,9 @@ class RunBridge:
         self.limit_error: AnswerTooLarge | None = None
         #: Once set, every emit from the agent raises this error.
         self.agent_error: BridgeError | None = None
+        #: When the agent's first event was published (``time.perf_counter()``), for
+        #: the run's span: the first after ``user_message`` and ``agent_started``.
+        self.first_event_at: float | None = None
         self._since_yield = 0
         self._publish_now: Callable[[Event], None] | None = getattr(broker, "publish_now", None)
 
@@ -123,6 +126,8 @@ class RunBridge:
             self.call_started[data["call_id"]] = time.perf_counter()
         elif type == "tool_completed":
             self.call_started.pop(data["call_id"], None)
+        if self.first_event_at is None and type not in _NOT_THE_AGENTS:
+            self.first_event_at = time.perf_counter()
         if self._publish_now is not None:
             self._publish_now(event)  # a broker that never waits: no coroutine per event
         else:
@@ -167,12 +172,18 @@ class RunBridge:
         )
         state.add_chunk(text, nbytes)
         state.seq = seq
+        if self.first_event_at is None:
+            self.first_event_at = time.perf_counter()
         self._publish_now(event)
         self._since_yield += 1
         if self._since_yield >= YIELD_EVERY:
             self._since_yield = 0
             await asyncio.sleep(0)
         return event
+
+
+#: The events of a run that are not its agent's (for :attr:`RunBridge.first_event_at`).
+_NOT_THE_AGENTS: Final = frozenset({"user_message", "agent_started", "run_status"})
 
 
 def _utf8_len(text: str) -> int:
@@ -223,17 +234,22 @@ class EventAdapter:
         duration_ms: float,
         result: Any = None,
         error: str | None = None,
+        pending: bool = False,
     ) -> Event:
+        """``pending``: the call was not run here but left for the client to answer (a
+        client-side tool); it goes out ``ok: false`` with ``pending: true``."""
         data: dict[str, Any] = {
             "call_id": call_id,
             "tool": tool,
-            "ok": ok,
+            "ok": ok and not pending,
             "duration_ms": round(duration_ms, 3),
         }
-        if ok:
+        if ok and not pending:
             data["result"] = result
         else:
             data["error"] = error or "failed"
+        if pending:
+            data["pending"] = True
         return await self._emit("tool_completed", data)
 
     async def agent_state(self, state: Any) -> Event:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from bridge.events import Event
 from bridge.wire import is_terminal
@@ -108,6 +108,14 @@ class RunController(Protocol):
 
     def answer(self, chars: int) -> str:
         """The first ``chars`` characters of the run's answer (its chunks' texts in order)."""
+        ...
+
+    async def respond(self, request_id: str, payload: Mapping[str, Any]) -> str:
+        """Answer the run's input request ``request_id``; return the status it leads to.
+
+        Raises an error whose ``code`` is ``not_found`` (no such request), ``conflict``
+        (already resolved) or ``bad_message`` (the answer does not fit the request).
+        """
         ...
 
     def lost(self) -> None:
@@ -254,4 +262,9 @@ class Broker(Protocol):
     # Lifecycle ----------------------------------------------------------------
     async def command(self, run_id: str, action: str) -> str:
         """Deliver a lifecycle command to the run's controller; return its new status."""
+        ...
+
+    async def respond(self, run_id: str, request_id: str, payload: Mapping[str, Any]) -> str:
+        """Deliver an answer to one of the run's input requests to its controller, in
+        whichever process executes it; return the status it leads to."""
         ...

@@ -23,6 +23,10 @@ class CommandRequest:
     run_id: str
     action: str
     reply_to: str
+    #: For ``respond``: the answer, with its ``request_id``.
+    payload: dict[str, Any] | None = None
+    #: The sender's W3C trace context (None: tracing is off there).
+    traceparent: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +61,15 @@ class RunCreated:
 Message = CommandRequest | CommandReply | WatcherCount | RunCreated
 
 
-def command(id: str, run_id: str, action: str, reply_to: str) -> CommandRequest:
-    return CommandRequest("cmd", id, run_id, action, reply_to)
+def command(
+    id: str,
+    run_id: str,
+    action: str,
+    reply_to: str,
+    payload: dict[str, Any] | None = None,
+    traceparent: str | None = None,
+) -> CommandRequest:
+    return CommandRequest("cmd", id, run_id, action, reply_to, payload, traceparent)
 
 
 def reply(id: str, status: str) -> CommandReply:
@@ -86,6 +97,10 @@ def encode(message: Message) -> bytes:
             "action": message.action,
             "reply_to": message.reply_to,
         }
+        if message.payload is not None:
+            body["payload"] = message.payload
+        if message.traceparent is not None:
+            body["traceparent"] = message.traceparent
     elif isinstance(message, CommandReply):
         body = {"kind": message.kind, "id": message.id}
         if message.error_code is not None:
@@ -107,8 +122,15 @@ def decode(raw: bytes | str) -> Message | None:
             return None
         kind = body.get("kind")
         if kind == "cmd":
+            payload = body.get("payload")
+            parent = body.get("traceparent")
             return command(
-                str(body["id"]), str(body["run_id"]), str(body["action"]), str(body["reply_to"])
+                str(body["id"]),
+                str(body["run_id"]),
+                str(body["action"]),
+                str(body["reply_to"]),
+                payload if isinstance(payload, dict) else None,
+                parent if isinstance(parent, str) else None,
             )
         if kind == "reply":
             error = body.get("error")

@@ -29,6 +29,8 @@ RunEventType = Literal[
     "agent_state",
     "agent_event",
     "run_status",
+    "input_requested",
+    "input_resolved",
     "response_complete",
     "agent_completed",
 ]

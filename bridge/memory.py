@@ -6,6 +6,8 @@ import asyncio
 import dataclasses
 import secrets
 import time
+from collections.abc import Mapping
+from typing import Any
 
 from bridge.broker import (
     BrokerStats,
@@ -294,6 +296,9 @@ class InMemoryBroker:
 
     async def command(self, run_id: str, action: str) -> str:
         return await self._slot(run_id).controller.apply(action)
+
+    async def respond(self, run_id: str, request_id: str, payload: Mapping[str, Any]) -> str:
+        return await self._slot(run_id).controller.respond(request_id, payload)
 
     def _slot(self, run_id: str) -> _Slot:
         slot = self._runs.get(run_id)

@@ -46,14 +46,14 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from bridge import bus
+from bridge import bus, tracing
 from bridge import redis_scripts as lua
 from bridge.broker import (
     BrokerStats,
@@ -74,8 +74,8 @@ from bridge.errors import (
 )
 from bridge.events import Event, decode_event, make_event
 from bridge.log import RunLog, kept_size, trim
-from bridge.runstate import RunState
-from bridge.wire import Action, RunStatus, WireError, is_terminal
+from bridge.runstate import INPUT_KEY_PREFIX, RunState
+from bridge.wire import RESPOND, Action, RunStatus, WireError, is_terminal
 
 log = logging.getLogger("chat.redis")
 
@@ -615,6 +615,15 @@ class RedisBroker:
                 call_id = event.data["call_id"]
                 closed.append(call_id)
                 commands.append(["HDEL", calls_key, call_id])
+            elif kind == "input_requested":
+                # Kept with the calls, so that an ending written elsewhere resolves it.
+                key = INPUT_KEY_PREFIX + event.data["request_id"]
+                opened[key] = event.data["kind"]
+                commands.append(["HSET", calls_key, key, event.data["kind"]])
+            elif kind == "input_resolved":
+                key = INPUT_KEY_PREFIX + event.data["request_id"]
+                closed.append(key)
+                commands.append(["HDEL", calls_key, key])
             elif kind == "response_complete":
                 responded = True
                 commands.append(["HSET", run_key, "responded", 1])
@@ -797,6 +806,16 @@ class RedisBroker:
         owned = self._owned.get(run_id)
         if owned is not None:
             return await owned.controller.apply(action)
+        return await self._remote(run_id, action)
+
+    async def respond(self, run_id: str, request_id: str, payload: Mapping[str, Any]) -> str:
+        owned = self._owned.get(run_id)
+        if owned is not None:
+            return await owned.controller.respond(request_id, payload)
+        return await self._remote(run_id, RESPOND, {**payload, "request_id": request_id})
+
+    async def _remote(self, run_id: str, action: str, payload: dict[str, Any] | None = None) -> str:
+        """Send a command to the process that executes the run, and wait for its answer."""
         record = await self.get_run(run_id)
         if record is None:
             raise RunNotFound(f"no run {run_id}")
@@ -807,14 +826,24 @@ class RedisBroker:
         request_id = secrets.token_hex(8)
         future: asyncio.Future[bus.CommandReply] = asyncio.get_running_loop().create_future()
         self._replies[request_id] = future
-        try:
-            await self._send(node, bus.command(request_id, run_id, action, self.node))
-            async with asyncio.timeout(COMMAND_TIMEOUT_S):
-                reply = await future
-        except TimeoutError:
-            raise BrokerUnavailable(f"the process running {run_id} did not answer") from None
-        finally:
-            self._replies.pop(request_id, None)
+        # In the run's trace (its context is in its record): the process running it
+        # continues it from this span.
+        carried = record.extra.get("traceparent")
+        with tracing.command(
+            f"chat.command {action}", run_id, action, carried if isinstance(carried, str) else None
+        ) as span:
+            span.set("chat.node", node)
+            try:
+                message = bus.command(
+                    request_id, run_id, action, self.node, payload, tracing.current_traceparent()
+                )
+                await self._send(node, message)
+                async with asyncio.timeout(COMMAND_TIMEOUT_S):
+                    reply = await future
+            except TimeoutError:
+                raise BrokerUnavailable(f"the process running {run_id} did not answer") from None
+            finally:
+                self._replies.pop(request_id, None)
         if reply.error_code is not None:
             raise RemoteCommandError(reply.error_code, reply.error_message or "")
         return str(reply.status)
@@ -853,17 +882,27 @@ class RedisBroker:
         elif isinstance(body, bus.CommandRequest):
             owned = self._owned.get(body.run_id)
             answer: bus.CommandReply
-            try:
-                if owned is None:
-                    record = await self.get_run(body.run_id)
-                    if record is None:
-                        raise RunNotFound(f"no run {body.run_id}")
-                    answer = bus.reply(body.id, _ended_answer(record, body.action))
-                else:
-                    answer = bus.reply(body.id, await owned.controller.apply(body.action))
-            except Exception as exc:
-                code = exc.code if isinstance(exc, WireError) else "internal"
-                answer = bus.failed(body.id, code, str(exc))
+            with tracing.command(
+                f"chat.command.apply {body.action}", body.run_id, body.action, body.traceparent
+            ) as span:
+                span.set("chat.command.from", body.reply_to)
+                try:
+                    if owned is None:
+                        record = await self.get_run(body.run_id)
+                        if record is None:
+                            raise RunNotFound(f"no run {body.run_id}")
+                        answer = bus.reply(body.id, _ended_answer(record, body.action))
+                    elif body.action == RESPOND:
+                        payload = dict(body.payload or {})
+                        request_id = str(payload.pop("request_id", ""))
+                        status = await owned.controller.respond(request_id, payload)
+                        answer = bus.reply(body.id, status)
+                    else:
+                        answer = bus.reply(body.id, await owned.controller.apply(body.action))
+                except Exception as exc:
+                    code = exc.code if isinstance(exc, WireError) else "internal"
+                    answer = bus.failed(body.id, code, str(exc))
+                    span.failed(code)
             with contextlib.suppress(BrokerUnavailable):
                 await self._send(body.reply_to, answer)
         else:
@@ -1203,11 +1242,13 @@ def _ended_answer(record: RunRecord, action: str) -> str:
     """The answer for a run no process executes any more (the lifecycle's, for its end)."""
     if record.status == RunStatus.CANCELLED and action == Action.CANCEL:
         return record.status
+    if action == RESPOND:
+        raise RunConflict(f"run {record.run_id} has ended: its requests are resolved")
     raise RunConflict(f"cannot {action} run {record.run_id}: it is {record.status}")
 
 
 def _record_fields(record: RunRecord, node: str) -> dict[str, Any]:
-    return {
+    fields: dict[str, Any] = {
         "thread_id": record.thread_id,
         "owner": record.owner,
         "agent": record.agent,
@@ -1219,6 +1260,11 @@ def _record_fields(record: RunRecord, node: str) -> dict[str, Any]:
         "first_seq": 1,
         "node": node,
     }
+    traceparent = record.extra.get("traceparent")
+    if traceparent:
+        # The run's trace context (traces on): commands from other processes join it.
+        fields["traceparent"] = str(traceparent)
+    return fields
 
 
 def _record_from(run_id: str, raw: dict[bytes, bytes]) -> RunRecord:
@@ -1233,8 +1279,15 @@ def _record_from(run_id: str, raw: dict[bytes, bytes]) -> RunRecord:
         float(f.get("updated_at", 0)),
         int(f.get("last_seq", 0)),
         f.get("error_code") or None,
-        {"node": f.get("node", ""), "first_seq": int(f.get("first_seq", 1))},
+        _extra_of(f),
     )
+
+
+def _extra_of(f: dict[str, str]) -> dict[str, object]:
+    extra: dict[str, object] = {"node": f.get("node", ""), "first_seq": int(f.get("first_seq", 1))}
+    if f.get("traceparent"):
+        extra["traceparent"] = f["traceparent"]
+    return extra
 
 
 def _safe_url(url: str) -> str:

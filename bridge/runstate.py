@@ -11,6 +11,8 @@ given ending, as typed records:
   (``tool_completed``), and none is open at ``agent_completed``;
 * response chunks are numbered from 0 (``index``), and their texts in order make
   the answer ``response_complete`` carries;
+* an input request (``input_requested``) is resolved once (``input_resolved``), and
+  none is open at ``agent_completed``;
 * nothing follows ``agent_completed``.
 """
 
@@ -19,7 +21,7 @@ from __future__ import annotations
 import io
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Final, Literal
 
 from bridge.errors import InvariantBroken
 from bridge.events import (
@@ -31,6 +33,9 @@ from bridge.events import (
     ToolCompletedData,
 )
 from bridge.wire import RunStatus
+
+#: How an open input request is named among the open calls a run's appends record.
+INPUT_KEY_PREFIX: Final = "input:"
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +56,24 @@ class ToolFailed:
             "error": self.error,
             "duration_ms": round(self.duration_ms, 3),
         }
+
+
+@dataclass(frozen=True, slots=True)
+class InputCancelled:
+    """An open input request resolved because the run ends (``by: cancel``)."""
+
+    type: ClassVar[Literal["input_resolved"]] = "input_resolved"
+    request_id: str
+    kind: str
+
+    def data(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"request_id": self.request_id, "by": "cancel"}
+        if self.kind == "question":
+            data["answer"] = ""
+        else:
+            data["approved"] = False
+        data["reason"] = "the run ended"
+        return data
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +125,7 @@ class AgentCompleted:
 
 
 #: An event that closes a run.
-Closing = ToolFailed | ResponseChunk | ResponseComplete | AgentCompleted
+Closing = InputCancelled | ToolFailed | ResponseChunk | ResponseComplete | AgentCompleted
 
 
 class RunState:
@@ -116,6 +139,8 @@ class RunState:
         "chunks",
         "completed",
         "open_calls",
+        "open_requests",
+        "resolved_requests",
         "responded",
         "seq",
         "status",
@@ -126,6 +151,10 @@ class RunState:
         self.seq = 0
         #: Tool calls announced and not yet answered: call id → tool name.
         self.open_calls: dict[str, str] = {}
+        #: Input requests made and not yet resolved: request id → kind.
+        self.open_requests: dict[str, str] = {}
+        #: Ids of the requests resolved so far (each is resolved once).
+        self.resolved_requests: set[str] = set()
         #: Response chunks so far (the next chunk's ``index``).
         self.chunks = 0
         #: Characters and UTF-8 bytes of the answer so far.
@@ -153,7 +182,11 @@ class RunState:
         """The state of a run from what its appends recorded, not from its events."""
         state = cls()
         state.seq = seq
-        state.open_calls = dict(open_calls)
+        for key, value in open_calls.items():
+            if key.startswith(INPUT_KEY_PREFIX):  # an input request, not a call
+                state.open_requests[key.removeprefix(INPUT_KEY_PREFIX)] = value
+            else:
+                state.open_calls[key] = value
         state.chunks = chunks
         state.responded = responded
         if content:
@@ -218,8 +251,19 @@ class RunState:
                 raise InvariantBroken(
                     f"tool call {data['call_id']} was never announced or already completed"
                 )
+        elif type == "input_requested":
+            request_id = data["request_id"]
+            if request_id in self.open_requests or request_id in self.resolved_requests:
+                raise InvariantBroken(f"input request {request_id} was already made")
+        elif type == "input_resolved":
+            if data["request_id"] not in self.open_requests:
+                raise InvariantBroken(
+                    f"input request {data['request_id']} was never made or already resolved"
+                )
         elif type == "agent_completed" and self.open_calls:
             raise InvariantBroken(f"tool calls still open: {sorted(self.open_calls)}")
+        elif type == "agent_completed" and self.open_requests:
+            raise InvariantBroken(f"input requests still open: {sorted(self.open_requests)}")
         return data
 
     def apply(self, type: str, data: Mapping[str, Any]) -> None:
@@ -231,6 +275,11 @@ class RunState:
             self.open_calls[data["call_id"]] = data["tool"]
         elif type == "tool_completed":
             del self.open_calls[data["call_id"]]
+        elif type == "input_requested":
+            self.open_requests[data["request_id"]] = data["kind"]
+        elif type == "input_resolved":
+            del self.open_requests[data["request_id"]]
+            self.resolved_requests.add(data["request_id"])
         elif type == "response_complete":
             self.responded = True
         elif type == "agent_completed":
@@ -270,13 +319,17 @@ class RunState:
             for call_id, tool in self.open_calls.items()
         ]
 
+    def cancelled_requests(self) -> list[InputCancelled]:
+        """Every open input request resolved ``by: cancel``, because the run ends."""
+        return [InputCancelled(rid, kind) for rid, kind in self.open_requests.items()]
+
     def lost(
         self, *, code: str, message: str, apology: str, message_id: str, duration_ms: float
     ) -> list[Closing]:
         """The events that end a run its agent cannot end (its process was lost, or its
         events could not be kept): open calls answered, the answer completed (what its
         chunks said, and an apology) unless it was, ``agent_completed`` failed."""
-        ending: list[Closing] = [*self.failed_calls(code)]
+        ending: list[Closing] = [*self.cancelled_requests(), *self.failed_calls(code)]
         if not self.responded:
             content = self.content
             text = ("\n\n" if content else "") + apology

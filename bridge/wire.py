@@ -15,6 +15,8 @@ class RunStatus(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     PAUSED = "paused"
+    #: Waiting for its owner's answer to an ``input_requested``.
+    WAITING = "waiting"
     COMPLETED = "completed"
     CANCELLED = "cancelled"
     FAILED = "failed"
@@ -27,7 +29,7 @@ class RunStatus(StrEnum):
 #: The statuses a run ends in.
 TERMINAL: Final = frozenset({RunStatus.COMPLETED, RunStatus.CANCELLED, RunStatus.FAILED})
 #: The statuses of a run that has not ended, in lifecycle order.
-UNFINISHED: Final = (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.PAUSED)
+UNFINISHED: Final = (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.PAUSED, RunStatus.WAITING)
 
 
 def is_terminal(status: str) -> bool:
@@ -39,6 +41,10 @@ class Action(StrEnum):
     STOP = "stop"
     START = "start"
     CANCEL = "cancel"
+
+
+#: Answering a run's ``input_requested`` (not a lifecycle move: it changes no status itself).
+RESPOND: Final = "respond"
 
 
 class CloseCode(IntEnum):

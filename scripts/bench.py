@@ -114,6 +114,8 @@ GATEWAY_ENV: Final = {
     "CHAT_MAX_ACTIVE_RUNS_PER_USER": "100000",
     "CHAT_MAX_CONNECTIONS_PER_USER": "100000",
 }
+#: More variables for the gateway's processes (``--gateway-env``), e.g. tracing on.
+GATEWAY_EXTRA_ENV: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,7 @@ def serve(kind: str, workdir: Path, gateway_src: Path = ROOT) -> Iterator[Proces
     env = clean_env(PYTHONPATH=str(gateway_src if kind.startswith("gateway") else ROOT))
     if kind.startswith("gateway"):
         env.update(GATEWAY_ENV)
+        env.update(GATEWAY_EXTRA_ENV)
     with launch(
         server_command(kind, port),
         port=port,
@@ -502,6 +505,14 @@ def build_parser() -> argparse.ArgumentParser:
         "`git archive COMMIT | tar -x -C DIR` (default: this checkout)",
     )
     parser.add_argument(
+        "--gateway-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable for the gateway's processes, e.g. "
+        "OTEL_TRACES_EXPORTER=console to measure tracing (repeatable)",
+    )
+    parser.add_argument(
         "--save", type=Path, default=None, metavar="FILE", help="also write the JSON report to FILE"
     )
     parser.add_argument(
@@ -525,6 +536,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead, the scaling figure: chat-gateway --workers 2 against --workers 1 on "
         "the Redis broker (scripts/scaling.py; needs redis-server)",
     )
+    parser.add_argument(
+        "--capacity",
+        action="store_true",
+        help="instead, the streams one process holds at a model's pace, on each broker, "
+        "against python-socketio and through HAProxy (scripts/capacity.py; its options "
+        "after --)",
+    )
+    parser.add_argument(
+        "--idle",
+        type=int,
+        default=None,
+        metavar="N",
+        help="instead, N idle connections held by one gateway process: bytes each, idle CPU "
+        "(scripts/capacity.py --idle N)",
+    )
+    parser.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     return parser
 
 
@@ -534,6 +561,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.scaling:
         scaling = [sys.executable, str(Path(__file__).with_name("scaling.py"))]
         return subprocess.call([*scaling, *(["--json"] if args.json else [])])
+    for item in args.gateway_env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            parser.error(f"--gateway-env wants NAME=VALUE, not {item!r}")
+        GATEWAY_EXTRA_ENV[name] = value
+    if args.capacity or args.idle is not None:
+        capacity = [sys.executable, str(Path(__file__).with_name("capacity.py"))]
+        extra = ["--idle", str(args.idle)] if args.idle is not None else []
+        json_out = ["--json"] if args.json else []
+        save = ["--save", str(args.save)] if args.save is not None else []
+        return subprocess.call([*capacity, *extra, *json_out, *save, *args.rest])
+    if args.rest:
+        parser.error(f"unrecognized arguments: {' '.join(args.rest)}")
     known = (*WS_SERVERS, *SSE_SERVERS)
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     unknown = [s for s in args.servers if s not in known]
@@ -557,6 +597,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["loadavg"] = {"before": load_before, "after": loadavg()}
     report["git"] = git_state()
     report["gateway_src"] = str(args.gateway_src.resolve())
+    report["gateway_env"] = dict(GATEWAY_EXTRA_ENV)
     if args.save is not None:
         args.save.write_bytes(orjson.dumps(to_json(report), option=orjson.OPT_INDENT_2))
     if args.json:

@@ -9,7 +9,9 @@ a reasoning message, the answer) so that every ``*_START`` is closed by its
 A rejoin after ``seq`` N reads the run from its first event: the events up to N
 are fed to the framer with their output held back, and at the first event after N
 the framer writes a prelude that re-opens what was open at N (``RUN_STARTED``, the
-open reasoning message's or answer's ``*_START``), then carries on.  Tool calls are
+open reasoning message's or answer's ``*_START``), then carries on.  A rejoin at or
+after the last event of a finished run gets ``RUN_STARTED`` and the run's own
+``RUN_FINISHED``/``RUN_ERROR`` again (:meth:`AguiFramer.tail`), not an empty body.  Tool calls are
 opened and closed within one event, so none is ever open at a cut.
 
 ======================  ================================================================
@@ -20,7 +22,8 @@ chat.v1                 AG-UI
 ``agent_thinking``      ``REASONING_START`` + ``REASONING_MESSAGE_START`` when none is
                         open, then ``REASONING_MESSAGE_CONTENT``
 ``tool_executing``      ``TOOL_CALL_START`` / ``TOOL_CALL_ARGS`` (JSON) / ``TOOL_CALL_END``
-``tool_completed``      ``TOOL_CALL_RESULT`` (the result or ``{"error": …}`` as JSON)
+``tool_completed``      ``TOOL_CALL_RESULT`` (the result or ``{"error": …}`` as JSON);
+                        nothing when ``pending`` (a client tool's call, left open)
 ``input_requested``     ``RUN_FINISHED`` with an ``interrupt`` outcome (see
                         :func:`interrupt_outcome`; the gateway does not emit it yet)
 ``response_chunk``      ``TEXT_MESSAGE_START`` when none is open, ``TEXT_MESSAGE_CONTENT``
@@ -41,6 +44,7 @@ import json
 from typing import Any, Final
 
 from ag_ui.core import (
+    AssistantMessage,
     BaseEvent,
     ReasoningEndEvent,
     ReasoningMessageContentEvent,
@@ -59,16 +63,19 @@ from ag_ui.core import (
     ToolCallEndEvent,
     ToolCallResultEvent,
     ToolCallStartEvent,
+    ToolMessage,
 )
 from ag_ui.encoder import EventEncoder
 from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
+from agents.base import ClientTool, ClientToolResult
 from bridge.events import Event
 from server import routes, sse
 from server.commands import client_ref, optional_id
 from server.errors import ProtocolError
+from server.gateway import content_digest
 
 _ENCODER: Final = EventEncoder()
 #: Validation errors quoted in a 400's message.
@@ -122,6 +129,8 @@ class AguiFramer:
         self._reasonings = 0
         self._text_open = False
         self._ended = False
+        #: The run's last AG-UI event (``RUN_FINISHED``/``RUN_ERROR``) and its ``seq``.
+        self._end: tuple[BaseEvent, int | None] | None = None
         self._preluded = after_seq == 0
 
     # Pure mapping ----------------------------------------------------------------------
@@ -172,6 +181,9 @@ class AguiFramer:
             args = json.dumps(data.get("args") or {}, ensure_ascii=False)
             out.append(ToolCallArgsEvent(tool_call_id=call_id, delta=args))
             out.append(ToolCallEndEvent(tool_call_id=call_id))
+        elif kind == "tool_completed" and data.get("pending"):
+            # A client tool's call, left to the client: open in AG-UI's sense, no result.
+            out += self._close_all()
         elif kind == "tool_completed":
             out += self._close_all()
             call_id = str(data["call_id"])
@@ -236,19 +248,35 @@ class AguiFramer:
                 )
         return out
 
+    def _ending(self, out: list[BaseEvent], seq: int | None) -> list[BaseEvent]:
+        if self._ended and self._end is None and out:
+            self._end = (out[-1], seq)
+        return out
+
     def frame(self, event: Event) -> bytes:
         """The run event as AG-UI SSE messages: nothing up to the rejoin point, then a
         prelude re-opening what was open there, then each event with ``id: <seq>``."""
         if event.seq is not None and event.seq <= self.after_seq:
-            self.events(event)  # only the state moves
+            self._ending(self.events(event), event.seq)  # only the state moves
             return b""
         head = b""
         if not self._preluded:
             self._preluded = True
             prelude = self._prelude()
             head = _encode(prelude, self.after_seq)
-        out = self.events(event)
+        out = self._ending(self.events(event), event.seq)
         return head + _encode(out, event.seq)
+
+    def tail(self, _status: str | None = None) -> bytes:
+        """The end of a rejoin at or past the run's last event: nothing came after the
+        rejoin point, so the run is re-opened and its end repeated (``RUN_STARTED``
+        then its ``RUN_FINISHED``/``RUN_ERROR``), a stream AG-UI's verification takes,
+        rather than an empty one.  Nothing for any other stream."""
+        if self._preluded or self._end is None or not self._started:
+            return b""
+        self._preluded = True
+        end, seq = self._end
+        return _encode([self._run_started(), end], seq)
 
     # What is open ----------------------------------------------------------------------
 
@@ -330,6 +358,81 @@ def last_user_text(body: RunAgentInput) -> str:
     raise ProtocolError("bad_message", "messages must end with a user message that has text")
 
 
+def client_tools(body: RunAgentInput) -> list[ClientTool]:
+    """The tools the client offers, for the agent to call and the client to run."""
+    return [
+        ClientTool(t.name, t.description or "", dict(t.parameters or {})) for t in body.tools or ()
+    ]
+
+
+def tool_results(body: RunAgentInput) -> list[ClientToolResult]:
+    """The client's answers when its messages end with ``tool`` messages: each answers a
+    call of the assistant message before them (``[…, user, assistant(toolCalls),
+    tool…]``), the calls the thread's previous run left to the client.  None otherwise.
+
+    Raises:
+        ProtocolError: a ``tool`` message answers no call of that assistant message, or
+            one of its calls has no answer.
+    """
+    answers: list[ToolMessage] = []
+    i = len(body.messages) - 1
+    while i >= 0 and isinstance(body.messages[i], ToolMessage):
+        message = body.messages[i]
+        assert isinstance(message, ToolMessage)
+        answers.insert(0, message)
+        i -= 1
+    if not answers:
+        return []
+    asked = body.messages[i] if i >= 0 else None
+    if not isinstance(asked, AssistantMessage) or not asked.tool_calls:
+        raise ProtocolError(
+            "bad_message", "tool messages must follow the assistant message whose calls they answer"
+        )
+    calls = {call.id: call for call in asked.tool_calls}
+    out: list[ClientToolResult] = []
+    for answer in answers:
+        call = calls.pop(answer.tool_call_id, None)
+        if call is None:
+            raise ProtocolError(
+                "bad_message",
+                f"tool message {answer.id!r} answers no call of the assistant message before it",
+            )
+        try:
+            args = json.loads(call.function.arguments or "{}")
+        except json.JSONDecodeError:
+            args = {}
+        out.append(
+            ClientToolResult(
+                call.id,
+                call.function.name,
+                args if isinstance(args, dict) else {},
+                _text_of(answer.content),
+                answer.error,
+            )
+        )
+    if calls:
+        raise ProtocolError(
+            "bad_message", f"tool calls without a tool message answering them: {sorted(calls)}"
+        )
+    return out
+
+
+def _text_of(content: object) -> str:
+    if isinstance(content, str):
+        return content
+    parts = content if isinstance(content, list) else []
+    return "".join(part.text for part in parts if isinstance(part, TextPart))
+
+
+def results_text(results: list[ClientToolResult]) -> str:
+    """What the thread stores as the message of a run that goes on from tool results."""
+    lines = []
+    for r in results:
+        outcome = r.content if r.error is None else f"error: {r.error} {r.content}".rstrip()
+        lines.append(f"Result of {r.name} ({r.call_id}): {outcome}")
+    return "\n".join(lines)
+
+
 def _run_input(raw: dict[str, Any]) -> RunAgentInput:
     try:
         return RunAgentInput.model_validate(raw)
@@ -348,7 +451,10 @@ async def run_agent(request: Request) -> Response:
     """``POST /api/ag-ui/{agent}``: a ``RunAgentInput`` in, the run as AG-UI events out.
 
     ``threadId`` is the user's thread (created when new); the last user message is
-    the run's message; ``runId`` is kept as the client's id of the run.  The
+    the run's message, or, when the messages end with ``tool`` messages, the run goes
+    on from those answers to the calls the previous run left to the client
+    (:func:`tool_results`); ``tools`` are offered to the agent as client tools;
+    ``runId`` is kept as the client's id of the run.  The
     gateway's own ids come in the ``X-Chat-Run-Id`` and ``X-Chat-Thread-Id``
     headers, for the rejoin route and the lifecycle routes.
     """
@@ -359,13 +465,26 @@ async def run_agent(request: Request) -> Response:
     thread_id = optional_id({"threadId": body.thread_id}, "threadId")
     agent = optional_id({"agent": request.path_params["agent"]}, "agent")
     client_run_id = client_ref({"id": body.run_id})
-    content = routes.new_message(last_user_text(body), gateway.settings.max_message_bytes)
+    results = tool_results(body)
+    text = results_text(results) if results else last_user_text(body)
+    content = routes.new_message(text, gateway.settings.max_message_bytes)
     framer = AguiFramer(client_run_id=body.run_id)
     stream = await sse.open_stream(gateway, user, framer=framer.frame)
     try:
-        # A retried POST of the same runId rejoins its run rather than starting another.
+        # A retried POST (same runId, same message) rejoins its run rather than starting
+        # another; a runId used again for another message starts a run of its own.
+        key = None
+        if client_run_id is not None:
+            key = f"ag-ui {client_run_id} {content_digest(content)[:16]}"
         sent = await gateway.send(
-            user, content, thread_id=thread_id, agent=agent, ref=client_run_id, key=client_run_id
+            user,
+            content,
+            thread_id=thread_id,
+            agent=agent,
+            ref=client_run_id,
+            key=key,
+            client_tools=client_tools(body),
+            tool_results=results,
         )
         record = sent.record
         stream.headers["x-chat-run-id"] = record.run_id
@@ -386,7 +505,7 @@ async def rejoin(request: Request) -> Response:
     run_id = request.path_params["run_id"]
     after = routes.after_seq(request)
     framer = AguiFramer(after_seq=after)
-    stream = await sse.open_stream(gateway, user, framer=framer.frame)
+    stream = await sse.open_stream(gateway, user, framer=framer.frame, tail=framer.tail)
     try:
         # From the first event: those up to ``after`` only tell the framer what is open.
         stream.attach(await gateway.watch(user, run_id, 0, stream.wake))

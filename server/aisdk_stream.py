@@ -217,11 +217,10 @@ def last_user_text(messages: object) -> str:
         parts = message.get("parts")
         if not isinstance(parts, list):
             break
-        text = "".join(
-            str(p.get("text") or "")
-            for p in parts
-            if isinstance(p, dict) and p.get("type") == "text"
-        )
+        texts = [p.get("text") for p in parts if isinstance(p, dict) and p.get("type") == "text"]
+        if any(not isinstance(t, str) for t in texts):
+            raise ProtocolError("bad_message", "a text part's 'text' must be a string")
+        text = "".join(t for t in texts if isinstance(t, str))
         if text.strip():
             return text
         break
@@ -247,10 +246,12 @@ async def chat(request: Request) -> Response:
     """``POST /api/ai-sdk/chat``: what ``DefaultChatTransport`` sends, the run's UI
     message stream back.
 
-    The chat ``id`` is the user's thread (created when new); the last user message
-    is the run's message, for ``submit-message`` and ``regenerate-message`` alike
-    (the SDK sends the messages without the answer it regenerates).  An ``agent``
-    field (the transport's ``body`` option) names the agent.
+    The chat ``id`` is the user's thread (created when new); for ``submit-message``
+    the last user message is the run's message.  ``regenerate-message`` answers the
+    thread's stored last user message again in place of its answer (which
+    ``messageId``, when given, must name): see :meth:`Gateway.regenerate`; a chat
+    with no answer to regenerate is 409 ``conflict``.  An ``agent`` field (the
+    transport's ``body`` option) names the agent.
     """
     gateway = routes.gateway_of(request)
     user = routes.authenticate(request)
@@ -260,16 +261,28 @@ async def chat(request: Request) -> Response:
     if thread_id is None:
         raise ProtocolError("bad_message", "field 'id' (the chat's id) is required")
     trigger = body.get("trigger", "submit-message")
-    if trigger not in TRIGGERS:
+    if not isinstance(trigger, str) or trigger not in TRIGGERS:
         raise ProtocolError("bad_message", f"field 'trigger' must be one of {sorted(TRIGGERS)}")
     agent = optional_id(body, "agent")
+    regenerate = trigger == "regenerate-message"
+    answer_ref = body.get("messageId")
+    if regenerate and answer_ref is not None and not isinstance(answer_ref, str):
+        raise ProtocolError("bad_message", "field 'messageId' must be a string")
     content = routes.new_message(last_user_text(body.get("messages")), limit)
     framer = AiSdkFramer()
     stream = await sse.open_stream(
         gateway, user, framer=framer.frame, tail=lambda _status: DONE, headers=HEADER
     )
     try:
-        record = await gateway.start_run(user, content, thread_id=thread_id, agent=agent)
+        if regenerate:
+            record = await gateway.regenerate(
+                user,
+                thread_id,
+                agent=agent,
+                answer_ref=answer_ref if isinstance(answer_ref, str) else None,
+            )
+        else:
+            record = await gateway.start_run(user, content, thread_id=thread_id, agent=agent)
         stream.headers["x-chat-run-id"] = record.run_id
         stream.attach(await gateway.watch(user, record.run_id, 0, stream.wake))
     except BaseException:

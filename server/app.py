@@ -16,6 +16,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
+from bridge import tracing
 from server import admin, agui_stream, aisdk_stream, routes
 from server.auth import Authenticator
 from server.gateway import Gateway
@@ -69,6 +70,7 @@ def create_app(settings: Settings | None = None, *, dev_secret: str | None = Non
             yield
         finally:
             await gateway.close()
+            tracing.shutdown()  # what the batch processor holds goes out now
 
     route_list: list[BaseRoute] = [
         Route("/health", routes.health, methods=["GET"]),
@@ -98,7 +100,14 @@ def create_app(settings: Settings | None = None, *, dev_secret: str | None = Non
             CORSMiddleware,
             allow_origins=list(settings.allowed_origins),
             allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "Idempotency-Key"],
+            allow_headers=[
+                "Authorization",
+                "Content-Type",
+                "Last-Event-ID",
+                "Idempotency-Key",
+                "traceparent",
+                "tracestate",
+            ],
             # The run a front-end protocol's stream started, for its lifecycle routes.
             expose_headers=[
                 "X-Chat-Run-Id",
@@ -110,6 +119,10 @@ def create_app(settings: Settings | None = None, *, dev_secret: str | None = Non
         )
     ]
     middleware.append(Middleware(SecurityHeaders))
+    # Off unless OTEL_TRACES_EXPORTER names an exporter (bridge/tracing.py); off, the
+    # app is as it would be without tracing.
+    if tracing.configure(content=settings.trace_content == "on"):
+        middleware.append(Middleware(tracing.TraceContextMiddleware))
     app = Starlette(routes=route_list, middleware=middleware, lifespan=lifespan)
     app.state.gateway = gateway
     app.state.settings = settings

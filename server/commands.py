@@ -28,6 +28,8 @@ class UserMessage:
     agent: str | None = None
     #: reject, enqueue, interrupt or rollback; None: the server's ``CHAT_ON_ACTIVE``.
     on_active: str | None = None
+    #: The client's W3C trace context: the parent of the run's span.
+    traceparent: str | None = None
     type: Literal["user_message"] = "user_message"
 
 
@@ -48,6 +50,18 @@ class Resume:
 
 
 @dataclass(frozen=True, slots=True)
+class Respond:
+    """An answer to a run's ``input_requested`` (6.4): ``approved`` with optional
+    ``args`` and ``reason`` for an approval, ``answer`` for a question."""
+
+    run_id: str
+    request_id: str
+    payload: dict[str, Any]
+    id: Ref = None
+    type: Literal["respond"] = "respond"
+
+
+@dataclass(frozen=True, slots=True)
 class Ping:
     id: Ref = None
     type: Literal["ping"] = "ping"
@@ -63,7 +77,7 @@ class WatchThread:
     type: Literal["watch_thread"] = "watch_thread"
 
 
-Command = UserMessage | Control | Resume | Ping | WatchThread
+Command = UserMessage | Control | Resume | Ping | Respond | WatchThread
 
 KNOWN_TYPES: Final = (
     "user_message",
@@ -72,9 +86,12 @@ KNOWN_TYPES: Final = (
     "cancel",
     "resume",
     "ping",
+    "respond",
     "watch_thread",
     "unwatch_thread",
 )
+#: The fields of an answer that go to the run (the rest of a frame is the envelope's).
+RESPONSE_FIELDS: Final = ("approved", "args", "reason", "answer")
 
 
 def parse_command(frame: str | bytes) -> Command:
@@ -101,6 +118,7 @@ def parse_command(frame: str | bytes) -> Command:
             thread_id=optional_id(raw, "thread_id", ref),
             agent=optional_id(raw, "agent", ref),
             on_active=on_active(raw, ref),
+            traceparent=_traceparent(raw),
         )
     if kind in ("stop", "start", "cancel"):
         return Control(action=kind, run_id=_run_id(raw, ref), id=ref)  # type: ignore[arg-type]
@@ -118,11 +136,35 @@ def parse_command(frame: str | bytes) -> Command:
         if thread_id is None:
             raise ProtocolError("bad_message", "field 'thread_id' is required", ref)
         return WatchThread(thread_id, watch=kind == "watch_thread", id=ref)
+    if kind == "respond":
+        return Respond(
+            run_id=_run_id(raw, ref),
+            request_id=request_id(raw, ref),
+            payload=response_payload(raw, ref),
+            id=ref,
+        )
     raise ProtocolError(
         "unknown_type",
         f"unknown type {kind[:64]!r}; expected one of {', '.join(KNOWN_TYPES)}",
         ref,
     )
+
+
+def request_id(raw: dict[str, Any], ref: Ref = None) -> str:
+    value = raw.get("request_id")
+    if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS:
+        raise ProtocolError("bad_message", "field 'request_id' must be a request id string", ref)
+    return value
+
+
+def response_payload(raw: dict[str, Any], ref: Ref = None) -> dict[str, Any]:
+    """The answer's fields; whether they fit the request is the run's to say."""
+    payload = {name: raw[name] for name in RESPONSE_FIELDS if raw.get(name) is not None}
+    if "approved" not in payload and "answer" not in payload:
+        raise ProtocolError(
+            "bad_message", "an answer needs 'approved' (an approval) or 'answer' (a question)", ref
+        )
+    return payload
 
 
 def client_ref(raw: dict[str, Any]) -> Ref:
@@ -141,6 +183,12 @@ def _content(raw: dict[str, Any], ref: Ref) -> str:
     if not isinstance(content, str) or not content.strip():
         raise ProtocolError("bad_message", "field 'content' must be a non-empty string", ref)
     return content
+
+
+def _traceparent(raw: dict[str, Any]) -> str | None:
+    # A trace context that is not one is ignored, as W3C trace context asks.
+    value = raw.get("traceparent")
+    return value if isinstance(value, str) and 0 < len(value) <= 256 else None
 
 
 def _run_id(raw: dict[str, Any], ref: Ref) -> str:

@@ -79,6 +79,8 @@ def build_services(settings: Settings, *, broker: Broker | None = None) -> Servi
             detach_grace_s=settings.detach_grace_s,
             typing_delay_ms=settings.typing_delay_ms,
             max_answer_bytes=settings.max_answer_bytes,
+            approval_tools=frozenset(settings.approval_tools),
+            input_timeout_s=settings.input_timeout_s,
         ),
         recorder=persistence,
         observer=metrics,

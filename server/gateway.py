@@ -13,16 +13,20 @@ import hashlib
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from agents.base import ClientTool, ClientToolResult
 from agents.errors import LifecycleConflict
 from agents.registry import llm_agent
 from agents.supervisor import RunError, new_id
 from bridge.broker import Broker, RunAnnounced, RunRecord, ThreadFollow, Wake, Watch
 from bridge.errors import ResumeUnavailable, RunConflict, RunNotFound
+from bridge.wire import ErrorCode
 from server.auth import Authenticator, Principal
 from server.compose import Services, build_services, make_broker
-from server.errors import DuplicateConflict, RateLimited, ShuttingDown
+from server.errors import DuplicateConflict, ProtocolError, RateLimited, ShuttingDown
 from server.metrics import MetricsSnapshot
 from server.sessions import CHECK_EVERY_S, Counters, LocalSession, SessionRegistry
 from server.settings import Settings
@@ -52,7 +56,7 @@ def idempotency_key(key: str | int) -> str:
     return f"s:{key}" if isinstance(key, str) else f"i:{key}"
 
 
-def _digest(content: str) -> str:
+def content_digest(content: str) -> str:
     return hashlib.sha256(content.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
@@ -126,6 +130,7 @@ class Gateway:
             auth_failures=counters.auth_failures,
             rate_limited=counters.rate_limited,
             store_failures=self.persistence.failures,
+            inputs=self.supervisor.input_counts(),
             slow_consumer_by=dict(counters.slow_consumer_by),
             resumes_recovered=counters.resumes_recovered,
             resumes_unavailable=counters.resumes_unavailable,
@@ -190,7 +195,13 @@ class Gateway:
         ref: str | int | None = None,
         run_id: str | None = None,
         on_active: str | None = None,
+        restate: str | None = None,
+        prepare: Callable[[], Awaitable[None]] | None = None,
+        client_tools: Sequence[ClientTool] = (),
+        tool_results: Sequence[ClientToolResult] = (),
     ) -> RunRecord:
+        """Start a run of ``content`` (see ``Supervisor.start_run``); ``prepare`` is
+        awaited once the user's limits let the run start, just before it does."""
         if self.shutting_down:
             raise ShuttingDown("the server is shutting down; start the run again shortly")
         uid = user.user_id
@@ -215,10 +226,12 @@ class Gateway:
         started = False
         try:
             queued = False
-            if thread_id is not None:
+            if thread_id is not None and restate is None:
                 queued = await self._double_text(
                     user, thread_id, on_active or self.settings.on_active
                 )
+            if prepare is not None:
+                await prepare()
             record = await self.supervisor.start_run(
                 owner=uid,
                 content=content,
@@ -227,6 +240,9 @@ class Gateway:
                 ref=ref,
                 run_id=run_id,
                 queued=queued,
+                restate=restate,
+                client_tools=client_tools,
+                tool_results=tool_results,
             )
             started = True  # only runs that started count against the per-minute window
         finally:
@@ -244,6 +260,8 @@ class Gateway:
         ref: str | int | None = None,
         key: str | int | None = None,
         on_active: str | None = None,
+        client_tools: Sequence[ClientTool] = (),
+        tool_results: Sequence[ClientToolResult] = (),
     ) -> Sent:
         """Start a run for a message, once per idempotency ``key`` within the window.
 
@@ -256,12 +274,19 @@ class Gateway:
         if key is None:
             return Sent(
                 await self.start_run(
-                    user, content, thread_id=thread_id, agent=agent, ref=ref, on_active=on_active
+                    user,
+                    content,
+                    thread_id=thread_id,
+                    agent=agent,
+                    ref=ref,
+                    on_active=on_active,
+                    client_tools=client_tools,
+                    tool_results=tool_results,
                 )
             )
         uid = user.user_id
         name = idempotency_key(key)
-        digest = _digest(content)
+        digest = content_digest(content)
         window = self.settings.idempotency_window_s
         loop = asyncio.get_running_loop()
         deadline = loop.time() + CLAIM_WAIT_S
@@ -279,6 +304,8 @@ class Gateway:
                         ref=ref,
                         run_id=run_id,
                         on_active=on_active,
+                        client_tools=client_tools,
+                        tool_results=tool_results,
                     )
                 except BaseException:
                     await self.broker.release_key(uid, name, mine)
@@ -364,6 +391,59 @@ class Gateway:
             log.warning("run %s: not ended after its cancel; the new run starts anyway", run_id)
         finally:
             watch.close()
+
+    async def regenerate(
+        self,
+        user: Principal,
+        thread_id: str,
+        *,
+        agent: str | None = None,
+        answer_ref: str | None = None,
+    ) -> RunRecord:
+        """Answer a thread's last user message again, in place of the answer it had:
+        that answer is removed from the thread and the user's message is not stored
+        again.  ``answer_ref`` is the client's id of the answer it regenerates
+        (``<run_id>:answer``); only the last answer can be.
+
+        Raises:
+            RunNotFound: no such thread of the user's.
+            ProtocolError: ``conflict``: a run of the thread is still going, the thread
+                does not end with an answer to a user message, ``answer_ref`` names
+                another answer, or another regenerate took the answer first.
+        """
+        thread = await self.store.get_thread(thread_id)
+        if thread is None:
+            raise ProtocolError(ErrorCode.CONFLICT, "this chat has no answer to regenerate")
+        if thread.owner != user.user_id:
+            raise RunNotFound(f"no thread {thread_id}")
+        if await self.store.unfinished_runs(thread_id, user.user_id):
+            raise ProtocolError(
+                ErrorCode.CONFLICT,
+                "a run of this chat is still going: stop or cancel it before regenerating",
+            )
+        last = await self.store.recent_messages(thread_id, 2)
+        if len(last) < 2 or last[-1].role != "assistant" or last[-2].role != "user":
+            raise ProtocolError(ErrorCode.CONFLICT, "this chat has no answer to regenerate")
+        question, answer = last
+        if answer_ref is not None and answer_ref != f"{answer.run_id}:answer":
+            raise ProtocolError(
+                ErrorCode.CONFLICT, "only the chat's last answer can be regenerated"
+            )
+
+        async def drop_answer() -> None:
+            # The delete decides between regenerates sent together: one removes the answer.
+            changed = await self.store.write(self.store.message_delete_steps(answer.id, thread_id))
+            if not changed or changed[0] == 0:
+                raise ProtocolError(ErrorCode.CONFLICT, "this answer is being regenerated already")
+
+        return await self.start_run(
+            user,
+            question.content,
+            thread_id=thread_id,
+            agent=agent,
+            restate=question.id,
+            prepare=drop_answer,
+        )
 
     async def find_run(self, user: Principal, run_id: str) -> RunRecord:
         """The user's run; someone else's is as unknown as a missing one."""
@@ -462,6 +542,13 @@ class Gateway:
     async def control(self, user: Principal, run_id: str, action: str) -> str:
         await self.find_run(user, run_id)
         return await self.broker.command(run_id, action)
+
+    async def respond(
+        self, user: Principal, run_id: str, request_id: str, payload: Mapping[str, Any]
+    ) -> str:
+        """Answer an input request of one of the user's runs, wherever it executes."""
+        await self.find_run(user, run_id)
+        return await self.broker.respond(run_id, request_id, payload)
 
     async def watch(
         self, user: Principal, run_id: str, after_seq: int, wake: Wake, *, resume: bool = False

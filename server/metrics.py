@@ -47,6 +47,9 @@ class MetricsSnapshot:
     outbound_lag: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     #: The broker's own counts (with Redis: lease renewals, fencing).
     broker_counts: Mapping[str, int] = field(default_factory=dict)
+    #: Input requests: ``requested``, ``open``, and resolved by ``user``, ``timeout``,
+    #: ``cancel``.
+    inputs: Mapping[str, int] = field(default_factory=dict)
 
 
 #: Reads the counts when scraped.
@@ -179,6 +182,23 @@ class _SnapshotCollector(Collector):
                 ("nodes_reaped", "Processes whose lease lapsed that this process reaped"),
             ):
                 yield CounterMetricFamily(f"chat_redis_{name}", help_, value=counts.get(name, 0))
+        inputs = snap.inputs
+        yield GaugeMetricFamily(
+            "chat_input_requests_open",
+            "Approvals and questions of this process's runs waiting for an answer",
+            value=inputs.get("open", 0),
+        )
+        yield CounterMetricFamily(
+            "chat_input_requests", "Approvals and questions asked", value=inputs.get("requested", 0)
+        )
+        resolved = CounterMetricFamily(
+            "chat_input_resolved",
+            "Approvals and questions resolved, by whom: answered (user), timed out, cancelled",
+            labels=["by"],
+        )
+        for by in ("user", "timeout", "cancel"):
+            resolved.add_metric([by], inputs.get(by, 0))
+        yield resolved
         yield CounterMetricFamily(
             "chat_auth_failures",
             "Requests and sockets refused for their token",

@@ -24,13 +24,17 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Final
 
+import orjson
+
 from agents.base import Message
 from agents.lifecycle import RunStatus
+from bridge import tracing
 from bridge.broker import RunRecord
 from bridge.errors import RunNotFound
 from server.errors import StorageUnavailable
@@ -157,9 +161,12 @@ class Persistence:
     async def _write(self, batch: list[_Write]) -> list[Outcome] | None:
         """Commit the batch in one transaction: each write's outcome, or None if it failed."""
         began = time.perf_counter()
+        span = _store_span(self.store, batch)
         try:
-            async with asyncio.timeout(self.timeout_s):
-                counts = await self.store.write([step for w in batch for step in w.steps])
+            with span as traced:
+                async with asyncio.timeout(self.timeout_s):
+                    counts = await self.store.write([step for w in batch for step in w.steps])
+                traced.set("chat.store.steps", len(counts))
         except Exception as exc:
             if len(batch) == 1:  # a batch's failure is counted write by write
                 self._failed(batch[0].what, repr(exc))
@@ -217,7 +224,8 @@ class Persistence:
         except Exception as exc:
             self._failed(f"opening thread {thread_id}", repr(exc))
             raise StorageUnavailable("the conversation store is unavailable") from None
-        return [Message(r.role, r.content) for r in rows]
+        # Input requests and their answers are the thread's history, not the agent's.
+        return [Message(r.role, r.content) for r in rows if r.role in ("user", "assistant")]
 
     async def user_message(self, run: RunRecord, message_id: str, content: str) -> bool:
         row = MessageRow(message_id, run.thread_id, "user", content, run.run_id, False, time.time())
@@ -245,6 +253,15 @@ class Persistence:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.timeout_s):
                     await asyncio.shield(done)
+
+    async def input_event(self, run: RunRecord, type: str, data: Mapping[str, Any]) -> None:
+        """Store an ``input_requested`` or ``input_resolved`` as a message row of its
+        thread: ``role`` the event's type, ``content`` its data as JSON."""
+        message_id = f"m_{data.get('request_id', '')}_{type.removeprefix('input_')}"
+        content = orjson.dumps(dict(data)).decode()
+        row = MessageRow(message_id, run.thread_id, type, content, run.run_id, False, time.time())
+        steps = self.store.message_steps(row, run.owner)
+        self._submit(f"storing {type} {message_id}", steps, run=run)
 
     async def run_changed(self, run: RunRecord) -> None:
         """Record the run's status.
@@ -277,6 +294,17 @@ class Persistence:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.timeout_s):
                     await asyncio.shield(done)
+
+
+def _store_span(store: Store, batch: list[_Write]) -> AbstractContextManager[tracing.Hook]:
+    """The transaction's span (a no-op with tracing off), linked to its runs' spans."""
+    if not tracing.enabled():
+        return tracing.store_write("", [], [])
+    driver = getattr(store, "driver", None)
+    system = str(getattr(driver, "dialect", type(store).__name__))
+    whats = [w.what.rsplit(" ", 1)[0] for w in batch]
+    carried = [str(w.run.extra.get("traceparent") or "") for w in batch if w.run is not None]
+    return tracing.store_write(system, whats, [c for c in carried if c])
 
 
 def _usage_of(run: RunRecord) -> dict[str, Any] | None:

@@ -35,6 +35,12 @@ from server.settings import Settings
 
 log = logging.getLogger("chat.http")
 
+#: The ASGI extension through which an app drops its connection (a response it cut,
+#: whose last bytes the client did not take): ``scope["extensions"][ABORT]["abort"]()``.
+#: uvicorn then sees the connection lost, not a response left unfinished, which it
+#: would log at error level.
+ABORT: Final = "chat.connection.abort"
+
 
 class OpeningLimiter:
     """How many connections of each client address are being opened: accepted, and
@@ -165,6 +171,9 @@ class HeadLimitedHttpProtocol(HttpToolsProtocol):
             return
         # The body has its own deadline, until the parser has seen all of it.
         self._body_deadline = self.loop.call_later(self.body_timeout_s, self._body_timed_out)
+        extensions: dict[str, Any] = dict(self.scope.get("extensions") or {})
+        extensions[ABORT] = {"abort": self.transport.abort}
+        self.scope["extensions"] = extensions
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:

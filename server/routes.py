@@ -23,8 +23,8 @@ from starlette.responses import JSONResponse, Response
 
 from bridge.errors import RunNotFound
 from bridge.events import PROTOCOL
-from bridge.wire import Action
-from server import sse
+from bridge.wire import RESPOND, Action
+from server import commands, sse
 from server.auth import Principal, bearer_from_headers, token_for_http
 from server.commands import MAX_THREAD_ID_CHARS, client_ref, on_active, optional_id
 from server.errors import AuthError, BodyTooLarge, ProtocolError, wire_error
@@ -210,11 +210,24 @@ async def lifecycle(request: Request) -> Response:
     user = authenticate(request)
     run_id = request.path_params["run_id"]
     action = request.path_params["action"]
+    if action == RESPOND:
+        return await _respond(request, gateway, user, run_id)
     if action not in set(Action):
         expected = ", ".join(Action)
         raise RunNotFound(f"no action {action[:32]!r}; expected one of {expected}")
     status = await gateway.control(user, run_id, action)
     return OrjsonResponse({"ok": True, "run_id": run_id, "action": action, "status": status})
+
+
+async def _respond(request: Request, gateway: Gateway, user: Principal, run_id: str) -> Response:
+    """``POST /api/chat/agents/{run_id}/respond``: answer one of the run's input requests."""
+    body = await read_json_body(request, gateway.settings.max_message_bytes)
+    request_id = commands.request_id(body)
+    payload = commands.response_payload(body)
+    status = await gateway.respond(user, run_id, request_id, payload)
+    return OrjsonResponse(
+        {"ok": True, "run_id": run_id, "request_id": request_id, "status": status}
+    )
 
 
 @api

@@ -21,7 +21,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
-from bridge import events
+from bridge import events, tracing
 from bridge.broker import ThreadFollow
 from bridge.events import Event, Ref
 from bridge.wire import CloseCode
@@ -30,6 +30,7 @@ from server.commands import (
     Command,
     Control,
     Ping,
+    Respond,
     Resume,
     UserMessage,
     WatchThread,
@@ -223,6 +224,11 @@ class Session:
                 self.enqueue(events.pong(ref))
             elif isinstance(command, WatchThread):
                 await self._watch_thread(command)
+            elif isinstance(command, Respond):
+                status = await self.gateway.respond(
+                    self.user, command.run_id, command.request_id, command.payload
+                )
+                self.enqueue(events.ack(ref, "respond", command.run_id, status))
         except Exception as exc:
             code, message, _ = wire_error(exc)
             if code == "internal":
@@ -233,6 +239,7 @@ class Session:
             self._wake.set()
 
     async def _user_message(self, command: UserMessage) -> None:
+        tracing.incoming(command.traceparent)
         sent = await self.gateway.send(
             self.user,
             command.content,

@@ -72,6 +72,12 @@ class Settings:
     idempotency_window_s: float = _opt(
         300.0, "a user_message id (Idempotency-Key) of a user starts one run within this window"
     )
+    approval_tools: tuple[str, ...] = _opt(
+        (), "comma-separated tools whose calls wait for the owner's approval (* for all)"
+    )
+    input_timeout_s: float = _opt(
+        600.0, "an approval or question unanswered this long is resolved by timeout"
+    )
     run_log_max_bytes: int = _opt(32 * MiB, "events kept per run for resume; oldest dropped")
     max_answer_bytes: int = _opt(
         1 * MiB, "largest answer of a run (UTF-8 bytes); past it the run fails answer_too_large"
@@ -151,6 +157,9 @@ class Settings:
     log_format: str = _opt(
         "text", "text, or json: one JSON object per line with the run, thread and session ids"
     )
+    trace_content: str = _opt(
+        "off", "on: spans carry message content (messages, answers, tool arguments); off: never"
+    )
 
     @property
     def dev_mode(self) -> bool:
@@ -196,6 +205,8 @@ class Settings:
             raise ValueError(f"{ENV_PREFIX}ADMIN_CLAIM must be claim=value, e.g. role=operator")
         if self.llm_usage not in ("on", "off"):
             raise ValueError(f"{ENV_PREFIX}LLM_USAGE must be on or off, got {self.llm_usage!r}")
+        if self.trace_content not in ("on", "off"):
+            raise ValueError(f"CHAT_TRACE_CONTENT must be on or off, not {self.trace_content!r}")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"CHAT_LOG_FORMAT must be text or json, not {self.log_format!r}")
         if self.metrics not in ("on", "off"):
@@ -240,6 +251,7 @@ class Settings:
             "body_timeout_s",
             "agent_timeout_s",
             "redis_outage_s",
+            "input_timeout_s",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()} must be positive")

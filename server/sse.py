@@ -13,7 +13,9 @@ The body is sent with the server's ASGI ``send``, which waits while the client
 leaves the transport's buffer full: that wait is what the outbox sees as a
 stuck send.  A stream cut as a slow consumer gets its last frames only if the
 client reads them within ``CHAT_SEND_TIMEOUT_S``; otherwise its connection is
-dropped, and the run log it held is let go either way.
+dropped (through the server's ``chat.connection.abort`` extension, so the server
+sees a lost connection rather than an unfinished response), and the run log it
+held is let go either way.
 """
 
 from __future__ import annotations
@@ -36,10 +38,13 @@ from server.auth import Principal
 from server.errors import RateLimited
 from server.gateway import Gateway
 from server.outbox import CLOSE_NORMAL, CLOSE_SLOW, Outbox, Policy
+from server.protocols import ABORT
 
 log = logging.getLogger("chat.http")
 
 PING: Final = b": ping\n\n"
+#: How long a dropped connection's loss may take to be reported (one loop turn, really).
+DROP_WAIT_S: Final = 1.0
 HEADERS: Final = {
     "Cache-Control": "no-store",
     "X-Accel-Buffering": "no",
@@ -179,8 +184,8 @@ class SseStream(Response):
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             if writer.done() and not self.box.aborted:
                 writer.result()
-            elif self.box.aborted and not listener.done():
-                await self._abort(writer, send)
+            elif self.box.aborted and not listener.done() and not await self._abort(writer, send):
+                await _drop(scope, listener)
         finally:
             expiry.cancel()
             for task in tasks:
@@ -199,8 +204,11 @@ class SseStream(Response):
     async def _wait_aborted(self) -> None:
         await self._aborted.wait()
 
-    async def _abort(self, writer: asyncio.Task[None], send: Send) -> None:
-        """End a stream the outbox cut: the writer stops, the client is told if it reads."""
+    async def _abort(self, writer: asyncio.Task[None], send: Send) -> bool:
+        """End a stream the outbox cut: the writer stops, the client is told if it reads.
+
+        Returns whether the response was completed (else its connection must be dropped).
+        """
         box = self.box
         writer.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -217,6 +225,8 @@ class SseStream(Response):
             async with asyncio.timeout(self.gateway.settings.send_timeout_s):
                 await send({"type": "http.response.body", "body": last, "more_body": True})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return True
+        return False
 
     async def _send(self, send: Send, body: bytes) -> None:
         box = self.box
@@ -263,6 +273,19 @@ class SseStream(Response):
         await send({"type": "http.response.body", "body": end, "more_body": False})
         if not box.closing:
             box.close(CLOSE_NORMAL, "stream ended")
+
+
+async def _drop(scope: Scope, listener: asyncio.Task[None]) -> None:
+    """Drop the connection of a response that cannot be finished, through the
+    server's abort extension (see :data:`server.protocols.ABORT`), and wait for the
+    server to report it lost; a server without the extension closes it itself."""
+    abort = (scope.get("extensions") or {}).get(ABORT, {}).get("abort")
+    if abort is None:
+        return
+    abort()
+    with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
+        async with asyncio.timeout(DROP_WAIT_S):
+            await asyncio.shield(listener)
 
 
 async def _until_disconnect(receive: Receive) -> None:

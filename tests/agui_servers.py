@@ -383,3 +383,24 @@ async def _always_a_tool(run: RunAgentInput) -> AsyncIterator[dict[str, Any]]:
 
 
 looping = agui_agent(_always_a_tool, max_steps=2)
+
+
+async def _front_tool(run: RunAgentInput) -> AsyncIterator[dict[str, Any]]:
+    """An agent that calls its client's ``get_weather`` when offered one, then answers
+    with the result the client sent back."""
+    with SEEN.lock:
+        SEEN.inputs.setdefault("front_tool", []).append(run.model_dump(by_alias=True))
+    yield {"type": "RUN_STARTED", "threadId": run.thread_id, "runId": run.run_id}
+    last = run.messages[-1]
+    if last.role == "tool":
+        yield {"type": "TEXT_MESSAGE_START", "messageId": "w2", "role": "assistant"}
+        yield {"type": "TEXT_MESSAGE_CONTENT", "messageId": "w2", "delta": f"It is {last.content}."}
+        yield {"type": "TEXT_MESSAGE_END", "messageId": "w2"}
+    elif any(tool.name == "get_weather" for tool in run.tools or ()):
+        yield {"type": "TOOL_CALL_START", "toolCallId": "w1", "toolCallName": "get_weather"}
+        yield {"type": "TOOL_CALL_ARGS", "toolCallId": "w1", "delta": '{"city": "Oslo"}'}
+        yield {"type": "TOOL_CALL_END", "toolCallId": "w1"}
+    yield {"type": "RUN_FINISHED", "threadId": run.thread_id, "runId": run.run_id}
+
+
+front_tool = agui_agent(_front_tool, name="front_tool")

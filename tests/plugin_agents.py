@@ -72,3 +72,19 @@ def tools(settings: Any) -> list[Tool]:
 
 CLOCK_AGAIN = Tool(name="clock", description="", parameters={"type": "object"}, fn=_echo)
 NO_SCHEMA = Tool(name="bad", description="", parameters={"type": "string"}, fn=_echo)
+
+
+class Asker:
+    """Asks its owner a question (with choices when the message is ``choices``), then
+    asks to approve a calculation, and answers with both."""
+
+    name = "asker"
+    description = "Asks the user, through RunContext.ask and RunContext.approve."
+
+    async def run(self, ctx: RunContext) -> None:
+        choices = ["red", "blue"] if ctx.message == "choices" else None
+        answer = await ctx.ask("Which colour?", choices)
+        await ctx.say(f"You said {answer!r}. ")
+        if ctx.message == "approve":
+            verdict = await ctx.approve("launch", {"target": "moon"})
+            await ctx.say(f"Launch {'approved' if verdict.approved else 'denied'} ({verdict.by}).")

@@ -182,6 +182,7 @@ def check_run_invariants(run_events: list[dict[str, Any]]) -> None:
         for event in run_events:
             state.feed(event["type"], event["data"], event["seq"])
         assert state.completed and not state.open_calls and state.responded
+        assert not state.open_requests  # every input_requested was resolved, once
 
 
 @dataclass

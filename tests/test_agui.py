@@ -18,7 +18,16 @@ from agents.agui import AGUIMapper, parse_event, validate_event
 from agents.agui_http import SSEMessage, SSEParser
 from agents.errors import RemoteAgentError
 from tests import agui_servers as ag
-from tests.support import ROOT, LiveServer, check_run_invariants, free_port, run_server, ws_client
+from tests.support import (
+    ROOT,
+    LiveServer,
+    check_run_invariants,
+    free_port,
+    http_client,
+    parse_sse,
+    run_server,
+    ws_client,
+)
 
 TIMEOUT_S = 1.5
 
@@ -63,6 +72,7 @@ def gateway() -> Iterator[LiveServer]:
             "inprocess_tool=tests.agui_servers:inprocess_tool",
             "inprocess_state=tests.agui_servers:inprocess_state",
             "looping=tests.agui_servers:looping",
+            "front_tool=tests.agui_servers:front_tool",
         ]
         headers = (
             f"secured.Authorization=Bearer {ag.TOKEN}",
@@ -183,6 +193,50 @@ async def test_a_client_side_gateway_tool_is_run_and_fed_back(
     assert assistant["toolCalls"][0]["id"] == "calc_1"
     assert json.loads(assistant["toolCalls"][0]["function"]["arguments"]) == {"expression": "6 * 7"}
     assert tool == {"id": tool["id"], "role": "tool", "toolCallId": "calc_1", "content": "42"}
+
+
+async def test_a_client_tool_goes_to_the_agent_and_its_call_is_left_to_the_client(
+    gateway: LiveServer, user: str
+) -> None:
+    weather = {"name": "get_weather", "description": "The device's weather.", "parameters": {}}
+    body: dict[str, Any] = {
+        "threadId": f"t-{user}",
+        "runId": "front-1",
+        "messages": [{"id": "u1", "role": "user", "content": "Weather?"}],
+        "tools": [weather],
+        "context": [],
+        "state": None,
+        "forwardedProps": {},
+    }
+    async with http_client(gateway) as client:
+        first = await client.post("/api/ag-ui/front_tool", json=body, headers=gateway.headers(user))
+        types = [m["data"]["type"] for m in parse_sse(first.text)]
+        assert types[-4:] == ["TOOL_CALL_START", "TOOL_CALL_ARGS", "TOOL_CALL_END", "RUN_FINISHED"]
+        sent = ag.SEEN.inputs["front_tool"][0]
+        assert [t["name"] for t in sent["tools"]][-1] == "get_weather"  # beside the gateway's
+        assert "calculator" in [t["name"] for t in sent["tools"]]
+        start = next(
+            m["data"] for m in parse_sse(first.text) if m["data"]["type"] == "TOOL_CALL_START"
+        )
+        call = {"id": start["toolCallId"], "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}  # fmt: skip
+        body["runId"] = "front-2"
+        body["messages"] = [
+            *body["messages"],
+            {"id": "a1", "role": "assistant", "toolCalls": [call]},
+            {"id": "t1", "role": "tool", "toolCallId": call["id"], "content": "sunny"},
+        ]
+        second = await client.post(
+            "/api/ag-ui/front_tool", json=body, headers=gateway.headers(user)
+        )
+    data = [m["data"] for m in parse_sse(second.text)]
+    assert (
+        "".join(d["delta"] for d in data if d["type"] == "TEXT_MESSAGE_CONTENT") == "It is sunny."
+    )
+    again = ag.SEEN.inputs["front_tool"][1]
+    assert [m["role"] for m in again["messages"]] == ["user", "assistant", "tool"]
+    assert again["messages"][1]["toolCalls"][0]["function"]["name"] == "get_weather"
+    assert again["messages"][2]["toolCallId"] == call["id"]
 
 
 async def test_state_reaches_a_resuming_client_as_the_current_state(

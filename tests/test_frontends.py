@@ -30,7 +30,18 @@ from pydantic import TypeAdapter
 from bridge import events
 from server.agui_stream import AguiFramer
 from server.aisdk_stream import AiSdkFramer
-from tests.support import ROOT, LiveServer, http_client, parse_sse, wait_for, ws_client
+from tests import openai_stub as oa
+from tests.openai_stub import OpenAIStub, run_stub
+from tests.support import (
+    ROOT,
+    LiveServer,
+    check_run_invariants,
+    http_client,
+    parse_sse,
+    run_server,
+    wait_for,
+    ws_client,
+)
 
 JS_DIR = ROOT / "tests" / "js"
 AGUI_EVENT: TypeAdapter[Any] = TypeAdapter(AguiEvent)
@@ -180,12 +191,185 @@ async def test_agui_rejoin_at_every_cut_misses_and_repeats_nothing(
                     assert kinds[1:] == ["REASONING_START", "REASONING_MESSAGE_START"]
                 else:
                     assert kinds[1:] == []
+            elif cut == ids[-1]:
+                # At the end: the run re-opened and its end repeated, not an empty body.
+                assert [m["data"] for m in prelude] == [full[0]["data"], full[-1]["data"]]
             else:
                 assert prelude == []
     _figure(
         "frontends_agui_rejoin",
         {"rejoins": len(ids) + 1, "events": len(full), "seconds": time.perf_counter() - started},
     )
+
+
+async def test_agui_rejoin_after_a_finished_runs_end_repeats_its_end(
+    server: LiveServer, user: str
+) -> None:
+    async with http_client(server) as client:
+        for message, last in [("chunks=2", "RUN_FINISHED"), ("chunks=1 fail=1", "RUN_ERROR")]:
+            resp, full = await agui_post(server, user, run_input(f"t-{user}", "e", message))
+            run_id, end = resp.headers["x-chat-run-id"], int(full[-1]["id"])
+            for cut in (end, end + 5):
+                got = await client.get(
+                    f"/api/ag-ui/runs/{run_id}/events",
+                    headers={**server.headers(user), "Last-Event-ID": str(cut)},
+                )
+                assert got.status_code == 200, got.text
+                data = validated(parse_sse(got.text))
+                assert [d["type"] for d in data] == ["RUN_STARTED", last], (message, cut)
+                assert data == [full[0]["data"], full[-1]["data"]]
+
+
+# AG-UI client-side tools, against the llm agent over a scripted model ----------------------
+
+WEATHER: dict[str, Any] = {
+    "name": "get_weather",
+    "description": "The weather in a city, as the user's device knows it.",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def llm_gateway() -> Iterator[tuple[LiveServer, OpenAIStub]]:
+    """A gateway whose ``llm`` agent asks the scripted OpenAI stub."""
+    with (
+        run_stub() as stub,
+        run_server(llm_base_url=stub.url, llm_model=oa.MODEL, llm_timeout_s=5.0) as server,
+    ):
+        yield server, stub
+
+
+@pytest.fixture
+def llm(llm_gateway: tuple[LiveServer, OpenAIStub]) -> Iterator[tuple[LiveServer, OpenAIStub]]:
+    server, stub = llm_gateway
+    stub.reset()
+    yield server, stub
+    stub.release_all()
+
+
+def script_client_tool_call(stub: OpenAIStub, answer: str) -> None:
+    """The model calls the client's ``get_weather``, then, given its result, answers."""
+    stub.queue(
+        oa.tool_turn(("model-call-1", "get_weather", ['{"city":', ' "Paris"}'])),
+        oa.stream(oa.content(answer)),
+    )
+
+
+async def chat_v1_events(server: LiveServer, user: str, run_id: str) -> list[dict[str, Any]]:
+    async with http_client(server) as client:
+        resp = await client.get(f"/api/chat/runs/{run_id}/events", headers=server.headers(user))
+    return [
+        m["data"] for m in parse_sse(resp.text) if m["event"] not in ("stream_start", "stream_end")
+    ]
+
+
+async def test_agui_client_tool_call_is_left_open_and_its_result_continues_the_thread(
+    llm: tuple[LiveServer, OpenAIStub], user: str
+) -> None:
+    server, stub = llm
+    thread = f"t-{user}-tools"
+    script_client_tool_call(stub, "It is 21 degrees in Paris.")
+    question = {"id": "u1", "role": "user", "content": "What is the weather in Paris?"}
+    first_input = run_input(thread, "ct-1", "", tools=[WEATHER], messages=[question])
+    resp, messages = await agui_post(server, user, first_input, agent="llm")
+    assert resp.status_code == 200, resp.text
+    data = validated(messages)
+    types = [d["type"] for d in data]
+    assert types[0] == "RUN_STARTED" and types[-1] == "RUN_FINISHED"
+    assert "outcome" not in data[-1]  # a plain end: the call is the client's to answer
+    assert types[-4:-1] == ["TOOL_CALL_START", "TOOL_CALL_ARGS", "TOOL_CALL_END"]
+    assert "TOOL_CALL_RESULT" not in types and "TEXT_MESSAGE_START" not in types
+    start = next(d for d in data if d["type"] == "TOOL_CALL_START")
+    assert start["toolCallName"] == "get_weather"
+    args = next(d for d in data if d["type"] == "TOOL_CALL_ARGS")["delta"]
+    assert json.loads(args) == {"city": "Paris"}
+    # The model was offered the client's tool beside the gateway's, with its schema.
+    offered = {t["function"]["name"]: t["function"] for t in stub.requests[0].body["tools"]}
+    assert offered["get_weather"]["parameters"] == WEATHER["parameters"]
+    assert "calculator" in offered
+    # In chat.v1 the call is answered as pending, so the run's invariants hold.
+    run1 = resp.headers["x-chat-run-id"]
+    run1_events = await chat_v1_events(server, user, run1)
+    check_run_invariants(run1_events)
+    completed = next(e for e in run1_events if e["type"] == "tool_completed")["data"]
+    assert completed["ok"] is False and completed["pending"] is True
+    assert completed["error"] == "left to the client"
+    # The client answers the call in its next input: a new run of the same thread.
+    call_id = start["toolCallId"]
+    asked = {
+        "id": start["parentMessageId"],
+        "role": "assistant",
+        "toolCalls": [
+            {
+                "id": call_id,
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": args},
+            }
+        ],
+    }
+    answer = {"id": "tm1", "role": "tool", "toolCallId": call_id, "content": '{"celsius": 21}'}
+    second_input = run_input(
+        thread, "ct-2", "", tools=[WEATHER], messages=[question, asked, answer]
+    )
+    resp2, messages2 = await agui_post(server, user, second_input, agent="llm")
+    assert resp2.status_code == 200, resp2.text
+    data2 = validated(messages2)
+    assert data2[0] == {"type": "RUN_STARTED", "threadId": thread, "runId": "ct-2"}
+    assert text_of(data2) == "It is 21 degrees in Paris."
+    assert data2[-1]["type"] == "RUN_FINISHED"
+    assert resp2.headers["x-chat-thread-id"] == thread
+    # The model saw the question once, its call and the client's result, in order.
+    sent = stub.requests[1].messages
+    assert [m["role"] for m in sent] == ["user", "assistant", "tool"]
+    assert sent[0]["content"] == question["content"]
+    assert sent[1]["tool_calls"][0]["id"] == call_id
+    assert sent[1]["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert sent[2] == {"role": "tool", "tool_call_id": call_id, "content": '{"celsius": 21}'}
+    history = await _history(server, user, thread, 4)
+    assert [(m["role"], m["run_id"]) for m in history] == [
+        ("user", run1), ("assistant", run1),
+        ("user", resp2.headers["x-chat-run-id"]), ("assistant", resp2.headers["x-chat-run-id"]),
+    ]  # fmt: skip
+    assert history[2]["content"] == f'Result of get_weather ({call_id}): {{"celsius": 21}}'
+    assert history[3]["content"] == "It is 21 degrees in Paris."
+
+
+async def test_agui_tool_messages_must_answer_the_calls_before_them(
+    llm: tuple[LiveServer, OpenAIStub], user: str
+) -> None:
+    server, _ = llm
+    question = {"id": "u1", "role": "user", "content": "hi"}
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": "{}"},
+    }
+    asked = {"id": "a1", "role": "assistant", "toolCalls": [call]}
+    cases = {
+        "no call before it": [
+            question,
+            {"id": "t", "role": "tool", "toolCallId": "x", "content": "1"},
+        ],
+        "another call's id": [
+            question,
+            asked,
+            {"id": "t", "role": "tool", "toolCallId": "x", "content": "1"},
+        ],
+        "a call unanswered": [
+            question,
+            {**asked, "toolCalls": [call, {**call, "id": "call_2"}]},
+            {"id": "t", "role": "tool", "toolCallId": "call_1", "content": "1"},
+        ],
+    }
+    for case, messages in cases.items():
+        body = run_input(f"t-{user}", "r", "", tools=[WEATHER], messages=messages)
+        resp, _ = await agui_post(server, user, body, agent="llm")
+        assert resp.status_code == 400, (case, resp.text)
+        assert resp.json()["error"]["code"] == "bad_message"
 
 
 def _figure(name: str, values: dict[str, Any]) -> None:
@@ -366,6 +550,21 @@ async def test_aisdk_stream_headers_parts_and_done(server: LiveServer, user: str
             "/api/ai-sdk/chat", json={"id": "x", "messages": []}, headers=server.headers(user)
         )
         assert bad.status_code == 400
+        # Wrong types are the client's mistake (400), never a 500.
+        text_part = {"id": "u1", "role": "user", "parts": [{"type": "text", "text": "hi"}]}
+        for wrong in (
+            {"trigger": ["x"]},
+            {"trigger": {"a": 1}},
+            {"messages": [{"id": "u1", "role": "user", "parts": [{"type": "text", "text": 5}]}]},
+            {"messages": [{"role": "user", "parts": [{"type": "text", "text": {"no": 1}}]}]},
+        ):
+            resp = await client.post(
+                "/api/ai-sdk/chat",
+                json={"id": f"w-{user}", "messages": [text_part], **wrong},
+                headers=server.headers(user),
+            )
+            assert resp.status_code == 400, (wrong, resp.text)
+            assert resp.json()["error"]["code"] == "bad_message"
         none = await client.get(f"/api/ai-sdk/chat/c-{user}/stream", headers=server.headers(user))
         assert none.status_code == 204
 
@@ -512,6 +711,50 @@ async def test_agui_client_rejoins_a_dropped_stream(
     assert text_of(before) + text_of(after) == chunks(12)
 
 
+async def test_agui_client_verifies_a_rejoin_after_the_runs_end(
+    js_deps: Path, server: LiveServer, user: str
+) -> None:
+    for message, last in [("chunks=2", "RUN_FINISHED"), ("chunks=1 fail=1", "RUN_ERROR")]:
+        resp, full = await agui_post(server, user, run_input(f"t-{user}", "late", message))
+        rejoin = await js(
+            js_deps, server, user, "agui.mjs", kind="rejoin",
+            runId=resp.headers["x-chat-run-id"], lastEventId=full[-1]["id"],
+        )  # fmt: skip
+        result = await rejoin.finish()
+        assert result["rejoinError"] is None, result  # verifyEvents took the stream
+        assert [e["type"] for e in result["after"]] == ["RUN_STARTED", last]
+        assert result["after"] == [full[0]["data"], full[-1]["data"]]
+
+
+async def test_agui_client_answers_its_own_tool_with_http_agent(
+    js_deps: Path, llm: tuple[LiveServer, OpenAIStub], user: str
+) -> None:
+    server, stub = llm
+    script_client_tool_call(stub, "Sunny, 21 degrees.")
+    run = await js(
+        js_deps, server, user, "agui.mjs", kind="client-tool", agent="llm",
+        threadId=f"t-{user}-js-tools", runId="jt", message="Weather in Paris?", tools=[WEATHER],
+    )  # fmt: skip
+    result = await run.finish()
+    assert result["error"] is None, result  # both runs passed the client's verification
+    first, second = result["runs"]
+    types = [e["type"] for e in first["events"]]
+    assert types[-4:] == ["TOOL_CALL_START", "TOOL_CALL_ARGS", "TOOL_CALL_END", "RUN_FINISHED"]
+    assert "TOOL_CALL_RESULT" not in types
+    assert text_of(second["events"]) == "Sunny, 21 degrees."
+    # The client's own message list: the call, its answer, then the agent's answer.
+    roles = [m["role"] for m in result["messages"] if m["role"] != "reasoning"]
+    assert roles == ["user", "assistant", "tool", "assistant"]
+    call = result["messages"][[m["role"] for m in result["messages"]].index("tool")]
+    sent = stub.requests[1].messages
+    assert sent[-1] == {
+        "role": "tool",
+        "tool_call_id": call["toolCallId"],
+        "content": call["content"],
+    }
+    assert [m["role"] for m in sent] == ["user", "assistant", "tool"]
+
+
 async def test_agui_run_stopped_and_resumed_over_rest_watched_over_ws(
     js_deps: Path, server: LiveServer, user: str
 ) -> None:
@@ -636,5 +879,74 @@ async def test_aisdk_client_regenerate_runs_the_last_message_again(
     assert answer_text(result["first"]["message"]) == chunks(2)
     assert answer_text(result["again"]["message"]) == chunks(2)
     assert result["first"]["message"]["id"] != result["again"]["message"]["id"]
-    history = await _history(server, user, chat, 4)
-    assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
+    # The answer replaced, the user's message stored once.
+    history = await _history(server, user, chat, 2)
+    assert [(m["role"], m["run_id"]) for m in history] == [
+        ("user", result["first"]["message"]["id"].removesuffix(":answer")),
+        ("assistant", result["again"]["message"]["id"].removesuffix(":answer")),
+    ]
+    assert history[1]["content"] == chunks(2)
+
+
+async def test_aisdk_regenerate_replaces_the_answer_or_is_a_conflict(
+    server: LiveServer, user: str
+) -> None:
+    chat = f"c-{user}-regen"
+
+    async def post(trigger: str, message_id: str | None = None) -> httpx.Response:
+        body = {**body_of(chat, trigger), "messageId": message_id}
+        async with http_client(server) as client:
+            return await client.post("/api/ai-sdk/chat", json=body, headers=server.headers(user))
+
+    nothing = await post("regenerate-message")  # a chat with no answer yet
+    assert nothing.status_code == 409, nothing.text
+    assert nothing.json()["error"] == {
+        "code": "conflict", "message": "this chat has no answer to regenerate"
+    }  # fmt: skip
+    first = await post("submit-message")
+    run1 = first.headers["x-chat-run-id"]
+    before = await _history(server, user, chat, 2)
+    other = await post("regenerate-message", "r_someother:answer")
+    assert other.status_code == 409 and "last answer" in other.json()["error"]["message"]
+    again = await post("regenerate-message", f"{run1}:answer")
+    assert again.status_code == 200, again.text
+    parts = [json.loads(m) for m in _data_lines(again.text)]
+    assert parts[-1] == {"type": "finish", "finishReason": "stop"}
+    run2 = again.headers["x-chat-run-id"]
+    await wait_for(lambda: _run_done(server, user, run2))
+    after = await _history(server, user, chat, 2)
+    assert [(m["message_id"], m["role"], m["run_id"]) for m in after] == [
+        (before[0]["message_id"], "user", run1), (after[1]["message_id"], "assistant", run2)
+    ]  # fmt: skip
+    assert after[1]["message_id"] != before[1]["message_id"]
+    # Its answer is gone: the same answer id cannot be regenerated twice.
+    stale = await post("regenerate-message", f"{run1}:answer")
+    assert stale.status_code == 409
+    # Another user's chat is not found, as on every route.
+    async with http_client(server) as client:
+        theirs = await client.post(
+            "/api/ai-sdk/chat",
+            json={**body_of(chat, "regenerate-message"), "messageId": None},
+            headers=server.headers(f"{user}-other"),
+        )
+    assert theirs.status_code == 404, theirs.text
+
+
+def body_of(chat: str, trigger: str) -> dict[str, Any]:
+    text = [{"type": "text", "text": "chunks=2"}]
+    return {
+        "id": chat,
+        "agent": "load",
+        "trigger": trigger,
+        "messages": [{"id": "u1", "role": "user", "parts": text}],
+    }
+
+
+def _data_lines(text: str) -> list[str]:
+    lines = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return lines[:-1]
+
+
+async def _run_done(server: LiveServer, user: str, run_id: str) -> bool:
+    return (await _status(server, user, run_id))["status"] == "completed"

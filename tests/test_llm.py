@@ -16,6 +16,7 @@ import pytest
 from agents.base import Message, RunContext
 from agents.errors import LLMError
 from agents.llm import (
+    ASK_USER_SCHEMA,
     Delta,
     LLMAgent,
     LLMConfig,
@@ -360,7 +361,8 @@ async def test_a_plain_answer_streams_chunk_by_chunk(
         {"role": "system", "content": SYSTEM_PROMPT},
         {"role": "user", "content": "Say hello"},
     ]
-    assert request.body["tools"] == builtin_tools().schemas()
+    # The built-in tools, and the one the model asks the user with.
+    assert request.body["tools"] == [*builtin_tools().schemas(), ASK_USER_SCHEMA]
 
 
 async def test_a_tool_call_in_pieces_runs_and_its_result_goes_back(

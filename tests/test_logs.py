@@ -45,10 +45,13 @@ async def test_json_logs_of_a_real_server_have_their_fields_and_no_token(tmp_pat
             ok = await client.run(f"hello {CONTENT}", agent="demo")
             failed = await client.run(f"and {CONTENT}", agent="broken")
             model = await client.run(f"then {CONTENT}", agent="llm")
+            # An agent's error that quotes the message (the load agent's bad parameter).
+            quoted = await client.run(f"chunks={CONTENT}", agent="load")
         assert ok[-1]["data"]["status"] == "completed"
+        assert quoted[-1]["data"]["status"] == "failed"
         assert failed[-1]["data"]["status"] == "failed"
         assert model[-1]["data"]["status"] == "failed"
-        run_ids = {failed[1]["run_id"], model[1]["run_id"]}
+        run_ids = {failed[1]["run_id"], model[1]["run_id"], quoted[1]["run_id"]}
         # A bad token, over WebSocket and HTTP.
         bad = srv.token("mallory")[:-4] + "AAAA"
         tokens.append(bad)

@@ -8,8 +8,11 @@ wall-clock thresholds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,13 +111,32 @@ async def test_unread_sse_streams_are_cut_and_memory_falls_back(tmp_path: Path) 
     assert rss_after - rss_before < (peak - rss_before) / 2
 
 
+@contextlib.contextmanager
+def server_errors() -> Iterator[list[logging.LogRecord]]:
+    """The records uvicorn's error logger writes at error level meanwhile (it does not
+    propagate to the root logger, so it is listened to directly, once uvicorn's config
+    has set up its loggers)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("uvicorn.error")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
 async def test_sse_stream_whose_send_stalls_is_cut(user: str) -> None:
     # A buffer so large that only the stall can cut; the run ends, nothing grows.
-    with run_server(
-        send_timeout_s=1.0,
-        send_buffer_bytes=512 * 1024 * 1024,
-        max_answer_bytes=32 * 1024 * 1024,
-    ) as srv:
+    with (
+        run_server(
+            send_timeout_s=1.0,
+            send_buffer_bytes=512 * 1024 * 1024,
+            max_answer_bytes=32 * 1024 * 1024,
+        ) as srv,
+        server_errors() as errors,
+    ):
         sock = unread_stream(srv, user, "chunks=20000 chunk_chars=400 thinking=0")
         try:
             began = time.monotonic()
@@ -140,6 +162,8 @@ async def test_sse_stream_whose_send_stalls_is_cut(user: str) -> None:
             )
         assert parse_sse(resp.text)[-1]["event"] == "stream_end"
     record_figures("sse_stall", {"send_timeout_s": 1.0, "cut_after_s": round(cut_s, 3)})
+    # The cut stream's connection was dropped, not left as an unfinished response.
+    assert [r.getMessage() for r in errors] == []
 
 
 async def test_sse_stream_ends_when_the_token_expires(user: str) -> None:

@@ -10,7 +10,7 @@ import { renderInto } from "./markdown.js";
 
 const TOKEN_KEY = "chat.token";
 const LIVE_RUNS_KEY = "chat.liveRuns";
-const LIVE_STATUSES = new Set(["queued", "running", "paused"]);
+const LIVE_STATUSES = new Set(["queued", "running", "paused", "waiting"]);
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -165,6 +165,7 @@ const STATUS_LABELS = {
   queued: "Queued",
   running: "Answering",
   paused: "Paused",
+  waiting: "Waiting for you",
   completed: "Done",
   cancelled: "Cancelled",
   failed: "Failed",
@@ -181,6 +182,7 @@ class Turn {
     this.text = "";
     this.nextIndex = 0;
     this.tools = new Map();
+    this.requests = new Map(); // open input requests: request id → their box
     this.thinkingToggled = false;
 
     this.root = el("article", "turn");
@@ -300,6 +302,12 @@ class Turn {
         this.collapseThinking();
         this.renderer.schedule();
         break;
+      case "input_requested":
+        stickToBottom(() => this.inputRequested(data));
+        break;
+      case "input_resolved":
+        stickToBottom(() => this.inputResolved(data));
+        break;
       case "run_status":
         this.setStatus(data.status);
         this.renderer.flush(); // a paused answer shows all it has
@@ -348,7 +356,7 @@ class Turn {
     this.answer.setAttribute("aria-busy", "false");
     this.time.textContent = formatDuration(data.duration_ms);
     for (const card of this.tools.values()) {
-      if (card.root.dataset.state === "running") {
+      if (card.root.dataset.state === "running" || card.root.dataset.state === "waiting") {
         this.toolCompleted({ call_id: card.callId, ok: false, error: "ended" });
       }
     }
@@ -357,6 +365,114 @@ class Turn {
       const label = STATUS_LABELS[data.status] ?? data.status;
       const text = code === data.status ? `${label}.` : `${label}: ${message || code} [${code}]`;
       this.showNote(text, data.status === "cancelled" ? "info" : "error");
+    }
+  }
+
+  /** An approval (on its tool's card) or a question (above the answer), with its controls. */
+  inputRequested(data) {
+    const requestId = data.request_id;
+    if (!requestId || this.requests.has(requestId)) return;
+    const card = data.call_id ? this.tools.get(data.call_id) : null;
+    const parent = card ? card.body : this.assistant;
+    const box = el("div", `input-request ${data.kind === "question" ? "question" : "approval"}`);
+    box.dataset.requestId = requestId;
+    box.dataset.state = "open";
+    if (card) parent.appendChild(box);
+    else this.assistant.insertBefore(box, this.answer);
+    const send = async (answer, buttons) => {
+      if (!client || !this.runId) return;
+      for (const button of buttons) button.disabled = true;
+      error.hidden = true;
+      try {
+        await client.respond(this.runId, requestId, answer);
+        box.dataset.state = "sent";
+      } catch (e) {
+        error.hidden = false;
+        error.textContent = `Not sent: ${e.code}: ${e.message}`;
+        for (const button of buttons) button.disabled = false;
+      }
+    };
+    let error;
+    if (data.kind === "question") {
+      el("p", "input-question", box, data.question ?? "");
+      const form = el("form", "input-form", box);
+      const buttons = [];
+      for (const choice of Array.isArray(data.choices) ? data.choices : []) {
+        const button = el("button", "choice", form, String(choice));
+        button.type = "button";
+        button.addEventListener("click", () => send({ answer: String(choice) }, buttons));
+        buttons.push(button);
+      }
+      const input = el("input", "input-answer", form);
+      input.type = "text";
+      input.placeholder = "Your answer";
+      input.setAttribute("aria-label", "Your answer");
+      const submit = el("button", "primary", form, "Answer");
+      submit.type = "submit";
+      buttons.push(submit);
+      form.addEventListener("submit", (e) => {
+        e.preventDefault();
+        send({ answer: input.value }, buttons);
+      });
+      error = el("p", "input-error", box);
+    } else {
+      el("p", "input-question", box, `Run ${data.tool ?? "this tool"} with these arguments?`);
+      const args = el("textarea", "input-args", box);
+      args.value = JSON.stringify(data.args ?? {}, null, 2);
+      args.rows = Math.min(8, args.value.split("\n").length);
+      args.setAttribute("aria-label", "Arguments (you may edit them)");
+      const reason = el("input", "input-reason", box);
+      reason.type = "text";
+      reason.placeholder = "Reason (optional)";
+      reason.setAttribute("aria-label", "Reason");
+      const row = el("div", "input-buttons", box);
+      const approve = el("button", "primary approve", row, "Approve");
+      const deny = el("button", "deny", row, "Deny");
+      approve.type = deny.type = "button";
+      const buttons = [approve, deny];
+      const why = () => (reason.value.trim() ? { reason: reason.value.trim() } : {});
+      approve.addEventListener("click", () => {
+        let edited;
+        try {
+          edited = JSON.parse(args.value);
+        } catch {
+          error.hidden = false;
+          error.textContent = "The arguments are not valid JSON.";
+          return;
+        }
+        const changed = JSON.stringify(edited) !== JSON.stringify(data.args ?? {});
+        send({ approved: true, ...(changed ? { args: edited } : {}), ...why() }, buttons);
+      });
+      deny.addEventListener("click", () => send({ approved: false, ...why() }, buttons));
+      error = el("p", "input-error", box);
+    }
+    error.hidden = true;
+    if (card) {
+      card.root.open = true;
+      card.root.dataset.state = "waiting";
+      card.status.textContent = "waiting for approval";
+    }
+    this.requests.set(requestId, box);
+  }
+
+  inputResolved(data) {
+    const box = this.requests.get(data.request_id);
+    if (!box) return;
+    this.requests.delete(data.request_id);
+    box.dataset.state = "resolved";
+    let text;
+    if (data.by === "timeout") text = "No answer came in time.";
+    else if (data.by === "cancel") text = "Not answered: the run ended.";
+    else if (typeof data.answer === "string") text = `Answered: ${data.answer}`;
+    else text = data.approved ? "Approved." : "Denied.";
+    if (data.approved && data.args) text = "Approved, with edited arguments.";
+    if (data.reason && data.by === "user") text += ` Reason: ${data.reason}`;
+    box.replaceChildren();
+    el("p", "input-outcome", box, text);
+    const card = [...this.tools.values()].find((c) => c.body.contains(box));
+    if (card && card.root.dataset.state === "waiting") {
+      card.root.dataset.state = "running";
+      card.status.textContent = "running…";
     }
   }
 
@@ -378,7 +494,7 @@ class Turn {
     const out = el("pre", "tool-result", body, "…");
     const began = performance.now();
     const callId = data.call_id;
-    this.tools.set(callId, { root, status, time, out, outLabel, callId, began });
+    this.tools.set(callId, { root, status, time, out, outLabel, callId, began, body });
   }
 
   toolCompleted(data) {
@@ -469,8 +585,14 @@ function updateRunbar() {
   const status = live.status;
   ui.runbar.dataset.status = status;
   ui.runLabel.textContent =
-    status === "paused" ? "Paused" : status === "queued" ? "Starting…" : "Answering…";
-  ui.stop.disabled = !(status === "running" || status === "queued");
+    status === "paused"
+      ? "Paused"
+      : status === "queued"
+        ? "Starting…"
+        : status === "waiting"
+          ? "Waiting for your answer"
+          : "Answering…";
+  ui.stop.disabled = !(status === "running" || status === "queued" || status === "waiting");
   ui.resume.disabled = status !== "paused";
   ui.cancel.disabled = !LIVE_STATUSES.has(status);
 }

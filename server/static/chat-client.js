@@ -330,6 +330,15 @@ export class ChatClient extends EventTarget {
   }
 
   /**
+   * Answer a run's `input_requested` (`respond`): `{approved, args?, reason?}` for a tool
+   * approval, `{answer}` for a question. Resolves with the status the answer leads to;
+   * rejects with `not_found` or `conflict` (already resolved).
+   */
+  respond(runId, requestId, answer = {}) {
+    return this.#control("respond", runId, { ...answer, request_id: requestId });
+  }
+
+  /**
    * Follow a run this client has not seen (started elsewhere, or before a page reload) from
    * `afterSeq` on (0: from its first event). Its events arrive as `event`s.
    */
@@ -557,21 +566,24 @@ export class ChatClient extends EventTarget {
 
   // Controls ---------------------------------------------------------------------------
 
-  async #control(action, runId) {
+  async #control(action, runId, fields = null) {
     if (this._stopped) throw new ChatError("closed", "the client was closed");
     if (this.transport !== "sse" && this._wsReady) {
       const id = this.newId();
       return new Promise((resolve, reject) => {
-        const frame = { type: action, run_id: runId, id };
-        this._pending.set(id, { kind: "control", frame, resolve, reject, sent: false });
+        const frame = { ...fields, type: action, run_id: runId, id };
+        this._pending.set(id, { kind: "control", frame, fields, resolve, reject, sent: false });
         this.#flush();
       });
     }
     // SSE, or the socket is down: the REST route does the same, at once.
     const url = new URL(`api/chat/agents/${encodeURIComponent(runId)}/${action}`, this.baseUrl);
+    const headers = { Authorization: `Bearer ${await this.#token()}` };
+    if (fields) headers["Content-Type"] = "application/json";
     const response = await this.fetchImpl(url, {
       method: "POST",
-      headers: { Authorization: `Bearer ${await this.#token()}` },
+      headers,
+      body: fields ? JSON.stringify(fields) : undefined,
       signal: this._abort.signal,
     });
     if (!response.ok) throw await this.#httpFailure(response);
@@ -845,7 +857,7 @@ export class ChatClient extends EventTarget {
       if (pending.kind === "user_message") {
         this.#sseSend(pending.frame).then(pending.resolve, pending.reject);
       } else if (pending.kind === "control") {
-        this.#control(pending.frame.type, pending.frame.run_id).then(
+        this.#control(pending.frame.type, pending.frame.run_id, pending.fields).then(
           pending.resolve,
           pending.reject,
         );

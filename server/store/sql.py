@@ -425,6 +425,9 @@ class SqlStore:
             ),
         ]
 
+    def message_delete_steps(self, message_id: str, thread_id: str) -> list[Step]:
+        return [("DELETE FROM messages WHERE id = ? AND thread_id = ?", (message_id, thread_id))]
+
     async def list_messages(self, thread_id: str, limit: int, after_pos: int) -> list[MessageRow]:
         rows = await self.driver.fetch(
             f"SELECT {_MESSAGE} FROM messages WHERE thread_id = ? AND pos > ? ORDER BY pos LIMIT ?",

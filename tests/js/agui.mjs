@@ -110,6 +110,51 @@ if (scenario.kind === "run") {
     rejoinError = String(exc?.message ?? exc);
   }
   say({ result: { ...first, ...seen, after, rejoinError, unhandled } });
+} else if (scenario.kind === "client-tool") {
+  // AG-UI's front-end tools: the agent calls one, the run ends with the call open, the
+  // client runs it and sends its result in the next run of the same agent and thread.
+  const agent = new HttpAgent({
+    url: `${base}/api/ag-ui/${scenario.agent}`,
+    headers: { Authorization: `Bearer ${token}` },
+    threadId: scenario.threadId,
+  });
+  agent.addMessage({ id: "u-1", role: "user", content: scenario.message });
+  const runs = [];
+  let error = null;
+  try {
+    for (const [i, runId] of [`${scenario.runId}-1`, `${scenario.runId}-2`].entries()) {
+      const events = [];
+      await agent.runAgent(
+        { runId, tools: scenario.tools },
+        { onEvent: ({ event }) => void events.push(event) },
+      );
+      runs.push({ events, sent: agent.messages.map((m) => m.role) });
+      if (i > 0) break;
+      const asked = agent.messages.findLast((m) => m.role === "assistant" && m.toolCalls?.length);
+      for (const call of asked?.toolCalls ?? []) {
+        const args = JSON.parse(call.function.arguments);
+        agent.addMessage({
+          id: `tool-${call.id}`,
+          role: "tool",
+          toolCallId: call.id,
+          content: JSON.stringify({ city: args.city, celsius: 21 }),
+        });
+      }
+    }
+  } catch (exc) {
+    error = String(exc?.message ?? exc);
+  }
+  say({ result: { runs, messages: agent.messages, error } });
+} else if (scenario.kind === "rejoin") {
+  // A rejoin on its own (of a finished run, say), through the library's verification.
+  let after = null;
+  let rejoinError = null;
+  try {
+    after = await rejoin(scenario.runId, scenario.lastEventId);
+  } catch (exc) {
+    rejoinError = String(exc?.message ?? exc);
+  }
+  say({ result: { after, rejoinError } });
 } else {
   throw new Error(`unknown scenario ${scenario.kind}`);
 }

@@ -64,13 +64,13 @@ function userMessage(text) {
   return { id: `u-${Date.now()}`, role: "user", parts: [{ type: "text", text }] };
 }
 
-async function send(trigger, messages, stopAfter) {
+async function send(trigger, messages, stopAfter, messageId) {
   const abort = new AbortController();
   const stream = await transport.sendMessages({
     chatId: scenario.chatId,
     messages,
     trigger,
-    messageId: undefined,
+    messageId,
     abortSignal: abort.signal,
   });
   return consume(stream, abort, stopAfter);
@@ -81,8 +81,9 @@ if (scenario.kind === "run") {
   say({ result: { ...out, ...seen } });
 } else if (scenario.kind === "regenerate") {
   const first = await send("submit-message", [userMessage(scenario.message)]);
-  // As useChat's regenerate(): the answer is dropped and the rest sent again.
-  const again = await send("regenerate-message", [userMessage(scenario.message)]);
+  // As useChat's regenerate(): the answer is dropped, the rest sent again with its id.
+  const sent = [userMessage(scenario.message)];
+  const again = await send("regenerate-message", sent, undefined, first.message.id);
   say({ result: { first, again, ...seen } });
 } else if (scenario.kind === "drop") {
   const before = await send("submit-message", [userMessage(scenario.message)], scenario.dropAfter);
