@@ -652,3 +652,21 @@ def test_a_run_created_message_crosses_the_bus() -> None:
     message = bus.run_created("t_1", "r_1")
     assert bus.decode(bus.encode(message)) == message
     assert bus.decode(b'{"kind": "run", "thread_id": "t"}') is None
+
+
+async def test_a_retried_agui_post_rejoins_its_run(server: LiveServer, user: str) -> None:
+    from tests.test_frontends import agui_post, run_input
+
+    body = run_input(f"t-{user}", "client-run", "chunks=20 delay_ms=5")
+    (first, one), (again, two) = await asyncio.gather(
+        agui_post(server, user, body), agui_post(server, user, body)
+    )
+    assert first.status_code == again.status_code == 200
+    assert first.headers["x-chat-run-id"] == again.headers["x-chat-run-id"]
+    assert [m["data"] for m in one] == [m["data"] for m in two]
+    # The runId used again for another message: a run of its own.
+    other, _ = await agui_post(server, user, run_input(f"t-{user}", "client-run", "chunks=1"))
+    assert other.status_code == 200
+    assert other.headers["x-chat-run-id"] != first.headers["x-chat-run-id"]
+    stored = await stored_messages(server, user, f"t-{user}")
+    assert [m["role"] for m in stored] == ["user", "assistant"] * 2
