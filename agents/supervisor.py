@@ -130,6 +130,12 @@ class RunHandle:
         self._answer_stored = False
         #: Set when the broker ended the run without it (:meth:`lost`).
         self._lost = False
+        #: Created behind other runs of its thread: it begins when they have ended.
+        self.queued = False
+        #: The user message's id, and whether it is in the thread (a queued run's is
+        #: stored when it begins: one cancelled while queued leaves nothing in it).
+        self.message_id = ""
+        self.message_stored = False
         #: The run's span (None with tracing off).
         self.span: Span | None = None
 
@@ -145,10 +151,13 @@ class RunHandle:
 
     async def apply(self, action: str) -> str:
         # One command at a time: the status, its announcement and the gate move together.
+        # ``cancel:<code>`` is a cancel for a newer message of the thread (its error
+        # code ``interrupted`` or ``rolled_back``), sent through the broker like a cancel.
+        action, _, code = action.partition(":")
         async with self._commands:
-            return await self._apply(action)
+            return await self._apply(action, CANCEL_REASONS.get(code))
 
-    async def _apply(self, action: str) -> str:
+    async def _apply(self, action: str, reason: RunError | None = None) -> str:
         transition = self.lifecycle.apply(action)
         if not transition.changed:
             return str(transition.after)
@@ -163,8 +172,8 @@ class RunHandle:
             await self.bridge.emit("run_status", {"status": status}, gated=False)
             self.bridge.gate.set()
         else:
-            self._cancel(RunError("cancelled", "the run was cancelled"))
-        await self.set_status(transition.after)
+            self._cancel(reason or RunError("cancelled", "the run was cancelled"))
+        await self.set_status(transition.after, reason.code if reason else None)
         return str(transition.after)
 
     def watchers_changed(self, count: int) -> None:
@@ -343,6 +352,36 @@ class RunHandle:
         await self.ctx.emit.agent_started(self.agent.name)
         self._supervisor.observer.run_started(self.agent.name, time.perf_counter() - self.created)
 
+    async def _wait_turn(self) -> None:
+        """While queued: wait until the runs of the thread created before this one have
+        ended (the broker's list of the thread's runs is the queue, across processes).
+        A ``stop`` or ``start`` of the queued run ends the wait."""
+        delay = 0.01
+        while self.lifecycle.status is RunStatus.QUEUED:
+            try:
+                going = await self.broker.thread_runs(self.record.thread_id)
+            except BridgeError as exc:
+                log.warning("run %s: its place in the thread is unknown: %r", self.run_id, exc)
+                going = [self.run_id, self.run_id]
+            ahead = going[: going.index(self.run_id)] if self.run_id in going else []
+            if not ahead:
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, QUEUE_POLL_S)
+
+    async def _join_thread(self) -> None:
+        """A queued run's turn: its history now holds the answers of the runs before it,
+        and its message is stored after them."""
+        if self._cancel_error is not None:
+            raise asyncio.CancelledError
+        recorder = self._supervisor.recorder
+        record = self.record
+        self.ctx.history = await recorder.open_thread(
+            record.owner, record.thread_id, self.ctx.message, new=False
+        )
+        await recorder.user_message(record, self.message_id, self.ctx.message)
+        self.message_stored = True
+
     async def drive(self) -> None:
         logctx.bind_run(self.run_id, self.record.thread_id)  # for the run task's log lines
         tracing.bind_run(self.span)
@@ -352,6 +391,17 @@ class RunHandle:
         error: RunError | None = None
         adapter = self.ctx.emit
         try:
+            if self._cancel_error is not None:
+                raise asyncio.CancelledError
+            if self.queued:
+                await self._wait_turn()
+                try:
+                    await self._join_thread()
+                    await self.begin()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self.begin_error = exc
             if self._cancel_error is not None:
                 raise asyncio.CancelledError
             if self.begin_error is not None:
@@ -454,15 +504,18 @@ class RunHandle:
             if self._answer_id is None:
                 # Stored once, before it is announced: its id is the stored message's.
                 self._answer_id = new_id("m_")
-                try:
-                    self._answer_stored = await self._supervisor.recorder.answer(
-                        self.record, self._answer_id, bridge.content, fallback
-                    )
-                except Exception:
-                    # Not stored, whatever went wrong in the recorder (a MemoryError
-                    # included): the stream goes on, as for a failed write.
-                    log.exception("run %s: its answer could not be recorded", self.run_id)
-                    self._answer_stored = False
+                if not self.message_stored:
+                    self._answer_stored = False  # ended while queued: nothing in the thread
+                else:
+                    try:
+                        self._answer_stored = await self._supervisor.recorder.answer(
+                            self.record, self._answer_id, bridge.content, fallback
+                        )
+                    except Exception:
+                        # Not stored, whatever went wrong in the recorder (a MemoryError
+                        # included): the stream goes on, as for a failed write.
+                        log.exception("run %s: its answer could not be recorded", self.run_id)
+                        self._answer_stored = False
             while gated and not bridge.gate.is_set():
                 await bridge.gate.wait()
             # The run state counts it as made before emit can yield: an ending resumed
@@ -585,6 +638,15 @@ class RunHandle:
             task.uncancel()
 
 
+#: The cancels a newer message of the thread makes (contract section 6.2).
+CANCEL_REASONS: dict[str, RunError] = {
+    "interrupted": RunError("interrupted", "a newer message of the thread interrupted the run"),
+    "rolled_back": RunError("rolled_back", "a newer message of the thread replaced the run"),
+}
+#: The longest pause between two looks at a queued run's place in its thread.
+QUEUE_POLL_S = 0.1
+
+
 def _run_error(exc: Exception) -> RunError:
     if isinstance(exc, AgentError | BridgeError):
         return RunError(exc.code, str(exc))
@@ -628,11 +690,17 @@ class Supervisor:
         thread_id: str | None = None,
         agent: str | None = None,
         ref: str | int | None = None,
+        run_id: str | None = None,
+        queued: bool = False,
         restate: str | None = None,
         client_tools: Sequence[ClientTool] = (),
         tool_results: Sequence[ClientToolResult] = (),
     ) -> RunRecord:
         """Create a run, record and publish its ``user_message`` (seq 1), start its agent.
+
+        ``run_id`` is the run's id when the caller chose it beforehand (an idempotent
+        send claims it before the run exists); a ``queued`` run begins once the runs of
+        its thread before it have ended (its message is stored then).
 
         The agent gets the thread's earlier messages as its history.  ``restate`` is
         the id of the thread's last stored message, a user message answered again (a
@@ -649,7 +717,7 @@ class Supervisor:
         history = await self.recorder.open_thread(owner, thread, content, new=thread_id is None)
         if restate is not None and history and history[-1].role == "user":
             history = history[:-1]
-        run_id = new_id("r_")
+        run_id = run_id or new_id("r_")
         now = time.time()
         record = RunRecord(run_id, thread, owner, chosen.name, str(RunStatus.QUEUED), now, now)
         span = tracing.start_run(run_id, thread, owner, chosen.name, content, record.extra)
@@ -677,8 +745,15 @@ class Supervisor:
         await self.broker.create_run(record, handle)
         self._runs[run_id] = handle
         message_id = restate or new_id("m_")
-        if restate is None:
+        handle.message_id = message_id
+        queued = queued and restate is None  # a restated message is in the thread already
+        if restate is not None:
+            handle.message_stored = True
+        elif not queued:
+            # A queued run's message joins the thread when the run begins, behind the
+            # answers of the runs before it.
             await self.recorder.user_message(record, message_id, content)
+            handle.message_stored = True
         await self.recorder.run_changed(dataclasses.replace(record))
         await bridge.emit(
             "user_message",
@@ -686,6 +761,13 @@ class Supervisor:
             gated=False,
         )
         handle.watchers_changed(0)  # until a watcher attaches, the detach grace runs
+        if queued:
+            # Behind the thread's runs going: it stays queued until they have ended.
+            handle.queued = True
+            handle.task = asyncio.get_running_loop().create_task(
+                handle.drive(), name=f"run {run_id}"
+            )
+            return record
         # agent_started goes out now, in the same turn of the session's writer as
         # user_message, not one scheduling round later when the agent's task starts.
         try:

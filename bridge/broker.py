@@ -24,6 +24,16 @@ from bridge.events import Event
 from bridge.wire import is_terminal
 
 Wake = Callable[[], None]
+#: Told the id of each new run of a followed thread.
+RunAnnounced = Callable[[str], None]
+
+
+class ThreadFollow(Protocol):
+    """A follower of a thread's new runs; :meth:`close` stops the announcements."""
+
+    thread_id: str
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +219,29 @@ class Broker(Protocol):
 
     async def release_run(self, user: str, token: str, *, started: bool) -> None:
         """End a reservation: the run was created (it counts by itself now) or refused."""
+        ...
+
+    # Threads: their runs not ended, and new runs announced to followers -----------
+    async def thread_runs(self, thread_id: str) -> list[str]:
+        """Ids of the thread's runs not ended, oldest first."""
+        ...
+
+    async def follow_thread(self, thread_id: str, announce: RunAnnounced) -> ThreadFollow:
+        """Call ``announce`` with the id of every run of the thread created from now on,
+        by any process, once the run exists (its events may be watched from seq 0)."""
+        ...
+
+    # Idempotency keys, claimed once wherever the broker's processes are ----------
+    async def claim_key(self, user: str, key: str, value: str, ttl_s: float) -> str | None:
+        """Claim ``user``'s ``key`` with ``value`` for ``ttl_s``, atomically.
+
+        Returns None when this call claimed it, else the value of the claim already
+        held (by any process).
+        """
+        ...
+
+    async def release_key(self, user: str, key: str, value: str) -> None:
+        """Give up a claim made with ``value`` (a claim since taken by another stays)."""
         ...
 
     # Event logs ---------------------------------------------------------------

@@ -49,7 +49,16 @@ class WatcherCount:
     count: int
 
 
-Message = CommandRequest | CommandReply | WatcherCount
+@dataclass(frozen=True, slots=True)
+class RunCreated:
+    """A new run of ``thread_id`` exists (sent to every process, for thread followers)."""
+
+    kind: Literal["run"]
+    thread_id: str
+    run_id: str
+
+
+Message = CommandRequest | CommandReply | WatcherCount | RunCreated
 
 
 def command(
@@ -75,6 +84,10 @@ def watchers(run_id: str, count: int) -> WatcherCount:
     return WatcherCount("watchers", run_id, count)
 
 
+def run_created(thread_id: str, run_id: str) -> RunCreated:
+    return RunCreated("run", thread_id, run_id)
+
+
 def encode(message: Message) -> bytes:
     if isinstance(message, CommandRequest):
         body: dict[str, Any] = {
@@ -94,6 +107,8 @@ def encode(message: Message) -> bytes:
             body["error"] = {"code": message.error_code, "message": message.error_message or ""}
         else:
             body["status"] = message.status
+    elif isinstance(message, RunCreated):
+        body = {"kind": message.kind, "thread_id": message.thread_id, "run_id": message.run_id}
     else:
         body = {"kind": message.kind, "run_id": message.run_id, "count": message.count}
     return orjson.dumps(body)
@@ -124,6 +139,8 @@ def decode(raw: bytes | str) -> Message | None:
             return reply(str(body["id"]), str(body["status"]))
         if kind == "watchers":
             return watchers(str(body["run_id"]), int(body["count"]))
+        if kind == "run":
+            return run_created(str(body["thread_id"]), str(body["run_id"]))
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         return None
     return None

@@ -192,7 +192,7 @@ def pong(ref: Ref) -> Event:
     return make_event("pong", {"ref": ref})
 
 
-def ack(ref: Ref, action: str, run_id: str, status: str, **extra: Any) -> Event:
+def ack(ref: Ref, action: str, run_id: str | None, status: str | None, **extra: Any) -> Event:
     return make_event(
         "ack", {"ref": ref, "action": action, "run_id": run_id, "status": status, **extra}
     )

@@ -9,7 +9,15 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from bridge.broker import BrokerStats, RunController, RunLost, RunQuota, RunRecord, Wake
+from bridge.broker import (
+    BrokerStats,
+    RunAnnounced,
+    RunController,
+    RunLost,
+    RunQuota,
+    RunRecord,
+    Wake,
+)
 from bridge.errors import CursorAhead, RunNotFound
 from bridge.events import Event
 from bridge.limits import SlidingWindow
@@ -60,6 +68,24 @@ class _MemoryWatch:
         slot.controller.watchers_changed(len(slot.watchers))
 
 
+class _MemoryFollow:
+    __slots__ = ("_followers", "announce", "thread_id")
+
+    def __init__(
+        self, thread_id: str, announce: RunAnnounced, followers: dict[str, set[_MemoryFollow]]
+    ) -> None:
+        self.thread_id = thread_id
+        self.announce = announce
+        self._followers = followers
+
+    def close(self) -> None:
+        followers = self._followers.get(self.thread_id)
+        if followers is not None:
+            followers.discard(self)
+            if not followers:
+                del self._followers[self.thread_id]
+
+
 class InMemoryBroker:
     """Registry, logs and commands held in this process's memory.
 
@@ -81,6 +107,9 @@ class InMemoryBroker:
         self._rate: SlidingWindow | None = None
         self._reserved: dict[str, int] = {}  # run starts under way, per user
         self._reservations: dict[str, tuple[str, float]] = {}  # token: (user, hit time)
+        self._claims: dict[tuple[str, str], tuple[str, float]] = {}  # (user, key): (value, until)
+        self._thread_runs: dict[str, list[str]] = {}  # thread: its runs not ended, oldest first
+        self._followers: dict[str, set[_MemoryFollow]] = {}
 
     async def start(self) -> None:
         return None
@@ -101,6 +130,9 @@ class InMemoryBroker:
         )
         if not record.ended:
             self._active.setdefault(record.owner, set()).add(record.run_id)
+            self._thread_runs.setdefault(record.thread_id, []).append(record.run_id)
+            for follower in list(self._followers.get(record.thread_id, ())):
+                follower.announce(record.run_id)
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         slot = self._runs.get(run_id)
@@ -127,12 +159,25 @@ class InMemoryBroker:
                 active.discard(run_id)
                 if not active:
                     del self._active[record.owner]
+            going = self._thread_runs.get(record.thread_id)
+            if going is not None and run_id in going:
+                going.remove(run_id)
+                if not going:
+                    del self._thread_runs[record.thread_id]
 
     async def active_runs(self, owner: str) -> int:
         return len(self._active.get(owner, ()))
 
     async def healthy(self) -> bool:
         return True
+
+    async def thread_runs(self, thread_id: str) -> list[str]:
+        return list(self._thread_runs.get(thread_id, ()))
+
+    async def follow_thread(self, thread_id: str, announce: RunAnnounced) -> _MemoryFollow:
+        follow = _MemoryFollow(thread_id, announce, self._followers)
+        self._followers.setdefault(thread_id, set()).add(follow)
+        return follow
 
     async def connection_opened(self, user: str, limit: int) -> bool:
         count = self._connections.get(user, 0)
@@ -178,6 +223,21 @@ class InMemoryBroker:
             self._reserved.pop(user, None)
         if not started and self._rate is not None:
             self._rate.forget(user, reservation[1])
+
+    async def claim_key(self, user: str, key: str, value: str, ttl_s: float) -> str | None:
+        now = time.monotonic()
+        held = self._claims.get((user, key))
+        if held is not None and held[1] > now:
+            return held[0]
+        if len(self._claims) > 10_000:
+            self._claims = {k: v for k, v in self._claims.items() if v[1] > now}
+        self._claims[(user, key)] = (value, now + ttl_s)
+        return None
+
+    async def release_key(self, user: str, key: str, value: str) -> None:
+        held = self._claims.get((user, key))
+        if held is not None and held[0] == value:
+            del self._claims[(user, key)]
 
     def _window_for(self, limit: int, window_s: float) -> SlidingWindow:
         if self._rate is None or self._rate.limit != limit or self._rate.window_s != window_s:

@@ -53,14 +53,22 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from bridge.broker import BrokerStats, RunController, RunLost, RunQuota, RunRecord, Wake
+from bridge.broker import (
+    BrokerStats,
+    RunAnnounced,
+    RunController,
+    RunLost,
+    RunQuota,
+    RunRecord,
+    Wake,
+)
 from bridge.errors import BrokerUnavailable
 from bridge.events import Event
 from bridge.redis_appender import RedisAppender
 from bridge.redis_bus import RedisBus
 from bridge.redis_core import RedisCore, safe_url
 from bridge.redis_lease import RedisLease
-from bridge.redis_registry import RedisRegistry
+from bridge.redis_registry import RedisFollow, RedisRegistry
 from bridge.redis_watch import RedisWatch, RedisWatches
 
 __all__ = ["RedisBroker"]
@@ -153,7 +161,7 @@ class RedisBroker:
             raise BrokerUnavailable(f"cannot reach Redis at {safe_url(core.url)}: {exc}") from exc
         core.reachable = True
         core.pubsub = core.r.pubsub(ignore_subscribe_messages=True)
-        await core.pubsub.subscribe(core.k("bus", core.node))
+        await core.pubsub.subscribe(*core.channels())
         loop = asyncio.get_running_loop()
         for coro, name in (
             (self.bus.listen(), "bus"),
@@ -214,6 +222,18 @@ class RedisBroker:
 
     async def set_status(self, run_id: str, status: str, error_code: str | None = None) -> None:
         await self.registry.set_status(run_id, status, error_code)
+
+    async def thread_runs(self, thread_id: str) -> list[str]:
+        return await self.registry.thread_runs(thread_id)
+
+    async def follow_thread(self, thread_id: str, announce: RunAnnounced) -> RedisFollow:
+        return self.registry.follow_thread(thread_id, announce)
+
+    async def claim_key(self, user: str, key: str, value: str, ttl_s: float) -> str | None:
+        return await self.registry.claim_key(user, key, value, ttl_s)
+
+    async def release_key(self, user: str, key: str, value: str) -> None:
+        await self.registry.release_key(user, key, value)
 
     async def active_runs(self, owner: str) -> int:
         return await self.registry.active_runs(owner)

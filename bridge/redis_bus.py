@@ -89,7 +89,7 @@ class RedisBus:
                 log.warning("the command bus failed: %r; resubscribing", exc)
                 await asyncio.sleep(0.5)
                 with contextlib.suppress(Exception):
-                    await c.pubsub.subscribe(c.k("bus", c.node))
+                    await c.pubsub.subscribe(*c.channels())
                 continue
             if message is None:
                 continue
@@ -100,7 +100,10 @@ class RedisBus:
 
     async def _on_message(self, body: bus.Message) -> None:
         c = self.core
-        if isinstance(body, bus.CommandReply):
+        if isinstance(body, bus.RunCreated):
+            for follower in list(c.followers.get(body.thread_id, ())):
+                follower.announce(body.run_id)
+        elif isinstance(body, bus.CommandReply):
             future = c.replies.get(body.id)
             if future is not None and not future.done():
                 future.set_result(body)

@@ -43,6 +43,7 @@ SCRIPTS: Final = (
     "OPEN_CONNECTION",
     "RESERVE_RUN",
     "COUNT_WATCHERS",
+    "RELEASE_KEY",
 )
 
 
@@ -202,6 +203,9 @@ class RedisCore:
         self.replies: dict[str, asyncio.Future[bus.CommandReply]] = {}
         self.background: set[asyncio.Task[None]] = set()
         self.conns: dict[str, int] = {}  # this process's open connections, per user
+        #: Followers of threads in this process (thread id: its follows), told of each
+        #: new run of the thread on any process.
+        self.followers: dict[str, set[Any]] = {}
         #: Told of each run this process ended without its agent: failed for a lost
         #: node, or for Redis out of reach too long (to record it).
         self.on_run_lost: RunLost | None = None
@@ -263,6 +267,10 @@ class RedisCore:
                 with contextlib.suppress(Exception):
                     await client.aclose()
         self._r = self.tail_r = None
+
+    def channels(self) -> list[str]:
+        """What this process listens to: its own bus, and new runs of every thread."""
+        return [self.k("bus", self.node), self.k("threads")]
 
     def script(self, name: str, keys: list[str], args: list[Any]) -> Awaitable[Any]:
         return self.scripts[name](keys=keys, args=args)  # type: ignore[no-any-return]

@@ -13,8 +13,9 @@ import secrets
 import time
 from typing import Any, Final
 
+from bridge import bus
 from bridge import redis_scripts as lua
-from bridge.broker import RunController, RunQuota, RunRecord
+from bridge.broker import RunAnnounced, RunController, RunQuota, RunRecord
 from bridge.errors import BrokerUnavailable, RunConflict
 from bridge.redis_core import Owned, RedisCore, pairs, text
 from bridge.wire import RESPOND, Action, RunStatus, is_terminal
@@ -77,6 +78,26 @@ def ended_answer(record: RunRecord, action: str) -> str:
     raise RunConflict(f"cannot {action} run {record.run_id}: it is {record.status}")
 
 
+class RedisFollow:
+    """One follower of a thread in this process: told of each new run of it."""
+
+    __slots__ = ("_followers", "announce", "thread_id")
+
+    def __init__(
+        self, thread_id: str, announce: RunAnnounced, followers: dict[str, set[Any]]
+    ) -> None:
+        self.thread_id = thread_id
+        self.announce = announce
+        self._followers = followers
+
+    def close(self) -> None:
+        followers = self._followers.get(self.thread_id)
+        if followers is not None:
+            followers.discard(self)
+            if not followers:
+                del self._followers[self.thread_id]
+
+
 class RedisRegistry:
     def __init__(self, core: RedisCore) -> None:
         self.core = core
@@ -89,11 +110,16 @@ class RedisRegistry:
             ["HSET", run_key, *pairs(fields)],
             ["SADD", c.k("runs", c.node), record.run_id],
             ["SADD", c.k("active", record.owner), record.run_id],
+            ["ZADD", c.k("thread", record.thread_id), record.created_at, record.run_id],
         ]
         if not await c.call("create run", c.fenced_write(record.run_id, commands)):
             c.lease.fenced_out()
             raise BrokerUnavailable("this process is joining Redis again; try again shortly")
         c.owned[record.run_id] = Owned(record, controller)
+        # Followers of the thread, on every process (this one included), watch it now.
+        announced = bus.encode(bus.run_created(record.thread_id, record.run_id))
+        with contextlib.suppress(BrokerUnavailable):
+            await c.call("announce run", c.r.publish(c.k("threads"), announced))
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         c = self.core
@@ -114,12 +140,57 @@ class RedisRegistry:
         commands: list[lua.Command] = [["HSET", c.k("run", run_id), *pairs(fields)]]
         if ended and owned is not None:
             commands.append(["SREM", c.k("active", owned.record.owner), run_id])
+            commands.append(["ZREM", c.k("thread", owned.record.thread_id), run_id])
             commands.append(["SREM", c.k("runs", c.node), run_id])
         if not await c.call("set status", c.fenced_write(run_id, commands)):
             # Reaped: the run's ending is another process's; this one stops it.
             if owned is not None:
                 c.lease.lose(owned)
             c.lease.fenced_out()
+
+    # Threads ------------------------------------------------------------------------
+
+    async def thread_runs(self, thread_id: str) -> list[str]:
+        c = self.core
+        key = c.k("thread", thread_id)
+        raw = await c.call("thread runs", c.r.zrange(key, 0, -1))
+        going: list[str] = []
+        for item in raw:
+            run_id = item.decode() if isinstance(item, bytes) else str(item)
+            record = await self.get_run(run_id)
+            if record is None or record.ended:
+                # Ended without this set knowing (its process was lost): forget it here.
+                await c.call("thread runs", c.r.zrem(key, run_id))
+                continue
+            going.append(run_id)
+        return going
+
+    def follow_thread(self, thread_id: str, announce: RunAnnounced) -> RedisFollow:
+        c = self.core
+        follow = RedisFollow(thread_id, announce, c.followers)
+        c.followers.setdefault(thread_id, set()).add(follow)
+        return follow
+
+    # Idempotency keys -----------------------------------------------------------------
+
+    async def claim_key(self, user: str, key: str, value: str, ttl_s: float) -> str | None:
+        c = self.core
+        name = c.k("idem", user, key)
+        ttl_ms = max(1, int(ttl_s * 1000))
+        for _ in range(3):
+            claimed = await c.call("claim key", c.r.set(name, value, nx=True, px=ttl_ms))
+            if claimed:
+                return None
+            held = await c.call("claim key", c.r.get(name))
+            if held is not None:
+                return held.decode() if isinstance(held, bytes) else str(held)
+            # Released or expired between the two calls: claim it again.
+        raise BrokerUnavailable(f"the key {key[:32]!r} changed hands too often; try again")
+
+    async def release_key(self, user: str, key: str, value: str) -> None:
+        c = self.core
+        with contextlib.suppress(BrokerUnavailable):  # the claim lapses by itself
+            await c.call("release key", c.script("RELEASE_KEY", [c.k("idem", user, key)], [value]))
 
     async def active_runs(self, owner: str) -> int:
         c = self.core

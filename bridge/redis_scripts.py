@@ -147,6 +147,14 @@ end
 return total
 """
 
+#: Deletes an idempotency claim only while it is still the caller's.
+RELEASE_KEY: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
 Command = Sequence[str | int | float]
 
 

@@ -75,6 +75,7 @@ from bridge.events import Event
 from server import routes, sse
 from server.commands import client_ref, optional_id
 from server.errors import ProtocolError
+from server.gateway import content_digest
 
 _ENCODER: Final = EventEncoder()
 #: Validation errors quoted in a 400's message.
@@ -470,15 +471,22 @@ async def run_agent(request: Request) -> Response:
     framer = AguiFramer(client_run_id=body.run_id)
     stream = await sse.open_stream(gateway, user, framer=framer.frame)
     try:
-        record = await gateway.start_run(
+        # A retried POST (same runId, same message) rejoins its run rather than starting
+        # another; a runId used again for another message starts a run of its own.
+        key = None
+        if client_run_id is not None:
+            key = f"ag-ui {client_run_id} {content_digest(content)[:16]}"
+        sent = await gateway.send(
             user,
             content,
             thread_id=thread_id,
             agent=agent,
             ref=client_run_id,
+            key=key,
             client_tools=client_tools(body),
             tool_results=results,
         )
+        record = sent.record
         stream.headers["x-chat-run-id"] = record.run_id
         stream.headers["x-chat-thread-id"] = record.thread_id
         stream.attach(await gateway.watch(user, record.run_id, 0, stream.wake))

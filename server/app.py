@@ -81,6 +81,7 @@ def create_app(settings: Settings | None = None, *, dev_secret: str | None = Non
         Route("/api/chat/agents/{run_id}/{action}", routes.lifecycle, methods=["POST"]),
         Route("/api/threads", routes.list_threads, methods=["GET"]),
         Route("/api/threads/{thread_id}/messages", routes.thread_messages, methods=["GET"]),
+        Route("/api/threads/{thread_id}/events", routes.thread_events, methods=["GET"]),
         Route("/api/threads/{thread_id}", routes.delete_thread, methods=["DELETE"]),
         Route("/api/ag-ui/runs/{run_id}/events", agui_stream.rejoin, methods=["GET"]),
         Route("/api/ag-ui/{agent}", agui_stream.run_agent, methods=["POST"]),
@@ -103,11 +104,17 @@ def create_app(settings: Settings | None = None, *, dev_secret: str | None = Non
                 "Authorization",
                 "Content-Type",
                 "Last-Event-ID",
+                "Idempotency-Key",
                 "traceparent",
                 "tracestate",
             ],
             # The run a front-end protocol's stream started, for its lifecycle routes.
-            expose_headers=["X-Chat-Run-Id", "X-Chat-Thread-Id"],
+            expose_headers=[
+                "X-Chat-Run-Id",
+                "X-Chat-Thread-Id",
+                "X-Chat-Duplicate",
+                "X-Chat-Active-Run-Ids",
+            ],
             max_age=600,
         )
     ]

@@ -26,6 +26,8 @@ class UserMessage:
     id: Ref = None
     thread_id: str | None = None
     agent: str | None = None
+    #: reject, enqueue, interrupt or rollback; None: the server's ``CHAT_ON_ACTIVE``.
+    on_active: str | None = None
     #: The client's W3C trace context: the parent of the run's span.
     traceparent: str | None = None
     type: Literal["user_message"] = "user_message"
@@ -65,9 +67,29 @@ class Ping:
     type: Literal["ping"] = "ping"
 
 
-Command = UserMessage | Control | Resume | Ping | Respond
+@dataclass(frozen=True, slots=True)
+class WatchThread:
+    """``watch_thread`` (``watch``) or ``unwatch_thread``: follow a thread's runs."""
 
-KNOWN_TYPES: Final = ("user_message", "stop", "start", "cancel", "resume", "ping", "respond")
+    thread_id: str
+    watch: bool = True
+    id: Ref = None
+    type: Literal["watch_thread"] = "watch_thread"
+
+
+Command = UserMessage | Control | Resume | Ping | Respond | WatchThread
+
+KNOWN_TYPES: Final = (
+    "user_message",
+    "stop",
+    "start",
+    "cancel",
+    "resume",
+    "ping",
+    "respond",
+    "watch_thread",
+    "unwatch_thread",
+)
 #: The fields of an answer that go to the run (the rest of a frame is the envelope's).
 RESPONSE_FIELDS: Final = ("approved", "args", "reason", "answer")
 
@@ -95,6 +117,7 @@ def parse_command(frame: str | bytes) -> Command:
             id=ref,
             thread_id=optional_id(raw, "thread_id", ref),
             agent=optional_id(raw, "agent", ref),
+            on_active=on_active(raw, ref),
             traceparent=_traceparent(raw),
         )
     if kind in ("stop", "start", "cancel"):
@@ -108,6 +131,11 @@ def parse_command(frame: str | bytes) -> Command:
         return Resume(run_id=_run_id(raw, ref), after_seq=after, id=ref)
     if kind == "ping":
         return Ping(id=ref)
+    if kind in ("watch_thread", "unwatch_thread"):
+        thread_id = optional_id(raw, "thread_id", ref)
+        if thread_id is None:
+            raise ProtocolError("bad_message", "field 'thread_id' is required", ref)
+        return WatchThread(thread_id, watch=kind == "watch_thread", id=ref)
     if kind == "respond":
         return Respond(
             run_id=_run_id(raw, ref),
@@ -168,6 +196,21 @@ def _run_id(raw: dict[str, Any], ref: Ref) -> str:
     if not isinstance(run_id, str) or not run_id or len(run_id) > MAX_ID_CHARS:
         raise ProtocolError("bad_message", "field 'run_id' must be a run id string", ref)
     return run_id
+
+
+ON_ACTIVE: Final = ("reject", "enqueue", "interrupt", "rollback")
+
+
+def on_active(raw: dict[str, Any], ref: Ref = None) -> str | None:
+    """The message's ``on_active`` policy, when it names one."""
+    value = raw.get("on_active")
+    if value is None:
+        return None
+    if value not in ON_ACTIVE:
+        raise ProtocolError(
+            "bad_message", f"field 'on_active' must be one of {', '.join(ON_ACTIVE)}", ref
+        )
+    return str(value)
 
 
 def optional_id(raw: dict[str, Any], name: str, ref: Ref = None) -> str | None:

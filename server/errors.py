@@ -7,6 +7,7 @@ The whole tree, under one root::
     │   └── BodyTooLarge    a request body over the route's bound (413)
     ├── AuthError       no token, or a token that does not verify
     ├── RateLimited     a per-user limit was reached
+    ├── DuplicateConflict  an idempotency key used again with other content (409)
     ├── ShuttingDown    the server takes no new work while it shuts down
     ├── StorageUnavailable  the database could not record what must be recorded first
     └── StoreError      the database failed or is unreachable (its text stays in the log)
@@ -49,6 +50,12 @@ class AuthError(GatewayError):
 
 class RateLimited(GatewayError):
     code = "rate_limited"
+
+
+class DuplicateConflict(GatewayError):
+    """An idempotency key used again within its window with different content."""
+
+    code = "conflict"
 
 
 class ShuttingDown(GatewayError):

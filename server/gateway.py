@@ -9,21 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from agents.base import ClientTool, ClientToolResult
+from agents.errors import LifecycleConflict
 from agents.registry import llm_agent
-from agents.supervisor import RunError
-from bridge.broker import Broker, RunRecord, Wake, Watch
-from bridge.errors import ResumeUnavailable, RunNotFound
+from agents.supervisor import RunError, new_id
+from bridge.broker import Broker, RunAnnounced, RunRecord, ThreadFollow, Wake, Watch
+from bridge.errors import ResumeUnavailable, RunConflict, RunNotFound
 from bridge.wire import ErrorCode
 from server.auth import Authenticator, Principal
 from server.compose import Services, build_services, make_broker
-from server.errors import ProtocolError, RateLimited, ShuttingDown
+from server.errors import DuplicateConflict, ProtocolError, RateLimited, ShuttingDown
 from server.metrics import MetricsSnapshot
 from server.sessions import CHECK_EVERY_S, Counters, LocalSession, SessionRegistry
 from server.settings import Settings
@@ -33,7 +36,28 @@ log = logging.getLogger("chat")
 
 THREAD_DELETED = RunError("cancelled", "the thread was deleted")
 
-__all__ = ["Gateway", "llm_agent", "make_broker"]
+__all__ = ["Gateway", "Sent", "llm_agent", "make_broker"]
+
+#: How long a repeated send waits for the run its first send is starting (another
+#: process may be creating it) before it answers with what it has.
+CLAIM_WAIT_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """The answer to a send: the run it started, or the one its key started before."""
+
+    record: RunRecord
+    duplicate: bool = False
+
+
+def idempotency_key(key: str | int) -> str:
+    """A client's key as the broker holds it: strings and integers kept apart."""
+    return f"s:{key}" if isinstance(key, str) else f"i:{key}"
+
+
+def content_digest(content: str) -> str:
+    return hashlib.sha256(content.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 class Gateway:
@@ -169,6 +193,8 @@ class Gateway:
         thread_id: str | None = None,
         agent: str | None = None,
         ref: str | int | None = None,
+        run_id: str | None = None,
+        on_active: str | None = None,
         restate: str | None = None,
         prepare: Callable[[], Awaitable[None]] | None = None,
         client_tools: Sequence[ClientTool] = (),
@@ -199,6 +225,11 @@ class Gateway:
             raise RateLimited(f"{quota.active} runs are still going; at most {limit} at once")
         started = False
         try:
+            queued = False
+            if thread_id is not None and restate is None:
+                queued = await self._double_text(
+                    user, thread_id, on_active or self.settings.on_active
+                )
             if prepare is not None:
                 await prepare()
             record = await self.supervisor.start_run(
@@ -207,6 +238,8 @@ class Gateway:
                 thread_id=thread_id,
                 agent=agent,
                 ref=ref,
+                run_id=run_id,
+                queued=queued,
                 restate=restate,
                 client_tools=client_tools,
                 tool_results=tool_results,
@@ -216,6 +249,148 @@ class Gateway:
             await self.broker.release_run(uid, quota.token, started=started)
         self.counters.runs_started += 1
         return record
+
+    async def send(
+        self,
+        user: Principal,
+        content: str,
+        *,
+        thread_id: str | None = None,
+        agent: str | None = None,
+        ref: str | int | None = None,
+        key: str | int | None = None,
+        on_active: str | None = None,
+        client_tools: Sequence[ClientTool] = (),
+        tool_results: Sequence[ClientToolResult] = (),
+    ) -> Sent:
+        """Start a run for a message, once per idempotency ``key`` within the window.
+
+        The key is claimed in the broker (atomically, across processes) with the run
+        id the message will get and a digest of its content, before the run starts.
+        A repeat finds the claim: same content, it answers the run of the first send
+        (waiting while that run is being created); other content is a conflict.  A
+        first send that starts nothing (a limit, an unknown agent) gives the key up.
+        """
+        if key is None:
+            return Sent(
+                await self.start_run(
+                    user,
+                    content,
+                    thread_id=thread_id,
+                    agent=agent,
+                    ref=ref,
+                    on_active=on_active,
+                    client_tools=client_tools,
+                    tool_results=tool_results,
+                )
+            )
+        uid = user.user_id
+        name = idempotency_key(key)
+        digest = content_digest(content)
+        window = self.settings.idempotency_window_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CLAIM_WAIT_S
+        while True:
+            run_id = new_id("r_")
+            mine = f"{run_id} {digest}"
+            held = await self.broker.claim_key(uid, name, mine, window)
+            if held is None:
+                try:
+                    record = await self.start_run(
+                        user,
+                        content,
+                        thread_id=thread_id,
+                        agent=agent,
+                        ref=ref,
+                        run_id=run_id,
+                        on_active=on_active,
+                        client_tools=client_tools,
+                        tool_results=tool_results,
+                    )
+                except BaseException:
+                    await self.broker.release_key(uid, name, mine)
+                    raise
+                return Sent(record)
+            held_run, _, held_digest = held.partition(" ")
+            if held_digest != digest:
+                raise DuplicateConflict(
+                    f"id {str(key)[:64]!r} was sent with other content (run {held_run})"
+                )
+            found = await self.broker.get_run(held_run)
+            if found is None:
+                stored = await self.store.get_run(held_run)
+                if stored is not None and stored.owner == uid:
+                    found = RunRecord(
+                        stored.id,
+                        stored.thread_id,
+                        stored.owner,
+                        stored.agent,
+                        stored.status,
+                        stored.created_at,
+                        stored.updated_at,
+                        stored.last_seq,
+                        stored.error_code,
+                    )
+            if found is not None and found.owner == uid:
+                self.counters.duplicate_sends += 1
+                return Sent(found, duplicate=True)
+            if loop.time() >= deadline:
+                raise ShuttingDown(
+                    f"the run of id {str(key)[:64]!r} is still being started; send it again"
+                )
+            await asyncio.sleep(0.02)  # the first send is creating it, or gives the key up
+
+    async def _double_text(self, user: Principal, thread_id: str, policy: str) -> bool:
+        """Apply ``policy`` to the thread's runs not ended (contract section 6.2); True
+        when the new run must take its place in the thread's queue.
+
+        With ``enqueue`` it always does, runs going or not: two messages sent at once
+        (through two processes, say) then run one after the other, in the order the
+        broker lists them, rather than side by side.
+        """
+        if policy == "enqueue":
+            return True
+        going: list[RunRecord] = []
+        for run_id in await self.broker.thread_runs(thread_id):
+            record = await self.broker.get_run(run_id)
+            if record is not None and not record.ended and record.owner == user.user_id:
+                going.append(record)
+        if not going:
+            return False
+        if policy == "reject":
+            names = ", ".join(r.run_id for r in going)
+            raise RunConflict(f"thread {thread_id} has a run going ({names}); nothing was sent")
+        code = "interrupted" if policy == "interrupt" else "rolled_back"
+        for record in going:
+            with contextlib.suppress(RunConflict, RunNotFound, LifecycleConflict):
+                await self.broker.command(record.run_id, f"cancel:{code}")
+        for record in going:
+            await self._until_ended(record.run_id)
+            if policy == "rollback":
+                await self.persistence.forget_run(record)
+        return False
+
+    async def _until_ended(self, run_id: str) -> None:
+        """Wait for a cancelled run's ``agent_completed`` (its answer is stored before
+        it), for at most the store timeout and five seconds more."""
+        record = await self.broker.get_run(run_id)
+        if record is None:
+            return
+        woken = asyncio.Event()
+        try:
+            watch = await self.broker.watch(run_id, record.last_seq, woken.set)
+        except (RunNotFound, ResumeUnavailable):
+            return  # forgotten already: long ended
+        try:
+            async with asyncio.timeout(self.settings.store_timeout_s + 5):
+                while not watch.finished:
+                    woken.clear()
+                    if not await watch.read(256):
+                        await woken.wait()
+        except TimeoutError:
+            log.warning("run %s: not ended after its cancel; the new run starts anyway", run_id)
+        finally:
+            watch.close()
 
     async def regenerate(
         self,
@@ -315,6 +490,24 @@ class Gateway:
         if thread is None or thread.owner != user.user_id:
             raise RunNotFound(f"no thread {thread_id}")
         return thread
+
+    async def follow_thread(
+        self, user: Principal, thread_id: str, announce: RunAnnounced
+    ) -> tuple[ThreadFollow, list[str]]:
+        """Follow the user's thread: ``announce`` gets each run created from now on (by
+        any process); the answer's list, the runs of it not ended yet.
+
+        Followed before the runs are listed, so a run created meanwhile is in one or
+        both (a follower watches each run once).
+        """
+        await self.own_thread(user, thread_id)
+        follow = await self.broker.follow_thread(thread_id, announce)
+        try:
+            going = await self.broker.thread_runs(thread_id)
+        except BaseException:
+            follow.close()
+            raise
+        return follow, going
 
     async def delete_thread(self, user: Principal, thread_id: str) -> None:
         """Delete a thread, its messages and runs, and cancel its runs still going.

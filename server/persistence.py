@@ -245,6 +245,15 @@ class Persistence:
             return False
         return await done is Outcome.STORED
 
+    async def forget_run(self, run: RunRecord) -> None:
+        """Remove the run's messages from its thread, behind every write queued before."""
+        steps = self.store.forget_run_steps(run.run_id, run.thread_id, run.owner)
+        done = self._submit(f"removing the messages of run {run.run_id}", steps, wait=True)
+        if done is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.timeout_s):
+                    await asyncio.shield(done)
+
     async def input_event(self, run: RunRecord, type: str, data: Mapping[str, Any]) -> None:
         """Store an ``input_requested`` or ``input_resolved`` as a message row of its
         thread: ``role`` the event's type, ``content`` its data as JSON."""

@@ -26,7 +26,7 @@ from bridge.events import PROTOCOL
 from bridge.wire import RESPOND, Action
 from server import commands, sse
 from server.auth import Principal, bearer_from_headers, token_for_http
-from server.commands import MAX_THREAD_ID_CHARS, client_ref, optional_id
+from server.commands import MAX_THREAD_ID_CHARS, client_ref, on_active, optional_id
 from server.errors import AuthError, BodyTooLarge, ProtocolError, wire_error
 from server.gateway import Gateway
 from server.metrics import CONTENT_TYPE
@@ -117,13 +117,26 @@ async def chat_stream(request: Request) -> Response:
         raise ProtocolError("bad_message", "field 'message' must be a non-empty string")
     thread_id = optional_id(body, "thread_id")
     agent = optional_id(body, "agent")
+    policy = on_active(body)
     ref = client_ref(body)
+    key: str | int | None = idempotency_header(request)
+    if key is None:
+        key = ref
+    elif ref is None:
+        ref = key
     ids: dict[str, str] = {}
     stream = await sse.open_stream(
         gateway, user, tail=lambda status: sse.frame("stream_end", {**ids, "status": status})
     )
     try:
-        record = await gateway.start_run(user, message, thread_id=thread_id, agent=agent, ref=ref)
+        # A repeat of the key streams the run its first send started, from its first event.
+        sent = await gateway.send(
+            user, message, thread_id=thread_id, agent=agent, ref=ref, key=key, on_active=policy
+        )
+        record = sent.record
+        if sent.duplicate:
+            stream.headers["x-chat-duplicate"] = "true"
+        stream.headers["x-chat-run-id"] = record.run_id
         ids.update(run_id=record.run_id, thread_id=record.thread_id)
         stream.head = sse.frame("stream_start", ids)
         stream.attach(await gateway.watch(user, record.run_id, 0, stream.wake))
@@ -131,6 +144,17 @@ async def chat_stream(request: Request) -> Response:
         await gateway.remove_session(stream)
         raise
     return stream
+
+
+def idempotency_header(request: Request) -> str | None:
+    """The ``Idempotency-Key`` header, held to the bounds of a frame's ``id``."""
+    raw = request.headers.get("idempotency-key")
+    if raw is None:
+        return None
+    value = client_ref({"id": raw.strip()})
+    if not isinstance(value, str) or not value:
+        raise ProtocolError("bad_message", "header 'Idempotency-Key' must not be empty")
+    return value
 
 
 def _after_seq(request: Request) -> int:
@@ -158,6 +182,24 @@ async def run_events(request: Request) -> Response:
     stream = await sse.open_stream(gateway, user)
     try:
         stream.attach(await gateway.watch(user, run_id, after, stream.wake, resume=True))
+    except BaseException:
+        await gateway.remove_session(stream)
+        raise
+    return stream
+
+
+@api
+async def thread_events(request: Request) -> Response:
+    """``GET /api/threads/{thread_id}/events``: every run of the thread not ended, from
+    its first event, then every later run, until the client goes away."""
+    gateway = gateway_of(request)
+    user = authenticate(request)
+    thread_id = request.path_params["thread_id"]
+    stream = await sse.open_stream(gateway, user)
+    try:
+        going = await stream.follow_thread(user, thread_id)
+        stream.headers["x-chat-thread-id"] = thread_id
+        stream.headers["x-chat-active-run-ids"] = ",".join(going)
     except BaseException:
         await gateway.remove_session(stream)
         raise

@@ -22,16 +22,30 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from bridge import events, tracing
+from bridge.broker import ThreadFollow
 from bridge.events import Event, Ref
 from bridge.wire import CloseCode
 from server.auth import Principal
-from server.commands import Command, Control, Ping, Respond, Resume, UserMessage, parse_command
+from server.commands import (
+    Command,
+    Control,
+    Ping,
+    Respond,
+    Resume,
+    UserMessage,
+    WatchThread,
+    parse_command,
+)
 from server.errors import ProtocolError, wire_error
 from server.gateway import Gateway
 from server.outbox import CLOSE_NORMAL, CLOSE_SLOW, CLOSE_UNAUTHORIZED, Cut, Outbox, Policy
 from server.protocols import SEND_BATCH
 
 log = logging.getLogger("chat.ws")
+
+#: Runs a session remembers having watched from their start (its own and its
+#: threads'), so that no run is watched twice from seq 0; the oldest are forgotten.
+SEEN_RUNS: Final = 4096
 
 __all__ = [
     "CLOSE_FORBIDDEN",
@@ -89,6 +103,10 @@ class Session:
         #: Set when the session must end now, without draining (slow consumer).
         self.aborted = asyncio.Event()
         self._closed = asyncio.Event()
+        #: The threads the session follows (``watch_thread``).
+        self._threads: dict[str, ThreadFollow] = {}
+        self._seen: dict[str, None] = {}  # runs watched from their start, oldest first
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def closed(self) -> asyncio.Event:
@@ -185,6 +203,11 @@ class Session:
         self.box.unwatch(run_id)
 
     def detach_all(self) -> None:
+        for follow in self._threads.values():
+            follow.close()
+        self._threads.clear()
+        for task in self._tasks:
+            task.cancel()
         self.box.detach_all()
 
     # Inbound --------------------------------------------------------------------
@@ -211,6 +234,8 @@ class Session:
                 await self._resume(command, ref)
             elif isinstance(command, Ping):
                 self.enqueue(events.pong(ref))
+            elif isinstance(command, WatchThread):
+                await self._watch_thread(command)
             elif isinstance(command, Respond):
                 status = await self.gateway.respond(
                     self.user, command.run_id, command.request_id, command.payload
@@ -227,14 +252,85 @@ class Session:
 
     async def _user_message(self, command: UserMessage) -> None:
         tracing.incoming(command.traceparent)
-        record = await self.gateway.start_run(
+        sent = await self.gateway.send(
             self.user,
             command.content,
             thread_id=command.thread_id,
             agent=command.agent,
             ref=command.id,
+            key=command.id,
+            on_active=command.on_active,
         )
-        await self._watch(record.run_id, 0)
+        record = sent.record
+        if sent.duplicate:
+            # Started by an earlier send of this id: the client resumes it if it wants.
+            self.enqueue(
+                events.ack(
+                    command.id,
+                    "user_message",
+                    record.run_id,
+                    record.status,
+                    thread_id=record.thread_id,
+                    duplicate=True,
+                )
+            )
+            return
+        if self._first_sight(record.run_id):
+            await self._watch(record.run_id, 0)
+
+    # Threads ----------------------------------------------------------------------
+
+    def _first_sight(self, run_id: str) -> bool:
+        """True the first time a run is to be watched from its start by this session."""
+        if run_id in self._seen:
+            return False
+        self._seen[run_id] = None
+        if len(self._seen) > SEEN_RUNS:
+            del self._seen[next(iter(self._seen))]
+        return True
+
+    async def _watch_thread(self, command: WatchThread) -> None:
+        thread_id = command.thread_id
+        if not command.watch:
+            await self.gateway.own_thread(self.user, thread_id)
+            follow = self._threads.pop(thread_id, None)
+            if follow is not None:
+                follow.close()
+            self.enqueue(events.ack(command.id, "unwatch_thread", None, None, thread_id=thread_id))
+            return
+        old = self._threads.pop(thread_id, None)
+        if old is not None:
+            old.close()
+        follow, going = await self.gateway.follow_thread(self.user, thread_id, self._announced)
+        self._threads[thread_id] = follow
+        self.enqueue(
+            events.ack(
+                command.id,
+                "watch_thread",
+                None,
+                None,
+                thread_id=thread_id,
+                active_run_ids=going,
+            )
+        )
+        for run_id in going:
+            if self._first_sight(run_id):
+                await self._follow_run(run_id)
+
+    def _announced(self, run_id: str) -> None:
+        """A new run of a followed thread: watch it from its first event."""
+        if self.box.closing or not self._first_sight(run_id):
+            return
+        task = asyncio.get_running_loop().create_task(self._follow_run(run_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _follow_run(self, run_id: str) -> None:
+        try:
+            await self._watch(run_id, 0)
+        except Exception as exc:  # ended and forgotten meanwhile: nothing to follow
+            log.debug("session %s: run %s not followed: %r", self.id, run_id, exc)
+        self._wake.set()
 
     async def _resume(self, command: Resume, ref: Ref) -> None:
         record = await self.gateway.find_run(self.user, command.run_id)

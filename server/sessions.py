@@ -38,6 +38,8 @@ class Counters:
     #: ``resume_unavailable``.
     resumes_recovered: int = 0
     resumes_unavailable: int = 0
+    #: Sends whose idempotency key had started a run already (answered with that run).
+    duplicate_sends: int = 0
 
 
 class LocalSession(Protocol):

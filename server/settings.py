@@ -18,6 +18,8 @@ MiB: Final = 1024 * KiB
 #: The most ``max_answer_bytes`` may be: an answer is stored as one row, and SQLite
 #: refuses strings of more than 1,000,000,000 bytes by default.
 MAX_ANSWER_BYTES_LIMIT: Final = 256 * MiB
+#: What a message does to a thread's run still going (contract section 6.2).
+ON_ACTIVE: Final = ("reject", "enqueue", "interrupt", "rollback")
 
 
 def _opt(default: Any, help: str, *, repr: bool = True) -> Any:
@@ -63,6 +65,13 @@ class Settings:
     # Runs ---------------------------------------------------------------------
     detach_grace_s: float = _opt(60.0, "a run with no client for this long is cancelled")
     resume_window_s: float = _opt(120.0, "how long a finished run's events stay resumable")
+    on_active: str = _opt(
+        "enqueue",
+        "a message for a thread with a run going: reject, enqueue, interrupt or rollback",
+    )
+    idempotency_window_s: float = _opt(
+        300.0, "a user_message id (Idempotency-Key) of a user starts one run within this window"
+    )
     approval_tools: tuple[str, ...] = _opt(
         (), "comma-separated tools whose calls wait for the owner's approval (* for all)"
     )
@@ -205,6 +214,11 @@ class Settings:
             raise ValueError(f"CHAT_LOG_FORMAT must be text or json, not {self.log_format!r}")
         if self.metrics not in ("on", "off"):
             raise ValueError(f"{ENV_PREFIX}METRICS must be on or off, got {self.metrics!r}")
+        if self.on_active not in ON_ACTIVE:
+            raise ValueError(
+                f"{ENV_PREFIX}ON_ACTIVE must be one of {', '.join(ON_ACTIVE)}, "
+                f"not {self.on_active!r}"
+            )
         if self.load_agent not in ("on", "off"):
             raise ValueError(f"{ENV_PREFIX}LOAD_AGENT must be on or off, got {self.load_agent!r}")
         if self.max_answer_bytes > MAX_ANSWER_BYTES_LIMIT:
@@ -232,6 +246,7 @@ class Settings:
             "heartbeat_s",
             "detach_grace_s",
             "resume_window_s",
+            "idempotency_window_s",
             "send_timeout_s",
             "store_timeout_s",
             "llm_timeout_s",

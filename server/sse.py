@@ -32,7 +32,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from bridge import events
-from bridge.broker import Watch
+from bridge.broker import ThreadFollow, Watch
 from bridge.events import Event
 from server.auth import Principal
 from server.errors import RateLimited
@@ -102,6 +102,10 @@ class SseStream(Response):
         self._aborted = asyncio.Event()
         self._closed = asyncio.Event()
         self._status: str | None = None
+        #: A thread's stream: it stays open between runs, until the client goes away.
+        self.follows: ThreadFollow | None = None
+        self._seen: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # LocalSession -------------------------------------------------------------------
 
@@ -122,6 +126,35 @@ class SseStream(Response):
         if self.box.close(code, reason, drain=drain) and not drain:
             self._aborted.set()
         self._wake.set()
+
+    async def follow_thread(self, user: Principal, thread_id: str) -> list[str]:
+        """Stream every run of the thread not ended, from its first event, and every
+        run of it created later; the runs not ended."""
+
+        def announced(run_id: str) -> None:
+            if self.box.closing or not self._first_sight(run_id):
+                return
+            task = asyncio.get_running_loop().create_task(self._follow_run(user, run_id))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        self.follows, going = await self.gateway.follow_thread(user, thread_id, announced)
+        for run_id in going:
+            if self._first_sight(run_id):
+                await self._follow_run(user, run_id)
+        return going
+
+    def _first_sight(self, run_id: str) -> bool:
+        if run_id in self._seen:
+            return False
+        self._seen.add(run_id)
+        return True
+
+    async def _follow_run(self, user: Principal, run_id: str) -> None:
+        try:
+            self.attach(await self.gateway.watch(user, run_id, 0, self.wake))
+        except Exception as exc:  # ended and forgotten meanwhile: nothing to follow
+            log.debug("thread stream: run %s not followed: %r", run_id, exc)
 
     def check(self, now: float) -> None:
         cut = self.box.verdict(now)
@@ -160,6 +193,10 @@ class SseStream(Response):
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+            if self.follows is not None:
+                self.follows.close()
+            for task in self._tasks:
+                task.cancel()
             self.box.finish()
             await gateway.remove_session(self)
             self._closed.set()
@@ -221,7 +258,7 @@ class SseStream(Response):
                 continue
             if box.aborted:
                 return
-            if box.closing or not box.watching:
+            if box.closing or (not box.watching and self.follows is None):
                 break
             try:
                 async with asyncio.timeout(heartbeat):

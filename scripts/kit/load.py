@@ -18,7 +18,7 @@ import orjson
 
 from scripts.kit.args import Target
 from scripts.kit.sse import SseParser
-from scripts.kit.stats import Run, Stats, expected_events, sse_event
+from scripts.kit.stats import Run, Stats, expected_events, new_ref, sse_event
 from scripts.kit.ws import HandshakeError, ws_connect
 
 DEFAULT_MESSAGE: Final = "chunks=50 delay_ms=0"
@@ -142,7 +142,7 @@ async def ws_load_client(index: int, cfg: Config, stats: Stats, deadline: float)
         for m in range(cfg.messages):
             if time.monotonic() >= deadline or not client.is_open:
                 break
-            ref = f"c{index}-{m}"
+            ref = new_ref(f"c{index}-{m}-")
             run = Run(ref, session.loop.create_future())
             session.pending = run
             frame = {"type": "user_message", "id": ref, "content": cfg.message, **agent}

@@ -18,7 +18,7 @@ import orjson
 from scripts.kit.launcher import HOST, Process
 from scripts.kit.measure import Cpu
 from scripts.kit.sse import SseConn, SseMessage
-from scripts.kit.stats import Run, Stats, expected_events, sse_event, summarize
+from scripts.kit.stats import Run, Stats, expected_events, new_ref, sse_event, summarize
 from scripts.kit.tokens import TokenCache
 from scripts.kit.ws import HandshakeError, WsClient, ws_connect
 
@@ -172,7 +172,7 @@ async def ws_streams(
     loop = asyncio.get_running_loop()
     stats = Stats(expected_events("load", content))
     for i, conn in enumerate(conns):
-        run = Run(f"b{i}", loop.create_future())
+        run = Run(new_ref(f"b{i}-"), loop.create_future())
         conn.run = run
         conn.handler = run_handler(stats, run)
     bytes0 = sum(c.bytes for c in conns)
@@ -209,7 +209,7 @@ async def ws_fanout(
     # CPU is measured over the fast part only: from the first tool_completed on.
     cpu = Cpu(server)
     for i, conn in enumerate(conns):
-        run = Run(f"f{i}", loop.create_future())
+        run = Run(new_ref(f"f{i}-"), loop.create_future())
         conn.run = run
         ack: asyncio.Future[None] = loop.create_future()
         acks.append(ack)
@@ -295,7 +295,7 @@ async def ws_ttfe(
     loop = asyncio.get_running_loop()
 
     async def once(i: int, stats: Stats) -> None:
-        run = Run(f"t{i}", loop.create_future())
+        run = Run(new_ref(f"t{i}-"), loop.create_future())
         conn.run = run
         conn.handler = run_handler(stats, run)
         stats.sent(run, time.time())

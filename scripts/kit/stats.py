@@ -9,8 +9,10 @@ its expected event count).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import random
+import secrets
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any, Final
@@ -99,6 +101,16 @@ def expected_events(agent: str | None, message: str) -> int | None:
     # response_complete, agent_completed
     apology = 4 if spec.fail else 0
     return 2 + spec.thinking + 2 * spec.tools + spec.chunks + apology + 2
+
+
+_NONCE: Final = secrets.token_hex(4)
+_REFS = itertools.count()
+
+
+def new_ref(prefix: str) -> str:
+    """A message id no other message of this process (or, likely, of another) uses: the
+    gateway starts one run per id and user within its idempotency window."""
+    return f"{prefix}{next(_REFS)}-{_NONCE}"
 
 
 class Run:

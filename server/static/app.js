@@ -576,7 +576,8 @@ function updateRunbar() {
   const live = current && !current.done ? current : null;
   ui.runbar.hidden = !live;
   const busy = sending || Boolean(live);
-  ui.send.disabled = busy;
+  // A message may be sent while an answer streams: the gateway queues it behind it.
+  ui.send.disabled = sending;
   ui.newChat.disabled = busy;
   markThreads();
   ui.composer.dataset.busy = String(busy);
@@ -645,6 +646,8 @@ function setThreadsOpen(open) {
 
 /** Mark the thread the conversation view shows; disable what a live run forbids. */
 function markThreads() {
+  // The open thread is watched: runs other tabs or devices start in it show here too.
+  client?.watchThread(threadId ?? null);
   const busy = isBusy();
   for (const item of ui.threadList.children) {
     const isCurrent = item.dataset.threadId === threadId;
@@ -959,7 +962,7 @@ async function loadAgents() {
 
 async function submit() {
   const text = ui.message.value;
-  if (!client || !text.trim() || sending || (current && !current.done)) return;
+  if (!client || !text.trim() || sending) return;
   ui.empty.hidden = true;
   showNotice("");
   ui.message.value = "";

@@ -214,11 +214,19 @@ export class ChatClient extends EventTarget {
     this.session = null;
     /** runId → `{runId, threadId, ref, agent, lastSeq, status, done, lost, error}`. */
     this.runs = new Map();
-    this.stats = { connects: 0, reconnects: 0, duplicates: 0, gaps: 0, resumes: [] };
+    this.stats = {
+      connects: 0,
+      reconnects: 0,
+      duplicates: 0,
+      gaps: 0,
+      duplicateSends: 0,
+      resumes: [],
+    };
 
     this._idPrefix = `c${randomId()}-`;
     this._nextId = 1;
     this._pending = new Map(); // id → {kind, frame, resolve, reject, sent}
+    this._watchedThread = null; // the thread followed with watch_thread
     this._ws = null;
     this._wsReady = false;
     this._timer = null;
@@ -283,8 +291,11 @@ export class ChatClient extends EventTarget {
    * Send a user message; a new run starts. Resolves with `{runId, threadId, ref}` once the
    * gateway has started it. Options: `agent`, `threadId`, `id` (the ref; made when absent).
    * While the WebSocket is reconnecting the message waits and is sent once it is back; if
-   * the connection drops after it was sent but before its run was announced, the promise
-   * rejects with code `connection_lost` (the run may or may not have started).
+   * the connection drops after it was sent but before its run was announced, it is sent
+   * again with the same `id` once the socket is back: the gateway starts at most one run
+   * per id (an `ack` with `duplicate: true` names the run it started), so the message is
+   * neither lost nor doubled. `onActive` (`reject`, `enqueue`, `interrupt`, `rollback`):
+   * what the message does to a run of the thread still going (default: the gateway's).
    */
   send(content, options = {}) {
     if (typeof content !== "string" || !content.trim()) {
@@ -295,6 +306,7 @@ export class ChatClient extends EventTarget {
     const frame = { type: "user_message", id, content };
     if (options.agent) frame.agent = options.agent;
     if (options.threadId) frame.thread_id = options.threadId;
+    if (options.onActive) frame.on_active = options.onActive;
     if (this.transport === "sse") return this.#sseSend(frame);
     return new Promise((resolve, reject) => {
       this._pending.set(id, { kind: "user_message", frame, resolve, reject, sent: false });
@@ -354,6 +366,28 @@ export class ChatClient extends EventTarget {
       });
       this.#flush();
     });
+  }
+
+  /**
+   * Follow a thread (WebSocket): every run of it not ended and every later one, started by
+   * any tab or device of the user, arrives as `event`s. One thread at a time: watching
+   * another stops the first; `null` stops. Watched again after each reconnect.
+   */
+  watchThread(threadId) {
+    const before = this._watchedThread ?? null;
+    if (before === (threadId ?? null)) return;
+    this._watchedThread = threadId ?? null;
+    if (!this._wsReady) return; // sent once the socket is ready
+    if (before) this.#sendWatch("unwatch_thread", before);
+    if (threadId) this.#sendWatch("watch_thread", threadId);
+  }
+
+  #sendWatch(type, threadId) {
+    const id = this.newId();
+    const noop = () => {};
+    const frame = { type, thread_id: threadId, id };
+    this._pending.set(id, { kind: "watch", frame, resolve: noop, reject: noop, sent: false });
+    this.#flush();
   }
 
   /** Runs not yet ended. */
@@ -620,18 +654,11 @@ export class ChatClient extends EventTarget {
     this._wsReady = false;
     this.session = null;
     this.#stopHeartbeat();
-    // A message sent on the lost socket whose run was never announced: its outcome is
-    // unknown, so it is not sent again. Controls and pings not yet answered are retried or
-    // dropped; resumes are redone for every live run on the next connection.
+    // A message sent on the lost socket whose run was never announced is sent again, with
+    // its id, on the next connection: the gateway starts one run per id. Controls not yet
+    // answered are retried, pings dropped; resumes and the thread's watch are redone.
     this.#rejectPending(
-      (p) => p.sent && p.kind === "user_message",
-      new ChatError(
-        "connection_lost",
-        "the connection was lost before the gateway confirmed the message",
-      ),
-    );
-    this.#rejectPending(
-      (p) => p.kind === "ping" || p.kind === "resume",
+      (p) => p.kind === "ping" || p.kind === "resume" || p.kind === "watch",
       new ChatError("connection_lost", "the connection was lost"),
     );
     for (const pending of this._pending.values()) pending.sent = false;
@@ -700,6 +727,16 @@ export class ChatClient extends EventTarget {
       case "pong":
       case "ack": {
         const pending = this._pending.get(data.ref);
+        if (message.type === "ack" && data.duplicate) this.stats.duplicateSends++;
+        if (pending && pending.kind === "user_message" && data.duplicate) {
+          // Sent before a drop and started then: follow that run from its first event. The
+          // send resolves when its user_message arrives, as for a first send.
+          const run = this.#runRecord(data.run_id, data.thread_id ?? null);
+          if (run.ref === null) run.ref = data.ref;
+          if (run.lastSeq > 0 || run.done) this.#announced(run);
+          if (!run.done) this.#sendResume(run);
+          break;
+        }
         if (pending) {
           this._pending.delete(data.ref);
           pending.resolve(message.type === "ack" ? data.status : data);
@@ -743,6 +780,7 @@ export class ChatClient extends EventTarget {
     this.#setState("connected", { transportChanged });
     this.#emit("ready", data);
     for (const run of this.liveRuns()) this.#sendResume(run);
+    if (this._watchedThread) this.#sendWatch("watch_thread", this._watchedThread);
     this.#flush();
   }
 
@@ -892,8 +930,9 @@ export class ChatClient extends EventTarget {
   }
 
   async #sseSend(frame) {
-    const body = { message: frame.content };
+    const body = { message: frame.content, id: frame.id };
     if (frame.agent) body.agent = frame.agent;
+    if (frame.on_active) body.on_active = frame.on_active;
     if (frame.thread_id) body.thread_id = frame.thread_id;
     const controller = new AbortController();
     const abort = () => controller.abort();

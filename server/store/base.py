@@ -154,6 +154,10 @@ class Store(Protocol):
         deleted; see :func:`refused`."""
         ...
 
+    def forget_run_steps(self, run_id: str, thread_id: str, owner: str) -> list[Step]:
+        """Remove the messages of a run (its user message and answer) from its thread,
+        as if it had never been sent (a ``rollback``)."""
+
     def message_delete_steps(self, message_id: str, thread_id: str) -> list[Step]:
         """Remove one message of the thread (an answer being regenerated); the rows
         changed say whether it was still there."""

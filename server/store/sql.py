@@ -388,6 +388,15 @@ class SqlStore:
 
     # Messages -----------------------------------------------------------------
 
+    def forget_run_steps(self, run_id: str, thread_id: str, owner: str) -> list[Step]:
+        return [
+            (
+                "DELETE FROM messages WHERE run_id = ? AND thread_id = ? "
+                f"AND EXISTS (SELECT 1 FROM threads WHERE {_LIVE_OF_OWNER})",
+                (run_id, thread_id, thread_id, owner),
+            )
+        ]
+
     def message_steps(self, row: MessageRow, owner: str) -> list[Step]:
         """Make the thread the most recently updated and add the message, if the thread
         is ``owner``'s and not deleted."""
