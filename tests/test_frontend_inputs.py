@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,7 +19,9 @@ import pytest
 from ag_ui.core import RunAgentInput, RunFinishedEvent
 
 from tests.support import LiveServer, http_client, parse_sse, run_server
-from tests.test_frontends import run_input, validated
+from tests.test_frontends import chunks, js, js_deps, run_input, text_of, validated
+
+__all__ = ["js_deps"]
 
 ASKER = ("asker=tests.plugin_agents:Asker",)
 
@@ -262,3 +265,69 @@ async def test_aisdk_question_is_an_ask_user_call(asking: LiveServer, user: str)
     said = "".join(p["delta"] for p in rest if p["type"] == "text-delta")
     assert said == "You said 'blue'. "
     assert rest[-1] == {"type": "finish", "finishReason": "stop"}
+
+
+# The front ends' own libraries, in Node.js ---------------------------------------------------
+
+
+def agui_types(events: list[dict[str, Any]]) -> list[str]:
+    return [e["type"] for e in events]
+
+
+async def test_agui_http_agent_resumes_an_interrupt(
+    js_deps: Path, asking: LiveServer, user: str
+) -> None:
+    """HttpAgent (verification on): the run ends at the interrupt, the client's
+    ``pendingInterrupts`` hold it, and ``runAgent({resume})`` gets the rest of the run."""
+    run = await js(
+        js_deps, asking, user, "inputs.mjs", kind="agui", agent="asker",
+        threadId=f"t-{user}", message="approve", answers=["green", {"approved": False}],
+    )  # fmt: skip
+    out = await run.finish()
+    first, second, third = out["rounds"]
+    assert agui_types(first["events"]) == ["RUN_STARTED", "RUN_FINISHED"]
+    (question,) = first["pending"]
+    assert question["reason"] == "question" and question["message"] == "Which colour?"
+    assert agui_types(second["events"])[0] == "RUN_STARTED"
+    assert text_of(second["events"]) == "You said 'green'. "
+    (approval,) = second["pending"]
+    assert approval["reason"] == "tool_approval" and approval["metadata"]["args"] == {
+        "target": "moon"
+    }
+    assert text_of(third["events"]) == "Launch denied (user)."
+    assert third["events"][-1]["type"] == "RUN_FINISHED" and third["pending"] == []
+    assert len(set(out["runIds"])) == 1  # one gateway run, resumed twice
+
+
+async def test_aisdk_chat_answers_an_approval_and_a_question(
+    js_deps: Path, asking: LiveServer, user: str
+) -> None:
+    """The SDK's Chat: addToolApprovalResponse on the tool-approval-request, sent on by
+    sendAutomaticallyWhen; the rest of the run continues the same assistant message."""
+    run = await js(
+        js_deps, asking, user, "inputs.mjs", kind="aisdk", agent="load", chatId=f"c-{user}",
+        message="thinking=0 tools=1 chunks=2", approval={"approved": True},
+    )  # fmt: skip
+    out = await run.finish()
+    assert "error" not in out, out
+    assert len(out["runIds"]) == 2 and len(set(out["runIds"])) == 1
+    sent = out["requests"][1]["messages"][-1]["parts"]
+    assert any(p.get("state") == "approval-responded" for p in sent)
+    assistant = out["messages"][-1]
+    assert assistant["role"] == "assistant" and len(out["messages"]) == 2
+    tool = next(p for p in assistant["parts"] if p.get("toolName") == "sleep")
+    assert tool["state"] == "output-available" and tool["output"] == {"slept_ms": 0}
+    text = "".join(p["text"] for p in assistant["parts"] if p["type"] == "text")
+    assert text == chunks(2)
+    # A question: the ask_user call answered with the client's tool output.
+    run = await js(
+        js_deps, asking, user, "inputs.mjs", kind="aisdk", agent="asker", chatId=f"q-{user}",
+        message="choices", answer="red",
+    )  # fmt: skip
+    out = await run.finish()
+    assert "error" not in out, out
+    assistant = out["messages"][-1]
+    ask = next(p for p in assistant["parts"] if p.get("toolName") == "ask_user")
+    assert ask["input"] == {"question": "Which colour?", "choices": ["red", "blue"]}
+    text = "".join(p["text"] for p in assistant["parts"] if p["type"] == "text")
+    assert text == "You said 'red'. "
