@@ -24,8 +24,9 @@ chat.v1                 AG-UI
 ``tool_executing``      ``TOOL_CALL_START`` / ``TOOL_CALL_ARGS`` (JSON) / ``TOOL_CALL_END``
 ``tool_completed``      ``TOOL_CALL_RESULT`` (the result or ``{"error": …}`` as JSON);
                         nothing when ``pending`` (a client tool's call, left open)
-``input_requested``     ``RUN_FINISHED`` with an ``interrupt`` outcome (see
-                        :func:`interrupt_outcome`; the gateway does not emit it yet)
+``input_requested``     ``RUN_FINISHED`` with an ``interrupt`` outcome
+                        (:func:`interrupt_outcome`); the response ends there, and a
+                        ``RunAgentInput`` with ``resume`` gets the rest of the run
 ``response_chunk``      ``TEXT_MESSAGE_START`` when none is open, ``TEXT_MESSAGE_CONTENT``
 ``run_status``          (nothing: a paused run's stream carries ``: ping`` comments)
 ``response_complete``   ``TEXT_MESSAGE_END`` (and ``START`` first for an empty answer)

@@ -14,8 +14,9 @@ chat.v1                 UI message stream parts
                         ``tool-input-available`` (``dynamic``: the gateway's own tools)
 ``tool_completed``      ``tool-output-available`` or ``tool-output-error``, then
                         ``finish-step`` (the next content opens a ``start-step``)
-``input_requested``     ``tool-approval-request`` for a ``tool_approval`` (the seam for
-                        approvals: the gateway does not emit it yet)
+``input_requested``     ``tool-approval-request`` for a ``tool_approval``, an ``ask_user``
+                        call for a ``question``; then ``finish`` and the response ends:
+                        the next request's answer (:func:`input_answer`) continues it
 ``response_chunk``      ``text-start`` when none is open, ``text-delta``
 ``run_status``          (nothing: a paused run's stream carries ``: ping`` comments)
 ``response_complete``   ``text-end``

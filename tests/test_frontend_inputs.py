@@ -18,6 +18,9 @@ import httpx
 import pytest
 from ag_ui.core import RunAgentInput, RunFinishedEvent
 
+from bridge import events
+from bridge.events import Event
+from server.agui_stream import AguiFramer
 from tests.support import LiveServer, http_client, parse_sse, run_server
 from tests.test_frontends import chunks, js, js_deps, run_input, text_of, validated
 
@@ -331,3 +334,63 @@ async def test_aisdk_chat_answers_an_approval_and_a_question(
     assert ask["input"] == {"question": "Which colour?", "choices": ["red", "blue"]}
     text = "".join(p["text"] for p in assistant["parts"] if p["type"] == "text")
     assert text == "You said 'red'. "
+
+
+# The pure framer -----------------------------------------------------------------------------
+
+
+def waiting_run() -> list[Event]:
+    """A run that asks, waits, is answered and goes on: seq 1..9."""
+    evs: list[tuple[str, dict[str, Any]]] = [
+        ("user_message", {"ref": "cr", "content": "hi"}),
+        ("agent_started", {}),
+        ("tool_executing", {"call_id": "c1", "tool": "sleep", "args": {"ms": 0}}),
+        (
+            "input_requested",
+            {"request_id": "q1", "kind": "tool_approval", "call_id": "c1", "tool": "sleep"},
+        ),
+        ("run_status", {"status": "waiting"}),
+        ("input_resolved", {"request_id": "q1", "approved": True, "by": "user"}),
+        ("tool_completed", {"call_id": "c1", "ok": True, "result": {"slept_ms": 0}}),
+        ("response_chunk", {"text": "done", "index": 0}),
+        ("response_complete", {"content": "done", "fallback": False}),
+    ]
+    out = [
+        events.make_event(kind, data, run_id="r_1", thread_id="t_1", seq=seq)  # type: ignore[arg-type]
+        for seq, (kind, data) in enumerate(evs, 1)
+    ]
+    end = {"status": "completed", "usage": {}}
+    out.append(events.make_event("agent_completed", end, run_id="r_1", thread_id="t_1", seq=10))
+    return out
+
+
+def framed(framer: AguiFramer, evs: list[Event]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for event in evs:
+        for message in parse_sse(framer.frame(event).decode()):
+            out.append(message)
+    return out
+
+
+def test_agui_framer_ends_at_an_interrupt_and_resumes_after_it() -> None:
+    live = AguiFramer(client_run_id="cr")
+    first = framed(live, waiting_run())
+    data = validated(first)
+    assert [d["type"] for d in data][-1] == "RUN_FINISHED" and live.done
+    assert data[-1]["outcome"]["interrupts"][0]["id"] == "r_1:q1"
+    assert [int(m["id"]) for m in first][-1] == 4  # nothing after the interrupt
+    resumed = AguiFramer(client_run_id="cr2", resume_of="q1")
+    rest = validated(framed(resumed, waiting_run()))
+    assert [d["type"] for d in rest] == [
+        "RUN_STARTED",
+        "TOOL_CALL_RESULT",
+        "TEXT_MESSAGE_START",
+        "TEXT_MESSAGE_CONTENT",
+        "TEXT_MESSAGE_END",
+        "RUN_FINISHED",
+    ]
+    assert rest[0]["runId"] == "cr2" and "outcome" not in rest[-1]
+    # A rejoin from a point after the interrupt re-opens the run there.
+    rejoined = validated(framed(AguiFramer(after_seq=5), waiting_run()))
+    assert [d["type"] for d in rejoined][:2] == ["RUN_STARTED", "TOOL_CALL_RESULT"]
+    assert sum(d["type"] == "RUN_STARTED" for d in rejoined) == 1

@@ -413,7 +413,7 @@ def test_agui_framer_maps_every_ending_to_valid_events() -> None:
     )
     assert approval[-1]["type"] == "RUN_FINISHED"
     assert approval[-1]["outcome"]["type"] == "interrupt"
-    assert approval[-1]["outcome"]["interrupts"][0]["id"] == "q1"
+    assert approval[-1]["outcome"]["interrupts"][0]["id"] == "r_1:q1"
     framer = AguiFramer()
     gone = framer.frame(events.error("resume_unavailable", "dropped", run_id="r_1"))
     (message,) = parse_sse(gone.decode())
