@@ -608,13 +608,18 @@ async def _resume(gateway: Gateway, user: Principal, body: RunAgentInput) -> Res
     if len(run_ids) != 1:
         raise ProtocolError("bad_message", "resume entries must answer the interrupts of one run")
     (run_id,) = run_ids
+    record = await gateway.find_run(user, run_id)
+    if record.thread_id != body.thread_id:
+        raise ProtocolError(
+            "bad_message", f"the interrupt's run is not of thread {body.thread_id!r}"
+        )
     for (_, request_id), entry in zip(named, entries, strict=True):
         await gateway.respond(user, run_id, request_id, resume_payload(entry))
     framer = AguiFramer(client_run_id=body.run_id, resume_of=named[-1][1])
     stream = await sse.open_stream(gateway, user, framer=framer.frame, until=lambda: framer.done)
     try:
         stream.headers["x-chat-run-id"] = run_id
-        stream.headers["x-chat-thread-id"] = body.thread_id
+        stream.headers["x-chat-thread-id"] = record.thread_id
         stream.attach(await gateway.watch(user, run_id, 0, stream.wake))
     except BaseException:
         await gateway.remove_session(stream)

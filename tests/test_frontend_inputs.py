@@ -85,6 +85,9 @@ async def agui_approval(server: LiveServer, user: str, payload: Any) -> list[dic
     assert meta["run_id"] == resp.headers["x-chat-run-id"]
     assert interrupt["id"] == f"{meta['run_id']}:{meta['request_id']}"
     assert interrupt["expiresAt"].endswith("Z") and isinstance(meta["expires_at"], int | float)
+    elsewhere = resume_input(f"{thread}-other", "r2", interrupt["id"], payload)
+    wrong, _ = await post(server, user, "/api/ag-ui/load", elsewhere)
+    assert wrong.status_code == 400, wrong.text  # the interrupt's run is of another thread
     body = resume_input(thread, "r2", interrupt["id"], payload)
     again, messages = await post(server, user, "/api/ag-ui/load", body)
     assert again.status_code == 200, again.text

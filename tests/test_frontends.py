@@ -430,7 +430,11 @@ def test_aisdk_framer_cancelled_is_abort_and_approval_seam() -> None:
         return framer.parts(event)
 
     assert [p["type"] for p in parts("user_message", {"content": "x"})] == ["start"]
-    assert parts("input_requested", {"kind": "tool_approval", "request_id": "q", "call_id": "c"})
+    asked = parts("input_requested", {"kind": "tool_approval", "request_id": "q", "call_id": "c"})
+    assert {"type": "tool-approval-request", "approvalId": "r_1:q", "toolCallId": "c"} in asked
+    assert asked[-1] == {"type": "finish", "finishReason": "tool-calls"}  # the response ends
+    framer = AiSdkFramer()
+    parts("user_message", {"content": "x"})
     assert parts("agent_completed", {"status": "cancelled", "error": {"code": "cancelled"}})[
         -1
     ] == {"type": "abort", "reason": "cancelled"}
