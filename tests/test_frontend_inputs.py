@@ -10,6 +10,7 @@ assistant message (``approval-responded``, or the call's output) answers it.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,14 @@ from bridge import events
 from bridge.events import Event
 from server.agui_stream import AguiFramer
 from tests.support import LiveServer, http_client, parse_sse, run_server
+from tests.test_faults import record_figures
 from tests.test_frontends import chunks, js, js_deps, run_input, text_of, validated
 
 __all__ = ["js_deps"]
 
 ASKER = ("asker=tests.plugin_agents:Asker",)
+#: The answer's request to the end of the rest of the run, per test (figures, not asserts).
+RESUME_MS: dict[str, list[float]] = {}
 
 
 @pytest.fixture(scope="module", params=["memory", "redis"])
@@ -37,6 +41,9 @@ def asking(request: pytest.FixtureRequest) -> Iterator[LiveServer]:
         overrides["broker_url"] = request.getfixturevalue("redis_url")
     with run_server(**overrides) as live:
         yield live
+    if RESUME_MS:
+        record_figures(f"frontend_inputs_{request.param}", dict(RESUME_MS))
+        RESUME_MS.clear()
 
 
 async def post(
@@ -85,11 +92,20 @@ async def agui_approval(server: LiveServer, user: str, payload: Any) -> list[dic
     assert meta["run_id"] == resp.headers["x-chat-run-id"]
     assert interrupt["id"] == f"{meta['run_id']}:{meta['request_id']}"
     assert interrupt["expiresAt"].endswith("Z") and isinstance(meta["expires_at"], int | float)
+    async with http_client(server) as client:
+        path = f"/api/ag-ui/runs/{meta['run_id']}/events"
+        rejoin = await client.get(path, headers=server.headers(user))
+    rejoined = validated(parse_sse(rejoin.text))  # ends at the open request, not held open
+    assert rejoined[-1]["outcome"]["interrupts"][0]["id"] == interrupt["id"]
     elsewhere = resume_input(f"{thread}-other", "r2", interrupt["id"], payload)
     wrong, _ = await post(server, user, "/api/ag-ui/load", elsewhere)
     assert wrong.status_code == 400, wrong.text  # the interrupt's run is of another thread
     body = resume_input(thread, "r2", interrupt["id"], payload)
+    started = time.perf_counter()
     again, messages = await post(server, user, "/api/ag-ui/load", body)
+    RESUME_MS.setdefault("agui_resume_to_end_ms", []).append(
+        round((time.perf_counter() - started) * 1000, 2)
+    )
     assert again.status_code == 200, again.text
     assert again.headers["x-chat-run-id"] == meta["run_id"]  # the same run, not a new one
     rest = validated(messages)
@@ -216,7 +232,14 @@ async def test_aisdk_tool_approval_continues_the_run(asking: LiveServer, user: s
     }
     answer = {"id": parts[0]["messageId"], "role": "assistant", "parts": [tool_part]}
     body = {**body, "messages": [user_message("thinking=0 tools=1 chunks=2"), answer]}
+    async with http_client(asking) as client:
+        waiting = await client.get(f"/api/ai-sdk/chat/{chat}/stream", headers=asking.headers(user))
+    assert ui_parts(waiting.text)[-2:] == parts[-2:]  # a resume ends at the open request
+    started = time.perf_counter()
     again, rest = await sdk_post(asking, user, body)
+    RESUME_MS.setdefault("aisdk_approval_to_end_ms", []).append(
+        round((time.perf_counter() - started) * 1000, 2)
+    )
     assert again.status_code == 200, again.text
     assert again.headers["x-chat-run-id"] == run_id
     assert [p["type"] for p in rest] == [
@@ -397,3 +420,17 @@ def test_agui_framer_ends_at_an_interrupt_and_resumes_after_it() -> None:
     rejoined = validated(framed(AguiFramer(after_seq=5), waiting_run()))
     assert [d["type"] for d in rejoined][:2] == ["RUN_STARTED", "TOOL_CALL_RESULT"]
     assert sum(d["type"] == "RUN_STARTED" for d in rejoined) == 1
+
+
+async def test_agui_a_cancelled_resume_entry_gives_up_the_question(
+    asking: LiveServer, user: str
+) -> None:
+    thread = f"t-{user}"
+    _, messages = await post(asking, user, "/api/ag-ui/asker", run_input(thread, "x1", "plain"))
+    question = interrupt_of(validated(messages))
+    body = run_input(thread, "x2", "never mind")
+    body["resume"] = [{"interruptId": question["id"], "status": "cancelled"}]
+    resp, messages = await post(asking, user, "/api/ag-ui/asker", body)
+    assert resp.status_code == 200, resp.text
+    rest = validated(messages)
+    assert text_of(rest) == "You said ''. " and rest[-1]["type"] == "RUN_FINISHED"
