@@ -12,7 +12,8 @@ chat.v1                 UI message stream parts
 ``agent_thinking``      ``reasoning-start`` when none is open, ``reasoning-delta``
 ``tool_executing``      ``tool-input-start`` / ``tool-input-delta`` (JSON) /
                         ``tool-input-available`` (``dynamic``: the gateway's own tools)
-``tool_completed``      ``tool-output-available`` or ``tool-output-error``, then
+``tool_completed``      ``tool-output-available`` or ``tool-output-error``
+                        (``tool-output-denied`` for a call denied its approval), then
                         ``finish-step`` (the next content opens a ``start-step``)
 ``input_requested``     ``tool-approval-request`` for a ``tool_approval``, an ``ask_user``
                         call for a ``question``; then ``finish`` and the response ends:
@@ -70,6 +71,9 @@ class AiSdkFramer:
         #: The stream's end was written (the run's, or an input request's): nothing more.
         self.done = False
         self._opened = False
+        #: The calls waiting for approval, by request id, and those denied.
+        self._asked: dict[str, str] = {}
+        self._denied: set[str] = set()
         self._run_id = ""
         self._started = False
         self._step = False
@@ -122,11 +126,18 @@ class AiSdkFramer:
                 }
             )
             out.append({"type": "tool-input-available", **call, "input": args, "dynamic": True})
+        elif kind == "input_resolved":
+            waited = self._asked.pop(str(data.get("request_id")), None)
+            if waited is not None and data.get("approved") is False:
+                self._denied.add(waited)
         elif kind == "tool_completed":
             out += self._open_step()
             out += self._close_all()
             call_id = str(data["call_id"])
-            if data.get("ok"):
+            if call_id in self._denied and not data.get("ok"):
+                # The SDK's own part for a call its approval response denied.
+                out.append({"type": "tool-output-denied", "toolCallId": call_id})
+            elif data.get("ok"):
                 output = data.get("result")
                 out.append(
                     {
@@ -151,6 +162,7 @@ class AiSdkFramer:
             out += self._close_all()
             answer_id = input_id(self._run_id, str(data.get("request_id")))
             if data.get("kind") == "tool_approval":
+                self._asked[str(data.get("request_id"))] = str(data.get("call_id"))
                 out.append(
                     {
                         "type": "tool-approval-request",
@@ -198,6 +210,8 @@ class AiSdkFramer:
     def frame(self, event: Event) -> bytes:
         if self._resume_of is not None and event.seq is not None:
             # A continuation: the run so far is the client's already.
+            if event.type == "input_requested" and event.data.get("kind") == "tool_approval":
+                self._asked[str(event.data.get("request_id"))] = str(event.data.get("call_id"))
             if event.type == "input_requested" and event.data.get("request_id") == self._resume_of:
                 self._resume_of = None
             if not self._started:

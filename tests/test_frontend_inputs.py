@@ -434,3 +434,26 @@ async def test_agui_a_cancelled_resume_entry_gives_up_the_question(
     assert resp.status_code == 200, resp.text
     rest = validated(messages)
     assert text_of(rest) == "You said ''. " and rest[-1]["type"] == "RUN_FINISHED"
+
+
+async def test_aisdk_denied_approval_is_the_sdks_denied_output(
+    js_deps: Path, asking: LiveServer, user: str
+) -> None:
+    """A denial through addToolApprovalResponse: the call's part ends ``output-denied``
+    (``tool-output-denied``), the run goes on to its answer."""
+    run = await js(
+        js_deps, asking, user, "inputs.mjs", kind="aisdk", agent="load", chatId=f"d-{user}",
+        message="thinking=0 tools=1 chunks=2", approval={"approved": False, "reason": "no"},
+    )  # fmt: skip
+    out = await run.finish()
+    assert "error" not in out, out
+    assert len(out["runIds"]) == 2 and len(set(out["runIds"])) == 1
+    assistant = out["messages"][-1]
+    tool = next(p for p in assistant["parts"] if p.get("toolName") == "sleep")
+    assert tool["state"] == "output-denied"
+    assert tool["approval"]["approved"] is False and tool["approval"]["reason"] == "no"
+    text = "".join(p["text"] for p in assistant["parts"] if p["type"] == "text")
+    assert text == chunks(2)
+    async with http_client(asking) as client:
+        history = await client.get(f"/api/threads/d-{user}/messages", headers=asking.headers(user))
+    assert history.status_code == 200 and out["runIds"][0] in history.text
