@@ -24,8 +24,9 @@ chat.v1                 AG-UI
 ``tool_executing``      ``TOOL_CALL_START`` / ``TOOL_CALL_ARGS`` (JSON) / ``TOOL_CALL_END``
 ``tool_completed``      ``TOOL_CALL_RESULT`` (the result or ``{"error": …}`` as JSON);
                         nothing when ``pending`` (a client tool's call, left open)
-``input_requested``     ``RUN_FINISHED`` with an ``interrupt`` outcome (see
-                        :func:`interrupt_outcome`; the gateway does not emit it yet)
+``input_requested``     ``RUN_FINISHED`` with an ``interrupt`` outcome
+                        (:func:`interrupt_outcome`); the response ends there, and a
+                        ``RunAgentInput`` with ``resume`` gets the rest of the run
 ``response_chunk``      ``TEXT_MESSAGE_START`` when none is open, ``TEXT_MESSAGE_CONTENT``
 ``run_status``          (nothing: a paused run's stream carries ``: ping`` comments)
 ``response_complete``   ``TEXT_MESSAGE_END`` (and ``START`` first for an empty answer)
@@ -41,6 +42,7 @@ Whatever is open is closed (``REASONING_MESSAGE_END``/``REASONING_END``,
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any, Final
 
 from ag_ui.core import (
@@ -51,6 +53,7 @@ from ag_ui.core import (
     ReasoningMessageEndEvent,
     ReasoningMessageStartEvent,
     ReasoningStartEvent,
+    ResumeEntry,
     RunAgentInput,
     RunErrorEvent,
     RunFinishedEvent,
@@ -73,9 +76,10 @@ from starlette.responses import Response
 from agents.base import ClientTool, ClientToolResult
 from bridge.events import Event
 from server import routes, sse
+from server.auth import Principal
 from server.commands import client_ref, optional_id
 from server.errors import ProtocolError
-from server.gateway import content_digest
+from server.gateway import Gateway, content_digest
 
 _ENCODER: Final = EventEncoder()
 #: Validation errors quoted in a 400's message.
@@ -92,22 +96,86 @@ def reasoning_id(run_id: str, n: int) -> str:
     return f"{run_id}:reasoning:{n}"
 
 
-def interrupt_outcome(data: dict[str, Any]) -> dict[str, Any]:
+def interrupt_id(run_id: str, request_id: str) -> str:
+    """The AG-UI interrupt id of a run's input request: the gateway's run id and the
+    request's, so that a ``resume`` entry names both."""
+    return f"{run_id}:{request_id}"
+
+
+def parse_interrupt_id(value: str) -> tuple[str, str]:
+    """The run id and request id an interrupt id names.
+
+    Raises:
+        ProtocolError: it is not one of this gateway's interrupt ids.
+    """
+    run_id, _, request_id = value.rpartition(":")
+    if not run_id or not request_id:
+        raise ProtocolError("bad_message", f"resume names no interrupt of this gateway: {value!r}")
+    return run_id, request_id
+
+
+def interrupt_outcome(run_id: str, data: dict[str, Any]) -> dict[str, Any]:
     """The ``RUN_FINISHED`` outcome for an ``input_requested`` (approvals and questions).
 
-    The seam for them: the gateway emits no ``input_requested`` yet, so no stream
-    ends this way today; the mapping is fixed here so that it is one place to wire.
+    One ``Interrupt``: ``id`` (:func:`interrupt_id`), ``reason`` (the request's
+    ``kind``), ``message`` (the question, or what is to be approved), ``toolCallId``
+    for an approval, ``expiresAt`` (ISO 8601), a ``responseSchema`` of the answer, and
+    the request as ``chat.v1`` has it in ``metadata`` (``request_id``, ``kind``,
+    ``tool``/``args`` or ``question``/``choices``, ``expires_at``).
     """
-    interrupt: dict[str, Any] = {
-        "id": data.get("request_id"),
-        "reason": data.get("kind"),
-    }
-    if data.get("kind") == "tool_approval":
-        interrupt["toolCallId"] = data.get("call_id")
-        interrupt["value"] = {"tool": data.get("tool"), "args": data.get("args")}
+    kind = str(data.get("kind"))
+    request_id = str(data.get("request_id"))
+    metadata: dict[str, Any] = {"request_id": request_id, "kind": kind, "run_id": run_id}
+    interrupt: dict[str, Any] = {"id": interrupt_id(run_id, request_id), "reason": kind}
+    if kind == "tool_approval":
+        interrupt["toolCallId"] = str(data.get("call_id"))
+        interrupt["message"] = f"Approve the call of {data.get('tool')}?"
+        interrupt["responseSchema"] = APPROVAL_SCHEMA
+        metadata.update(call_id=data.get("call_id"), tool=data.get("tool"), args=data.get("args"))
     else:
-        interrupt["value"] = {"question": data.get("question"), "choices": data.get("choices")}
+        interrupt["message"] = str(data.get("question") or "")
+        interrupt["responseSchema"] = QUESTION_SCHEMA
+        metadata.update(question=data.get("question"), choices=data.get("choices"))
+    expires_at = data.get("expires_at")
+    if isinstance(expires_at, int | float):
+        metadata["expires_at"] = expires_at
+        when = datetime.fromtimestamp(expires_at, UTC)
+        interrupt["expiresAt"] = when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    interrupt["metadata"] = metadata
     return {"type": "interrupt", "interrupts": [interrupt]}
+
+
+#: What a ``resume`` entry's ``payload`` holds for each kind (``respond``'s fields).
+APPROVAL_SCHEMA: Final[dict[str, Any]] = {
+    "type": "object",
+    "properties": {
+        "approved": {"type": "boolean"},
+        "args": {"type": "object"},
+        "reason": {"type": "string"},
+    },
+    "required": ["approved"],
+}
+QUESTION_SCHEMA: Final[dict[str, Any]] = {
+    "type": "object",
+    "properties": {"answer": {"type": "string"}},
+    "required": ["answer"],
+}
+
+
+def resume_payload(entry: ResumeEntry) -> dict[str, Any]:
+    """The ``respond`` fields a ``resume`` entry stands for: its ``payload`` when
+    ``resolved`` (a bare string is a question's answer, a bare boolean an approval),
+    a denial when ``cancelled`` (a question is then answered empty)."""
+    if entry.status == "cancelled":
+        return {"approved": False, "answer": "", "reason": "cancelled by the client"}
+    payload = entry.payload
+    if isinstance(payload, str):
+        return {"answer": payload}
+    if isinstance(payload, bool):
+        return {"approved": payload}
+    if not isinstance(payload, dict):
+        raise ProtocolError("bad_message", "a resume entry's payload must be an object")
+    return payload
 
 
 class AguiFramer:
@@ -118,9 +186,23 @@ class AguiFramer:
     it only bring the state up to date.
     """
 
-    def __init__(self, *, client_run_id: str | None = None, after_seq: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        client_run_id: str | None = None,
+        after_seq: int = 0,
+        resume_of: str | None = None,
+    ) -> None:
         self.client_run_id = client_run_id
         self.after_seq = after_seq
+        #: A resumed stream's request id: everything up to its ``input_requested`` only
+        #: brings the state up to date, then the run goes on from there.
+        self._resume_of = resume_of
+        #: The run's AG-UI end (an interrupt, or the run's own end) was written: the
+        #: response is over (:attr:`done`).
+        self._done = False
+        #: The last AG-UI run ended at an interrupt, which the next event re-opens.
+        self._interrupted = False
         self.thread_id = ""
         self.run_id = ""
         self._gateway_run_id = ""
@@ -131,7 +213,13 @@ class AguiFramer:
         self._ended = False
         #: The run's last AG-UI event (``RUN_FINISHED``/``RUN_ERROR``) and its ``seq``.
         self._end: tuple[BaseEvent, int | None] | None = None
-        self._preluded = after_seq == 0
+        self._preluded = after_seq == 0 and resume_of is None
+
+    @property
+    def done(self) -> bool:
+        """Whether the response has written its run's end: ``RUN_FINISHED`` (an
+        interrupt's included) or ``RUN_ERROR``; nothing more goes in it."""
+        return self._done
 
     # Pure mapping ----------------------------------------------------------------------
 
@@ -143,11 +231,16 @@ class AguiFramer:
             data = event.data
             self._ended = True
             return [*self._close_all(), RunErrorEvent(message=data["message"], code=data["code"])]
-        if self._ended:
-            return []
         data = event.data
         out: list[BaseEvent] = []
         kind: str = event.type  # with types this gateway does not emit yet
+        if self._interrupted:
+            # The run goes on after an interrupt: AG-UI's next run (a resume) begins.
+            self._interrupted = self._ended = False
+            self._end = None
+            out.append(self._run_started())
+        if self._ended:
+            return []
         if not self._started:
             self._gateway_run_id = event.run_id or ""
             self.thread_id = event.thread_id or ""
@@ -217,13 +310,13 @@ class AguiFramer:
             out += self._close_text()
         elif kind == "input_requested":
             out += self._close_all()
-            self._ended = True
+            self._ended = self._interrupted = True
             out.append(
                 RunFinishedEvent.model_validate(
                     {
                         "threadId": self.thread_id,
                         "runId": self.run_id,
-                        "outcome": interrupt_outcome(data),
+                        "outcome": interrupt_outcome(self._gateway_run_id, data),
                     }
                 )
             )
@@ -255,7 +348,16 @@ class AguiFramer:
 
     def frame(self, event: Event) -> bytes:
         """The run event as AG-UI SSE messages: nothing up to the rejoin point, then a
-        prelude re-opening what was open there, then each event with ``id: <seq>``."""
+        prelude re-opening what was open there, then each event with ``id: <seq>``;
+        nothing once the run's end (or an interrupt) is written."""
+        if self._done:
+            return b""
+        if self._resume_of is not None and event.seq is not None:
+            if event.type == "input_requested" and event.data.get("request_id") == self._resume_of:
+                self._resume_of = None
+                self.after_seq = event.seq
+            self._ending(self.events(event), event.seq)  # only the state moves
+            return b""
         if event.seq is not None and event.seq <= self.after_seq:
             self._ending(self.events(event), event.seq)  # only the state moves
             return b""
@@ -265,6 +367,8 @@ class AguiFramer:
             prelude = self._prelude()
             head = _encode(prelude, self.after_seq)
         out = self._ending(self.events(event), event.seq)
+        if self._ended and out:
+            self._done = True
         return head + _encode(out, event.seq)
 
     def tail(self, _status: str | None = None) -> bytes:
@@ -462,6 +566,8 @@ async def run_agent(request: Request) -> Response:
     user = routes.authenticate(request)
     raw = await routes.read_json_body(request, gateway.settings.max_frontend_body_bytes)
     body = _run_input(raw)
+    if body.resume:
+        return await _resume(gateway, user, body)
     thread_id = optional_id({"threadId": body.thread_id}, "threadId")
     agent = optional_id({"agent": request.path_params["agent"]}, "agent")
     client_run_id = client_ref({"id": body.run_id})
@@ -469,7 +575,7 @@ async def run_agent(request: Request) -> Response:
     text = results_text(results) if results else last_user_text(body)
     content = routes.new_message(text, gateway.settings.max_message_bytes)
     framer = AguiFramer(client_run_id=body.run_id)
-    stream = await sse.open_stream(gateway, user, framer=framer.frame)
+    stream = await sse.open_stream(gateway, user, framer=framer.frame, until=lambda: framer.done)
     try:
         # A retried POST (same runId, same message) rejoins its run rather than starting
         # another; a runId used again for another message starts a run of its own.
@@ -496,6 +602,38 @@ async def run_agent(request: Request) -> Response:
     return stream
 
 
+async def _resume(gateway: Gateway, user: Principal, body: RunAgentInput) -> Response:
+    """A ``RunAgentInput`` whose ``resume`` answers the interrupt that ended the
+    previous response: each entry goes to ``respond`` (as the REST route's), then the
+    response is the rest of the SAME run, from just after the interrupt, as a new
+    AG-UI run (``RUN_STARTED`` with the input's ``runId``) to its end or its next
+    interrupt.  Another user's run is 404, an interrupt already answered 409.
+    """
+    entries = body.resume or []
+    named = [parse_interrupt_id(entry.interrupt_id) for entry in entries]
+    run_ids = {run_id for run_id, _ in named}
+    if len(run_ids) != 1:
+        raise ProtocolError("bad_message", "resume entries must answer the interrupts of one run")
+    (run_id,) = run_ids
+    record = await gateway.find_run(user, run_id)
+    if record.thread_id != body.thread_id:
+        raise ProtocolError(
+            "bad_message", f"the interrupt's run is not of thread {body.thread_id!r}"
+        )
+    for (_, request_id), entry in zip(named, entries, strict=True):
+        await gateway.respond(user, run_id, request_id, resume_payload(entry))
+    framer = AguiFramer(client_run_id=body.run_id, resume_of=named[-1][1])
+    stream = await sse.open_stream(gateway, user, framer=framer.frame, until=lambda: framer.done)
+    try:
+        stream.headers["x-chat-run-id"] = run_id
+        stream.headers["x-chat-thread-id"] = record.thread_id
+        stream.attach(await gateway.watch(user, run_id, 0, stream.wake))
+    except BaseException:
+        await gateway.remove_session(stream)
+        raise
+    return stream
+
+
 @routes.api
 async def rejoin(request: Request) -> Response:
     """``GET /api/ag-ui/runs/{run_id}/events``: rejoin after ``Last-Event-ID`` (or
@@ -505,7 +643,9 @@ async def rejoin(request: Request) -> Response:
     run_id = request.path_params["run_id"]
     after = routes.after_seq(request)
     framer = AguiFramer(after_seq=after)
-    stream = await sse.open_stream(gateway, user, framer=framer.frame, tail=framer.tail)
+    stream = await sse.open_stream(
+        gateway, user, framer=framer.frame, tail=framer.tail, until=lambda: framer.done
+    )
     try:
         # From the first event: those up to ``after`` only tell the framer what is open.
         stream.attach(await gateway.watch(user, run_id, 0, stream.wake))

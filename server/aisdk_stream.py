@@ -12,10 +12,12 @@ chat.v1                 UI message stream parts
 ``agent_thinking``      ``reasoning-start`` when none is open, ``reasoning-delta``
 ``tool_executing``      ``tool-input-start`` / ``tool-input-delta`` (JSON) /
                         ``tool-input-available`` (``dynamic``: the gateway's own tools)
-``tool_completed``      ``tool-output-available`` or ``tool-output-error``, then
+``tool_completed``      ``tool-output-available`` or ``tool-output-error``
+                        (``tool-output-denied`` for a call denied its approval), then
                         ``finish-step`` (the next content opens a ``start-step``)
-``input_requested``     ``tool-approval-request`` for a ``tool_approval`` (the seam for
-                        approvals: the gateway does not emit it yet)
+``input_requested``     ``tool-approval-request`` for a ``tool_approval``, an ``ask_user``
+                        call for a ``question``; then ``finish`` and the response ends:
+                        the next request's answer (:func:`input_answer`) continues it
 ``response_chunk``      ``text-start`` when none is open, ``text-delta``
 ``run_status``          (nothing: a paused run's stream carries ``: ping`` comments)
 ``response_complete``   ``text-end``
@@ -45,6 +47,14 @@ DONE: Final = b"data: [DONE]\n\n"
 TRIGGERS: Final = frozenset({"submit-message", "regenerate-message"})
 
 Part = dict[str, Any]
+#: The dynamic tool a question is asked through: its output is the user's answer.
+ASK_TOOL: Final = "ask_user"
+
+
+def input_id(run_id: str, request_id: str) -> str:
+    """The ``approvalId`` (or the ``ask_user`` call's ``toolCallId``) of an input
+    request: the gateway's run id and the request's."""
+    return f"{run_id}:{request_id}"
 
 
 def part_bytes(part: Part) -> bytes:
@@ -54,7 +64,16 @@ def part_bytes(part: Part) -> bytes:
 class AiSdkFramer:
     """One stream's framing; see the module docstring."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, resume_of: str | None = None) -> None:
+        #: A continuation's request id: the run's events up to its ``input_requested``
+        #: are not written, the rest of the run is.
+        self._resume_of = resume_of
+        #: The stream's end was written (the run's, or an input request's): nothing more.
+        self.done = False
+        self._opened = False
+        #: The calls waiting for approval, by request id, and those denied.
+        self._asked: dict[str, str] = {}
+        self._denied: set[str] = set()
         self._run_id = ""
         self._started = False
         self._step = False
@@ -107,11 +126,18 @@ class AiSdkFramer:
                 }
             )
             out.append({"type": "tool-input-available", **call, "input": args, "dynamic": True})
+        elif kind == "input_resolved":
+            waited = self._asked.pop(str(data.get("request_id")), None)
+            if waited is not None and data.get("approved") is False:
+                self._denied.add(waited)
         elif kind == "tool_completed":
             out += self._open_step()
             out += self._close_all()
             call_id = str(data["call_id"])
-            if data.get("ok"):
+            if call_id in self._denied and not data.get("ok"):
+                # The SDK's own part for a call its approval response denied.
+                out.append({"type": "tool-output-denied", "toolCallId": call_id})
+            elif data.get("ok"):
                 output = data.get("result")
                 out.append(
                     {
@@ -132,14 +158,28 @@ class AiSdkFramer:
                 )
             out += self._close_step()
         elif kind == "input_requested":
+            out += self._open_step()
+            out += self._close_all()
+            answer_id = input_id(self._run_id, str(data.get("request_id")))
             if data.get("kind") == "tool_approval":
+                self._asked[str(data.get("request_id"))] = str(data.get("call_id"))
                 out.append(
                     {
                         "type": "tool-approval-request",
-                        "approvalId": str(data.get("request_id")),
+                        "approvalId": answer_id,
                         "toolCallId": str(data.get("call_id")),
                     }
                 )
+            else:
+                ask = {"toolCallId": answer_id, "toolName": ASK_TOOL}
+                question = {"question": data.get("question"), "choices": data.get("choices")}
+                out.append({"type": "tool-input-start", **ask, "dynamic": True})
+                out.append(
+                    {"type": "tool-input-available", **ask, "input": question, "dynamic": True}
+                )
+            out += self._close_step()
+            out.append({"type": "finish", "finishReason": "tool-calls"})
+            self._ended = True
         elif kind == "response_chunk":
             out += self._open_step()
             out += self._close_reasoning()
@@ -168,7 +208,23 @@ class AiSdkFramer:
         return out
 
     def frame(self, event: Event) -> bytes:
-        return b"".join(part_bytes(part) for part in self.parts(event))
+        if self._resume_of is not None and event.seq is not None:
+            # A continuation: the run so far is the client's already.
+            if event.type == "input_requested" and event.data.get("kind") == "tool_approval":
+                self._asked[str(event.data.get("request_id"))] = str(event.data.get("call_id"))
+            if event.type == "input_requested" and event.data.get("request_id") == self._resume_of:
+                self._resume_of = None
+            if not self._started:
+                self._started = True
+                self._run_id = event.run_id or ""
+            return b""
+        out = self.parts(event)
+        if not self._opened and out:
+            self._opened = True
+            if out[0].get("type") != "start":
+                out.insert(0, {"type": "start", "messageId": f"{self._run_id}:answer"})
+        self.done = self._ended
+        return b"".join(part_bytes(part) for part in out)
 
     def _open_step(self) -> list[Part]:
         if self._step:
@@ -227,11 +283,54 @@ def last_user_text(messages: object) -> str:
     raise ProtocolError("bad_message", "messages must end with a user message that has text")
 
 
+def input_answer(messages: object) -> tuple[str, str, dict[str, Any]] | None:
+    """The answer a request carries to the input request that ended the previous
+    response, when its messages end with that assistant message: the last tool part
+    in state ``approval-responded`` (``approval: {id, approved, reason}``), or the
+    ``ask_user`` call with its output (the answer).  ``(run_id, request_id,
+    respond's fields)``, or None for an ordinary message.
+
+    Raises:
+        ProtocolError: the part names no input request of this gateway.
+    """
+    if not isinstance(messages, list) or not messages:
+        return None
+    last = messages[-1]
+    if not isinstance(last, dict) or last.get("role") != "assistant":
+        return None
+    parts = last.get("parts")
+    found: tuple[str, dict[str, Any]] | None = None
+    for part in parts if isinstance(parts, list) else ():
+        if not isinstance(part, dict):
+            continue
+        approval = part.get("approval")
+        if part.get("state") == "approval-responded" and isinstance(approval, dict):
+            fields: dict[str, Any] = {"approved": approval.get("approved")}
+            if approval.get("reason") is not None:
+                fields["reason"] = approval.get("reason")
+            found = (str(approval.get("id")), fields)
+        elif part.get("toolName") == ASK_TOOL and part.get("state") == "output-available":
+            output = part.get("output")
+            answer = output.get("answer") if isinstance(output, dict) else output
+            found = (str(part.get("toolCallId")), {"answer": answer})
+    if found is None:
+        return None
+    run_id, _, request_id = found[0].rpartition(":")
+    if not run_id or not request_id:
+        raise ProtocolError("bad_message", f"no input request of this gateway: {found[0]!r}")
+    return run_id, request_id, found[1]
+
+
 async def _stream_run(request: Request, user: Any, run_id: str) -> sse.SseStream:
     gateway = routes.gateway_of(request)
     framer = AiSdkFramer()
     stream = await sse.open_stream(
-        gateway, user, framer=framer.frame, tail=lambda _status: DONE, headers=HEADER
+        gateway,
+        user,
+        framer=framer.frame,
+        tail=lambda _status: DONE,
+        headers=HEADER,
+        until=lambda: framer.done,
     )
     try:
         stream.attach(await gateway.watch(user, run_id, 0, stream.wake))
@@ -268,10 +367,18 @@ async def chat(request: Request) -> Response:
     answer_ref = body.get("messageId")
     if regenerate and answer_ref is not None and not isinstance(answer_ref, str):
         raise ProtocolError("bad_message", "field 'messageId' must be a string")
+    answer = None if regenerate else input_answer(body.get("messages"))
+    if answer is not None:
+        return await _continue(request, user, *answer)
     content = routes.new_message(last_user_text(body.get("messages")), limit)
     framer = AiSdkFramer()
     stream = await sse.open_stream(
-        gateway, user, framer=framer.frame, tail=lambda _status: DONE, headers=HEADER
+        gateway,
+        user,
+        framer=framer.frame,
+        tail=lambda _status: DONE,
+        headers=HEADER,
+        until=lambda: framer.done,
     )
     try:
         if regenerate:
@@ -285,6 +392,32 @@ async def chat(request: Request) -> Response:
             record = await gateway.start_run(user, content, thread_id=thread_id, agent=agent)
         stream.headers["x-chat-run-id"] = record.run_id
         stream.attach(await gateway.watch(user, record.run_id, 0, stream.wake))
+    except BaseException:
+        await gateway.remove_session(stream)
+        raise
+    return stream
+
+
+async def _continue(
+    request: Request, user: Any, run_id: str, request_id: str, fields: dict[str, Any]
+) -> Response:
+    """The client's answer to an input request: ``respond`` (404 for another user's
+    run, 409 when already answered), then the rest of the same run, from just after
+    the request, continuing the assistant message the client has."""
+    gateway = routes.gateway_of(request)
+    await gateway.respond(user, run_id, request_id, fields)
+    framer = AiSdkFramer(resume_of=request_id)
+    stream = await sse.open_stream(
+        gateway,
+        user,
+        framer=framer.frame,
+        tail=lambda _status: DONE,
+        headers=HEADER,
+        until=lambda: framer.done,
+    )
+    try:
+        stream.headers["x-chat-run-id"] = run_id
+        stream.attach(await gateway.watch(user, run_id, 0, stream.wake))
     except BaseException:
         await gateway.remove_session(stream)
         raise

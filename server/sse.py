@@ -79,6 +79,7 @@ class SseStream(Response):
         head: bytes | None = None,
         tail: Callable[[str | None], bytes] | None = None,
         framer: Callable[[Event], bytes] | None = None,
+        until: Callable[[], bool] | None = None,
     ) -> None:
         # As StreamingResponse does: no body, so no Content-Length.
         self.status_code = 200
@@ -91,6 +92,8 @@ class SseStream(Response):
         self._tail = tail
         #: How each event is written (another protocol's framing); ``chat.v1``'s by default.
         self.framer = framer or frame_event
+        #: Whether the framing has ended the stream before the run's end (an AG-UI interrupt).
+        self._until = until
         # The token's expiry, on the loop's clock (the stream is made inside the loop).
         left = user.expires_at + gateway.auth.leeway_s - time.time()
         self._expires_at = asyncio.get_running_loop().time() + left
@@ -254,6 +257,8 @@ class SseStream(Response):
                 if body:
                     await self._send(send, body)
                 counters.events_delivered += sum(1 for event in ready if event.seq is not None)
+                if self._until is not None and self._until():
+                    break
             if more:
                 continue
             if box.aborted:
@@ -303,13 +308,14 @@ async def open_stream(
     tail: Callable[[str | None], bytes] | None = None,
     framer: Callable[[Event], bytes] | None = None,
     headers: dict[str, str] | None = None,
+    until: Callable[[], bool] | None = None,
 ) -> SseStream:
     """A stream counted against the user's connection cap.
 
     Raises:
         RateLimited: the user already has ``CHAT_MAX_CONNECTIONS_PER_USER`` open.
     """
-    stream = SseStream(gateway, user, head=head, tail=tail, framer=framer)
+    stream = SseStream(gateway, user, head=head, tail=tail, framer=framer, until=until)
     for name, value in (headers or {}).items():
         stream.headers[name] = value
     if not await gateway.add_session(stream):

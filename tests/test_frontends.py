@@ -413,7 +413,7 @@ def test_agui_framer_maps_every_ending_to_valid_events() -> None:
     )
     assert approval[-1]["type"] == "RUN_FINISHED"
     assert approval[-1]["outcome"]["type"] == "interrupt"
-    assert approval[-1]["outcome"]["interrupts"][0]["id"] == "q1"
+    assert approval[-1]["outcome"]["interrupts"][0]["id"] == "r_1:q1"
     framer = AguiFramer()
     gone = framer.frame(events.error("resume_unavailable", "dropped", run_id="r_1"))
     (message,) = parse_sse(gone.decode())
@@ -430,7 +430,11 @@ def test_aisdk_framer_cancelled_is_abort_and_approval_seam() -> None:
         return framer.parts(event)
 
     assert [p["type"] for p in parts("user_message", {"content": "x"})] == ["start"]
-    assert parts("input_requested", {"kind": "tool_approval", "request_id": "q", "call_id": "c"})
+    asked = parts("input_requested", {"kind": "tool_approval", "request_id": "q", "call_id": "c"})
+    assert {"type": "tool-approval-request", "approvalId": "r_1:q", "toolCallId": "c"} in asked
+    assert asked[-1] == {"type": "finish", "finishReason": "tool-calls"}  # the response ends
+    framer = AiSdkFramer()
+    parts("user_message", {"content": "x"})
     assert parts("agent_completed", {"status": "cancelled", "error": {"code": "cancelled"}})[
         -1
     ] == {"type": "abort", "reason": "cancelled"}
