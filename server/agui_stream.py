@@ -576,7 +576,7 @@ async def run_agent(request: Request) -> Response:
     content = routes.new_message(text, gateway.settings.max_message_bytes)
     framer = AguiFramer(client_run_id=body.run_id)
     stream = await sse.open_stream(gateway, user, framer=framer.frame, until=lambda: framer.done)
-    try:
+    async with sse.opening(stream):
         # A retried POST (same runId, same message) rejoins its run rather than starting
         # another; a runId used again for another message starts a run of its own.
         key = None
@@ -596,9 +596,6 @@ async def run_agent(request: Request) -> Response:
         stream.headers["x-chat-run-id"] = record.run_id
         stream.headers["x-chat-thread-id"] = record.thread_id
         stream.attach(await gateway.watch(user, record.run_id, 0, stream.wake))
-    except BaseException:
-        await gateway.remove_session(stream)
-        raise
     return stream
 
 
@@ -624,13 +621,10 @@ async def _resume(gateway: Gateway, user: Principal, body: RunAgentInput) -> Res
         await gateway.respond(user, run_id, request_id, resume_payload(entry))
     framer = AguiFramer(client_run_id=body.run_id, resume_of=named[-1][1])
     stream = await sse.open_stream(gateway, user, framer=framer.frame, until=lambda: framer.done)
-    try:
+    async with sse.opening(stream):
         stream.headers["x-chat-run-id"] = run_id
         stream.headers["x-chat-thread-id"] = record.thread_id
         stream.attach(await gateway.watch(user, run_id, 0, stream.wake))
-    except BaseException:
-        await gateway.remove_session(stream)
-        raise
     return stream
 
 
@@ -646,10 +640,7 @@ async def rejoin(request: Request) -> Response:
     stream = await sse.open_stream(
         gateway, user, framer=framer.frame, tail=framer.tail, until=lambda: framer.done
     )
-    try:
+    async with sse.opening(stream):
         # From the first event: those up to ``after`` only tell the framer what is open.
         stream.attach(await gateway.watch(user, run_id, 0, stream.wake))
-    except BaseException:
-        await gateway.remove_session(stream)
-        raise
     return stream

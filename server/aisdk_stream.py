@@ -332,11 +332,8 @@ async def _stream_run(request: Request, user: Any, run_id: str) -> sse.SseStream
         headers=HEADER,
         until=lambda: framer.done,
     )
-    try:
+    async with sse.opening(stream):
         stream.attach(await gateway.watch(user, run_id, 0, stream.wake))
-    except BaseException:
-        await gateway.remove_session(stream)
-        raise
     return stream
 
 
@@ -380,7 +377,7 @@ async def chat(request: Request) -> Response:
         headers=HEADER,
         until=lambda: framer.done,
     )
-    try:
+    async with sse.opening(stream):
         if regenerate:
             record = await gateway.regenerate(
                 user,
@@ -392,9 +389,6 @@ async def chat(request: Request) -> Response:
             record = await gateway.start_run(user, content, thread_id=thread_id, agent=agent)
         stream.headers["x-chat-run-id"] = record.run_id
         stream.attach(await gateway.watch(user, record.run_id, 0, stream.wake))
-    except BaseException:
-        await gateway.remove_session(stream)
-        raise
     return stream
 
 
@@ -415,12 +409,9 @@ async def _continue(
         headers=HEADER,
         until=lambda: framer.done,
     )
-    try:
+    async with sse.opening(stream):
         stream.headers["x-chat-run-id"] = run_id
         stream.attach(await gateway.watch(user, run_id, 0, stream.wake))
-    except BaseException:
-        await gateway.remove_session(stream)
-        raise
     return stream
 
 

@@ -128,7 +128,7 @@ async def chat_stream(request: Request) -> Response:
     stream = await sse.open_stream(
         gateway, user, tail=lambda status: sse.frame("stream_end", {**ids, "status": status})
     )
-    try:
+    async with sse.opening(stream):
         # A repeat of the key streams the run its first send started, from its first event.
         sent = await gateway.send(
             user, message, thread_id=thread_id, agent=agent, ref=ref, key=key, on_active=policy
@@ -140,9 +140,6 @@ async def chat_stream(request: Request) -> Response:
         ids.update(run_id=record.run_id, thread_id=record.thread_id)
         stream.head = sse.frame("stream_start", ids)
         stream.attach(await gateway.watch(user, record.run_id, 0, stream.wake))
-    except BaseException:
-        await gateway.remove_session(stream)
-        raise
     return stream
 
 
@@ -180,11 +177,8 @@ async def run_events(request: Request) -> Response:
     run_id = request.path_params["run_id"]
     after = _after_seq(request)
     stream = await sse.open_stream(gateway, user)
-    try:
+    async with sse.opening(stream):
         stream.attach(await gateway.watch(user, run_id, after, stream.wake, resume=True))
-    except BaseException:
-        await gateway.remove_session(stream)
-        raise
     return stream
 
 
@@ -196,13 +190,10 @@ async def thread_events(request: Request) -> Response:
     user = authenticate(request)
     thread_id = request.path_params["thread_id"]
     stream = await sse.open_stream(gateway, user)
-    try:
+    async with sse.opening(stream):
         going = await stream.follow_thread(user, thread_id)
         stream.headers["x-chat-thread-id"] = thread_id
         stream.headers["x-chat-active-run-ids"] = ",".join(going)
-    except BaseException:
-        await gateway.remove_session(stream)
-        raise
     return stream
 
 

@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Final
 
 import orjson
@@ -298,6 +298,17 @@ async def _until_disconnect(receive: Receive) -> None:
         message = await receive()
         if message["type"] == "http.disconnect":
             return
+
+
+@contextlib.asynccontextmanager
+async def opening(stream: SseStream) -> AsyncIterator[SseStream]:
+    """While a route sets up ``stream`` (starts or finds its run, attaches the watch):
+    a failure gives its place in the user's connection cap back before it is raised."""
+    try:
+        yield stream
+    except BaseException:
+        await stream.gateway.remove_session(stream)
+        raise
 
 
 async def open_stream(
