@@ -36,6 +36,42 @@ class ThreadFollow(Protocol):
     def close(self) -> None: ...
 
 
+class _Follow:
+    __slots__ = ("_by_thread", "announce", "thread_id")
+
+    def __init__(
+        self, thread_id: str, announce: RunAnnounced, by_thread: dict[str, set[_Follow]]
+    ) -> None:
+        self.thread_id = thread_id
+        self.announce = announce
+        self._by_thread = by_thread
+
+    def close(self) -> None:
+        follows = self._by_thread.get(self.thread_id)
+        if follows is not None:
+            follows.discard(self)
+            if not follows:
+                del self._by_thread[self.thread_id]
+
+
+class Followers:
+    """The followers of threads in one process: whom to tell of a thread's new runs.
+    Each broker keeps one; how a new run reaches it (a call, a bus message) is the
+    broker's."""
+
+    def __init__(self) -> None:
+        self._by_thread: dict[str, set[_Follow]] = {}
+
+    def follow(self, thread_id: str, announce: RunAnnounced) -> ThreadFollow:
+        follow = _Follow(thread_id, announce, self._by_thread)
+        self._by_thread.setdefault(thread_id, set()).add(follow)
+        return follow
+
+    def announce(self, thread_id: str, run_id: str) -> None:
+        for follow in list(self._by_thread.get(thread_id, ())):
+            follow.announce(run_id)
+
+
 @dataclass(frozen=True, slots=True)
 class BrokerStats:
     """What a broker holds in this process's memory, for the health route."""

@@ -11,11 +11,13 @@ from typing import Any
 
 from bridge.broker import (
     BrokerStats,
+    Followers,
     RunAnnounced,
     RunController,
     RunLost,
     RunQuota,
     RunRecord,
+    ThreadFollow,
     Wake,
 )
 from bridge.errors import CursorAhead, RunNotFound
@@ -68,24 +70,6 @@ class _MemoryWatch:
         slot.controller.watchers_changed(len(slot.watchers))
 
 
-class _MemoryFollow:
-    __slots__ = ("_followers", "announce", "thread_id")
-
-    def __init__(
-        self, thread_id: str, announce: RunAnnounced, followers: dict[str, set[_MemoryFollow]]
-    ) -> None:
-        self.thread_id = thread_id
-        self.announce = announce
-        self._followers = followers
-
-    def close(self) -> None:
-        followers = self._followers.get(self.thread_id)
-        if followers is not None:
-            followers.discard(self)
-            if not followers:
-                del self._followers[self.thread_id]
-
-
 class InMemoryBroker:
     """Registry, logs and commands held in this process's memory.
 
@@ -109,7 +93,7 @@ class InMemoryBroker:
         self._reservations: dict[str, tuple[str, float]] = {}  # token: (user, hit time)
         self._claims: dict[tuple[str, str], tuple[str, float]] = {}  # (user, key): (value, until)
         self._thread_runs: dict[str, list[str]] = {}  # thread: its runs not ended, oldest first
-        self._followers: dict[str, set[_MemoryFollow]] = {}
+        self._followers = Followers()
 
     async def start(self) -> None:
         return None
@@ -131,8 +115,7 @@ class InMemoryBroker:
         if not record.ended:
             self._active.setdefault(record.owner, set()).add(record.run_id)
             self._thread_runs.setdefault(record.thread_id, []).append(record.run_id)
-            for follower in list(self._followers.get(record.thread_id, ())):
-                follower.announce(record.run_id)
+            self._followers.announce(record.thread_id, record.run_id)
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         slot = self._runs.get(run_id)
@@ -174,10 +157,8 @@ class InMemoryBroker:
     async def thread_runs(self, thread_id: str) -> list[str]:
         return list(self._thread_runs.get(thread_id, ()))
 
-    async def follow_thread(self, thread_id: str, announce: RunAnnounced) -> _MemoryFollow:
-        follow = _MemoryFollow(thread_id, announce, self._followers)
-        self._followers.setdefault(thread_id, set()).add(follow)
-        return follow
+    async def follow_thread(self, thread_id: str, announce: RunAnnounced) -> ThreadFollow:
+        return self._followers.follow(thread_id, announce)
 
     async def connection_opened(self, user: str, limit: int) -> bool:
         count = self._connections.get(user, 0)

@@ -60,6 +60,7 @@ from bridge.broker import (
     RunLost,
     RunQuota,
     RunRecord,
+    ThreadFollow,
     Wake,
 )
 from bridge.errors import BrokerUnavailable
@@ -68,7 +69,7 @@ from bridge.redis_appender import RedisAppender
 from bridge.redis_bus import RedisBus
 from bridge.redis_core import RedisCore, safe_url
 from bridge.redis_lease import RedisLease
-from bridge.redis_registry import RedisFollow, RedisRegistry
+from bridge.redis_registry import RedisRegistry
 from bridge.redis_watch import RedisWatch, RedisWatches
 
 __all__ = ["RedisBroker"]
@@ -226,7 +227,7 @@ class RedisBroker:
     async def thread_runs(self, thread_id: str) -> list[str]:
         return await self.registry.thread_runs(thread_id)
 
-    async def follow_thread(self, thread_id: str, announce: RunAnnounced) -> RedisFollow:
+    async def follow_thread(self, thread_id: str, announce: RunAnnounced) -> ThreadFollow:
         return self.registry.follow_thread(thread_id, announce)
 
     async def claim_key(self, user: str, key: str, value: str, ttl_s: float) -> str | None:

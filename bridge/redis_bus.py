@@ -101,8 +101,7 @@ class RedisBus:
     async def _on_message(self, body: bus.Message) -> None:
         c = self.core
         if isinstance(body, bus.RunCreated):
-            for follower in list(c.followers.get(body.thread_id, ())):
-                follower.announce(body.run_id)
+            c.followers.announce(body.thread_id, body.run_id)
         elif isinstance(body, bus.CommandReply):
             future = c.replies.get(body.id)
             if future is not None and not future.done():

@@ -25,7 +25,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from bridge import bus
 from bridge import redis_scripts as lua
-from bridge.broker import RunController, RunLost, RunRecord, Wake
+from bridge.broker import Followers, RunController, RunLost, RunRecord, Wake
 from bridge.errors import BrokerUnavailable
 from bridge.events import Event
 from bridge.log import RunLog
@@ -205,7 +205,7 @@ class RedisCore:
         self.conns: dict[str, int] = {}  # this process's open connections, per user
         #: Followers of threads in this process (thread id: its follows), told of each
         #: new run of the thread on any process.
-        self.followers: dict[str, set[Any]] = {}
+        self.followers = Followers()
         #: Told of each run this process ended without its agent: failed for a lost
         #: node, or for Redis out of reach too long (to record it).
         self.on_run_lost: RunLost | None = None

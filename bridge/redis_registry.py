@@ -15,7 +15,7 @@ from typing import Any, Final
 
 from bridge import bus
 from bridge import redis_scripts as lua
-from bridge.broker import RunAnnounced, RunController, RunQuota, RunRecord
+from bridge.broker import RunAnnounced, RunController, RunQuota, RunRecord, ThreadFollow
 from bridge.errors import BrokerUnavailable, RunConflict
 from bridge.redis_core import Owned, RedisCore, pairs, text
 from bridge.wire import RESPOND, Action, RunStatus, is_terminal
@@ -76,26 +76,6 @@ def ended_answer(record: RunRecord, action: str) -> str:
     if action == RESPOND:
         raise RunConflict(f"run {record.run_id} has ended: its requests are resolved")
     raise RunConflict(f"cannot {action} run {record.run_id}: it is {record.status}")
-
-
-class RedisFollow:
-    """One follower of a thread in this process: told of each new run of it."""
-
-    __slots__ = ("_followers", "announce", "thread_id")
-
-    def __init__(
-        self, thread_id: str, announce: RunAnnounced, followers: dict[str, set[Any]]
-    ) -> None:
-        self.thread_id = thread_id
-        self.announce = announce
-        self._followers = followers
-
-    def close(self) -> None:
-        followers = self._followers.get(self.thread_id)
-        if followers is not None:
-            followers.discard(self)
-            if not followers:
-                del self._followers[self.thread_id]
 
 
 class RedisRegistry:
@@ -165,11 +145,8 @@ class RedisRegistry:
             going.append(run_id)
         return going
 
-    def follow_thread(self, thread_id: str, announce: RunAnnounced) -> RedisFollow:
-        c = self.core
-        follow = RedisFollow(thread_id, announce, c.followers)
-        c.followers.setdefault(thread_id, set()).add(follow)
-        return follow
+    def follow_thread(self, thread_id: str, announce: RunAnnounced) -> ThreadFollow:
+        return self.core.followers.follow(thread_id, announce)
 
     # Idempotency keys -----------------------------------------------------------------
 
