@@ -394,6 +394,18 @@ class Step(Hook):
 
 
 @contextlib.contextmanager
+def _stepping(span_cm: contextlib.AbstractContextManager[Any]) -> Iterator[Hook]:
+    """The span as a :class:`Step`; an exception marks it failed, by its type alone."""
+    with span_cm as span:
+        step = Step(span)
+        try:
+            yield step
+        except BaseException as exc:
+            step.failed(type(exc).__name__)
+            raise
+
+
+@contextlib.contextmanager
 def _step(name: str, kind: str, attributes: dict[str, Any]) -> Iterator[Hook]:
     if _tracer is None:
         yield NOOP
@@ -401,20 +413,16 @@ def _step(name: str, kind: str, attributes: dict[str, Any]) -> Iterator[Hook]:
     from opentelemetry.trace import SpanKind
 
     span_kind = SpanKind.CLIENT if kind == "client" else SpanKind.INTERNAL
-    with _tracer.start_as_current_span(
+    span = _tracer.start_as_current_span(
         name,
         kind=span_kind,
         attributes=attributes,
         record_exception=False,
         # The status is set by type alone: an exception's text may quote content.
         set_status_on_exception=False,
-    ) as span:
-        step = Step(span)
-        try:
-            yield step
-        except BaseException as exc:
-            step.failed(type(exc).__name__)
-            raise
+    )
+    with _stepping(span) as step:
+        yield step
 
 
 def tool_call(name: str, call_id: str) -> contextlib.AbstractContextManager[Hook]:
@@ -527,20 +535,16 @@ def _store_span(system: str, whats: list[str], carried: list[str]) -> Iterator[H
         "chat.store.writes": sorted(set(whats)),
     }
     # A root of its own: the writer serves every run, not the one that started it.
-    with _tracer.start_as_current_span(
+    span = _tracer.start_as_current_span(
         "chat.store.write",
         context=context.Context(),
         links=links,
         attributes=attributes,
         record_exception=False,
         set_status_on_exception=False,
-    ) as span:
-        step = Step(span)
-        try:
-            yield step
-        except BaseException as exc:
-            step.failed(type(exc).__name__)
-            raise
+    )
+    with _stepping(span) as step:
+        yield step
 
 
 # HTTP ----------------------------------------------------------------------------------

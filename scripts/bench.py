@@ -71,6 +71,7 @@ from scripts.kit.launcher import (
     gateway_argv,
     launch,
     tcp_ready,
+    unlimited_gateway_env,
 )
 from scripts.kit.loop import run_async
 from scripts.kit.measure import Cpu, Figure, bound_side, check_stats, median_figure, raise_nofile
@@ -107,13 +108,7 @@ from scripts.kit.tokens import TokenCache
 ROOT = Path(__file__).resolve().parents[1]
 SECRET: Final = "bench-secret-0123456789-0123456789-0123"
 
-GATEWAY_ENV: Final = {
-    "CHAT_JWT_SECRET": SECRET,
-    "CHAT_LOG_LEVEL": "warning",
-    "CHAT_RATE_LIMIT_PER_MINUTE": "10000000",
-    "CHAT_MAX_ACTIVE_RUNS_PER_USER": "100000",
-    "CHAT_MAX_CONNECTIONS_PER_USER": "100000",
-}
+GATEWAY_ENV: Final = unlimited_gateway_env(SECRET)
 #: More variables for the gateway's processes (``--gateway-env``), e.g. tracing on.
 GATEWAY_EXTRA_ENV: dict[str, str] = {}
 

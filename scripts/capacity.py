@@ -54,6 +54,7 @@ from scripts.kit.launcher import (
     launch,
     redis_server,
     tcp_ready,
+    unlimited_gateway_env,
 )
 from scripts.kit.loop import run_async
 from scripts.kit.measure import raise_nofile
@@ -66,13 +67,7 @@ SECRET: Final = "capacity-secret-0123456789-0123456789"
 TARGETS: Final = ("gateway", "gateway-redis", "socketio", "balancer")
 DEFAULT_STEPS: Final = "100,200,300,400,500,600,800,1000,1200,1500,2000"
 
-GATEWAY_ENV: Final = {
-    "CHAT_JWT_SECRET": SECRET,
-    "CHAT_LOG_LEVEL": "warning",
-    "CHAT_RATE_LIMIT_PER_MINUTE": "10000000",
-    "CHAT_MAX_ACTIVE_RUNS_PER_USER": "100000",
-    "CHAT_MAX_CONNECTIONS_PER_USER": "100000",
-}
+GATEWAY_ENV: Final = unlimited_gateway_env(SECRET)
 
 
 @contextlib.contextmanager

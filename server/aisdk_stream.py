@@ -41,6 +41,7 @@ from bridge.events import Event
 from server import routes, sse
 from server.commands import optional_id
 from server.errors import ProtocolError
+from server.gateway import Gateway
 
 HEADER: Final = {"x-vercel-ai-ui-message-stream": "v1"}
 DONE: Final = b"data: [DONE]\n\n"
@@ -321,10 +322,10 @@ def input_answer(messages: object) -> tuple[str, str, dict[str, Any]] | None:
     return run_id, request_id, found[1]
 
 
-async def _stream_run(request: Request, user: Any, run_id: str) -> sse.SseStream:
-    gateway = routes.gateway_of(request)
-    framer = AiSdkFramer()
-    stream = await sse.open_stream(
+async def _open(gateway: Gateway, user: Any, framer: AiSdkFramer) -> sse.SseStream:
+    """A UI message stream rendered by ``framer``: its header, ``[DONE]`` last, and
+    its end where the framer says (a run's end, or a request the client must answer)."""
+    return await sse.open_stream(
         gateway,
         user,
         framer=framer.frame,
@@ -332,6 +333,12 @@ async def _stream_run(request: Request, user: Any, run_id: str) -> sse.SseStream
         headers=HEADER,
         until=lambda: framer.done,
     )
+
+
+async def _stream_run(request: Request, user: Any, run_id: str) -> sse.SseStream:
+    gateway = routes.gateway_of(request)
+    framer = AiSdkFramer()
+    stream = await _open(gateway, user, framer)
     async with sse.opening(stream):
         stream.attach(await gateway.watch(user, run_id, 0, stream.wake))
     return stream
@@ -369,14 +376,7 @@ async def chat(request: Request) -> Response:
         return await _continue(request, user, *answer)
     content = routes.new_message(last_user_text(body.get("messages")), limit)
     framer = AiSdkFramer()
-    stream = await sse.open_stream(
-        gateway,
-        user,
-        framer=framer.frame,
-        tail=lambda _status: DONE,
-        headers=HEADER,
-        until=lambda: framer.done,
-    )
+    stream = await _open(gateway, user, framer)
     async with sse.opening(stream):
         if regenerate:
             record = await gateway.regenerate(
@@ -401,14 +401,7 @@ async def _continue(
     gateway = routes.gateway_of(request)
     await gateway.respond(user, run_id, request_id, fields)
     framer = AiSdkFramer(resume_of=request_id)
-    stream = await sse.open_stream(
-        gateway,
-        user,
-        framer=framer.frame,
-        tail=lambda _status: DONE,
-        headers=HEADER,
-        until=lambda: framer.done,
-    )
+    stream = await _open(gateway, user, framer)
     async with sse.opening(stream):
         stream.headers["x-chat-run-id"] = run_id
         stream.attach(await gateway.watch(user, run_id, 0, stream.wake))

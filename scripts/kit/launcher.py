@@ -52,6 +52,18 @@ def clean_env(base: Mapping[str, str] | None = None, **extra: str) -> dict[str, 
     return env
 
 
+def unlimited_gateway_env(secret: str) -> dict[str, str]:
+    """``CHAT_*`` settings for a gateway under load: the token secret, warnings only,
+    and the per-user limits out of the way (every load client is one user or a few)."""
+    return {
+        "CHAT_JWT_SECRET": secret,
+        "CHAT_LOG_LEVEL": "warning",
+        "CHAT_RATE_LIMIT_PER_MINUTE": "10000000",
+        "CHAT_MAX_ACTIVE_RUNS_PER_USER": "100000",
+        "CHAT_MAX_CONNECTIONS_PER_USER": "100000",
+    }
+
+
 def gateway_argv(port: int, *extra: str, host: str = HOST) -> list[str]:
     """The command line of a gateway process: ``python -m server`` on ``host:port``."""
     return [sys.executable, "-m", "server", "--host", host, "--port", str(port), *extra]
