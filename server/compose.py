@@ -87,5 +87,5 @@ def build_services(settings: Settings, *, broker: Broker | None = None) -> Servi
         observer=metrics,
     )
     # A run the broker ended without its agent is recorded as it ended.
-    broker.on_run_lost = persistence.run_changed
+    broker.on_run_lost = persistence.run_lost
     return Services(broker, store, persistence, agents, tools, supervisor, metrics)
