@@ -253,6 +253,12 @@ async def test_health(server: LiveServer) -> None:
         "sse_events": True,
         "resumable_runs": True,
         "threads": True,
+        "idempotent_sends": True,
+        "double_texting": True,
+        "thread_watching": True,
+        "input_requests": True,
+        "ag_ui": True,
+        "ai_sdk_ui_stream": True,
     }
     assert body["broker"] in ("memory", "redis") and body["broker_reachable"] is True
     assert "demo" in body["agents"]
