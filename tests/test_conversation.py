@@ -670,3 +670,46 @@ async def test_a_retried_agui_post_rejoins_its_run(server: LiveServer, user: str
     assert other.headers["x-chat-run-id"] != first.headers["x-chat-run-id"]
     stored = await stored_messages(server, user, f"t-{user}")
     assert [m["role"] for m in stored] == ["user", "assistant"] * 2
+
+
+async def test_a_retried_ai_sdk_post_streams_its_run_and_an_edit_is_a_new_one(
+    server: LiveServer, user: str
+) -> None:
+    """The AI SDK's message id is the send's key: a POST retried (two at once here) makes
+    one run, both streams the whole of it; the same id with an edited text is a new run,
+    and another user's same ids are theirs."""
+
+    def body(text: str, message_id: str = "msg-1") -> dict[str, Any]:
+        part = {"type": "text", "text": text}
+        return {
+            "id": f"c-{user}",
+            "messages": [{"id": message_id, "role": "user", "parts": [part]}],
+            "trigger": "submit-message",
+            "agent": "load",
+        }
+
+    async def post(payload: dict[str, Any], who: str = user) -> httpx.Response:
+        async with httpx.AsyncClient(base_url=server.http, timeout=30) as client:
+            headers = server.headers(who)
+            return await client.post("/api/ai-sdk/chat", json=payload, headers=headers)
+
+    first, again = await asyncio.gather(
+        post(body("chunks=20 delay_ms=5")), post(body("chunks=20 delay_ms=5"))
+    )
+    assert first.status_code == again.status_code == 200
+    assert first.headers["x-chat-run-id"] == again.headers["x-chat-run-id"]
+    assert first.text == again.text and first.text.rstrip().endswith("data: [DONE]")
+    edited = await post(body("chunks=1"))
+    assert edited.status_code == 200
+    assert edited.headers["x-chat-run-id"] != first.headers["x-chat-run-id"]
+    other = await post(body("chunks=1", "msg-2"))
+    assert other.headers["x-chat-run-id"] not in (
+        first.headers["x-chat-run-id"],
+        edited.headers["x-chat-run-id"],
+    )
+    stored = await stored_messages(server, user, f"c-{user}")
+    assert [m["role"] for m in stored] == ["user", "assistant"] * 3
+    # Another user naming the same chat id and message id: their own chat is refused
+    # (the chat is this user's), so nothing of theirs joins this user's run.
+    theirs = await post(body("chunks=20 delay_ms=5"), f"{user}-other")
+    assert theirs.status_code == 404
