@@ -713,3 +713,63 @@ async def test_a_retried_ai_sdk_post_streams_its_run_and_an_edit_is_a_new_one(
     # (the chat is this user's), so nothing of theirs joins this user's run.
     theirs = await post(body("chunks=20 delay_ms=5"), f"{user}-other")
     assert theirs.status_code == 404
+
+
+async def test_messages_sent_at_once_with_reject_or_interrupt_never_run_side_by_side(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """Eight ``reject`` sends at once to an idle thread, through two processes: one run,
+    seven ``conflict``s.  Then eight ``interrupt`` sends at once: each cancels the run
+    before it, and no two runs of the thread ever go at the same time."""
+    env = {
+        "CHAT_BROKER_URL": redis_url,
+        "CHAT_DB_URL": f"sqlite:///{tmp_path}/chat.db",
+        "CHAT_MAX_ACTIVE_RUNS_PER_USER": "20",
+        "CHAT_RATE_LIMIT_PER_MINUTE": "100",
+    }
+    user = f"turns-{time.monotonic_ns()}"
+    with spawn_server(tmp_path, **env) as a, spawn_server(tmp_path, **env) as b:
+        async with ws_client(a, user) as opener:
+            thread_id = (await opener.run("chunks=1", agent="load"))[0]["thread_id"]
+
+        async def send(server: LiveServer, policy: str, n: int) -> list[dict[str, Any]]:
+            async with ws_client(server, user) as client:
+                await client.send(
+                    type="user_message",
+                    agent="load",
+                    content="thinking=0 chunks=40 delay_ms=10",
+                    thread_id=thread_id,
+                    on_active=policy,
+                    id=f"{policy}-{n}",
+                )
+                first = await client.recv(timeout=30)
+                if first["type"] == "error":
+                    return [first]
+                rest = await client.recv_until(
+                    "agent_completed", run_id=first["run_id"], timeout=60
+                )
+                return [first, *rest]
+
+        rejects = await asyncio.gather(*(send((a, b)[n % 2], "reject", n) for n in range(8)))
+        ran = [events for events in rejects if events[0]["type"] != "error"]
+        refused = [events[0] for events in rejects if events[0]["type"] == "error"]
+        assert len(ran) == 1 and len(refused) == 7, [e[0] for e in rejects]
+        assert {e["data"]["code"] for e in refused} == {"conflict"}
+        check_run_invariants(of_run(ran[0], ran[0][0]["run_id"]))
+
+        interrupts = await asyncio.gather(*(send((a, b)[n % 2], "interrupt", n) for n in range(8)))
+        spans = []
+        for events in interrupts:
+            assert events[0]["type"] != "error", events[0]["data"]
+            run = of_run(events, events[0]["run_id"])
+            check_run_invariants(run)
+            started = [e["ts"] for e in run if e["type"] == "agent_started"]
+            end = run[-1]
+            assert end["data"]["status"] in ("completed", "cancelled"), end
+            if end["data"]["status"] == "cancelled":
+                assert end["data"]["error"]["code"] == "interrupted", end
+            spans.append((started[0] if started else end["ts"], end["ts"]))
+        spans.sort()
+        for (_, ended), (began, _) in zip(spans, spans[1:], strict=False):
+            assert began >= ended, spans  # one run of the thread at a time
+        assert sum(1 for events in interrupts if events[-1]["data"]["status"] == "completed") == 1
