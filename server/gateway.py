@@ -409,7 +409,7 @@ class Gateway:
         """Wait for a cancelled run's ``agent_completed`` (its answer is stored before
         it), for at most the store timeout and five seconds more."""
         record = await self.broker.get_run(run_id)
-        if record is None or record.ended:
+        if record is None:
             return
         woken = asyncio.Event()
         try:
