@@ -12,6 +12,7 @@ import json
 import re
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -262,11 +263,15 @@ START_CLIENT = """async ({ token, threadId }) => {
     send() {}
     close() {}
   }
+  // The thread's streams go through a "network" that the test can cut and hold down.
   const requests = [];
+  const net = { hold: false, cut: new AbortController() };
   const fetchAll = (url, init = {}) => {
     const path = new URL(url, location.href).pathname;
-    if (path.startsWith("/api/threads/")) requests.push({ path, signal: init.signal });
-    return fetch(url, init);
+    if (!path.startsWith("/api/threads/")) return fetch(url, init);
+    requests.push({ path, signal: init.signal });
+    if (net.hold) return Promise.reject(new TypeError("the network is down"));
+    return fetch(url, { ...init, signal: AbortSignal.any([init.signal, net.cut.signal]) });
   };
   const client = new ChatClient({
     token,
@@ -288,7 +293,12 @@ START_CLIENT = """async ({ token, threadId }) => {
   client.addEventListener("state", (e) => states.push(e.detail.state));
   client.watchThread(threadId);
   client.connect();
-  window.t = { client, seen, errors, states, requests };
+  window.t = { client, seen, errors, states, requests, net };
+  window.t.cutAndHold = () => {
+    net.hold = true;
+    net.cut.abort();
+    net.cut = new AbortController();
+  };
   window.t.open = () => requests.filter((r) => !r.signal.aborted).map((r) => r.path);
 }"""
 
@@ -325,7 +335,8 @@ def test_client_watch_over_sse_survives_the_fallback_and_frees_its_stream(
 ) -> None:
     """``watchThread`` before the WebSocket fails over to SSE: the watch is carried over
     to the thread's stream, a run another device starts arrives through it once and in
-    order, watching another thread or none closes it, a thread that is not the user's
+    order, one that ends while the stream is down is followed to its end when it is back,
+    watching another thread or none closes it, a thread that is not the user's
     (404) stops the watch with an error and no retry, and ``close()`` frees it."""
     page, _ = tabs
     with run_server() as server:  # its own gateway, so the open-stream gauge is exact
@@ -351,6 +362,36 @@ def test_client_watch_over_sse_survives_the_fallback_and_frees_its_stream(
         assert seqs == list(range(1, last + 1)), seqs
         assert not any(run == first[0]["data"]["run_id"] for run, _, _ in seen)  # ended before
 
+        # The thread's stream is down while a run ends: when it is back, that run (which
+        # it no longer lists) is followed on its own from its last seq to its end.
+        with ThreadPoolExecutor(1) as pool:
+            ending = pool.submit(start_run, server, user, "chunks=40 delay_ms=20", thread_id)
+            page.wait_for_function(
+                "n => window.t.seen.length >= n",
+                arg=len(seen) + 5,
+            )
+            page.evaluate("window.t.cutAndHold()")
+            events = ending.result(timeout=30)
+        run_id = events[0]["data"]["run_id"]
+        # Re-opened with backoff meanwhile, and said so (offline after a few attempts).
+        assert page.evaluate("window.t.client.state") in ("reconnecting", "offline")
+        assert "reconnecting" in page.evaluate("window.t.states")
+        held = page.evaluate("window.t.requests.length")
+        page.evaluate("window.t.net.hold = false")
+        page.wait_for_function(
+            "id => window.t.seen.some(([r, , type]) => r === id && type === 'agent_completed')",
+            arg=run_id,
+        )
+        seen = page.evaluate("window.t.seen")
+        seqs = [seq for run, seq, _ in seen if run == run_id]
+        last = max(int(e["id"]) for e in events if "id" in e)
+        assert seqs == list(range(1, last + 1)), seqs
+        resumed = page.evaluate("window.t.client.stats.resumes")
+        assert [r for r in resumed if r["runId"] == run_id and r["afterSeq"] > 0], resumed
+        page.wait_for_function("() => window.t.client.state === 'connected'")
+        wait_streams(server, 1)
+        retries_while_down = held - 2
+
         # Another thread (this user's, then not) or none: the stream before is let go.
         page.evaluate("window.t.client.watchThread(null)")
         wait_streams(server, 0)
@@ -366,7 +407,7 @@ def test_client_watch_over_sse_survives_the_fallback_and_frees_its_stream(
         assert page.evaluate("window.t.client.state") == "connected"
 
         page.evaluate(f"window.t.client.watchThread({json.dumps(thread_id)})")
-        page.wait_for_function("() => window.t.client.stats.threadStreams === 2")
+        page.wait_for_function("() => window.t.client.stats.threadStreams === 3")
         wait_streams(server, 1)
         page.evaluate("window.t.client.close()")
         wait_streams(server, 0)
@@ -374,6 +415,9 @@ def test_client_watch_over_sse_survives_the_fallback_and_frees_its_stream(
         assert page.evaluate("window.t.client.stats.gaps") == 0
 
     FIGURES.mkdir(parents=True, exist_ok=True)
-    figures = {"thread_sse_run_30_chunks_shown_after_s": round(shown_after_s, 3)}
+    figures = {
+        "thread_sse_run_30_chunks_shown_after_s": round(shown_after_s, 3),
+        "thread_sse_reopen_attempts_while_down": retries_while_down,
+    }
     (FIGURES / "browser_thread_sse.json").write_text(json.dumps(figures, indent=2) + "\n")
     print(figures)
