@@ -177,7 +177,7 @@ async function httpError(response) {
  * - `event`: `{event, run}`: one run event (the envelope as sent) and the client's record
  *   of its run; each seq of each run exactly once, in order.
  * - `run`: `{run}` when a run's record changes (`status`, `done`, `lost`).
- * - `error`: `{error}`: a protocol error not answered through a promise.
+ * - `error`: `{error, run?, threadId?}`: a protocol error not answered through a promise.
  * - `auth`: `{reason}`: the token was refused (4401 or HTTP 401); the client stops.
  */
 export class ChatClient extends EventTarget {
