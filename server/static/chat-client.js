@@ -243,7 +243,7 @@ export class ChatClient extends EventTarget {
     this._stopped = false;
     this._abort = new AbortController(); // aborts every HTTP request on close()
     this._streams = new Map(); // runId → AbortController of its SSE stream
-    this._retrying = new Set(); // runIds whose SSE stream is being re-opened
+    this._retrying = new Set(); // runIds, and the thread's watch, whose SSE stream is re-opened
     this._onOnline = () => this.#online();
     this._onOffline = () => this.#offline();
   }
@@ -1111,7 +1111,7 @@ export class ChatClient extends EventTarget {
   async #followThread(threadId) {
     const watch = { threadId, stop: new AbortController(), ended: false };
     this._threadWatch = watch;
-    const key = `thread:${threadId}`; // its place among the streams being re-opened
+    const key = watch; // its place among the streams being re-opened (with the runs' ids)
     const stop = () => watch.stop.abort();
     this._abort.signal.addEventListener("abort", stop, { once: true });
     const active = () =>
