@@ -421,3 +421,37 @@ def test_client_watch_over_sse_survives_the_fallback_and_frees_its_stream(
     }
     (FIGURES / "browser_thread_sse.json").write_text(json.dumps(figures, indent=2) + "\n")
     print(figures)
+
+
+def test_a_watch_the_socket_refuses_is_reported_as_over_sse(
+    tabs: tuple[Page, Page], user: str
+) -> None:
+    """Over the WebSocket too, watching a thread that is not the user's (or is gone)
+    gives one ``error`` event with the thread's id, and the client stays connected."""
+    page, _ = tabs
+    with run_server() as server:
+        page.goto(f"{server.http}/")
+        page.evaluate(
+            """async ({ token }) => {
+              const { ChatClient } = await import("/chat-client.js");
+              const client = new ChatClient({ token });
+              const errors = [];
+              client.addEventListener("error", (e) => {
+                const { error, threadId } = e.detail;
+                errors.push({ code: error.code, threadId: threadId ?? null });
+              });
+              client.connect();
+              window.w = { client, errors };
+            }""",
+            {"token": server.token(user)},
+        )
+        page.wait_for_function("() => window.w.client.state === 'connected'")
+        assert page.evaluate("window.w.client.transport") == "websocket"
+        page.evaluate("window.w.client.watchThread('t_not_yours_or_gone')")
+        page.wait_for_function("() => window.w.errors.length === 1")
+        page.wait_for_timeout(200)
+        assert page.evaluate("window.w.errors") == [
+            {"code": "not_found", "threadId": "t_not_yours_or_gone"}
+        ]
+        assert page.evaluate("window.w.client.state") == "connected"
+        page.evaluate("window.w.client.close()")

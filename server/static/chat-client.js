@@ -766,6 +766,11 @@ export class ChatClient extends EventTarget {
             const run = this.runs.get(pending.frame.run_id);
             if (run) this.#markLost(run, error);
           }
+          const threadId = pending.frame.thread_id;
+          if (pending.kind === "watch" && pending.frame.type === "watch_thread") {
+            // Refused (not the user's thread, or gone): said as the SSE watch says it.
+            if (this._watchedThread === threadId) this.#emit("error", { error, threadId });
+          }
           pending.reject(error);
         } else {
           this.#emit("error", { error });
