@@ -1035,6 +1035,25 @@ export class ChatClient extends EventTarget {
     }
   }
 
+  /** GET one of the gateway's SSE routes, with the bearer token. */
+  async #getEvents(url, signal) {
+    return this.fetchImpl(url, {
+      headers: { Authorization: `Bearer ${await this.#token()}`, Accept: "text/event-stream" },
+      cache: "no-store",
+      signal,
+    });
+  }
+
+  /** Say that the SSE stream `key` (a run's id, or a thread's watch) is being re-opened. */
+  #retryNotice(key, reason, attempt, delayMs) {
+    this.#sseRetrying(key, true, {
+      reason,
+      attempt,
+      delayMs,
+      offline: this.#isBrowserOffline() || attempt > this.offlineAfterAttempts,
+    });
+  }
+
   /** Keep a run's SSE stream open (after its last seq) until `agent_completed`. */
   async #followRun(run) {
     if (run.following) return;
@@ -1051,14 +1070,7 @@ export class ChatClient extends EventTarget {
         this.#noteResume(run, "sse");
         let broken = false;
         try {
-          const response = await this.fetchImpl(url, {
-            headers: {
-              Authorization: `Bearer ${await this.#token()}`,
-              Accept: "text/event-stream",
-            },
-            cache: "no-store",
-            signal: controller.signal,
-          });
+          const response = await this.#getEvents(url, controller.signal);
           if (!response.ok) {
             const error = await this.#httpFailure(response);
             if (response.status < 500 && response.status !== 429) {
@@ -1079,14 +1091,8 @@ export class ChatClient extends EventTarget {
           if (this._streams.get(run.runId) === controller) this._streams.delete(run.runId);
         }
         if (broken && !run.done && !this._stopped) {
-          const resync = run.resyncing;
-          const delayMs = resync ? 0 : backoffDelay(attempt++, this.reconnectOptions);
-          this.#sseRetrying(run.runId, true, {
-            reason: "the event stream was interrupted",
-            attempt,
-            delayMs,
-            offline: this.#isBrowserOffline() || attempt > this.offlineAfterAttempts,
-          });
+          const delayMs = run.resyncing ? 0 : backoffDelay(attempt++, this.reconnectOptions);
+          this.#retryNotice(run.runId, "the event stream was interrupted", attempt, delayMs);
           await sleep(delayMs, this._abort.signal);
         }
       }
@@ -1129,14 +1135,7 @@ export class ChatClient extends EventTarget {
         watch.stop.signal.addEventListener("abort", abort, { once: true });
         const url = new URL(`api/threads/${encodeURIComponent(threadId)}/events`, this.baseUrl);
         try {
-          const response = await this.fetchImpl(url, {
-            headers: {
-              Authorization: `Bearer ${await this.#token()}`,
-              Accept: "text/event-stream",
-            },
-            cache: "no-store",
-            signal: controller.signal,
-          });
+          const response = await this.#getEvents(url, controller.signal);
           if (!response.ok) {
             const error = await this.#httpFailure(response);
             if (response.status < 500 && response.status !== 429) {
@@ -1161,12 +1160,7 @@ export class ChatClient extends EventTarget {
         if (!active() || this._stopped) break;
         // The stream only ends when it breaks (or the gateway went away): open it again.
         const delayMs = backoffDelay(attempt++, this.reconnectOptions);
-        this.#sseRetrying(key, true, {
-          reason: "the thread's event stream was interrupted",
-          attempt,
-          delayMs,
-          offline: this.#isBrowserOffline() || attempt > this.offlineAfterAttempts,
-        });
+        this.#retryNotice(key, "the thread's event stream was interrupted", attempt, delayMs);
         await sleep(delayMs, watch.stop.signal);
       }
     } finally {
