@@ -45,6 +45,7 @@ def make_broker(settings: Settings) -> Broker:
         return InMemoryBroker(
             run_log_max_bytes=settings.run_log_max_bytes,
             resume_window_s=settings.resume_window_s,
+            user_log_max_bytes=settings.user_log_max_bytes,
         )
     if url.startswith(("redis://", "rediss://", "unix://")):
         return RedisBroker(

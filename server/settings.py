@@ -79,6 +79,10 @@ class Settings:
         600.0, "an approval or question unanswered this long is resolved by timeout"
     )
     run_log_max_bytes: int = _opt(32 * MiB, "events kept per run for resume; oldest dropped")
+    user_log_max_bytes: int = _opt(
+        128 * MiB,
+        "events one user's finished runs keep for resume, together; oldest runs forgotten first",
+    )
     max_answer_bytes: int = _opt(
         1 * MiB, "largest answer of a run (UTF-8 bytes); past it the run fails answer_too_large"
     )
@@ -233,6 +237,7 @@ class Settings:
             "rate_limit_per_minute",
             "max_active_runs_per_user",
             "run_log_max_bytes",
+            "user_log_max_bytes",
             "max_answer_bytes",
             "history_messages",
             "llm_max_steps",
