@@ -152,6 +152,9 @@ class Session:
         #: then write for it), and whether the flusher has the session marked.
         self._parked = False
         self._marked = False
+        #: Turns of the writer's loop, and writes made for it by the flusher.
+        self.writer_turns = 0
+        self.direct_writes = 0
         self._close = close
         #: What to send and when to cut; ``expires_at`` is on the event loop's clock.
         self.box = Outbox(policy_of(gateway), expires_at=expires_at)
@@ -215,6 +218,7 @@ class Session:
         if ready:
             direct.write_now([e.text for e in ready])
             box.sends += 1
+            self.direct_writes += 1
             self.gateway.counters.events_delivered += sum(1 for e in ready if e.seq is not None)
         if more:
             self._wake.set()
@@ -260,6 +264,7 @@ class Session:
                     await wake.wait()
                 self._parked = False
                 wake.clear()
+                self.writer_turns += 1
                 if box.aborted:
                     return
                 ready, more = await box.take()
