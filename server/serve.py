@@ -46,6 +46,9 @@ def uvicorn_config(
         ws_ping_timeout=settings.heartbeat_s,
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s) + 10,
         proxy_headers=False,
+        # uvloop accepts one pending connection per turn of its loop (asyncio's takes
+        # every one waiting): under load, new users would wait behind the streams.
+        loop=settings.event_loop,
         **extra,
     )
 

@@ -1,6 +1,7 @@
-"""The garbage collector of a serving process: the gateway's command line sets the
-first threshold from ``CHAT_GC_THRESHOLD`` and freezes what it set up, right before
-it serves (checked in a real ``python -m server`` process, stopped at that point)."""
+"""What a serving process is set up with: the garbage collector's first threshold from
+``CHAT_GC_THRESHOLD`` and what was set up frozen, and the event loop of
+``CHAT_EVENT_LOOP`` (checked in the gateway's real command line, stopped right
+before it serves)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,13 @@ PROBE = """
 import gc, sys, orjson
 import server.serve as serve
 def run(self, *args, **kwargs):
-    print(orjson.dumps({"threshold": gc.get_threshold(), "frozen": gc.get_freeze_count()}).decode())
+    loop = self.config.get_loop_factory()()
+    print(orjson.dumps({
+        "threshold": gc.get_threshold(),
+        "frozen": gc.get_freeze_count(),
+        "loop": type(loop).__module__ + "." + type(loop).__name__,
+    }).decode())
+    loop.close()
 serve.GatewayServer.run = run
 from server.cli import main
 sys.exit(main(["--port", "0"]))
@@ -50,3 +57,10 @@ def test_the_threshold_is_a_setting_and_0_keeps_cpythons_own() -> None:
     assert served_gc(CHAT_GC_THRESHOLD="0")["threshold"][0] == 700  # type: ignore[index]
     with pytest.raises(AssertionError, match="CHAT_GC_THRESHOLD"):
         served_gc(CHAT_GC_THRESHOLD="-1")
+
+
+def test_the_event_loop_is_asyncios_unless_uvloop_is_asked_for() -> None:
+    assert served_gc()["loop"] == "asyncio.unix_events._UnixSelectorEventLoop"
+    assert served_gc(CHAT_EVENT_LOOP="uvloop")["loop"] == "uvloop.Loop"
+    with pytest.raises(AssertionError, match="CHAT_EVENT_LOOP"):
+        served_gc(CHAT_EVENT_LOOP="trio")
