@@ -5,7 +5,9 @@ to the socket.  The writer is the only task that sends: it pumps the session's
 :class:`~server.outbox.Outbox`, which holds the session's own messages
 (``connection_ready``, ``ack``, ``error``, ``pong``) in a bounded queue and, for
 each run the session watches, a cursor into that run's log.  Nothing is copied
-per session: a watch is a cursor, and publishing a run's event only wakes the
+per session: a watch is a cursor, and publishing a run's event only marks the
+session for the loop's :class:`Flusher` (which, while the writer is parked with
+nothing taken, writes what is ready in one write per loop turn) or wakes the
 writer.  While the queue is full the reader stops reading (the client's TCP
 then holds its frames), so every frame gets its answer at the client's pace.
 
