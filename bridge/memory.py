@@ -49,6 +49,10 @@ class _MemoryWatch:
         self._closed = False
 
     async def read(self, limit: int) -> list[Event]:
+        return self.read_now(limit)
+
+    def read_now(self, limit: int) -> list[Event]:
+        """:meth:`read` without a coroutine: the log is in this process's memory."""
         events = self._slot.log.read(self.cursor, limit)
         if events:
             self.cursor = events[-1].seq or self.cursor
