@@ -4,6 +4,7 @@ and watching a thread, on the in-memory broker and on Redis with two processes."
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from pathlib import Path
 from typing import Any
@@ -770,6 +771,6 @@ async def test_messages_sent_at_once_with_reject_or_interrupt_never_run_side_by_
                 assert end["data"]["error"]["code"] == "interrupted", end
             spans.append((started[0] if started else end["ts"], end["ts"]))
         spans.sort()
-        for (_, ended), (began, _) in zip(spans, spans[1:], strict=False):
+        for (_, ended), (began, _) in itertools.pairwise(spans):
             assert began >= ended, spans  # one run of the thread at a time
         assert sum(1 for events in interrupts if events[-1]["data"]["status"] == "completed") == 1
