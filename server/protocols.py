@@ -33,7 +33,9 @@ from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import InvalidState
 from websockets.http11 import Request
+from websockets.protocol import Protocol
 
+from server.flags import Flag, MessageQueue
 from server.settings import Settings
 
 log = logging.getLogger("chat.http")
@@ -264,15 +266,45 @@ class RefusingWebSocketsProtocol(WebSocketsSansIOProtocol):
     accepts a batch of text frames (:data:`SEND_BATCH`) that it writes to the socket
     at once: frames ready together cost one ASGI send and one transport write."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # An idle connection keeps these for its whole life: the lighter versions
+        # of server.flags hold no deque each (asyncio.Queue holds four).
+        self.queue = MessageQueue()  # type: ignore[assignment]
+        self.writable = Flag()  # type: ignore[assignment]
+        self.writable.set()
+
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
         scope = getattr(self, "scope", None)
         if scope is not None:  # the handshake was accepted; the app has not run yet
             scope["extensions"][SEND_BATCH] = {}
+            self._restart_parser()
+
+    def _restart_parser(self) -> None:
+        """Let the library's handshake parser go once the request is read.
+
+        The websockets server's parser is one generator that reads the request and
+        then frames; its frame keeps the parsed request (headers and all) for the
+        connection's life.  With nothing buffered it waits at a frame boundary, in
+        the state a fresh frame parser starts in: that one replaces it.
+        """
+        conn = self.conn
+        reader = conn.reader
+        if reader.buffer or reader.eof or conn.parser_exc is not None:
+            return  # frames already sent behind the request: keep parsing them as is
+        parser = Protocol.parse(conn)
+        next(parser)
+        conn.parser = parser
 
     async def send(self, message: Any) -> None:
         if message["type"] != SEND_BATCH:
             await super().send(message)
+            if message["type"] == "websocket.accept" and self.handshake_complete:
+                # The handshake's request and response (their headers parsed into
+                # objects) are not read again once the response is written; the
+                # app keeps what it needs in its scope.
+                self.request = self.response = None  # type: ignore[assignment]
             return
         await self.writable.wait()
         if self.disconnected:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 from bridge.broker import Broker
+from server.flags import Waitable
 
 #: How often each client's outbox is asked whether it must be cut, at most (more
 #: often when a quarter of ``CHAT_SEND_TIMEOUT_S`` is shorter).
@@ -61,7 +62,7 @@ class LocalSession(Protocol):
         ...
 
     @property
-    def closed(self) -> asyncio.Event: ...
+    def closed(self) -> Waitable: ...
 
 
 class SessionRegistry:
