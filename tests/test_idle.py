@@ -1,0 +1,86 @@
+"""What an idle WebSocket costs the gateway, against real servers on loopback.
+
+The figure (VmRSS per connection of a ``python -m server`` process holding
+2,000 idle connections) is written to ``var/figures/idle_memory.json``; it is
+held to the 32 KiB per connection the gateway promises for idle clients.  The
+other tests check what makes it small: nothing of the handshake is kept once
+the connection is open, and frames sent right behind the handshake are still
+read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from pathlib import Path
+
+import pytest
+
+from scripts.kit.measure import raise_nofile
+from scripts.kit.scenarios import close_all, open_many
+from scripts.kit.tokens import TokenCache
+from server.flags import Flag, MessageQueue
+from server.protocols import RefusingWebSocketsProtocol
+from tests.support import SECRET, run_server, spawn_server, ws_client
+from tests.test_faults import record_figures
+
+KiB = 1024
+IDLE = 2000
+
+
+async def test_an_idle_connection_costs_at_most_32_kib(tmp_path: Path) -> None:
+    soft, _ = raise_nofile(IDLE + 500)
+    if soft < IDLE + 200:
+        pytest.skip(f"RLIMIT_NOFILE {soft} is too low for {IDLE} connections")
+    tokens = TokenCache(SECRET, 3600)
+    with spawn_server(tmp_path, CHAT_MAX_CONNECTIONS_PER_USER="100000") as srv:
+        warm, _ = await open_many("gateway", srv.port, [f"warm-{i}" for i in range(50)], tokens)
+        await close_all(warm)
+        await asyncio.sleep(0.5)
+        before = srv.rss_kib()
+        conns, failures = await open_many(
+            "gateway", srv.port, [f"idle-{i:05d}" for i in range(IDLE)], tokens
+        )
+        await asyncio.sleep(1.0)
+        after = srv.rss_kib()
+        held = sum(1 for c in conns if c.is_open)
+        sample = conns[:: IDLE // 10]
+        for conn in sample:
+            conn.send("ping", id="p")
+        await asyncio.wait([c.pong for c in sample], timeout=10)
+        answered = sum(1 for c in sample if c.pong.done())
+        await close_all(conns)
+    per_connection = (after - before) * KiB / max(len(conns), 1)
+    figures = {
+        "connections": IDLE,
+        "held": held,
+        "failures": failures,
+        "rss_before_kib": before,
+        "rss_after_kib": after,
+        "bytes_per_connection": round(per_connection),
+    }
+    record_figures("idle_memory", figures)
+    assert held == IDLE and answered == len(sample), figures
+    assert per_connection <= 32 * KiB, figures
+
+
+def _protocols() -> list[RefusingWebSocketsProtocol]:
+    gc.collect()
+    return [o for o in gc.get_objects() if isinstance(o, RefusingWebSocketsProtocol)]
+
+
+async def test_an_open_connection_keeps_nothing_of_its_handshake() -> None:
+    with run_server() as srv:
+        async with ws_client(srv, "alice") as client:
+            protocols = [p for p in _protocols() if p.handshake_complete and not p.disconnected]
+            assert len(protocols) == 1
+            proto = protocols[0]
+            # Neither the protocol nor the library's parser holds the parsed request.
+            assert proto.request is None and proto.response is None
+            frame = proto.conn.parser.gi_frame
+            assert frame is not None and "request" not in frame.f_locals
+            assert isinstance(proto.queue, MessageQueue) and isinstance(proto.writable, Flag)
+            # And the connection still reads and answers frames.
+            await client.send(type="ping", id="after")
+            pong = await client.recv()
+            assert pong["type"] == "pong" and pong["data"]["ref"] == "after", pong
