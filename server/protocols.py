@@ -25,6 +25,8 @@ import asyncio
 import http
 import ipaddress
 import logging
+import random
+import struct
 from collections import Counter
 from typing import Any, ClassVar, Final
 
@@ -32,10 +34,12 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import InvalidState
+from websockets.frames import Frame
 from websockets.http11 import Request
 from websockets.protocol import Protocol
 
 from server.flags import Flag, MessageQueue
+from server.heartbeat import Wheel, wheel_for
 from server.settings import Settings
 
 log = logging.getLogger("chat.http")
@@ -273,6 +277,48 @@ class RefusingWebSocketsProtocol(WebSocketsSansIOProtocol):
         self.queue = MessageQueue()  # type: ignore[assignment]
         self.writable = Flag()  # type: ignore[assignment]
         self.writable.set()
+
+    # Keepalive: the loop's heartbeat wheel instead of two timers per connection
+    # (server.heartbeat); the same pings, the same 1011 close when a pong is late.
+
+    _wheel: Wheel | None = None
+
+    def start_keepalive(self) -> None:
+        if self.ping_interval is not None and self.ping_interval > 0:
+            self._wheel = wheel_for(self.ping_interval)
+            self._wheel.schedule(self, self.loop.time() + self.ping_interval)
+
+    def stop_keepalive(self) -> None:
+        super().stop_keepalive()
+        if self._wheel is not None:
+            self._wheel.discard(self)
+
+    def heartbeat_due(self, now: float) -> None:
+        if self.pending_ping_payload is None or self.ping_timeout is None:
+            self.send_keepalive_ping()
+        else:
+            self.keepalive_timeout()  # no pong within the timeout
+
+    def send_keepalive_ping(self) -> None:
+        wheel = self._wheel
+        if wheel is None or self.close_sent or self.transport.is_closing():
+            return
+        payload = self.pending_ping_payload = struct.pack("!I", random.getrandbits(32))
+        self.ping_sent_at = sent = self.loop.time()
+        self.conn.send_ping(payload)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        assert self.ping_interval is not None
+        wheel.schedule(self, sent + (self.ping_timeout or self.ping_interval))
+
+    def handle_pong(self, event: Frame) -> None:
+        if self.pending_ping_payload is None or bytes(event.data) != self.pending_ping_payload:
+            return  # unsolicited, or the answer to an earlier ping
+        now = self.loop.time()
+        self.last_ping_rtt = now - self.ping_sent_at
+        self.pending_ping_payload = None
+        wheel = self._wheel
+        if wheel is not None and self.ping_interval is not None and self.ping_timeout is not None:
+            wheel.schedule(self, now + max(0.0, self.ping_interval - self.last_ping_rtt))
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
