@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from websockets.exceptions import ConnectionClosed
 
 from scripts.kit.measure import raise_nofile
 from scripts.kit.scenarios import close_all, open_many
 from scripts.kit.tokens import TokenCache
 from server.flags import Flag, MessageQueue
 from server.protocols import RefusingWebSocketsProtocol
+from server.session import Session
 from tests.support import SECRET, run_server, spawn_server, ws_client
 from tests.test_faults import record_figures
 
@@ -118,3 +121,34 @@ async def test_keepalive_pings_come_from_one_wheel_per_loop_with_no_timer_per_co
         # One ping per 0.4 s, each at most one tick (0.1 s) late: 4 or 5 in 2.2 s
         # (fewer if the machine is loaded, never more).
         assert all(2 <= n <= 6 for n in pings.values()), pings
+
+
+async def test_the_watchdog_leaves_idle_sessions_alone_and_still_cuts_an_expired_one() -> None:
+    with run_server(send_timeout_s=4.0) as srv:  # the watchdog goes round every second
+        async with ws_client(srv, "alice") as idle, ws_client(srv, "bob") as other:
+            gc.collect()
+            sessions = [
+                o for o in gc.get_objects() if isinstance(o, Session) and not o.closed.is_set()
+            ]
+            assert {s.user_id for s in sessions} == {"alice", "bob"}
+            asked: dict[str, int] = {"alice": 0, "bob": 0}
+            for session in sessions:
+
+                def counted(now: float, s: Session = session, check: Any = session.check) -> None:
+                    asked[s.user_id] += 1
+                    check(now)
+
+                session.check = counted  # type: ignore[method-assign]
+            bob = next(s for s in sessions if s.user_id == "bob")
+            await asyncio.sleep(2.5)
+            assert asked == {"alice": 0, "bob": 0}, asked
+            # A token past its expiry is the watchdog's to find (here with the
+            # session's own expiry timer out of the way): it is cut with 4401.
+            # (The server's loop runs on the monotonic clock, in its own thread.)
+            bob.box.expires_at = time.monotonic() - 10
+            with pytest.raises(ConnectionClosed) as closed:
+                await other.recv(timeout=5)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
+            assert asked["bob"] >= 1 and asked["alice"] == 0, asked
+            await idle.send(type="ping", id="still")
+            assert (await idle.recv())["type"] == "pong"
