@@ -29,7 +29,6 @@ It knows no socket and no clock: the pump says when a send is under way
 from __future__ import annotations
 
 import enum
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
@@ -129,7 +128,9 @@ class Outbox:
         #: When the client's token expires, on the clock :meth:`verdict` is given.
         self.expires_at = expires_at
         self._state = State.OPEN
-        self._control: deque[Event] = deque()
+        # A list, not a deque: appended to and cleared whole, and an empty list is
+        # 56 bytes where an empty deque is 624 (one per connection).
+        self._control: list[Event] = []
         self._watches: dict[str, _Watched] = {}
         self._holds = 0
         self._waiting_reads = 0  # watches with no ``read_now``

@@ -25,6 +25,8 @@ import asyncio
 import http
 import ipaddress
 import logging
+import random
+import struct
 from collections import Counter
 from typing import Any, ClassVar, Final
 
@@ -32,9 +34,12 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import InvalidState
+from websockets.frames import Frame
 from websockets.http11 import Request
-from websockets.protocol import State
+from websockets.protocol import Protocol, State
 
+from server.flags import Flag, MessageQueue
+from server.heartbeat import Wheel, wheel_for
 from server.settings import Settings
 
 log = logging.getLogger("chat.http")
@@ -265,15 +270,87 @@ class RefusingWebSocketsProtocol(WebSocketsSansIOProtocol):
     accepts a batch of text frames (:data:`SEND_BATCH`) that it writes to the socket
     at once: frames ready together cost one ASGI send and one transport write."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # An idle connection keeps these for its whole life: the lighter versions
+        # of server.flags hold no deque each (asyncio.Queue holds four).
+        self.queue = MessageQueue()  # type: ignore[assignment]
+        self.writable = Flag()  # type: ignore[assignment]
+        self.writable.set()
+
+    # Keepalive: the loop's heartbeat wheel instead of two timers per connection
+    # (server.heartbeat); the same pings, the same 1011 close when a pong is late.
+
+    _wheel: Wheel | None = None
+
+    def start_keepalive(self) -> None:
+        if self.ping_interval is not None and self.ping_interval > 0:
+            self._wheel = wheel_for(self.ping_interval)
+            self._wheel.schedule(self, self.loop.time() + self.ping_interval)
+
+    def stop_keepalive(self) -> None:
+        super().stop_keepalive()
+        if self._wheel is not None:
+            self._wheel.discard(self)
+
+    def heartbeat_due(self, now: float) -> None:
+        if self.pending_ping_payload is None or self.ping_timeout is None:
+            self.send_keepalive_ping()
+        else:
+            self.keepalive_timeout()  # no pong within the timeout
+
+    def send_keepalive_ping(self) -> None:
+        wheel = self._wheel
+        if wheel is None or self.close_sent or self.transport.is_closing():
+            return
+        payload = self.pending_ping_payload = struct.pack("!I", random.getrandbits(32))
+        self.ping_sent_at = sent = self.loop.time()
+        self.conn.send_ping(payload)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        assert self.ping_interval is not None
+        wheel.schedule(self, sent + (self.ping_timeout or self.ping_interval))
+
+    def handle_pong(self, event: Frame) -> None:
+        if self.pending_ping_payload is None or bytes(event.data) != self.pending_ping_payload:
+            return  # unsolicited, or the answer to an earlier ping
+        now = self.loop.time()
+        self.last_ping_rtt = now - self.ping_sent_at
+        self.pending_ping_payload = None
+        wheel = self._wheel
+        if wheel is not None and self.ping_interval is not None and self.ping_timeout is not None:
+            wheel.schedule(self, now + max(0.0, self.ping_interval - self.last_ping_rtt))
+
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
         scope = getattr(self, "scope", None)
         if scope is not None:  # the handshake was accepted; the app has not run yet
             scope["extensions"][SEND_BATCH] = {}
+            self._restart_parser()
+
+    def _restart_parser(self) -> None:
+        """Let the library's handshake parser go once the request is read.
+
+        The websockets server's parser is one generator that reads the request and
+        then frames; its frame keeps the parsed request (headers and all) for the
+        connection's life.  With nothing buffered it waits at a frame boundary, in
+        the state a fresh frame parser starts in: that one replaces it.
+        """
+        conn = self.conn
+        reader = conn.reader
+        if reader.buffer or reader.eof or conn.parser_exc is not None:
+            return  # frames already sent behind the request: keep parsing them as is
+        parser = Protocol.parse(conn)
+        next(parser)
+        conn.parser = parser
 
     async def send(self, message: Any) -> None:
         if message["type"] != SEND_BATCH:
             await super().send(message)
+            if message["type"] == "websocket.accept" and self.handshake_complete:
+                # The handshake's request and response (their headers parsed into
+                # objects) are not read again once the response is written; the
+                # app keeps what it needs in its scope.
+                self.request = self.response = None  # type: ignore[assignment]
             return
         await self.writable.wait()
         if self.disconnected:

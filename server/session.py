@@ -40,6 +40,7 @@ from server.commands import (
     parse_command,
 )
 from server.errors import ProtocolError, wire_error
+from server.flags import Flag
 from server.gateway import Gateway
 from server.outbox import CLOSE_NORMAL, CLOSE_SLOW, CLOSE_UNAUTHORIZED, Cut, Outbox, Policy
 from server.protocols import SEND_BATCH, direct_writer
@@ -160,19 +161,20 @@ class Session:
         self._close = close
         #: What to send and when to cut; ``expires_at`` is on the event loop's clock.
         self.box = Outbox(policy_of(gateway), expires_at=expires_at)
-        self._wake = asyncio.Event()
-        self._room = asyncio.Event()  # set while the control queue has room
+        # Flags, not asyncio.Events: an idle session holds four (see server.flags).
+        self._wake = Flag()
+        self._room = Flag()  # set while the control queue has room
         self._room.set()
         #: Set when the session must end now, without draining (slow consumer).
-        self.aborted = asyncio.Event()
-        self._closed = asyncio.Event()
+        self.aborted = Flag()
+        self._closed = Flag()
         #: The threads the session follows (``watch_thread``).
         self._threads: dict[str, ThreadFollow] = {}
         self._seen: dict[str, None] = {}  # runs watched from their start, oldest first
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
-    def closed(self) -> asyncio.Event:
+    def closed(self) -> Flag:
         """Set once the writer has stopped; the socket is closed or being closed."""
         return self._closed
 
@@ -245,6 +247,12 @@ class Session:
         cut: Cut | None = self.box.verdict(now)
         if cut is not None:
             self.close(cut.code, cut.reason, drain=cut.drain)
+
+    def expire(self) -> None:
+        """The token's expiry is due: ask the outbox's verdict now (a loop timer)."""
+        expires_at = self.box.expires_at
+        if expires_at is not None:
+            self.check(max(asyncio.get_running_loop().time(), expires_at))
 
     def buffered_bytes(self) -> int:
         return self.box.buffered_bytes()

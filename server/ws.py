@@ -96,10 +96,11 @@ async def websocket_endpoint(gateway: Gateway, websocket: WebSocket, send: Send)
         )
     )
     # At expiry the outbox's verdict is asked at once rather than at the watchdog's next turn.
-    expiry = loop.call_at(expires_at, lambda: session.check(max(loop.time(), expires_at)))
+    expiry = loop.call_at(expires_at, session.expire)
     writer = asyncio.create_task(session.write_loop(), name=f"writer {session.id}")
     reader = asyncio.create_task(_read_loop(websocket, session), name=f"reader {session.id}")
-    aborted = asyncio.create_task(session.aborted.wait())
+    # A future, not a task waiting on the flag: one object less per connection.
+    aborted = session.aborted.waiter()
     try:
         # A stalled send or an overflow is found by the gateway's watchdog asking the
         # outbox, which aborts the session.
