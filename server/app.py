@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -66,6 +67,16 @@ def create_app(settings: Settings | None = None, *, dev_secret: str | None = Non
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await gateway.start()
+        # Under load the collector's full passes are what delays events at the tail:
+        # fewer young passes promote fewer short-lived objects (a run's pending
+        # appends, its tasks), so full passes come less often; and modules, routes
+        # and settings, which live as long as the process, need not be walked by each.
+        if settings.gc_young_threshold:
+            _, middle, old = gc.get_threshold()
+            gc.set_threshold(settings.gc_young_threshold, middle, old)
+        if settings.gc_freeze:
+            gc.collect()
+            gc.freeze()
         try:
             yield
         finally:

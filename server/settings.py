@@ -129,6 +129,16 @@ class Settings:
     redis_max_connections: int = _opt(
         100, "with Redis: pooled connections at most; more concurrent calls wait for one"
     )
+    redis_append_window_ms: float = _opt(
+        1.0, "with Redis: how long an append waits for other runs' appends to share its call"
+    )
+    gc_freeze: bool = _opt(
+        True, "after start-up, keep the objects made so far out of the collector's full passes"
+    )
+    gc_young_threshold: int = _opt(
+        10_000,
+        "allocations between the collector's young passes (Python's default 700); 0 keeps it",
+    )
     # Storage ------------------------------------------------------------------
     db_url: str = _opt(
         "sqlite:///var/chat.db", "sqlite:///path.db (default, WAL) or postgresql://user@host/db"
@@ -265,6 +275,8 @@ class Settings:
             "llm_retries",
             "llm_max_history",
             "llm_retry_backoff_s",
+            "redis_append_window_ms",
+            "gc_young_threshold",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()} must not be negative")
