@@ -126,6 +126,7 @@ class RedisAppender:
                 c.watches.mirror_append(run_id, batch)
                 if last.type == "agent_completed":
                     c.owned.pop(run_id, None)
+                    c.forget_mirror(run_id)
 
     async def _landed(self, run_id: str, last: Event) -> bool:
         """Whether the stream holds ``last`` itself (its batch landed whole, its reply
@@ -157,7 +158,7 @@ class RedisAppender:
         closed: list[str] = []
         responded = False
         for event in batch:
-            commands.append(["XADD", log_key, seq_id(event.seq or 0), "e", event.text])
+            commands.append(["XADD", log_key, f"0-{event.seq or 0}", "e", event.text])
             # What an ending written by another process needs, whatever the trim keeps.
             kind = event.type
             if kind == "response_chunk":

@@ -299,8 +299,9 @@ class RedisCore:
         up to :data:`WRITES_PER_CALL` of them and applies each; each is answered on
         its own, and a connection that breaks fails each of them."""
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        write: list[Any] = [self.k("run", run_id), int(if_recorded)]
-        write.extend([str(arg) for arg in command] for command in commands)
+        # Numbers go as JSON numbers: Redis gives a script's numeric arguments to a
+        # command with 17 significant digits, so a float reads back as the same float.
+        write: list[Any] = [self.k("run", run_id), int(if_recorded), *commands]
         self._writes.append((write, future))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.get_running_loop().create_task(self._write_batches())
@@ -374,6 +375,13 @@ class RedisCore:
             raise BrokerUnavailable(f"Redis is unreachable ({what})") from exc
         self.reachable = True
         return result
+
+    def forget_mirror(self, run_id: str) -> None:
+        """Drop the mirror of ``run_id`` if no watcher here reads it and this process no
+        longer executes the run (an executed run's mirror holds it from the start)."""
+        mirror = self.mirrors.get(run_id)
+        if mirror is not None and not mirror.watchers and run_id not in self.owned:
+            del self.mirrors[run_id]
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str | None = None) -> None:
         """Run ``coro`` in the background; cancelled when the broker closes."""

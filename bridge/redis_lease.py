@@ -98,6 +98,7 @@ class RedisLease:
         if owned.failure is None:
             owned.failure = BrokerUnavailable(f"this process no longer executes run {run_id}")
         owned.controller.lost()
+        c.forget_mirror(run_id)
         c.mirrors_changed.set()
 
     def fenced_out(self) -> None:

@@ -31,7 +31,8 @@ end
 #: The appends and status writes of many runs by the process executing them, in
 #: one step: the fence is checked once for all of them.
 #: KEYS[1] the process's fence marker; ARGV[1] the process, ARGV[2] the writes as
-#: JSON: ``[[run hash, if_recorded, [name, arg…], …], …]``, every argument a string.
+#: JSON: ``[[run hash, if_recorded, [name, arg…], …], …]``, each argument a string or
+#: a number (given to the command with 17 significant digits: a float is kept exactly).
 #: Answers one reply per write: 1 written; 0 refused, once the process was reaped or
 #: where the run is recorded as another's (a run whose record Redis lost, restarted
 #: without persistence, is written again); 2 not written because the run's record
