@@ -145,3 +145,28 @@ def test_request_head_and_token_limits_are_settings() -> None:
     ]:
         with pytest.raises(ValueError, match=message):
             Settings.from_env(env)
+
+
+def test_a_started_gateway_tunes_the_collector_as_its_settings_say() -> None:
+    """The young threshold is the setting's once the app started, and what start-up
+    made is frozen (kept out of full passes); with both off, nothing changes."""
+    import gc
+
+    from tests.support import run_server
+
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, before[1], before[2])
+        gc.unfreeze()
+        with run_server(gc_young_threshold=0, gc_freeze=False):
+            assert gc.get_threshold()[0] == 700
+            assert gc.get_freeze_count() == 0
+        with run_server(gc_young_threshold=12_345):
+            assert gc.get_threshold() == (12_345, before[1], before[2])
+            assert gc.get_freeze_count() > 0
+        with pytest.raises(ValueError, match="CHAT_GC_YOUNG_THRESHOLD"):
+            Settings.from_env({"CHAT_GC_YOUNG_THRESHOLD": "-1"})
+        with pytest.raises(ValueError, match="CHAT_REDIS_APPEND_WINDOW_MS"):
+            Settings.from_env({"CHAT_REDIS_APPEND_WINDOW_MS": "-1"})
+    finally:
+        gc.set_threshold(*before)
