@@ -74,7 +74,7 @@ def create_app(settings: Settings | None = None, *, dev_secret: str | None = Non
         if settings.gc_young_threshold:
             _, middle, old = gc.get_threshold()
             gc.set_threshold(settings.gc_young_threshold, middle, old)
-        if settings.gc_freeze:
+        if settings.gc_freeze == "on":
             gc.collect()
             gc.freeze()
         try:

@@ -132,8 +132,8 @@ class Settings:
     redis_append_window_ms: float = _opt(
         1.0, "with Redis: how long an append waits for other runs' appends to share its call"
     )
-    gc_freeze: bool = _opt(
-        True, "after start-up, keep the objects made so far out of the collector's full passes"
+    gc_freeze: str = _opt(
+        "on", "on: after start-up, keep the objects made so far out of the collector's full passes"
     )
     gc_young_threshold: int = _opt(
         10_000,
@@ -229,6 +229,8 @@ class Settings:
                 f"{ENV_PREFIX}ON_ACTIVE must be one of {', '.join(ON_ACTIVE)}, "
                 f"not {self.on_active!r}"
             )
+        if self.gc_freeze not in ("on", "off"):
+            raise ValueError(f"{ENV_PREFIX}GC_FREEZE must be on or off, got {self.gc_freeze!r}")
         if self.load_agent not in ("on", "off"):
             raise ValueError(f"{ENV_PREFIX}LOAD_AGENT must be on or off, got {self.load_agent!r}")
         if self.max_answer_bytes > MAX_ANSWER_BYTES_LIMIT:

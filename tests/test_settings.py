@@ -158,7 +158,7 @@ def test_a_started_gateway_tunes_the_collector_as_its_settings_say() -> None:
     try:
         gc.set_threshold(700, before[1], before[2])
         gc.unfreeze()
-        with run_server(gc_young_threshold=0, gc_freeze=False):
+        with run_server(gc_young_threshold=0, gc_freeze="off"):
             assert gc.get_threshold()[0] == 700
             assert gc.get_freeze_count() == 0
         with run_server(gc_young_threshold=12_345):
