@@ -39,6 +39,9 @@ POOL_WAIT_S: Final = 5.0
 #: Fenced writes (of as many runs) one script call applies at most: a call runs
 #: whole, with every other client of the Redis waiting.
 WRITES_PER_CALL: Final = 256
+#: Commands one script call runs at most (one run's write may pass it alone), so that
+#: many fast runs' batches of up to 512 events do not hold Redis in one long call.
+COMMANDS_PER_CALL: Final = 32768
 #: What a fenced write answers (:meth:`RedisCore.fenced_write`).
 REFUSED: Final = 0
 WRITTEN: Final = 1
@@ -296,8 +299,9 @@ class RedisCore:
         The fenced writes of every run made in the same turn of the event loop (and
         those made while a batch is on its way, or within ``append_window_s`` of
         the first) go to Redis together: one script call checks the fence once for
-        up to :data:`WRITES_PER_CALL` of them and applies each; each is answered on
-        its own, and a connection that breaks fails each of them."""
+        up to :data:`WRITES_PER_CALL` of them (:data:`COMMANDS_PER_CALL` commands)
+        and applies each; each is answered on its own, and a connection that breaks
+        fails each of them."""
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         # Numbers go as JSON numbers: Redis gives a script's numeric arguments to a
         # command with 17 significant digits, so a float reads back as the same float.
@@ -312,7 +316,17 @@ class RedisCore:
             await asyncio.sleep(self.append_window_s)
         while self._writes:
             batch, self._writes = self._writes, []
-            calls = [batch[i : i + WRITES_PER_CALL] for i in range(0, len(batch), WRITES_PER_CALL)]
+            calls: list[list[tuple[list[Any], asyncio.Future[int]]]] = [[]]
+            size = 0
+            for item in batch:
+                commands = len(item[0]) - 2
+                if calls[-1] and (
+                    len(calls[-1]) >= WRITES_PER_CALL or size + commands > COMMANDS_PER_CALL
+                ):
+                    calls.append([])
+                    size = 0
+                calls[-1].append(item)
+                size += commands
             while calls:
                 calls = await self._send_writes(calls)
 
