@@ -28,7 +28,7 @@ events older than it.  A process renews its lease every ``lease_s / 3``; when on
 lapses, any other process fails the dead process's runs with ``node_lost``, and
 drops its share of every run's watcher count.
 
-Every write of a run by its process is *fenced* (:data:`~bridge.redis_scripts.FENCED_WRITE`):
+Every write of a run by its process is *fenced* (:data:`~bridge.redis_scripts.FENCED_WRITES`):
 a reaper marks the lost process ``fenced`` before it ends that process's runs, and
 an append is refused once the mark is there.  A process that was reaped while
 alive (an event loop stalled past the lease, a partition from Redis) finds out at
@@ -92,6 +92,7 @@ class RedisBroker:
         node: str | None = None,
         prefix: str = "chat:",
         max_connections: int = 100,
+        append_window_s: float = 0.0,
     ) -> None:
         core = RedisCore(
             url,
@@ -102,6 +103,7 @@ class RedisBroker:
             node=node,
             prefix=prefix,
             max_connections=max_connections,
+            append_window_s=append_window_s,
         )
         self.core = core
         self.registry = core.registry = RedisRegistry(core)

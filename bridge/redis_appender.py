@@ -1,8 +1,10 @@
 """Appending a run's events to its stream, by the one process that executes the run.
 
-Events are numbered by the run, appended in order (pipelined in one fenced script,
-up to :data:`FLUSH_BATCH` events a round trip) with what an ending written
-elsewhere needs (open tool calls, the answer so far), and the stream trimmed by
+Events are numbered by the run, appended in order (up to :data:`FLUSH_BATCH`
+events a write, the writes of many runs in one fenced script call:
+:meth:`~bridge.redis_core.RedisCore.fenced_write`) with what an ending written
+elsewhere needs (open tool calls, the answer so far) and the record's fields that
+changed (the others are written once, at the run's start), and the stream trimmed by
 the same policy as the in-memory log (:func:`bridge.log.trim`).  A short outage
 is ridden out; a long one ends the run (:meth:`RedisAppender.give_up`).
 """
@@ -24,7 +26,7 @@ from bridge.broker import RunRecord
 from bridge.errors import BrokerUnavailable, RunNotFound
 from bridge.events import Event
 from bridge.log import kept_size, trim
-from bridge.redis_core import Owned, RedisCore, seq_id
+from bridge.redis_core import MISSING, WRITTEN, Owned, RedisCore, seq_id
 from bridge.redis_lease import ending
 from bridge.redis_registry import record_fields
 from bridge.runstate import INPUT_KEY_PREFIX, RunState
@@ -84,10 +86,17 @@ class RedisAppender:
             batch = owned.pending[:FLUSH_BATCH]
             del owned.pending[:FLUSH_BATCH]
             pause, gave_up_at = 0.05, time.monotonic() + c.outage_s
-            commands, applied = self._append_commands(owned, batch)
+            recreate = False
+            commands, applied = self._append_commands(owned, batch, recreate=recreate)
             while True:
                 try:
-                    appended = bool(await c.fenced_write(run_id, commands))
+                    answer = await c.fenced_write(run_id, commands, if_recorded=not recreate)
+                    if answer == MISSING:
+                        # Redis lost the record (restarted empty): written again, whole.
+                        recreate = True
+                        commands, applied = self._append_commands(owned, batch, recreate=True)
+                        continue
+                    appended = answer == WRITTEN
                     break
                 except (RedisError, OSError) as exc:
                     c.reachable = False
@@ -117,6 +126,7 @@ class RedisAppender:
                 c.watches.mirror_append(run_id, batch)
                 if last.type == "agent_completed":
                     c.owned.pop(run_id, None)
+                    c.forget_mirror(run_id)
 
     async def _landed(self, run_id: str, last: Event) -> bool:
         """Whether the stream holds ``last`` itself (its batch landed whole, its reply
@@ -131,10 +141,11 @@ class RedisAppender:
         return bool(entries) and entries[0][1].get(b"e") == last.text.encode()
 
     def _append_commands(
-        self, owned: Owned, batch: list[Event]
+        self, owned: Owned, batch: list[Event], *, recreate: bool
     ) -> tuple[list[lua.Command], Callable[[], None]]:
-        """The fenced write that appends ``batch`` with the run's record, and what to
-        note once it is done."""
+        """The fenced write that appends ``batch`` and updates what changed in the
+        run's record (with ``recreate``, the whole record and the sets that list the
+        run, which a Redis restarted empty lost), and what to note once it is done."""
         c = self.core
         record = owned.record
         run_id = record.run_id
@@ -147,7 +158,7 @@ class RedisAppender:
         closed: list[str] = []
         responded = False
         for event in batch:
-            commands.append(["XADD", log_key, seq_id(event.seq or 0), "e", event.text])
+            commands.append(["XADD", log_key, f"0-{event.seq or 0}", "e", event.text])
             # What an ending written by another process needs, whatever the trim keeps.
             kind = event.type
             if kind == "response_chunk":
@@ -171,11 +182,15 @@ class RedisAppender:
                 commands.append(["HDEL", calls_key, key])
             elif kind == "response_complete":
                 responded = True
-                commands.append(["HSET", run_key, "responded", 1])
         progress = owned.progress
+        last = batch[-1]
+        # What changed in the record, in one HSET.
+        changed: list[str | int | float] = ["last_seq", last.seq or 0, "updated_at", last.ts]
+        if responded:
+            changed += ["responded", 1]
         if text:
             commands.append(["APPEND", answer_key, "".join(text)])
-            commands.append(["HSET", run_key, "chunks", progress.chunks + len(text)])
+            changed += ["chunks", progress.chunks + len(text)]
         # The oldest first, over what the stream keeps and this batch, keeping the newest.
         kept, held = owned.sizes, owned.held + sum(size for _, size in added)
         count = len(kept) + len(added)
@@ -187,13 +202,17 @@ class RedisAppender:
         first_kept = entry(drop)[0] if drop else None
         if first_kept is not None:
             commands.append(["XTRIM", log_key, "MINID", seq_id(first_kept)])
-            commands.append(["HSET", run_key, "first_seq", first_kept])
-        last = batch[-1]
-        # A record that a restarted Redis lost is written again, whole.
-        for name, value in record_fields(record, c.node).items():
-            if name not in ("first_seq", "last_seq", "updated_at"):
-                commands.append(["HSETNX", run_key, name, value])
-        commands.append(["HSET", run_key, "last_seq", last.seq or 0, "updated_at", last.ts])
+            changed += ["first_seq", first_kept]
+        if recreate:
+            # The fields written once at the run's start, and what lists the run.
+            for name, value in record_fields(record, c.node).items():
+                if name not in ("first_seq", "last_seq", "updated_at"):
+                    commands.append(["HSETNX", run_key, name, value])
+            if progress.responded and not responded:
+                changed += ["responded", 1]
+            if not text and progress.chunks:
+                changed += ["chunks", progress.chunks]
+        commands.append(["HSET", run_key, *changed])
         if last.type == "agent_completed":
             # The run's end and its status land together: whoever reads the record
             # after seeing agent_completed finds the run ended.
@@ -205,7 +224,7 @@ class RedisAppender:
             expire = max(1, int(c.window_s))
             for key in (log_key, run_key, c.k("watchers", run_id), answer_key, calls_key):
                 commands.append(["EXPIRE", key, expire])
-        else:
+        elif recreate:
             commands.append(["SADD", c.k("runs", c.node), run_id])
             commands.append(["SADD", c.k("active", record.owner), run_id])
 

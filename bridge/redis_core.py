@@ -17,11 +17,12 @@ from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
+import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from bridge import bus
 from bridge import redis_scripts as lua
@@ -35,8 +36,18 @@ from bridge.runstate import RunState
 TAIL_BLOCK_MS: Final = 100
 #: How long a Redis call waits for a free pooled connection before it fails.
 POOL_WAIT_S: Final = 5.0
+#: Fenced writes (of as many runs) one script call applies at most: a call runs
+#: whole, with every other client of the Redis waiting.
+WRITES_PER_CALL: Final = 256
+#: Commands one script call runs at most (one run's write may pass it alone), so that
+#: many fast runs' batches of up to 512 events do not hold Redis in one long call.
+COMMANDS_PER_CALL: Final = 32768
+#: What a fenced write answers (:meth:`RedisCore.fenced_write`).
+REFUSED: Final = 0
+WRITTEN: Final = 1
+MISSING: Final = 2
 SCRIPTS: Final = (
-    "FENCED_WRITE",
+    "FENCED_WRITES",
     "END_LOST_RUN",
     "RENEW_LEASE",
     "CLAIM_LOST_NODE",
@@ -164,6 +175,7 @@ class RedisCore:
         node: str | None,
         prefix: str,
         max_connections: int,
+        append_window_s: float = 0.0,
     ) -> None:
         self.url = url
         self.max_bytes = run_log_max_bytes
@@ -173,6 +185,8 @@ class RedisCore:
         self.outage_s = outage_s
         #: Pooled connections to Redis at most (besides the stream reader's and the bus's).
         self.max_connections = max_connections
+        #: How long the first fenced write waits for others to go with it.
+        self.append_window_s = append_window_s
         self.base_node = node or f"n_{secrets.token_hex(6)}"
         #: This process's name in Redis; a new one each time it joins again after
         #: being reaped (its lease epoch is the name's suffix).
@@ -211,7 +225,7 @@ class RedisCore:
         self.on_run_lost: RunLost | None = None
         self.reachable = False
         #: Fenced writes waiting for the next pipeline, and the task that sends them.
-        self._writes: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
+        self._writes: list[tuple[list[Any], asyncio.Future[int]]] = []
         self._writer: asyncio.Task[None] | None = None
         # The parts the others call, set by the broker that builds them.
         self.registry: Registry
@@ -275,59 +289,96 @@ class RedisCore:
     def script(self, name: str, keys: list[str], args: list[Any]) -> Awaitable[Any]:
         return self.scripts[name](keys=keys, args=args)  # type: ignore[no-any-return]
 
-    async def fenced_write(self, run_id: str, commands: list[lua.Command]) -> bool:
-        """Run ``commands`` unless this process may no longer write the run.
+    async def fenced_write(
+        self, run_id: str, commands: list[lua.Command], *, if_recorded: bool = False
+    ) -> int:
+        """Run ``commands`` unless this process may no longer write the run:
+        :data:`WRITTEN`, :data:`REFUSED`, or with ``if_recorded`` :data:`MISSING`
+        (nothing written) when Redis holds no record of the run.
 
-        Fenced writes of every run made in the same turn of the event loop (and
-        those made while a batch is on its way) go to Redis in one pipeline: each
-        is its own script call, checked and applied on its own, and answered on
-        its own; a connection that breaks fails each of them."""
-        keys = [self.k("run", run_id), self.k("fenced", self.node)]
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._writes.append((keys, [self.node, *lua.flatten(commands)], future))
+        The fenced writes of every run made in the same turn of the event loop (and
+        those made while a batch is on its way, or within ``append_window_s`` of
+        the first) go to Redis together: one script call checks the fence once for
+        up to :data:`WRITES_PER_CALL` of them (:data:`COMMANDS_PER_CALL` commands)
+        and applies each; each is answered on its own, and a connection that breaks
+        fails each of them."""
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        # Numbers go as JSON numbers: Redis gives a script's numeric arguments to a
+        # command with 17 significant digits, so a float reads back as the same float.
+        write: list[Any] = [self.k("run", run_id), int(if_recorded), *commands]
+        self._writes.append((write, future))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.get_running_loop().create_task(self._write_batches())
-        return bool(await future)
+        return await future
 
     async def _write_batches(self) -> None:
-        script = self.scripts["FENCED_WRITE"]
+        if self.append_window_s > 0:
+            await asyncio.sleep(self.append_window_s)
         while self._writes:
             batch, self._writes = self._writes, []
-            while batch:
-                pipe = self.r.pipeline(transaction=False)
-                for keys, args, _ in batch:
-                    pipe.evalsha(script.sha, len(keys), *keys, *args)
-                try:
-                    results = await pipe.execute(raise_on_error=False)
-                except asyncio.CancelledError:
-                    for _, _, future in batch:
-                        future.cancel()
-                    raise
-                except Exception as exc:
-                    for _, _, future in batch:
+            calls: list[list[tuple[list[Any], asyncio.Future[int]]]] = [[]]
+            size = 0
+            for item in batch:
+                commands = len(item[0]) - 2
+                if calls[-1] and (
+                    len(calls[-1]) >= WRITES_PER_CALL or size + commands > COMMANDS_PER_CALL
+                ):
+                    calls.append([])
+                    size = 0
+                calls[-1].append(item)
+                size += commands
+            while calls:
+                calls = await self._send_writes(calls)
+
+    async def _send_writes(
+        self, calls: list[list[tuple[list[Any], asyncio.Future[int]]]]
+    ) -> list[list[tuple[list[Any], asyncio.Future[int]]]]:
+        """Send ``calls`` (each one script call's writes) in one pipeline; answer
+        their futures; the calls to send again (a restarted Redis lacked the script)."""
+        script = self.scripts["FENCED_WRITES"]
+        fence = self.k("fenced", self.node)
+        pipe = self.r.pipeline(transaction=False)
+        for call in calls:
+            payload = orjson.dumps([write for write, _ in call])
+            pipe.evalsha(script.sha, 1, fence, self.node, payload)
+        try:
+            results = await pipe.execute(raise_on_error=False)
+        except asyncio.CancelledError:
+            for call in calls:
+                for _, future in call:
+                    future.cancel()
+            raise
+        except Exception as exc:
+            for call in calls:
+                for _, future in call:
+                    if not future.done():
+                        future.set_exception(exc)
+            return []
+        again = []
+        for call, result in zip(calls, results, strict=True):
+            if isinstance(result, NoScriptError):
+                again.append(call)
+                continue
+            answers = result if isinstance(result, list) else [result] * len(call)
+            for (_, future), answer in zip(call, answers, strict=True):
+                if future.done():
+                    pass
+                elif isinstance(answer, BaseException):
+                    future.set_exception(answer)
+                elif isinstance(answer, bytes | str):
+                    future.set_exception(ResponseError(text(answer)))
+                else:
+                    future.set_result(int(answer))
+        if again:
+            try:
+                await self.r.script_load(lua.FENCED_WRITES)
+            except (RedisError, OSError) as exc:
+                for call in again:
+                    for _, future in call:
                         if not future.done():
                             future.set_exception(exc)
-                    break
-                again = []
-                for item, result in zip(batch, results, strict=True):
-                    future = item[2]
-                    if isinstance(result, NoScriptError):
-                        again.append(item)  # a restarted Redis lacks the script
-                    elif future.done():
-                        pass
-                    elif isinstance(result, BaseException):
-                        future.set_exception(result)
-                    else:
-                        future.set_result(result)
-                batch = again
-                if again:
-                    try:
-                        await self.r.script_load(lua.FENCED_WRITE)
-                    except (RedisError, OSError) as exc:
-                        for _, _, future in again:
-                            if not future.done():
-                                future.set_exception(exc)
-                        break
+                return []
+        return again
 
     async def call(self, what: str, coro: Awaitable[Any]) -> Any:
         """Await a Redis call; its failure becomes :class:`BrokerUnavailable`."""
@@ -338,6 +389,13 @@ class RedisCore:
             raise BrokerUnavailable(f"Redis is unreachable ({what})") from exc
         self.reachable = True
         return result
+
+    def forget_mirror(self, run_id: str) -> None:
+        """Drop the mirror of ``run_id`` if no watcher here reads it and this process no
+        longer executes the run (an executed run's mirror holds it from the start)."""
+        mirror = self.mirrors.get(run_id)
+        if mirror is not None and not mirror.watchers and run_id not in self.owned:
+            del self.mirrors[run_id]
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str | None = None) -> None:
         """Run ``coro`` in the background; cancelled when the broker closes."""

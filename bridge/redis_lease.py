@@ -4,7 +4,7 @@ A process renews its lease every ``lease_s / 3``; when one lapses, any other
 process claims the dead process, marks it ``fenced``, fails its runs with
 ``node_lost`` (the ending built from what the appends recorded, not from the
 trimmed stream) and drops its share of every run's watcher count.  Every write of
-a run by its process is fenced (:data:`~bridge.redis_scripts.FENCED_WRITE`): a
+a run by its process is fenced (:data:`~bridge.redis_scripts.FENCED_WRITES`): a
 process reaped while alive finds out at its next append or renewal, stops its runs
 and joins again under a new name.
 """
@@ -98,6 +98,7 @@ class RedisLease:
         if owned.failure is None:
             owned.failure = BrokerUnavailable(f"this process no longer executes run {run_id}")
         owned.controller.lost()
+        c.forget_mirror(run_id)
         c.mirrors_changed.set()
 
     def fenced_out(self) -> None:

@@ -17,7 +17,8 @@ from bridge import bus
 from bridge import redis_scripts as lua
 from bridge.broker import RunAnnounced, RunController, RunQuota, RunRecord, ThreadFollow
 from bridge.errors import BrokerUnavailable, RunConflict
-from bridge.redis_core import Owned, RedisCore, pairs, text
+from bridge.log import RunLog
+from bridge.redis_core import Mirror, Owned, RedisCore, pairs, text
 from bridge.wire import RESPOND, Action, RunStatus, is_terminal
 
 log = logging.getLogger("chat.redis")
@@ -96,6 +97,9 @@ class RedisRegistry:
             c.lease.fenced_out()
             raise BrokerUnavailable("this process is joining Redis again; try again shortly")
         c.owned[record.run_id] = Owned(record, controller)
+        # This process has every event of the run: its watchers here read them from
+        # its own copy, from the first, never from the stream (once Redis holds them).
+        c.mirrors.setdefault(record.run_id, Mirror(RunLog(record.run_id, c.max_bytes)))
         # Followers of the thread, on every process (this one included), watch it now.
         announced = bus.encode(bus.run_created(record.thread_id, record.run_id))
         with contextlib.suppress(BrokerUnavailable):

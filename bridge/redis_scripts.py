@@ -28,20 +28,42 @@ local function exec(start)
 end
 """
 
-#: The append and status writes of a run by the process executing it.
-#: KEYS[1] the run's hash, KEYS[2] the process's fence marker; ARGV[1] the process.
-#: Refused (0) once the process was reaped, or the run is recorded as another's
-#: (a run whose record Redis lost, restarted without persistence, is written again).
-FENCED_WRITE: Final = (
-    _EXEC
-    + """
-if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-local node = redis.call('HGET', KEYS[1], 'node')
-if node and node ~= ARGV[1] then return 0 end
-exec(2)
-return 1
+#: The appends and status writes of many runs by the process executing them, in
+#: one step: the fence is checked once for all of them.
+#: KEYS[1] the process's fence marker; ARGV[1] the process, ARGV[2] the writes as
+#: JSON: ``[[run hash, if_recorded, [name, arg…], …], …]``, each argument a string or
+#: a number (given to the command with 17 significant digits: a float is kept exactly).
+#: Answers one reply per write: 1 written; 0 refused, once the process was reaped or
+#: where the run is recorded as another's (a run whose record Redis lost, restarted
+#: without persistence, is written again); 2 not written because the run's record
+#: is missing and ``if_recorded`` is 1 (the caller sends the record with it then);
+#: an error's text when one of the write's commands failed.
+FENCED_WRITES: Final = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local function apply(write)
+  for j = 3, #write do
+    redis.call(unpack(write[j]))
+  end
+end
+local out = {}
+for i, write in ipairs(cjson.decode(ARGV[2])) do
+  local node = redis.call('HGET', write[1], 'node')
+  if node and node ~= ARGV[1] then
+    out[i] = 0
+  elseif not node and write[2] == 1 then
+    out[i] = 2
+  else
+    local ok, err = pcall(apply, write)
+    if ok then
+      out[i] = 1
+    else
+      if type(err) == 'table' then err = err.err end
+      out[i] = 'ERR ' .. tostring(err)
+    end
+  end
+end
+return out
 """
-)
 
 #: The ending of a run whose process was lost, written once whoever writes it.
 #: KEYS[1] the run's hash; ARGV[1] the process that executed it, ARGV[2] the run's

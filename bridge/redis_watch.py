@@ -142,8 +142,7 @@ class RedisWatches:
         if mirror is None:
             return
         mirror.watchers.discard(watch)
-        if not mirror.watchers:
-            del c.mirrors[watch.run_id]
+        c.forget_mirror(watch.run_id)
         c.spawn(self.watchers_changed(watch.run_id, None))
 
     async def watchers_changed(self, run_id: str, record: RunRecord | None) -> None:

@@ -55,6 +55,7 @@ def make_broker(settings: Settings) -> Broker:
             lease_s=settings.run_lease_s,
             outage_s=settings.redis_outage_s,
             max_connections=settings.redis_max_connections,
+            append_window_s=settings.redis_append_window_ms / 1000,
             node=f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}",
         )
     raise ValueError("CHAT_BROKER_URL must be unset, 'memory', or a redis:// URL")

@@ -65,12 +65,14 @@ def tune_gc(settings: Settings) -> None:
     several times a second.  ``CHAT_GC_THRESHOLD`` allocations between young
     collections (50,000 by default) let those objects die young, freed by their
     reference counts, which is how they die anyway.  What the process holds once set
-    up (modules, the app) is moved out of the collector's sight (``gc.freeze``).
+    up (modules, the app) is moved out of the collector's sight (``gc.freeze``), unless
+    ``CHAT_GC_FREEZE`` is ``off``.  Measured on both brokers: see docs/benchmarks.md.
     """
     if settings.gc_threshold:
         _, older, oldest = gc.get_threshold()
         gc.set_threshold(settings.gc_threshold, older, oldest)
-    gc.freeze()
+    if settings.gc_freeze == "on":
+        gc.freeze()
 
 
 class GatewayServer(uvicorn.Server):

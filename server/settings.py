@@ -133,6 +133,9 @@ class Settings:
     redis_max_connections: int = _opt(
         100, "with Redis: pooled connections at most; more concurrent calls wait for one"
     )
+    redis_append_window_ms: float = _opt(
+        1.0, "with Redis: how long an append waits for other runs' appends to share its call"
+    )
     # Storage ------------------------------------------------------------------
     db_url: str = _opt(
         "sqlite:///var/chat.db", "sqlite:///path.db (default, WAL) or postgresql://user@host/db"
@@ -176,6 +179,9 @@ class Settings:
         50_000,
         "allocations between the garbage collector's young collections (CPython: 700); 0: "
         "CPython's own",
+    )
+    gc_freeze: str = _opt(
+        "on", "on: what the serving process set up is kept out of the collector's full passes"
     )
 
     @property
@@ -237,6 +243,8 @@ class Settings:
                 f"{ENV_PREFIX}ON_ACTIVE must be one of {', '.join(ON_ACTIVE)}, "
                 f"not {self.on_active!r}"
             )
+        if self.gc_freeze not in ("on", "off"):
+            raise ValueError(f"{ENV_PREFIX}GC_FREEZE must be on or off, got {self.gc_freeze!r}")
         if self.load_agent not in ("on", "off"):
             raise ValueError(f"{ENV_PREFIX}LOAD_AGENT must be on or off, got {self.load_agent!r}")
         if self.max_answer_bytes > MAX_ANSWER_BYTES_LIMIT:
@@ -284,6 +292,7 @@ class Settings:
             "llm_retries",
             "llm_max_history",
             "llm_retry_backoff_s",
+            "redis_append_window_ms",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()} must not be negative")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -282,3 +283,70 @@ async def test_deleting_a_thread_cancels_its_runs_on_other_processes(
             assert deleted.status_code == 200
             end = await on_a.recv_until("agent_completed")
         assert end[-1]["data"]["status"] == "cancelled"
+
+
+async def test_appends_of_many_runs_share_script_calls_and_write_only_what_changed(
+    tmp_path: Path,
+) -> None:
+    """20 runs streaming at once through one process: their appends reach Redis in
+    shared fenced script calls (far fewer calls than events), every event is appended
+    once, and the record's fields set at the run's start are not written again."""
+    import redis.asyncio as aioredis
+
+    from tests.redis_server import redis_server, redis_server_bin
+
+    if redis_server_bin() is None:
+        pytest.skip("redis-server not installed (Debian package redis-server)")
+    runs, chunks = 20, 100
+    with redis_server() as url:  # its own: the command counts are this test's alone
+        env = {
+            "CHAT_BROKER_URL": url,
+            "CHAT_DB_URL": f"sqlite:///{tmp_path}/chat.db",
+            "CHAT_REDIS_APPEND_WINDOW_MS": "5",
+            "CHAT_MAX_CONNECTIONS_PER_USER": "100",
+            "CHAT_MAX_ACTIVE_RUNS_PER_USER": "100",
+        }
+        r = aioredis.Redis.from_url(url)
+        try:
+            with spawn_server(tmp_path, **env) as srv:
+                async with contextlib.AsyncExitStack() as stack:
+                    clients = [
+                        await stack.enter_async_context(ws_client(srv, "hana")) for _ in range(runs)
+                    ]
+                    await r.config_resetstat()
+                    started = time.monotonic()
+                    results = await asyncio.gather(
+                        *(c.run(f"chunks={chunks} delay_ms=10", agent="load") for c in clients)
+                    )
+                    wall_s = time.monotonic() - started
+                stats = await r.info("commandstats")
+        finally:
+            await r.aclose()
+    events = 0
+    for got in results:
+        run = of_run(got, got[-1]["run_id"])
+        check_run_invariants(run)
+        assert run[-1]["data"]["status"] == "completed"
+        events += len(run)
+
+    def calls(command: str) -> int:
+        return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+    figures = {
+        "runs": runs,
+        "events": events,
+        "wall_s": round(wall_s, 2),
+        "xadd": calls("xadd"),
+        "evalsha": calls("evalsha"),
+        "hsetnx": calls("hsetnx"),
+        "hset": calls("hset"),
+        "events_per_script_call": round(events / max(calls("evalsha"), 1), 1),
+    }
+    record_figures("redis_batched_appends", figures)
+    # Every event appended once (the user_message of each run too), none twice.
+    assert figures["xadd"] == events
+    # One fenced script call per flush of each run would be about one per event; the
+    # lease, the limits and the watcher counts add a few calls of their own.
+    assert figures["evalsha"] * 4 < events
+    # The record's fields are written at the run's start, not again with each append.
+    assert figures["hsetnx"] == 0

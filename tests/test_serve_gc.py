@@ -59,6 +59,10 @@ def test_the_threshold_is_a_setting_and_0_keeps_cpythons_own() -> None:
         served_gc(CHAT_GC_THRESHOLD="-1")
 
 
+def test_freezing_is_a_setting() -> None:
+    assert served_gc(CHAT_GC_FREEZE="off")["frozen"] == 0
+
+
 def test_the_event_loop_is_asyncios_unless_uvloop_is_asked_for() -> None:
     assert served_gc()["loop"] == "asyncio.unix_events._UnixSelectorEventLoop"
     assert served_gc(CHAT_EVENT_LOOP="uvloop")["loop"] == "uvloop.Loop"

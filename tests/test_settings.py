@@ -145,3 +145,12 @@ def test_request_head_and_token_limits_are_settings() -> None:
     ]:
         with pytest.raises(ValueError, match=message):
             Settings.from_env(env)
+
+
+def test_the_redis_append_window_is_checked() -> None:
+    assert Settings().redis_append_window_ms == 1.0
+    assert Settings.from_env({"CHAT_REDIS_APPEND_WINDOW_MS": "0"}).redis_append_window_ms == 0
+    with pytest.raises(ValueError, match="CHAT_REDIS_APPEND_WINDOW_MS"):
+        Settings.from_env({"CHAT_REDIS_APPEND_WINDOW_MS": "-1"})
+    with pytest.raises(ValueError, match="CHAT_GC_FREEZE"):
+        Settings.from_env({"CHAT_GC_FREEZE": "maybe"})
