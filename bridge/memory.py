@@ -24,6 +24,7 @@ from bridge.errors import CursorAhead, RunNotFound
 from bridge.events import Event
 from bridge.limits import SlidingWindow
 from bridge.log import RunLog
+from bridge.retention import Retention
 
 
 class _Slot:
@@ -48,6 +49,10 @@ class _MemoryWatch:
         self._closed = False
 
     async def read(self, limit: int) -> list[Event]:
+        return self.read_now(limit)
+
+    def read_now(self, limit: int) -> list[Event]:
+        """:meth:`read` without a coroutine: the log is in this process's memory."""
         events = self._slot.log.read(self.cursor, limit)
         if events:
             self.cursor = events[-1].seq or self.cursor
@@ -74,13 +79,21 @@ class InMemoryBroker:
     """Registry, logs and commands held in this process's memory.
 
     Finished runs stay for ``resume_window_s`` after their ``agent_completed``,
-    then their record and log are forgotten.
+    then their record and log are forgotten; earlier when the finished runs of their
+    owner hold more than ``user_log_max_bytes`` together (the oldest first, see
+    :class:`~bridge.retention.Retention`).
     """
 
     name = "memory"
     shared = False
 
-    def __init__(self, *, run_log_max_bytes: int, resume_window_s: float) -> None:
+    def __init__(
+        self,
+        *,
+        run_log_max_bytes: int,
+        resume_window_s: float,
+        user_log_max_bytes: int = 1 << 62,
+    ) -> None:
         #: Never called: runs in memory end only by their agents.
         self.on_run_lost: RunLost | None = None
         self._max_bytes = run_log_max_bytes
@@ -94,6 +107,7 @@ class InMemoryBroker:
         self._claims: dict[tuple[str, str], tuple[str, float]] = {}  # (user, key): (value, until)
         self._thread_runs: dict[str, list[str]] = {}  # thread: its runs not ended, oldest first
         self._followers = Followers()
+        self._retention = Retention(user_log_max_bytes)
 
     async def start(self) -> None:
         return None
@@ -254,6 +268,8 @@ class InMemoryBroker:
         if log.closed:
             loop = asyncio.get_running_loop()
             slot.expiry = loop.call_later(self._window, self._expire, run_id)
+            for older in self._retention.finished(record.owner, run_id, log.held_bytes):
+                self._forget_early(older)
 
     async def watch(self, run_id: str, after_seq: int, wake: Wake) -> _MemoryWatch:
         slot = self._slot(run_id)
@@ -272,6 +288,14 @@ class InMemoryBroker:
         if slot is not None:
             # Readers still attached keep their slot and can finish reading.
             slot.expiry = None
+            self._retention.forgotten(slot.record.owner, run_id)
+
+    def _forget_early(self, run_id: str) -> None:
+        """A finished run forgotten before its window ends (its owner's runs keep too much)."""
+        slot = self._runs.get(run_id)
+        if slot is not None and slot.expiry is not None:
+            slot.expiry.cancel()
+        self._expire(run_id)
 
     # Lifecycle ----------------------------------------------------------------
 

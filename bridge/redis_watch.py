@@ -124,6 +124,8 @@ class RedisWatches:
             c.mirrors[run_id] = mirror
             c.mirrors_changed.set()
         watch = RedisWatch(self, run_id, after_seq, wake)
+        if record.ended and after_seq >= record.last_seq:
+            watch._finished = True  # its agent_completed is the cursor's: nothing follows
         mirror.watchers.add(watch)
         try:
             await self.watchers_changed(run_id, record)

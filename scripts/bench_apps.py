@@ -490,6 +490,7 @@ def uvicorn_config(app: Any, host: str, port: int) -> uvicorn.Config:
         ws_ping_timeout=HEARTBEAT_S,
         timeout_graceful_shutdown=5,
         proxy_headers=False,
+        loop="asyncio",  # the gateway's CHAT_EVENT_LOOP
     )
 
 

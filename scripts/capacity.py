@@ -43,7 +43,14 @@ import orjson
 
 from scripts.kit import balancer
 from scripts.kit.args import positive, positive_int
-from scripts.kit.capacity import MODEL_PACE, P99_BOUND_MS, StepConfig, capacity_step, ramp
+from scripts.kit.capacity import (
+    MODEL_PACE,
+    P99_BOUND_MS,
+    PACE_SLACK,
+    StepConfig,
+    capacity_step,
+    ramp,
+)
 from scripts.kit.launcher import (
     LaunchError,
     Process,
@@ -151,6 +158,7 @@ async def capacity(args: argparse.Namespace, log: Callable[[str], None]) -> dict
         ramp_s=args.ramp_s,
         connect_timeout_s=args.connect_timeout_s,
         p99_bound_ms=args.p99_ms,
+        pace_slack=args.pace_slack,
     )
     tokens = TokenCache(SECRET, 3 * 3600)
     out: dict[str, Any] = {}
@@ -279,6 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ramp-s", type=positive, default=10.0, help="ramp of each step (10)")
     parser.add_argument("--content", default=MODEL_PACE, help=f"each run ({MODEL_PACE!r})")
     parser.add_argument("--p99-ms", type=positive, default=P99_BOUND_MS, help="latency bound (50)")
+    parser.add_argument(
+        "--pace-slack",
+        type=positive,
+        default=PACE_SLACK,
+        help="a step holds only if its runs' p99 duration is within this many times "
+        f"their own delays ({PACE_SLACK})",
+    )
     parser.add_argument(
         "--connect-timeout-s", type=positive, default=10.0, help="connect bound (10)"
     )

@@ -39,9 +39,9 @@ from starlette.responses import Response
 
 from bridge.events import Event
 from server import routes, sse
-from server.commands import optional_id
+from server.commands import MAX_ID_CHARS, optional_id
 from server.errors import ProtocolError
-from server.gateway import Gateway
+from server.gateway import Gateway, content_digest
 
 HEADER: Final = {"x-vercel-ai-ui-message-stream": "v1"}
 DONE: Final = b"data: [DONE]\n\n"
@@ -266,6 +266,17 @@ def last_user_text(messages: object) -> str:
     Raises:
         ProtocolError: there is none, or it has no text.
     """
+    return last_user_message(messages)[0]
+
+
+def last_user_message(messages: object) -> tuple[str, str | None]:
+    """The text and the client's ``id`` of the last user message among UI messages
+    (the id None when it has none, or when it is not a string of at most
+    :data:`~server.commands.MAX_ID_CHARS` characters).
+
+    Raises:
+        ProtocolError: there is none, or it has no text.
+    """
     if not isinstance(messages, list):
         raise ProtocolError("bad_message", "field 'messages' must be a list of UI messages")
     for message in reversed(messages):
@@ -279,7 +290,9 @@ def last_user_text(messages: object) -> str:
             raise ProtocolError("bad_message", "a text part's 'text' must be a string")
         text = "".join(t for t in texts if isinstance(t, str))
         if text.strip():
-            return text
+            ref = message.get("id")
+            usable = isinstance(ref, str) and 0 < len(ref) <= MAX_ID_CHARS
+            return text, ref if usable else None
         break
     raise ProtocolError("bad_message", "messages must end with a user message that has text")
 
@@ -374,7 +387,8 @@ async def chat(request: Request) -> Response:
     answer = None if regenerate else input_answer(body.get("messages"))
     if answer is not None:
         return await _continue(request, user, *answer)
-    content = routes.new_message(last_user_text(body.get("messages")), limit)
+    text, message_ref = last_user_message(body.get("messages"))
+    content = routes.new_message(text, limit)
     framer = AiSdkFramer()
     stream = await _open(gateway, user, framer)
     async with sse.opening(stream):
@@ -386,7 +400,14 @@ async def chat(request: Request) -> Response:
                 answer_ref=answer_ref if isinstance(answer_ref, str) else None,
             )
         else:
-            record = await gateway.start_run(user, content, thread_id=thread_id, agent=agent)
+            # A retried POST of the same message (the SDK's id for it, and its text)
+            # streams the run the first one started instead of starting another; an
+            # edited message (its id kept, another text) is a message of its own.
+            key = None
+            if message_ref is not None:
+                key = f"ai-sdk {thread_id} {message_ref} {content_digest(content)[:16]}"
+            sent = await gateway.send(user, content, thread_id=thread_id, agent=agent, key=key)
+            record = sent.record
         stream.headers["x-chat-run-id"] = record.run_id
         stream.attach(await gateway.watch(user, record.run_id, 0, stream.wake))
     return stream

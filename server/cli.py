@@ -19,7 +19,7 @@ from typing import Any
 from server.app import create_app
 from server.auth import Authenticator, new_dev_secret
 from server.logs import configure_logging, use_json
-from server.serve import GatewayServer, uvicorn_config
+from server.serve import GatewayServer, tune_gc, uvicorn_config
 from server.settings import ENV_PREFIX, Settings, parse_value
 from server.workers import run_workers
 
@@ -126,6 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = uvicorn_config(app, settings, args.host, args.port)
     if settings.log_format == "json":
         use_json(settings)  # uvicorn's config set up its own handlers
+    tune_gc(settings)
     try:
         GatewayServer(config, after_shutdown=forget_dev_secret).run()
     finally:

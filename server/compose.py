@@ -45,6 +45,7 @@ def make_broker(settings: Settings) -> Broker:
         return InMemoryBroker(
             run_log_max_bytes=settings.run_log_max_bytes,
             resume_window_s=settings.resume_window_s,
+            user_log_max_bytes=settings.user_log_max_bytes,
         )
     if url.startswith(("redis://", "rediss://", "unix://")):
         return RedisBroker(
@@ -87,5 +88,5 @@ def build_services(settings: Settings, *, broker: Broker | None = None) -> Servi
         observer=metrics,
     )
     # A run the broker ended without its agent is recorded as it ended.
-    broker.on_run_lost = persistence.run_changed
+    broker.on_run_lost = persistence.run_lost
     return Services(broker, store, persistence, agents, tools, supervisor, metrics)

@@ -13,7 +13,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +41,8 @@ __all__ = ["Gateway", "Sent", "llm_agent", "make_broker"]
 #: How long a repeated send waits for the run its first send is starting (another
 #: process may be creating it) before it answers with what it has.
 CLAIM_WAIT_S = 10.0
+#: How much longer than a cancel and its wait a thread's turn may be held, in seconds.
+TURN_MARGIN_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,26 +226,26 @@ class Gateway:
             limit = self.settings.max_active_runs_per_user
             raise RateLimited(f"{quota.active} runs are still going; at most {limit} at once")
         started = False
+        policy = on_active or self.settings.on_active
         try:
-            queued = False
-            if thread_id is not None and restate is None:
-                queued = await self._double_text(
-                    user, thread_id, on_active or self.settings.on_active
+            async with self._thread_turn(user, thread_id if restate is None else None, policy):
+                queued = False
+                if thread_id is not None and restate is None:
+                    queued = await self._double_text(user, thread_id, policy)
+                if prepare is not None:
+                    await prepare()
+                record = await self.supervisor.start_run(
+                    owner=uid,
+                    content=content,
+                    thread_id=thread_id,
+                    agent=agent,
+                    ref=ref,
+                    run_id=run_id,
+                    queued=queued,
+                    restate=restate,
+                    client_tools=client_tools,
+                    tool_results=tool_results,
                 )
-            if prepare is not None:
-                await prepare()
-            record = await self.supervisor.start_run(
-                owner=uid,
-                content=content,
-                thread_id=thread_id,
-                agent=agent,
-                ref=ref,
-                run_id=run_id,
-                queued=queued,
-                restate=restate,
-                client_tools=client_tools,
-                tool_results=tool_results,
-            )
             started = True  # only runs that started count against the per-minute window
         finally:
             await self.broker.release_run(uid, quota.token, started=started)
@@ -340,13 +342,46 @@ class Gateway:
                 )
             await asyncio.sleep(0.02)  # the first send is creating it, or gives the key up
 
+    @contextlib.asynccontextmanager
+    async def _thread_turn(
+        self, user: Principal, thread_id: str | None, policy: str
+    ) -> AsyncIterator[None]:
+        """Hold the thread's turn, in the broker, while a ``reject``, ``interrupt`` or
+        ``rollback`` looks at the thread's runs and its own run is created: two such
+        messages sent at once (through two processes, say) are handled one after the
+        other, so that the second sees the first's run (``reject`` refuses it,
+        ``interrupt`` cancels it) instead of both finding the thread idle.  ``enqueue``
+        needs no turn: the broker's order of the thread's runs is its queue.
+        """
+        if thread_id is None or policy == "enqueue":
+            yield
+            return
+        uid = user.user_id
+        name = f"turn:{thread_id}"
+        mine = new_id("turn_")
+        # Held at most for a cancel and its wait (see _until_ended), and a margin.
+        hold_s = self.settings.store_timeout_s + 5 + TURN_MARGIN_S
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + hold_s
+        while await self.broker.claim_key(uid, name, mine, hold_s) is not None:
+            if loop.time() >= deadline:
+                raise RunConflict(
+                    f"another message to thread {thread_id} is still being handled; send again"
+                )
+            await asyncio.sleep(0.02)
+        try:
+            yield
+        finally:
+            await self.broker.release_key(uid, name, mine)
+
     async def _double_text(self, user: Principal, thread_id: str, policy: str) -> bool:
         """Apply ``policy`` to the thread's runs not ended (contract section 6.2); True
         when the new run must take its place in the thread's queue.
 
-        With ``enqueue`` it always does, runs going or not: two messages sent at once
-        (through two processes, say) then run one after the other, in the order the
-        broker lists them, rather than side by side.
+        It always does, runs going or not: two messages sent at once (through two
+        processes, say) then run one after the other, in the order the broker lists
+        them, rather than side by side.  With ``interrupt`` and ``rollback`` the runs
+        before it have ended by then, so it begins at once.
         """
         if policy == "enqueue":
             return True
@@ -356,7 +391,7 @@ class Gateway:
             if record is not None and not record.ended and record.owner == user.user_id:
                 going.append(record)
         if not going:
-            return False
+            return True
         if policy == "reject":
             names = ", ".join(r.run_id for r in going)
             raise RunConflict(f"thread {thread_id} has a run going ({names}); nothing was sent")
@@ -368,7 +403,7 @@ class Gateway:
             await self._until_ended(record.run_id)
             if policy == "rollback":
                 await self.persistence.forget_run(record)
-        return False
+        return True
 
     async def _until_ended(self, run_id: str) -> None:
         """Wait for a cancelled run's ``agent_completed`` (its answer is stored before

@@ -29,6 +29,7 @@ It knows no socket and no clock: the pump says when a send is under way
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -106,11 +107,17 @@ class Policy:
     batch: int = BATCH
 
 
+#: A watch's read that does not wait (a log in this process's memory).
+ReadNow = Callable[[int], list[Event]]
+
+
 @dataclass(slots=True)
 class _Watched:
     watch: Watch
     #: Bytes of backlog the client asked for at once (a resume's replay), allowed on top.
     allowance: int
+    #: The watch's ``read_now``, when it has one.
+    read_now: ReadNow | None
 
 
 class Outbox:
@@ -126,6 +133,7 @@ class Outbox:
         self._control: list[Event] = []
         self._watches: dict[str, _Watched] = {}
         self._holds = 0
+        self._waiting_reads = 0  # watches with no ``read_now``
         self.close_code: int | None = None
         self.close_reason = ""
         self.error_code: str | None = None
@@ -213,16 +221,26 @@ class Outbox:
 
     def watch(self, watch: Watch, allowance: int = 0) -> None:
         self.unwatch(watch.run_id)
-        self._watches[watch.run_id] = _Watched(watch, allowance)
+        read_now = getattr(watch, "read_now", None)
+        self._watches[watch.run_id] = _Watched(watch, allowance, read_now)
+        if read_now is None:
+            self._waiting_reads += 1
 
     def unwatch(self, run_id: str) -> None:
         watched = self._watches.pop(run_id, None)
         if watched is not None:
+            if watched.read_now is None:
+                self._waiting_reads -= 1
             watched.watch.close()
 
     def detach_all(self) -> None:
         for run_id in list(self._watches):
             self.unwatch(run_id)
+
+    @property
+    def reads_now(self) -> bool:
+        """Whether every watched run's log can be read without waiting (``read_now``)."""
+        return not self._waiting_reads
 
     @property
     def watching(self) -> list[str]:
@@ -280,6 +298,36 @@ class Outbox:
             elif watch.finished:
                 self.unwatch(run_id)
         return ready, more or bool(self._control)
+
+    def take_now(self) -> tuple[list[Event], bool] | None:
+        """:meth:`take` without waiting, or None when it cannot be done so: only while
+        open with no connection message queued and no command in flight, and when
+        every watched run's log can be read at once (``read_now``).  None leaves
+        everything as it was, for the pump's :meth:`take`."""
+        if self._state is not State.OPEN or self._control or self._holds:
+            return None
+        if self._waiting_reads:
+            return None
+        watches = self._watches
+        ready: list[Event] = []
+        more = False
+        limit = self.policy.batch
+        for run_id, watched in list(watches.items()):
+            read_now = watched.read_now
+            assert read_now is not None
+            try:
+                batch = read_now(limit)
+            except ResumeUnavailable as exc:
+                self.unwatch(run_id)
+                code, message, _ = wire_error(exc)
+                ready.append(events.error(code, message, run_id=run_id))
+                continue
+            ready += batch
+            if len(batch) == limit:
+                more = True
+            elif watched.watch.finished:
+                self.unwatch(run_id)
+        return ready, more
 
     # Policy -------------------------------------------------------------------------
 

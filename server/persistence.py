@@ -295,6 +295,21 @@ class Persistence:
                 async with asyncio.timeout(self.timeout_s):
                     await asyncio.shield(done)
 
+    async def run_lost(self, run: RunRecord) -> None:
+        """Record the ending of a run that the broker ended itself (its process was lost).
+
+        The process that ran it may have died, or stopped, before its own writes of the
+        run's thread reached the database: the thread is made here too (its owner's, as
+        the run's record says; nothing when it exists), so that the ending is stored.  The
+        title comes with the run's process's own write of the thread, if ever it lands.
+        """
+        now = time.time()
+        thread = ThreadRow(run.thread_id, run.owner, "", run.created_at or now, now)
+        self._submit(
+            f"making thread {run.thread_id} of a lost run", self.store.thread_steps(thread)
+        )
+        await self.run_changed(run)
+
 
 def _store_span(store: Store, batch: list[_Write]) -> AbstractContextManager[tracing.Hook]:
     """The transaction's span (a no-op with tracing off), linked to its runs' spans."""

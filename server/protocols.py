@@ -36,7 +36,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.exceptions import InvalidState
 from websockets.frames import Frame
 from websockets.http11 import Request
-from websockets.protocol import Protocol
+from websockets.protocol import Protocol, State
 
 from server.flags import Flag, MessageQueue
 from server.heartbeat import Wheel, wheel_for
@@ -361,6 +361,9 @@ class RefusingWebSocketsProtocol(WebSocketsSansIOProtocol):
             raise RuntimeError(
                 f"Unexpected ASGI message '{SEND_BATCH}', after sending 'websocket.close'."
             )
+        if not self.conn.extensions and self.conn.state is State.OPEN:
+            self.transport.write(text_frames(message["texts"]))
+            return
         conn = self.conn
         try:
             for text in message["texts"]:
@@ -368,6 +371,32 @@ class RefusingWebSocketsProtocol(WebSocketsSansIOProtocol):
         except InvalidState:
             raise ClientDisconnected() from None
         self.transport.write(b"".join(conn.data_to_send()))
+
+    # Writing without an ASGI send, for a writer that is not waiting for anything.
+
+    def can_write_now(self) -> bool:
+        """Whether text frames may be written at once (:meth:`write_now`): the
+        handshake accepted, no close sent or received, the peer taking what it is
+        sent (the transport's buffer under its high-water mark)."""
+        return (
+            self.writable.is_set()
+            and not self.disconnected
+            and self.handshake_complete
+            and self.initial_response is None
+            and not self.close_sent
+            and self.conn.state is State.OPEN
+            and not self.transport.is_closing()
+        )
+
+    def write_now(self, texts: list[str]) -> None:
+        """Write text frames in one transport write, when :meth:`can_write_now`."""
+        if self.conn.extensions:
+            conn = self.conn
+            for text in texts:
+                conn.send_text(text.encode())
+            self.transport.write(b"".join(conn.data_to_send()))
+        else:
+            self.transport.write(text_frames(texts))
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -382,6 +411,33 @@ class RefusingWebSocketsProtocol(WebSocketsSansIOProtocol):
         self.close_sent = True
         self.transport.write(output or HANDSHAKE_REFUSED)
         self.transport.close()
+
+
+def text_frames(texts: list[str]) -> bytes:
+    """Unmasked, final text frames of a server with no extension negotiated (RFC 6455
+    5.2), the bytes the websockets library would make for each, without its frame
+    objects."""
+    parts: list[bytes] = []
+    for text in texts:
+        data = text.encode()
+        n = len(data)
+        if n < 126:
+            parts.append(bytes((0x81, n)))
+        elif n < 65536:
+            parts.append(b"\x81\x7e" + n.to_bytes(2, "big"))
+        else:
+            parts.append(b"\x81\x7f" + n.to_bytes(8, "big"))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def direct_writer(send: Any) -> RefusingWebSocketsProtocol | None:
+    """The gateway's WebSocket protocol behind an ASGI ``send``, when ``send`` is that
+    protocol's own (uvicorn hands the app the protocol's bound ``send`` unless a
+    middleware wraps it, as its message logger does): a writer may then write frames
+    at once (:meth:`RefusingWebSocketsProtocol.write_now`)."""
+    protocol = getattr(send, "__self__", None)
+    return protocol if isinstance(protocol, RefusingWebSocketsProtocol) else None
 
 
 def http_protocol(settings: Settings) -> type[HeadLimitedHttpProtocol]:

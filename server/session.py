@@ -5,7 +5,9 @@ to the socket.  The writer is the only task that sends: it pumps the session's
 :class:`~server.outbox.Outbox`, which holds the session's own messages
 (``connection_ready``, ``ack``, ``error``, ``pong``) in a bounded queue and, for
 each run the session watches, a cursor into that run's log.  Nothing is copied
-per session: a watch is a cursor, and publishing a run's event only wakes the
+per session: a watch is a cursor, and publishing a run's event only marks the
+session for the loop's :class:`Flusher` (which, while the writer is parked with
+nothing taken, writes what is ready in one write per loop turn) or wakes the
 writer.  While the queue is full the reader stops reading (the client's TCP
 then holds its frames), so every frame gets its answer at the client's pace.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
@@ -40,7 +43,7 @@ from server.errors import ProtocolError, wire_error
 from server.flags import Flag
 from server.gateway import Gateway
 from server.outbox import CLOSE_NORMAL, CLOSE_SLOW, CLOSE_UNAUTHORIZED, Cut, Outbox, Policy
-from server.protocols import SEND_BATCH
+from server.protocols import SEND_BATCH, direct_writer
 
 log = logging.getLogger("chat.ws")
 
@@ -69,6 +72,56 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 Close = Callable[[int, str], Awaitable[None]]
 
 
+class Flusher:
+    """Writes what woken sessions have ready, once per turn of the event loop.
+
+    A run's event wakes each session watching it.  A session whose writer is
+    parked with nothing of its own to send is not woken (an ``asyncio.Event``
+    set, a task step, an ASGI send per event): it is marked here, and one
+    callback on the loop's next turn writes, for every session marked, what its
+    outbox has ready straight to its socket.  What cannot be written so (a
+    connection message, a command in flight, a closing session, a peer not
+    taking what it is sent, a watch that must wait to read) wakes the writer,
+    which sends it as before.  Between two turns the loop polls its sockets, so
+    accepts and handshakes are served between batches, not behind every event.
+    """
+
+    __slots__ = ("_loop", "_marked")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._marked: list[Session] = []
+
+    def mark(self, session: Session) -> None:
+        marked = self._marked
+        marked.append(session)
+        if len(marked) == 1:
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        marked, self._marked = self._marked, []
+        for session in marked:
+            try:
+                session.flush_now()
+            except Exception as exc:  # its writer meets the same and ends the session
+                log.debug("session %s: direct write failed: %r", session.id, exc)
+                session.wake()
+
+
+_flushers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Flusher] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def flusher() -> Flusher:
+    """The running loop's :class:`Flusher`."""
+    loop = asyncio.get_running_loop()
+    found = _flushers.get(loop)
+    if found is None:
+        found = _flushers[loop] = Flusher(loop)
+    return found
+
+
 def policy_of(gateway: Gateway) -> Policy:
     settings = gateway.settings
     return Policy(settings.send_buffer_bytes, settings.send_timeout_s)
@@ -95,6 +148,16 @@ class Session:
         self.user_id = user.user_id
         self.id = session_id
         self._send_raw = send
+        #: The socket's protocol when frames can be written without an ASGI send.
+        self._direct = direct_writer(send)
+        self._flusher = flusher() if self._direct is not None else None
+        #: Whether the writer waits for a wake-up with nothing taken (the flusher may
+        #: then write for it), and whether the flusher has the session marked.
+        self._parked = False
+        self._marked = False
+        #: Turns of the writer's loop, and writes made for it by the flusher.
+        self.writer_turns = 0
+        self.direct_writes = 0
         self._close = close
         #: What to send and when to cut; ``expires_at`` is on the event loop's clock.
         self.box = Outbox(policy_of(gateway), expires_at=expires_at)
@@ -128,6 +191,41 @@ class Session:
         if box.control_full:
             self._room.clear()
         self._wake.set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def notify(self) -> None:
+        """A watched run published: mark the session for the flusher while its writer
+        is parked, else wake the writer."""
+        if self._parked and self._flusher is not None and self.box.reads_now:
+            if not self._marked:
+                self._marked = True
+                self._flusher.mark(self)
+        else:
+            self._wake.set()
+
+    def flush_now(self) -> None:
+        """Write what is ready straight to the socket, if the writer is parked and
+        nothing stands in the way; else wake the writer (see :class:`Flusher`)."""
+        self._marked = False
+        direct = self._direct
+        box = self.box
+        if not self._parked or direct is None or not direct.can_write_now():
+            self._wake.set()
+            return
+        taken = box.take_now()
+        if taken is None:
+            self._wake.set()
+            return
+        ready, more = taken
+        if ready:
+            direct.write_now([e.text for e in ready])
+            box.sends += 1
+            self.direct_writes += 1
+            self.gateway.counters.events_delivered += sum(1 for e in ready if e.seq is not None)
+        if more:
+            self._wake.set()
 
     async def room_for_control(self) -> None:
         """Wait until the control queue has room (the reader's backpressure)."""
@@ -171,14 +269,18 @@ class Session:
         counters = self.gateway.counters
         try:
             while True:
-                await wake.wait()
+                if not wake.is_set():
+                    self._parked = True
+                    await wake.wait()
+                self._parked = False
                 wake.clear()
+                self.writer_turns += 1
                 if box.aborted:
                     return
                 ready, more = await box.take()
                 self._room.set()
                 runs = 0
-                if self.send_batch and len(ready) > 1:
+                if self.send_batch and ready:
                     # Frames ready together: one ASGI send, one socket write.
                     box.in_send = True
                     await send({"type": SEND_BATCH, "texts": [e.text for e in ready]})
@@ -203,6 +305,7 @@ class Session:
         except Exception as exc:  # the peer went away while we wrote
             log.debug("session %s: writer stopped: %r", self.id, exc)
         finally:
+            self._parked = False
             box.in_send = False
             self.detach_all()
             self._closed.set()
@@ -360,9 +463,7 @@ class Session:
         *,
         resume: bool = False,
     ) -> None:
-        watch = await self.gateway.watch(
-            self.user, run_id, after_seq, self._wake.set, resume=resume
-        )
+        watch = await self.gateway.watch(self.user, run_id, after_seq, self.notify, resume=resume)
         if before is not None:
             before()
         # A resume's replay backlog is allowed on top of the send buffer: the

@@ -79,6 +79,10 @@ class Settings:
         600.0, "an approval or question unanswered this long is resolved by timeout"
     )
     run_log_max_bytes: int = _opt(32 * MiB, "events kept per run for resume; oldest dropped")
+    user_log_max_bytes: int = _opt(
+        128 * MiB,
+        "events one user's finished runs keep for resume, together; oldest runs forgotten first",
+    )
     max_answer_bytes: int = _opt(
         1 * MiB, "largest answer of a run (UTF-8 bytes); past it the run fails answer_too_large"
     )
@@ -163,6 +167,16 @@ class Settings:
     trace_content: str = _opt(
         "off", "on: spans carry message content (messages, answers, tool arguments); off: never"
     )
+    event_loop: str = _opt(
+        "asyncio",
+        "asyncio, or uvloop: less CPU per event, but it accepts one connection per turn of "
+        "its loop, so under load new connections queue in the kernel for seconds",
+    )
+    gc_threshold: int = _opt(
+        50_000,
+        "allocations between the garbage collector's young collections (CPython: 700); 0: "
+        "CPython's own",
+    )
 
     @property
     def dev_mode(self) -> bool:
@@ -210,6 +224,10 @@ class Settings:
             raise ValueError(f"{ENV_PREFIX}LLM_USAGE must be on or off, got {self.llm_usage!r}")
         if self.trace_content not in ("on", "off"):
             raise ValueError(f"CHAT_TRACE_CONTENT must be on or off, not {self.trace_content!r}")
+        if self.event_loop not in ("asyncio", "uvloop"):
+            raise ValueError(f"CHAT_EVENT_LOOP must be asyncio or uvloop, got {self.event_loop!r}")
+        if self.gc_threshold < 0:
+            raise ValueError(f"CHAT_GC_THRESHOLD must be 0 or more, got {self.gc_threshold}")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"CHAT_LOG_FORMAT must be text or json, not {self.log_format!r}")
         if self.metrics not in ("on", "off"):
@@ -233,6 +251,7 @@ class Settings:
             "rate_limit_per_minute",
             "max_active_runs_per_user",
             "run_log_max_bytes",
+            "user_log_max_bytes",
             "max_answer_bytes",
             "history_messages",
             "llm_max_steps",

@@ -31,7 +31,7 @@ def _worker(
 ) -> None:
     from server.app import create_app
     from server.logs import use_json
-    from server.serve import GatewayServer, uvicorn_config
+    from server.serve import GatewayServer, tune_gc, uvicorn_config
 
     if settings.log_format == "json":
         use_json(settings)
@@ -43,6 +43,7 @@ def _worker(
     config = uvicorn_config(app, settings, host, port)
     if settings.log_format == "json":
         use_json(settings)  # uvicorn's config set up its own handlers
+    tune_gc(settings)
     GatewayServer(config).run(sockets=[sock])
 
 

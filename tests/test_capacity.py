@@ -33,7 +33,10 @@ SMALL = ["--targets", "gateway", "--ramp-s", "0.5", "--content", "chunks=30 dela
 
 
 def test_every_step_holds_under_a_loose_bound() -> None:
-    report = capacity("--capacity", "--json", "--", *SMALL, "--steps", "5,10", "--p99-ms", "1000")
+    report = capacity(
+        "--capacity", "--json", "--", *SMALL, "--steps", "5,10", "--p99-ms", "1000",
+        "--pace-slack", "1000",
+    )  # fmt: skip
     result = report["results"]["gateway"]
     assert result["capacity_streams"] == 10
     assert [s["streams"] for s in result["steps"]] == [5, 10]
@@ -61,6 +64,22 @@ def test_the_ramp_stops_at_the_first_step_past_the_bound() -> None:
     assert result["first_not_held"]["event_latency_ms"]["p99"] > 1e-6
 
 
+def test_a_step_whose_runs_fall_behind_their_pace_does_not_hold() -> None:
+    """A server too busy to keep its agents' pace slows them down rather than showing
+    late events: a step holds only if its runs took at most ``--pace-slack`` times their
+    own delays (here a slack no run can meet)."""
+    report = capacity(
+        "--capacity", "--json", "--", *SMALL, "--steps", "5,10", "--p99-ms", "1000",
+        "--pace-slack", "0.5",
+    )  # fmt: skip
+    result = report["results"]["gateway"]
+    assert result["capacity_streams"] is None
+    step = result["first_not_held"]
+    assert step["streams"] == 5 and step["runs_completed"] == 5
+    assert step["nominal_run_ms"] == 150.0  # 30 chunks 5 ms apart
+    assert step["pace"] >= 1.0 and step["pace"] == round(step["run_ms"]["p99"] / 150.0, 3)
+
+
 def test_idle_connections_are_held_and_measured() -> None:
     report = capacity("--idle", "60", "--json", "--", "--hold-s", "0.5")
     result = report["results"]["gateway"]
@@ -72,11 +91,12 @@ def test_idle_connections_are_held_and_measured() -> None:
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
 def test_200_streams_starting_together_on_redis_are_all_served() -> None:
-    """Latency aside (the bound is out of the way): every client gets in and every run
-    completes, on one process on the Redis broker."""
+    """Latency and pace aside (their bounds are out of the way): every client gets in and
+    every run completes, on one process on the Redis broker."""
     report = capacity(
         "--capacity", "--json", "--", "--targets", "gateway-redis", "--steps", "200",
         "--ramp-s", "0.5", "--content", "chunks=100 delay_ms=20", "--p99-ms", "1e9",
+        "--pace-slack", "1e9",
     )  # fmt: skip
     step = report["results"]["gateway-redis"]["steps"][0]
     assert step["connect_failures"] == {} and step["errors"] == {}, step

@@ -4,6 +4,7 @@ and watching a thread, on the in-memory broker and on Redis with two processes."
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from pathlib import Path
 from typing import Any
@@ -670,3 +671,106 @@ async def test_a_retried_agui_post_rejoins_its_run(server: LiveServer, user: str
     assert other.headers["x-chat-run-id"] != first.headers["x-chat-run-id"]
     stored = await stored_messages(server, user, f"t-{user}")
     assert [m["role"] for m in stored] == ["user", "assistant"] * 2
+
+
+async def test_a_retried_ai_sdk_post_streams_its_run_and_an_edit_is_a_new_one(
+    server: LiveServer, user: str
+) -> None:
+    """The AI SDK's message id is the send's key: a POST retried (two at once here) makes
+    one run, both streams the whole of it; the same id with an edited text is a new run,
+    and another user's same ids are theirs."""
+
+    def body(text: str, message_id: str = "msg-1") -> dict[str, Any]:
+        part = {"type": "text", "text": text}
+        return {
+            "id": f"c-{user}",
+            "messages": [{"id": message_id, "role": "user", "parts": [part]}],
+            "trigger": "submit-message",
+            "agent": "load",
+        }
+
+    async def post(payload: dict[str, Any], who: str = user) -> httpx.Response:
+        async with httpx.AsyncClient(base_url=server.http, timeout=30) as client:
+            headers = server.headers(who)
+            return await client.post("/api/ai-sdk/chat", json=payload, headers=headers)
+
+    first, again = await asyncio.gather(
+        post(body("chunks=20 delay_ms=5")), post(body("chunks=20 delay_ms=5"))
+    )
+    assert first.status_code == again.status_code == 200
+    assert first.headers["x-chat-run-id"] == again.headers["x-chat-run-id"]
+    assert first.text == again.text and first.text.rstrip().endswith("data: [DONE]")
+    edited = await post(body("chunks=1"))
+    assert edited.status_code == 200
+    assert edited.headers["x-chat-run-id"] != first.headers["x-chat-run-id"]
+    other = await post(body("chunks=1", "msg-2"))
+    assert other.headers["x-chat-run-id"] not in (
+        first.headers["x-chat-run-id"],
+        edited.headers["x-chat-run-id"],
+    )
+    stored = await stored_messages(server, user, f"c-{user}")
+    assert [m["role"] for m in stored] == ["user", "assistant"] * 3
+    # Another user naming the same chat id and message id: their own chat is refused
+    # (the chat is this user's), so nothing of theirs joins this user's run.
+    theirs = await post(body("chunks=20 delay_ms=5"), f"{user}-other")
+    assert theirs.status_code == 404
+
+
+async def test_messages_sent_at_once_with_reject_or_interrupt_never_run_side_by_side(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """Eight ``reject`` sends at once to an idle thread, through two processes: one run,
+    seven ``conflict``s.  Then eight ``interrupt`` sends at once: each cancels the run
+    before it, and no two runs of the thread ever go at the same time."""
+    env = {
+        "CHAT_BROKER_URL": redis_url,
+        "CHAT_DB_URL": f"sqlite:///{tmp_path}/chat.db",
+        "CHAT_MAX_ACTIVE_RUNS_PER_USER": "20",
+        "CHAT_RATE_LIMIT_PER_MINUTE": "100",
+    }
+    user = f"turns-{time.monotonic_ns()}"
+    with spawn_server(tmp_path, **env) as a, spawn_server(tmp_path, **env) as b:
+        async with ws_client(a, user) as opener:
+            thread_id = (await opener.run("chunks=1", agent="load"))[0]["thread_id"]
+
+        async def send(server: LiveServer, policy: str, n: int) -> list[dict[str, Any]]:
+            async with ws_client(server, user) as client:
+                await client.send(
+                    type="user_message",
+                    agent="load",
+                    content="thinking=0 chunks=40 delay_ms=10",
+                    thread_id=thread_id,
+                    on_active=policy,
+                    id=f"{policy}-{n}",
+                )
+                first = await client.recv(timeout=30)
+                if first["type"] == "error":
+                    return [first]
+                rest = await client.recv_until(
+                    "agent_completed", run_id=first["run_id"], timeout=60
+                )
+                return [first, *rest]
+
+        rejects = await asyncio.gather(*(send((a, b)[n % 2], "reject", n) for n in range(8)))
+        ran = [events for events in rejects if events[0]["type"] != "error"]
+        refused = [events[0] for events in rejects if events[0]["type"] == "error"]
+        assert len(ran) == 1 and len(refused) == 7, [e[0] for e in rejects]
+        assert {e["data"]["code"] for e in refused} == {"conflict"}
+        check_run_invariants(of_run(ran[0], ran[0][0]["run_id"]))
+
+        interrupts = await asyncio.gather(*(send((a, b)[n % 2], "interrupt", n) for n in range(8)))
+        spans = []
+        for events in interrupts:
+            assert events[0]["type"] != "error", events[0]["data"]
+            run = of_run(events, events[0]["run_id"])
+            check_run_invariants(run)
+            started = [e["ts"] for e in run if e["type"] == "agent_started"]
+            end = run[-1]
+            assert end["data"]["status"] in ("completed", "cancelled"), end
+            if end["data"]["status"] == "cancelled":
+                assert end["data"]["error"]["code"] == "interrupted", end
+            spans.append((started[0] if started else end["ts"], end["ts"]))
+        spans.sort()
+        for (_, ended), (began, _) in itertools.pairwise(spans):
+            assert began >= ended, spans  # one run of the thread at a time
+        assert sum(1 for events in interrupts if events[-1]["data"]["status"] == "completed") == 1

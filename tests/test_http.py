@@ -253,6 +253,12 @@ async def test_health(server: LiveServer) -> None:
         "sse_events": True,
         "resumable_runs": True,
         "threads": True,
+        "idempotent_sends": True,
+        "double_texting": True,
+        "thread_watching": True,
+        "input_requests": True,
+        "ag_ui": True,
+        "ai_sdk_ui_stream": True,
     }
     assert body["broker"] in ("memory", "redis") and body["broker_reachable"] is True
     assert "demo" in body["agents"]
@@ -299,3 +305,28 @@ async def test_sse_client_leaving_does_not_end_the_run(server: LiveServer, user:
     events = [m["data"] for m in parse_sse(replay.text)]
     check_run_invariants(events)
     assert events[-1]["data"]["status"] == "completed"
+
+
+async def test_a_finished_run_read_from_its_last_seq_ends_at_once(
+    server: LiveServer, user: str
+) -> None:
+    """Nothing follows a run's ``agent_completed``: a stream asked for what comes after
+    it ends with nothing, on each broker (on Redis it used to stay open for good)."""
+    async with ws_client(server, user) as client:
+        events = await client.run("chunks=2", agent="load")
+        run_id, last = events[-1]["run_id"], events[-1]["seq"]
+        async with http_client(server) as rest:
+            answer = await rest.get(
+                f"/api/chat/runs/{run_id}/events",
+                params={"after_seq": last},
+                headers=server.headers(user),
+                timeout=10,
+            )
+            assert answer.status_code == 200 and answer.text == ""
+            answer = await rest.get(
+                f"/api/chat/runs/{run_id}/events",
+                params={"after_seq": last - 1},
+                headers=server.headers(user),
+                timeout=10,
+            )
+            assert [m["event"] for m in parse_sse(answer.text)] == ["agent_completed"]

@@ -89,5 +89,5 @@ def test_the_composition_root_wires_what_the_broker_reports_to_the_store(
     settings = Settings(db_url=f"sqlite:///{tmp_path / 'chat.db'}")
     services = build_services(settings)
     assert isinstance(services.broker, InMemoryBroker) and not services.broker.shared
-    assert services.broker.on_run_lost == services.persistence.run_changed
+    assert services.broker.on_run_lost == services.persistence.run_lost
     assert services.broker.stats().runs_in_memory == 0

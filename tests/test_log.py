@@ -93,3 +93,61 @@ def test_one_trim_policy_drops_the_oldest_and_keeps_the_newest() -> None:
     # However large the newest is, it stays.
     assert trim(100, 1, 4, sizes.__getitem__) == (3, 10)
     assert trim(500, 1, 1, sizes.__getitem__) == (0, 500)
+
+
+def test_kept_events_are_out_of_the_garbage_collectors_scans() -> None:
+    import gc
+
+    from bridge.log import BLOCK, RECENT
+
+    log = RunLog("r_1", 1 << 24)
+    for seq in range(1, 10 * BLOCK + 8):
+        log.append(ev(seq, "abcdef"))
+    gc.collect()
+    gc.collect()
+    # Every full block is one untracked tuple of untracked rows; the sizes an array.
+    blocks = log._events._blocks
+    assert len(blocks) == 10
+    assert not any(gc.is_tracked(block) for block in blocks)
+    assert not any(gc.is_tracked(row) for block in blocks for row in block)
+    assert len(gc.get_referents(log._ends)) <= 1  # its type: the sizes are not objects
+    # What a full collection still visits for the log: its few containers and the
+    # newest events kept as records, not one object per event.
+    tracked = [o for o in gc.get_referents(*gc.get_referents(log)) if gc.is_tracked(o)]
+    assert len(tracked) <= RECENT + 8
+
+
+def test_reads_across_blocks_the_recent_records_and_a_compaction_agree() -> None:
+    from bridge.log import BLOCK, RECENT
+
+    made = [ev(seq, f"t{seq}") for seq in range(1, 5 * BLOCK + 3)]
+    log = RunLog("r_1", 1 << 24)
+    for event in made:
+        log.append(event)
+    last = len(made)
+    for after in (
+        0,
+        1,
+        BLOCK - 1,
+        BLOCK,
+        2 * BLOCK + 5,
+        last - RECENT - 1,
+        last - RECENT,
+        last - 1,
+    ):
+        for limit in (1, 3, BLOCK, 1 << 30):
+            got = log.read(after, limit)
+            assert got == made[after : after + limit], (after, limit)
+    # The newest events are the very records appended; older ones equal them.
+    assert log.read(last - 1)[0] is made[-1]
+    assert log.read(0, 1)[0] == made[0] and log.read(0, 1)[0] is not made[0]
+    # A log trimmed by bytes forgets whole blocks and still reads what it keeps.
+    one = made[0].size + EVENT_OVERHEAD
+    small = RunLog("r_1", one * (BLOCK + 10))
+    for event in made:
+        small.append(event)
+    kept = small.first_kept_seq
+    assert len(small._events) < 3 * len(small) + 2 * BLOCK
+    assert small.read(kept - 1) == made[kept - 1 :]
+    with pytest.raises(ResumeUnavailable):
+        small.read(kept - 2)

@@ -275,6 +275,95 @@ async def test_a_deleted_thread_takes_no_writes_and_keeps_its_id_until_its_runs_
         await store.close()
 
 
+async def test_an_ended_run_keeps_its_ending_whatever_is_written_late(db_url: str) -> None:
+    """A process stopped past its lease writes its run's earlier statuses once it wakes
+    up, after another process recorded the run's ending: the ending stays."""
+    store = open_store(db_url)
+    await store.open()
+    try:
+        await create_thread(store, ThreadRow("t", "alice", "notes", 1.0, 1.0))
+        assert await upsert_run(store, run_row("r", "t", "alice", "queued", 1))
+        lost = RunRow("r", "t", "alice", "load", "failed", "node_lost", 1.0, 9.0, 7)
+        assert await upsert_run(store, lost)
+        for late in ("queued", "running", "paused", "completed"):
+            # Matched, so not taken for refused; and nothing changes.
+            assert await upsert_run(store, run_row("r", "t", "alice", late, 1))
+            run = await store.get_run("r")
+            assert run is not None
+            assert (run.status, run.error_code, run.last_seq, run.updated_at) == (
+                "failed",
+                "node_lost",
+                7,
+                9.0,
+            )
+        # Before its ending a run moves freely.
+        assert await upsert_run(store, run_row("r2", "t", "alice", "running", 2))
+        assert await upsert_run(store, run_row("r2", "t", "alice", "paused", 5))
+        assert await upsert_run(store, run_row("r2", "t", "alice", "completed", 9))
+        run = await store.get_run("r2")
+        assert run is not None and (run.status, run.last_seq) == ("completed", 9)
+    finally:
+        await store.close()
+
+
+async def test_a_lost_runs_ending_is_stored_though_its_thread_was_never_written(
+    db_url: str,
+) -> None:
+    """The process that ran a run stopped before its writes reached the database; the
+    process that found it lost records its ending, making its thread; the owner's writes
+    that land later fill the thread in and leave the ending as it is."""
+    from bridge.broker import RunRecord
+
+    store = open_store(db_url)
+    await store.open()
+    persistence = Persistence(store, timeout_s=5, history_messages=10, node="b")
+    refused_runs: list[str] = []
+    persistence.on_refused = lambda run: refused_runs.append(run.run_id)
+    try:
+        lost = RunRecord("r", "t_new", "alice", "load", "failed", 1.0, 9.0, 7, "node_lost")
+        await persistence.run_lost(lost)
+        await persistence.flush()
+        thread = await store.get_thread("t_new")
+        assert thread is not None and (thread.owner, thread.title) == ("alice", "")
+        run = await store.get_run("r")
+        assert run is not None and (run.status, run.error_code, run.last_seq) == (
+            "failed",
+            "node_lost",
+            7,
+        )
+        # Another user naming the id neither takes the thread nor gives it a title.
+        await create_thread(store, ThreadRow("t_new", "bob", "mine", 2.0, 2.0))
+        assert (await store.get_thread("t_new")) == thread
+        # The stopped process wakes up: its thread, message and first statuses land.
+        await create_thread(store, ThreadRow("t_new", "alice", "hello there", 1.0, 1.0))
+        assert await add_message(
+            store, MessageRow("m_1", "t_new", "user", "hello there", "r", False, 1.0), "alice"
+        )
+        assert await upsert_run(store, run_row("r", "t_new", "alice", "queued", 0))
+        assert await upsert_run(store, run_row("r", "t_new", "alice", "running", 1))
+        thread = await store.get_thread("t_new")
+        assert thread is not None and (thread.owner, thread.title) == ("alice", "hello there")
+        assert [m.id for m in await store.list_messages("t_new", 10, 0)] == ["m_1"]
+        run = await store.get_run("r")
+        assert run is not None and (run.status, run.error_code, run.last_seq) == (
+            "failed",
+            "node_lost",
+            7,
+        )
+        # A lost run of a thread that exists is recorded in it, and refused in another
+        # user's.
+        await create_thread(store, ThreadRow("t_bob", "bob", "bob's", 1.0, 1.0))
+        await persistence.run_lost(
+            RunRecord("r_x", "t_bob", "alice", "load", "failed", 1.0, 2.0, 3, "node_lost")
+        )
+        await persistence.flush()
+        assert await store.get_run("r_x") is None and refused_runs == ["r_x"]
+        assert (await store.get_thread("t_bob")).title == "bob's"  # type: ignore[union-attr]
+    finally:
+        await persistence.stop()
+        await store.close()
+
+
 async def test_a_delete_and_runs_starting_in_its_thread_are_ordered(db_url: str) -> None:
     """Runs are admitted to a thread (their first record written, then a message) from
     one connection while the thread is deleted from another: every admitted run is one

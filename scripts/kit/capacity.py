@@ -5,8 +5,13 @@ waits for ``connection_ready`` and sends one message whose answer comes at a
 language model's pace; the step holds when every run completes with every event
 once and in order, no client is cut or fails to connect, and the p99 of the
 per-event delivery latency (receipt time against the envelope's ``ts``) is
-within the bound. The ramp raises ``n`` step by step, each on a fresh server,
-until a step does not hold; the capacity is the largest ``n`` that held.
+within the bound, and the runs kept their pace: the p99 of the runs' durations
+(message sent to ``agent_completed``) within ``pace_slack`` times what the
+answer's own delays add up to.  (The latency bound alone does not see a server
+that is saturated: the agents run in its loop, so they slow down with it, and
+their events go out late but with a late ``ts``.)  The ramp raises ``n`` step by
+step, each on a fresh server, until a step does not hold; the capacity is the
+largest ``n`` that held.
 
 Connect latency (TCP connect to ``connection_ready``) and connect timeouts are
 reported beside it: at the capacity figure new users must still get in.
@@ -32,6 +37,19 @@ from scripts.kit.ws import HandshakeError
 #: two thinking events and a 50 ms tool call.
 MODEL_PACE: Final = "chunks=400 chunk_chars=6 delay_ms=20 thinking=2 tools=1 tool_ms=50"
 P99_BOUND_MS: Final = 50.0
+#: How much longer than its own delays a run may take and still be at the model's pace.
+PACE_SLACK: Final = 1.25
+
+
+def nominal_ms(content: str) -> float | None:
+    """What the load agent's delays in ``content`` add up to, in ms (None: not a load spec)."""
+    from agents.load import LoadSpec
+
+    try:
+        spec = LoadSpec.parse(content)
+    except Exception:
+        return None
+    return float(spec.chunks * spec.delay_ms + spec.tools * spec.tool_ms)
 
 
 @dataclass(frozen=True)
@@ -41,6 +59,7 @@ class StepConfig:
     connect_timeout_s: float = 10.0
     run_timeout_s: float = 60.0
     p99_bound_ms: float = P99_BOUND_MS
+    pace_slack: float = PACE_SLACK
 
 
 async def capacity_step(
@@ -95,10 +114,24 @@ async def capacity_step(
     latency = report["event_latency_ms"]
     connect = report["connect_ms"]
     p99 = latency.get("p99") if latency else None
-    held = not connect_failures and report["ok"] and p99 is not None and p99 <= cfg.p99_bound_ms
+    durations = report["agent_completed_ms"] or {}
+    nominal = nominal_ms(cfg.content)
+    run_p99 = durations.get("p99")
+    pace = None if not nominal or run_p99 is None else round(run_p99 / nominal, 3)
+    at_pace = pace is None or pace <= cfg.pace_slack
+    held = (
+        not connect_failures
+        and report["ok"]
+        and p99 is not None
+        and p99 <= cfg.p99_bound_ms
+        and at_pace
+    )
     return {
         "streams": n,
         "held": held,
+        "run_ms": durations,
+        "nominal_run_ms": nominal,
+        "pace": pace,
         "event_latency_ms": latency,
         "connect_ms": connect,
         "connect_failures": connect_failures,
@@ -132,6 +165,7 @@ async def ramp(
         log(
             f"  {name:<16} {n:>5} streams: {'held' if step['held'] else 'NOT held':<8} "
             f"latency p99 {lat.get('p99')} ms, connect p99 {con.get('p99')} ms, "
+            f"run p99 / its delays {step['pace']}, "
             f"connect failures {step['connect_failures'] or 0}, errors {step['errors'] or 0}, "
             f"cpu server {step['server_cpu_share']} client {step['client_cpu_share']}, "
             f"load {step['loadavg_1m']}"

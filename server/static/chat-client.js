@@ -177,7 +177,7 @@ async function httpError(response) {
  * - `event`: `{event, run}`: one run event (the envelope as sent) and the client's record
  *   of its run; each seq of each run exactly once, in order.
  * - `run`: `{run}` when a run's record changes (`status`, `done`, `lost`).
- * - `error`: `{error}`: a protocol error not answered through a promise.
+ * - `error`: `{error, run?, threadId?}`: a protocol error not answered through a promise.
  * - `auth`: `{reason}`: the token was refused (4401 or HTTP 401); the client stops.
  */
 export class ChatClient extends EventTarget {
@@ -221,12 +221,14 @@ export class ChatClient extends EventTarget {
       gaps: 0,
       duplicateSends: 0,
       resumes: [],
+      threadStreams: 0,
     };
 
     this._idPrefix = `c${randomId()}-`;
     this._nextId = 1;
     this._pending = new Map(); // id → {kind, frame, resolve, reject, sent}
-    this._watchedThread = null; // the thread followed with watch_thread
+    this._watchedThread = null; // the thread followed with watch_thread (or its SSE stream)
+    this._threadWatch = null; // {threadId, stop, ended} of the SSE thread stream
     this._ws = null;
     this._wsReady = false;
     this._timer = null;
@@ -241,7 +243,7 @@ export class ChatClient extends EventTarget {
     this._stopped = false;
     this._abort = new AbortController(); // aborts every HTTP request on close()
     this._streams = new Map(); // runId → AbortController of its SSE stream
-    this._retrying = new Set(); // runIds whose SSE stream is being re-opened
+    this._retrying = new Set(); // runIds, and the thread's watch, whose SSE stream is re-opened
     this._onOnline = () => this.#online();
     this._onOffline = () => this.#offline();
   }
@@ -369,14 +371,19 @@ export class ChatClient extends EventTarget {
   }
 
   /**
-   * Follow a thread (WebSocket): every run of it not ended and every later one, started by
-   * any tab or device of the user, arrives as `event`s. One thread at a time: watching
-   * another stops the first; `null` stops. Watched again after each reconnect.
+   * Follow a thread: every run of it not ended and every later one, started by any tab or
+   * device of the user, arrives as `event`s. One thread at a time: watching another stops
+   * the first; `null` stops. Over the WebSocket it is `watch_thread`, sent again after each
+   * reconnect; over SSE, `GET /api/threads/{thread_id}/events`, re-opened when it breaks.
    */
   watchThread(threadId) {
     const before = this._watchedThread ?? null;
     if (before === (threadId ?? null)) return;
     this._watchedThread = threadId ?? null;
+    if (this.transport === "sse") {
+      this.#watchOverSse();
+      return;
+    }
     if (!this._wsReady) return; // sent once the socket is ready
     if (before) this.#sendWatch("unwatch_thread", before);
     if (threadId) this.#sendWatch("watch_thread", threadId);
@@ -560,8 +567,13 @@ export class ChatClient extends EventTarget {
   #resync(run) {
     if (run.resyncing) return;
     run.resyncing = true;
-    if (this.transport === "sse") this._streams.get(run.runId)?.abort();
-    else if (this._wsReady) this.#sendResume(run);
+    if (this.transport !== "sse") {
+      if (this._wsReady) this.#sendResume(run);
+      return;
+    }
+    const stream = this._streams.get(run.runId);
+    if (stream) stream.abort(); // re-opened after the last seq delivered
+    else this.#followRun(run); // a run seen through the thread's stream only
   }
 
   // Controls ---------------------------------------------------------------------------
@@ -754,6 +766,11 @@ export class ChatClient extends EventTarget {
             const run = this.runs.get(pending.frame.run_id);
             if (run) this.#markLost(run, error);
           }
+          const threadId = pending.frame.thread_id;
+          if (pending.kind === "watch" && pending.frame.type === "watch_thread") {
+            // Refused (not the user's thread, or gone): said as the SSE watch says it.
+            if (this._watchedThread === threadId) this.#emit("error", { error, threadId });
+          }
           pending.reject(error);
         } else {
           this.#emit("error", { error });
@@ -867,6 +884,7 @@ export class ChatClient extends EventTarget {
     }
     this.#probeHttp();
     for (const run of this.liveRuns()) this.#followRun(run);
+    this.#watchOverSse(); // a thread watched over the socket is watched over SSE now
   }
 
   /** GET /health; on the SSE transport it drives the connection state. */
@@ -1017,6 +1035,25 @@ export class ChatClient extends EventTarget {
     }
   }
 
+  /** GET one of the gateway's SSE routes, with the bearer token. */
+  async #getEvents(url, signal) {
+    return this.fetchImpl(url, {
+      headers: { Authorization: `Bearer ${await this.#token()}`, Accept: "text/event-stream" },
+      cache: "no-store",
+      signal,
+    });
+  }
+
+  /** Say that the SSE stream `key` (a run's id, or a thread's watch) is being re-opened. */
+  #retryNotice(key, reason, attempt, delayMs) {
+    this.#sseRetrying(key, true, {
+      reason,
+      attempt,
+      delayMs,
+      offline: this.#isBrowserOffline() || attempt > this.offlineAfterAttempts,
+    });
+  }
+
   /** Keep a run's SSE stream open (after its last seq) until `agent_completed`. */
   async #followRun(run) {
     if (run.following) return;
@@ -1033,14 +1070,7 @@ export class ChatClient extends EventTarget {
         this.#noteResume(run, "sse");
         let broken = false;
         try {
-          const response = await this.fetchImpl(url, {
-            headers: {
-              Authorization: `Bearer ${await this.#token()}`,
-              Accept: "text/event-stream",
-            },
-            cache: "no-store",
-            signal: controller.signal,
-          });
+          const response = await this.#getEvents(url, controller.signal);
           if (!response.ok) {
             const error = await this.#httpFailure(response);
             if (response.status < 500 && response.status !== 429) {
@@ -1061,20 +1091,95 @@ export class ChatClient extends EventTarget {
           if (this._streams.get(run.runId) === controller) this._streams.delete(run.runId);
         }
         if (broken && !run.done && !this._stopped) {
-          const resync = run.resyncing;
-          const delayMs = resync ? 0 : backoffDelay(attempt++, this.reconnectOptions);
-          this.#sseRetrying(run.runId, true, {
-            reason: "the event stream was interrupted",
-            attempt,
-            delayMs,
-            offline: this.#isBrowserOffline() || attempt > this.offlineAfterAttempts,
-          });
+          const delayMs = run.resyncing ? 0 : backoffDelay(attempt++, this.reconnectOptions);
+          this.#retryNotice(run.runId, "the event stream was interrupted", attempt, delayMs);
           await sleep(delayMs, this._abort.signal);
         }
       }
     } finally {
       run.following = false;
       this.#sseRetrying(run.runId, false);
+    }
+  }
+
+  /** Open, switch or stop the SSE stream of the watched thread to match `_watchedThread`. */
+  #watchOverSse() {
+    const threadId = this._watchedThread;
+    const watch = this._threadWatch;
+    if (watch && watch.threadId === threadId) return; // open, or ended by a 404
+    if (watch) {
+      this._threadWatch = null;
+      watch.stop.abort();
+    }
+    if (threadId && this.transport === "sse" && !this._stopped) this.#followThread(threadId);
+  }
+
+  /**
+   * Keep the thread's SSE stream open while it is watched: every event of its runs goes
+   * through the de-duplication, so runs this client also follows itself are shown once,
+   * and a stream re-opened (which repeats each live run from seq 1) adds nothing twice.
+   */
+  async #followThread(threadId) {
+    const watch = { threadId, stop: new AbortController(), ended: false };
+    this._threadWatch = watch;
+    const key = watch; // its place among the streams being re-opened (with the runs' ids)
+    const stop = () => watch.stop.abort();
+    this._abort.signal.addEventListener("abort", stop, { once: true });
+    const active = () =>
+      this._threadWatch === watch && !watch.stop.signal.aborted && this.transport === "sse";
+    let attempt = 0;
+    try {
+      while (active()) {
+        const controller = new AbortController();
+        const abort = () => controller.abort();
+        watch.stop.signal.addEventListener("abort", abort, { once: true });
+        const url = new URL(`api/threads/${encodeURIComponent(threadId)}/events`, this.baseUrl);
+        try {
+          const response = await this.#getEvents(url, controller.signal);
+          if (!response.ok) {
+            const error = await this.#httpFailure(response);
+            if (response.status < 500 && response.status !== 429) {
+              // 404: not this user's thread, or deleted; 401 has stopped the client.
+              watch.ended = true;
+              if (active()) this.#emit("error", { error, threadId });
+              break;
+            }
+          } else {
+            attempt = 0;
+            this.stats.threadStreams++;
+            this.#sseRetrying(key, false);
+            this.#followUnlisted(threadId, response.headers.get("x-chat-active-run-ids"));
+            await this.#readStream(response, controller);
+          }
+        } catch {
+          // a broken stream, or one this client aborted: the loop's test tells which
+        } finally {
+          watch.stop.signal.removeEventListener("abort", abort);
+          controller.abort();
+        }
+        if (!active() || this._stopped) break;
+        // The stream only ends when it breaks (or the gateway went away): open it again.
+        const delayMs = backoffDelay(attempt++, this.reconnectOptions);
+        this.#retryNotice(key, "the thread's event stream was interrupted", attempt, delayMs);
+        await sleep(delayMs, watch.stop.signal);
+      }
+    } finally {
+      this._abort.signal.removeEventListener("abort", stop);
+      if (this._threadWatch === watch && !watch.ended) this._threadWatch = null;
+      if (this._retrying.has(key)) this.#sseRetrying(key, false);
+    }
+  }
+
+  /**
+   * Runs of the thread this client shows as live that the re-opened stream does not list
+   * (they ended while it was down) are followed on their own, from their last seq, to
+   * their end.
+   */
+  #followUnlisted(threadId, header) {
+    const listed = new Set((header ?? "").split(",").filter(Boolean));
+    for (const run of this.liveRuns()) {
+      if (run.threadId !== threadId || listed.has(run.runId)) continue;
+      if (!run.following && !this._streams.has(run.runId)) this.#followRun(run);
     }
   }
 }

@@ -146,7 +146,8 @@ class Store(Protocol):
 
     # Writes as steps, so that many can go in one transaction -------------------------
     def thread_steps(self, row: ThreadRow) -> list[Step]:
-        """Create the thread; nothing when its id is taken (a deleted thread's included)."""
+        """Create the thread; nothing when its id is taken (a deleted thread's included),
+        but a title given to the same owner's thread that has none."""
         ...
 
     def message_steps(self, row: MessageRow, owner: str) -> list[Step]:

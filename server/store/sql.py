@@ -304,11 +304,14 @@ class SqlStore:
 
     def thread_steps(self, row: ThreadRow) -> list[Step]:
         """Create the thread; nothing when a thread of that id exists already (a deleted
-        one's tombstone included)."""
+        one's tombstone included), except that a thread of the same owner made without a
+        title (by :meth:`~server.persistence.Persistence.run_lost`) takes this one's."""
         return [
             (
                 f"INSERT INTO threads ({_THREAD}) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT (id) DO NOTHING",
+                "ON CONFLICT (id) DO UPDATE SET title = excluded.title "
+                "WHERE threads.title = '' AND threads.owner = excluded.owner "
+                "AND threads.deleted_at IS NULL",
                 (row.id, row.owner, row.title, row.created_at, row.updated_at),
             )
         ]
@@ -451,7 +454,8 @@ class SqlStore:
         """Insert the run if its thread is its owner's and not deleted, else update it.
 
         An existing row is updated even once its thread is deleted: that is how the
-        tombstone learns that the run has ended.
+        tombstone learns that the run has ended.  A run that has ended keeps its ending:
+        later writes of it change nothing (the first ending recorded wins).
         """
         # On PostgreSQL the check locks the thread's row (FOR SHARE): a delete waits for
         # this transaction, or this one sees the delete.  Taken before the run's row, in
@@ -480,8 +484,16 @@ class SqlStore:
                 ),
             ),
             (
-                "UPDATE runs SET status = ?, error_code = ?, updated_at = ?, last_seq = ?, "
-                "usage = COALESCE(?, usage) WHERE id = ? AND owner = ?",
+                # An ended run is never changed again: a status written late (by a process
+                # that was stopped past its lease, whose run another process ended) must not
+                # undo the ending.  The row still counts as matched, so the write is not
+                # taken for a refused one.
+                f"UPDATE runs SET status = CASE WHEN {_OPEN} THEN ? ELSE status END, "
+                f"error_code = CASE WHEN {_OPEN} THEN ? ELSE error_code END, "
+                f"updated_at = CASE WHEN {_OPEN} THEN ? ELSE updated_at END, "
+                f"last_seq = CASE WHEN {_OPEN} THEN ? ELSE last_seq END, "
+                f"usage = CASE WHEN {_OPEN} THEN COALESCE(?, usage) ELSE usage END "
+                "WHERE id = ? AND owner = ?",
                 (
                     row.status,
                     row.error_code,
@@ -528,6 +540,8 @@ class SqlStore:
 
 
 _UNFINISHED: Final = "(" + ", ".join(f"'{status}'" for status in UNFINISHED) + ")"
+#: A run's row has not ended (its status may still change).
+_OPEN: Final = f"status IN {_UNFINISHED}"
 #: The thread ``?`` exists, is ``?``'s, and is not deleted.
 _LIVE_OF_OWNER: Final = "id = ? AND owner = ? AND deleted_at IS NULL"
 #: The thread ``?`` is ``?``'s and deleted.
