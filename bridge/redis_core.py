@@ -337,11 +337,13 @@ class RedisCore:
         their futures; the calls to send again (a restarted Redis lacked the script)."""
         script = self.scripts["FENCED_WRITES"]
         fence = self.k("fenced", self.node)
-        pipe = self.r.pipeline(transaction=False)
-        for call in calls:
-            payload = orjson.dumps([write for write, _ in call])
-            pipe.evalsha(script.sha, 1, fence, self.node, payload)
         try:
+            # Built inside the try: whatever fails here answers every write's future
+            # with it, rather than leaving them (other users' runs among them) waiting.
+            pipe = self.r.pipeline(transaction=False)
+            for call in calls:
+                payload = orjson.dumps([write for write, _ in call])
+                pipe.evalsha(script.sha, 1, fence, self.node, payload)
             results = await pipe.execute(raise_on_error=False)
         except asyncio.CancelledError:
             for call in calls:

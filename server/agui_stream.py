@@ -79,7 +79,7 @@ from server import routes, sse
 from server.auth import Principal
 from server.commands import client_ref, optional_id
 from server.errors import ProtocolError
-from server.gateway import Gateway, content_digest
+from server.gateway import Gateway, frontend_key
 
 _ENCODER: Final = EventEncoder()
 #: Validation errors quoted in a 400's message.
@@ -581,7 +581,7 @@ async def run_agent(request: Request) -> Response:
         # another; a runId used again for another message starts a run of its own.
         key = None
         if client_run_id is not None:
-            key = f"ag-ui {client_run_id} {content_digest(content)[:16]}"
+            key = frontend_key("ag-ui", thread_id, str(client_run_id), content)
         sent = await gateway.send(
             user,
             content,

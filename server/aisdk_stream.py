@@ -41,7 +41,7 @@ from bridge.events import Event
 from server import routes, sse
 from server.commands import MAX_ID_CHARS, optional_id
 from server.errors import ProtocolError
-from server.gateway import Gateway, content_digest
+from server.gateway import Gateway, frontend_key
 
 HEADER: Final = {"x-vercel-ai-ui-message-stream": "v1"}
 DONE: Final = b"data: [DONE]\n\n"
@@ -405,7 +405,7 @@ async def chat(request: Request) -> Response:
             # edited message (its id kept, another text) is a message of its own.
             key = None
             if message_ref is not None:
-                key = f"ai-sdk {thread_id} {message_ref} {content_digest(content)[:16]}"
+                key = frontend_key("ai-sdk", thread_id, message_ref, content)
             sent = await gateway.send(user, content, thread_id=thread_id, agent=agent, key=key)
             record = sent.record
         stream.headers["x-chat-run-id"] = record.run_id

@@ -43,6 +43,8 @@ __all__ = ["Gateway", "Sent", "llm_agent", "make_broker"]
 CLAIM_WAIT_S = 10.0
 #: How much longer than a cancel and its wait a thread's turn may be held, in seconds.
 TURN_MARGIN_S = 5.0
+#: How often a message waiting for its thread's turn tries again, in seconds.
+TURN_POLL_S = 0.005
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +62,18 @@ def idempotency_key(key: str | int) -> str:
 
 def content_digest(content: str) -> str:
     return hashlib.sha256(content.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def frontend_key(protocol: str, *parts: str | None) -> str:
+    """An idempotency key a front-end route makes from the request's own ids and text:
+    ``parts`` are kept apart whatever they hold (ids may contain any character), and the
+    protocol's name keeps its keys apart from the other routes'."""
+    digest = hashlib.sha256()
+    for part in parts:  # each length-prefixed, so no two lists of parts hash alike
+        data = b"-" if part is None else b"s" + part.encode("utf-8", "surrogatepass")
+        digest.update(len(data).to_bytes(8, "big"))
+        digest.update(data)
+    return f"{protocol}:{digest.hexdigest()[:40]}"
 
 
 class Gateway:
@@ -228,10 +242,16 @@ class Gateway:
         started = False
         policy = on_active or self.settings.on_active
         try:
-            async with self._thread_turn(user, thread_id if restate is None else None, policy):
+            async with self._thread_turn(user, thread_id):
                 queued = False
                 if thread_id is not None and restate is None:
                     queued = await self._double_text(user, thread_id, policy)
+                elif thread_id is not None and await self._runs_going(user, thread_id):
+                    # A regenerate: the answer it replaces must stay the thread's last.
+                    raise ProtocolError(
+                        ErrorCode.CONFLICT,
+                        "a run of this chat is still going: stop or cancel it before regenerating",
+                    )
                 if prepare is not None:
                     await prepare()
                 record = await self.supervisor.start_run(
@@ -343,24 +363,25 @@ class Gateway:
             await asyncio.sleep(0.02)  # the first send is creating it, or gives the key up
 
     @contextlib.asynccontextmanager
-    async def _thread_turn(
-        self, user: Principal, thread_id: str | None, policy: str
-    ) -> AsyncIterator[None]:
-        """Hold the thread's turn, in the broker, while a ``reject``, ``interrupt`` or
-        ``rollback`` looks at the thread's runs and its own run is created: two such
+    async def _thread_turn(self, user: Principal, thread_id: str | None) -> AsyncIterator[None]:
+        """Hold the thread's turn, in the broker, while a message to it (or a
+        regenerate) looks at the thread's runs, applies its policy and creates its run:
         messages sent at once (through two processes, say) are handled one after the
-        other, so that the second sees the first's run (``reject`` refuses it,
-        ``interrupt`` cancels it) instead of both finding the thread idle.  ``enqueue``
-        needs no turn: the broker's order of the thread's runs is its queue.
+        other, so that each sees the runs of those before it (``reject`` refuses,
+        ``interrupt`` cancels, ``enqueue`` queues behind them, a regenerate is refused)
+        instead of several finding the thread idle.  A turn its process never gives
+        back lapses after three store timeouts and ten seconds.
         """
-        if thread_id is None or policy == "enqueue":
+        if thread_id is None:  # a new thread: nobody else can name it yet
             yield
             return
         uid = user.user_id
         name = f"turn:{thread_id}"
         mine = new_id("turn_")
-        # Held at most for a cancel and its wait (see _until_ended), and a margin.
-        hold_s = self.settings.store_timeout_s + 5 + TURN_MARGIN_S
+        # The longest a turn is held: the runs' cancel and wait, a rollback's removal,
+        # the thread's opening and the run's first record, each bounded by the store's
+        # timeout; and a margin.
+        hold_s = 3 * self.settings.store_timeout_s + 5 + TURN_MARGIN_S
         loop = asyncio.get_running_loop()
         deadline = loop.time() + hold_s
         while await self.broker.claim_key(uid, name, mine, hold_s) is not None:
@@ -368,11 +389,20 @@ class Gateway:
                 raise RunConflict(
                     f"another message to thread {thread_id} is still being handled; send again"
                 )
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(TURN_POLL_S)
         try:
             yield
         finally:
             await self.broker.release_key(uid, name, mine)
+
+    async def _runs_going(self, user: Principal, thread_id: str) -> list[RunRecord]:
+        """The user's runs of the thread not ended, oldest first, as the broker has them."""
+        going: list[RunRecord] = []
+        for run_id in await self.broker.thread_runs(thread_id):
+            record = await self.broker.get_run(run_id)
+            if record is not None and not record.ended and record.owner == user.user_id:
+                going.append(record)
+        return going
 
     async def _double_text(self, user: Principal, thread_id: str, policy: str) -> bool:
         """Apply ``policy`` to the thread's runs not ended (contract section 6.2); True
@@ -385,11 +415,7 @@ class Gateway:
         """
         if policy == "enqueue":
             return True
-        going: list[RunRecord] = []
-        for run_id in await self.broker.thread_runs(thread_id):
-            record = await self.broker.get_run(run_id)
-            if record is not None and not record.ended and record.owner == user.user_id:
-                going.append(record)
+        going = await self._runs_going(user, thread_id)
         if not going:
             return True
         if policy == "reject":
@@ -399,10 +425,10 @@ class Gateway:
         for record in going:
             with contextlib.suppress(RunConflict, RunNotFound, LifecycleConflict):
                 await self.broker.command(record.run_id, f"cancel:{code}")
-        for record in going:
-            await self._until_ended(record.run_id)
-            if policy == "rollback":
-                await self.persistence.forget_run(record)
+        # Waited for together: the thread's turn is held meanwhile.
+        await asyncio.gather(*(self._until_ended(record.run_id) for record in going))
+        if policy == "rollback":
+            await asyncio.gather(*(self.persistence.forget_run(record) for record in going))
         return True
 
     async def _until_ended(self, run_id: str) -> None:
