@@ -243,9 +243,12 @@ class Gateway:
         policy = on_active or self.settings.on_active
         try:
             async with self._thread_turn(user, thread_id):
-                queued = False
+                # Every run of a named thread takes its place in the thread's queue, so
+                # that messages sent at once run one after the other, not side by side
+                # (a regenerate's message is in the thread already: it is not queued).
+                queued = thread_id is not None and restate is None
                 if thread_id is not None and restate is None:
-                    queued = await self._double_text(user, thread_id, policy)
+                    await self._double_text(user, thread_id, policy)
                 elif thread_id is not None and await self._runs_going(user, thread_id):
                     # A regenerate: the answer it replaces must stay the thread's last.
                     raise ProtocolError(
@@ -404,20 +407,17 @@ class Gateway:
                 going.append(record)
         return going
 
-    async def _double_text(self, user: Principal, thread_id: str, policy: str) -> bool:
-        """Apply ``policy`` to the thread's runs not ended (contract section 6.2); True
-        when the new run must take its place in the thread's queue.
-
-        It always does, runs going or not: two messages sent at once (through two
-        processes, say) then run one after the other, in the order the broker lists
-        them, rather than side by side.  With ``interrupt`` and ``rollback`` the runs
-        before it have ended by then, so it begins at once.
+    async def _double_text(self, user: Principal, thread_id: str, policy: str) -> None:
+        """Apply ``policy`` to the thread's runs not ended (contract section 6.2), before
+        the new run takes its place in the thread's queue: ``enqueue`` leaves them;
+        ``reject`` refuses the new run; ``interrupt`` and ``rollback`` end them first, so
+        the new run begins at once.
         """
         if policy == "enqueue":
-            return True
+            return
         going = await self._runs_going(user, thread_id)
         if not going:
-            return True
+            return
         if policy == "reject":
             names = ", ".join(r.run_id for r in going)
             raise RunConflict(f"thread {thread_id} has a run going ({names}); nothing was sent")
@@ -429,7 +429,6 @@ class Gateway:
         await asyncio.gather(*(self._until_ended(record.run_id) for record in going))
         if policy == "rollback":
             await asyncio.gather(*(self.persistence.forget_run(record) for record in going))
-        return True
 
     async def _until_ended(self, run_id: str) -> None:
         """Wait for a cancelled run's ``agent_completed`` (its answer is stored before
