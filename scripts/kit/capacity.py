@@ -29,7 +29,7 @@ from typing import Any, Final
 
 from scripts.kit.launcher import Process
 from scripts.kit.scenarios import Conn, close_all, open_conn, run_handler
-from scripts.kit.stats import Run, Stats, expected_events
+from scripts.kit.stats import Run, Stats, expected_events, load_spec
 from scripts.kit.tokens import TokenCache
 from scripts.kit.ws import HandshakeError
 
@@ -43,11 +43,8 @@ PACE_SLACK: Final = 1.25
 
 def nominal_ms(content: str) -> float | None:
     """What the load agent's delays in ``content`` add up to, in ms (None: not a load spec)."""
-    from agents.load import LoadSpec
-
-    try:
-        spec = LoadSpec.parse(content)
-    except Exception:
+    spec = load_spec("load", content)
+    if spec is None:
         return None
     return float(spec.chunks * spec.delay_ms + spec.tools * spec.tool_ms)
 

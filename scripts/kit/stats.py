@@ -15,12 +15,15 @@ import random
 import secrets
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
 from bridge.wire import is_terminal
 from scripts.kit.sse import SseMessage
+
+if TYPE_CHECKING:  # at run time imported by load_spec, when first needed
+    from agents.load import LoadSpec
 
 #: Values kept for percentiles per measure; beyond, a uniform sample of this size.
 SAMPLE_SIZE: Final = 200_000
@@ -87,15 +90,23 @@ def summarize(
     }
 
 
-def expected_events(agent: str | None, message: str) -> int | None:
-    """Events of one run of the ``load`` agent for ``message``; None for other agents."""
+def load_spec(agent: str | None, message: str) -> LoadSpec | None:
+    """What the ``load`` agent makes of ``message``; None for other agents, or a message
+    that is not a load spec."""
     if agent != "load":
         return None
     from agents.load import LoadSpec
 
     try:
-        spec = LoadSpec.parse(message)
-    except Exception:  # not a load message: the count is unknown
+        return LoadSpec.parse(message)
+    except Exception:
+        return None
+
+
+def expected_events(agent: str | None, message: str) -> int | None:
+    """Events of one run of the ``load`` agent for ``message``; None for other agents."""
+    spec = load_spec(agent, message)
+    if spec is None:  # not a load message: the count is unknown
         return None
     # user_message, agent_started, thinking, tool calls, chunks, [apology],
     # response_complete, agent_completed
