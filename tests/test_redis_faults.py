@@ -19,6 +19,7 @@ from websockets.exceptions import ConnectionClosed
 
 from tests.redis_server import RestartableRedis, redis_server_bin
 from tests.support import (
+    LiveServer,
     ServerProcess,
     check_run_invariants,
     free_port,
@@ -43,7 +44,7 @@ def stored_run(tmp_path: Path, run_id: str) -> tuple[str, str | None, int] | Non
     return None if row is None else (row[0], row[1], int(row[2]))
 
 
-async def status_of(server: ServerProcess, user: str, run_id: str) -> dict[str, Any]:
+async def status_of(server: LiveServer, user: str, run_id: str) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=server.http, headers=server.headers(user)) as rest:
         response = await rest.get(f"/api/chat/agents/{run_id}/status", timeout=10)
     assert response.status_code == 200, response.text

@@ -9,16 +9,9 @@ from typing import Any
 import httpx
 
 from tests.support import LiveServer, http_client, ws_client
+from tests.test_redis_faults import status_of
 
 SLOW = "thinking=0 chunks=30 delay_ms=10"
-
-
-async def _status(server: LiveServer, user: str, run_id: str) -> dict[str, Any]:
-    async with http_client(server, headers=server.headers(user)) as rest:
-        answer = await rest.get(f"/api/chat/agents/{run_id}/status")
-        assert answer.status_code == 200, answer.text
-        status: dict[str, Any] = answer.json()
-    return status
 
 
 async def test_a_reject_send_and_a_regenerate_sent_together_never_run_side_by_side(
@@ -75,8 +68,8 @@ async def test_a_reject_send_and_a_regenerate_sent_together_never_run_side_by_si
             if sent is None or again is None:
                 continue
             both += 1
-            a = await _status(server, user, sent)
-            b = await _status(server, user, again)
+            a = await status_of(server, user, sent)
+            b = await status_of(server, user, again)
             # Both started: one must have been created after the other had ended.
             if a["created_at"] < b["updated_at"] and b["created_at"] < a["updated_at"]:
                 overlaps.append((a, b))
