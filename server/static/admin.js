@@ -1,6 +1,8 @@
 // The operator's view: the live runs of every process, filtered, with cancel.
 // The token is the chat client's (sessionStorage "chat.token", or #token= in the address).
 
+import { tokenSubject } from "./chat-client.js";
+
 const TOKEN_KEY = "chat.token";
 const REFRESH_MS = 2000;
 
@@ -16,16 +18,6 @@ function storedToken() {
     history.replaceState(history.state, "", location.pathname + (rest ? `#${rest}` : ""));
   }
   return sessionStorage.getItem(TOKEN_KEY);
-}
-
-function subjectOf(token) {
-  try {
-    const payload = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
-    const claims = JSON.parse(atob(payload.padEnd(Math.ceil(payload.length / 4) * 4, "=")));
-    return typeof claims.sub === "string" ? claims.sub : null;
-  } catch {
-    return null;
-  }
 }
 
 function age(seconds) {
@@ -145,7 +137,7 @@ function start(given) {
   token = given;
   sessionStorage.setItem(TOKEN_KEY, token);
   $("signin").hidden = true;
-  $("who").textContent = subjectOf(token) || "";
+  $("who").textContent = tokenSubject(token) || "";
   $("sign-out").hidden = false;
   refresh();
   clearInterval(timer);

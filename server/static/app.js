@@ -5,7 +5,7 @@
 // Whatever a user typed or a model produced goes into the page as text nodes, or through
 // the Markdown renderer, which builds elements and never parses HTML.
 
-import { ChatClient } from "./chat-client.js";
+import { ChatClient, tokenSubject } from "./chat-client.js";
 import { renderInto } from "./markdown.js";
 
 const TOKEN_KEY = "chat.token";
@@ -83,17 +83,6 @@ function takeTokenFromUrl() {
     history.replaceState(history.state, "", url);
   }
   return store.get(TOKEN_KEY);
-}
-
-/** The token's `sub`, for display only (the gateway does the verifying). */
-function subjectOf(token) {
-  try {
-    const payload = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
-    const claims = JSON.parse(atob(payload.padEnd(Math.ceil(payload.length / 4) * 4, "=")));
-    return typeof claims.sub === "string" ? claims.sub : null;
-  } catch {
-    return null;
-  }
 }
 
 // Small DOM helpers ----------------------------------------------------------------------
@@ -878,7 +867,7 @@ function startClient(token) {
   const asked = params.get("transport");
   const transport = ["auto", "websocket", "sse"].includes(asked) ? asked : "auto";
   client = new ChatClient({ token, transport });
-  const who = subjectOf(token);
+  const who = tokenSubject(token);
   ui.who.textContent = who ? `Signed in as ${who}` : "";
   ui.signOut.hidden = false;
   ui.signin.hidden = true;

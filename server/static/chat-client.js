@@ -77,6 +77,18 @@ export function backoffDelay(attempt, options = DEFAULTS.reconnect, random = Mat
  * An incremental parser of `text/event-stream`, as the HTML standard defines it:
  * `push()` text as it arrives; `onMessage({event, data, id})` is called per message.
  */
+/** A token's `sub` claim, for display only (the gateway does the verifying); null when
+ * the token is not a JWT with a string `sub`. */
+export function tokenSubject(token) {
+  try {
+    const payload = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    const claims = JSON.parse(atob(payload.padEnd(Math.ceil(payload.length / 4) * 4, "=")));
+    return typeof claims.sub === "string" ? claims.sub : null;
+  } catch {
+    return null;
+  }
+}
+
 export class SseParser {
   constructor(onMessage) {
     this.onMessage = onMessage;
