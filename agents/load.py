@@ -6,6 +6,13 @@ exactly ``chunks`` response chunks of ``chunk_chars`` characters with
 ``delay_ms`` between them; with ``fail=1`` it then raises, so the fallback path
 runs.
 
+The chunks keep a model's clock (:class:`Pacer`): chunk ``i`` is due ``i`` ×
+``delay_ms`` after the first, whenever the previous one went out.  A model streams
+at its own pace whatever the gateway does; its tokens wait in the upstream socket
+while the gateway is busy, they do not slow the model down.  So a busy gateway
+sends its chunks late (by their due time, which load clients measure), not a
+longer answer.
+
 Its answer is held to the run's bound like any agent's (``CHAT_MAX_ANSWER_BYTES``):
 a spec whose ``chunks`` × ``chunk_chars`` is larger ends the run ``failed`` with
 ``answer_too_large`` after the chunks that fit.  Parameters outside their bounds
@@ -75,6 +82,26 @@ def chunk_text(index: int, chars: int) -> str:
     return _ALPHABET[index % 26] * chars
 
 
+class Pacer:
+    """Waits on a fixed schedule: each pause ends ``delay`` after the previous one's due
+    time, not after the caller came back; a caller that is late does not wait at all
+    (beyond one turn of the loop) until it has caught up."""
+
+    __slots__ = ("_due",)
+
+    def __init__(self) -> None:
+        self._due: float | None = None
+
+    def pause(self, now: float, delay: float) -> float:
+        """How long to wait at ``now`` for the pause of ``delay`` that comes next."""
+        due = (now if self._due is None else self._due) + delay
+        self._due = due
+        return max(0.0, due - now)
+
+    async def wait(self, delay: float) -> None:
+        await asyncio.sleep(self.pause(asyncio.get_running_loop().time(), delay))
+
+
 class LoadAgent:
     name = "load"
     description = "Deterministic agent for tests and load scripts (key=value message)."
@@ -86,9 +113,10 @@ class LoadAgent:
         for _ in range(spec.tools):
             await ctx.call_tool("sleep", {"ms": spec.tool_ms})
         delay = spec.delay_ms / 1000
+        pacer = Pacer()
         for i in range(spec.chunks):
             if i and delay:
-                await asyncio.sleep(delay)
+                await pacer.wait(delay)
             await ctx.emit.chunk(chunk_text(i, spec.chunk_chars))
         if spec.fail:
             raise RuntimeError("load agent failing on purpose (fail=1)")

@@ -49,7 +49,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from agents.load import LoadSpec, chunk_text
+from agents.load import LoadSpec, Pacer, chunk_text
 
 PROTOCOL: Final = "chat.v1"
 HEARTBEAT_S: Final = 15.0
@@ -58,6 +58,19 @@ APPS: Final = ("bare", "socketio", "sse")
 
 #: One planned event: its type and data, or None for a pause of ``data`` seconds.
 Step = tuple[str | None, Any]
+
+
+class Paced(float):
+    """A pause between chunks, on the model's clock like the ``load`` agent's
+    (:class:`agents.load.Pacer`): it ends ``self`` seconds after the previous one's due
+    time."""
+
+
+async def pause(seconds: float, pacer: Pacer) -> None:
+    if isinstance(seconds, Paced):
+        await pacer.wait(seconds)
+    else:
+        await asyncio.sleep(seconds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +126,7 @@ def plan(content: str) -> tuple[Step, ...]:
     texts = []
     for i in range(spec.chunks):
         if i and delay:
-            steps.append((None, delay))
+            steps.append((None, Paced(delay)))
         text = chunk_text(i, spec.chunk_chars)
         texts.append(text)
         steps.append(("response_chunk", {"text": text, "index": i}))
@@ -166,11 +179,12 @@ async def envelopes(
     """A run's envelopes as dicts, each stamped when it is made (socketio and sse)."""
     steps = plan(content)
     started = time.perf_counter()
+    pacer = Pacer()
     yield envelope("user_message", run_id, thread_id, 1, user_message_data(content, ref))
     seq = 1
     for kind, data in steps:
         if kind is None:
-            await asyncio.sleep(data)
+            await pause(data, pacer)
             continue
         seq += 1
         if isinstance(data, Dynamic):
@@ -199,7 +213,7 @@ def templates(content: str) -> tuple[Template | float, ...]:
     seq = 1
     for kind, data in plan(content):
         if kind is None:
-            out.append(float(data))
+            out.append(data if isinstance(data, Paced) else float(data))
             continue
         seq += 1
         head = '{"type":"' + kind + '","run_id":"'
@@ -238,6 +252,7 @@ def bare_app() -> Starlette:
         watchers = record.watchers
         sent = record.sent
         started = time.perf_counter()
+        pacer = Pacer()
         first = envelope(
             "user_message", record.run_id, record.thread_id, 1, user_message_data(content, ref)
         )
@@ -247,7 +262,7 @@ def bare_app() -> Starlette:
         try:
             for frame in frames:
                 if isinstance(frame, float):
-                    await asyncio.sleep(frame)
+                    await pause(frame, pacer)
                     continue
                 tail = frame.tail
                 if frame.dynamic is not None:

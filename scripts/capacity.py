@@ -8,9 +8,11 @@ Capacity: for each target, steps of N concurrent streams, each client one run of
 the ``load`` agent at a model's pace (``chunks=400 chunk_chars=6 delay_ms=20
 thinking=2 tools=1 tool_ms=50``: 8 s at 50 chunks/s), the clients' starts spread
 over ``--ramp-s``; each step on fresh server processes. A step holds when the
-p99 of per-event delivery latency (receipt against the envelope's ``ts``) is at
-most 50 ms, every run completes with every event once and in order, and no
-client is cut or fails to connect. The figure is the largest N that held, with
+p99 of per-event delivery latency (receipt against the envelope's ``ts``) and the
+p99 of each chunk's delivery against its due time on the model's clock are at
+most 50 ms, the runs' p99 duration is within ``--pace-slack`` times their own
+delays, every run completes with every event once and in order, and no client is
+cut or fails to connect. The figure is the largest N that held, with
 connect latency p99 and connect timeouts at that N. Targets:
 
 * ``gateway``: ``python -m server``, in-memory broker;
@@ -245,24 +247,28 @@ def render(report: dict[str, Any]) -> str:
         )
         return "\n".join(lines)
     lines.append(
-        "| target | streams held | event latency p99 (ms) | connect p99 (ms) | connect "
-        "timeouts | first step not held |"
+        "| target | streams held | event latency p99 (ms) | chunk due p99 (ms) | "
+        "run / its delays | connect p99 (ms) | connect timeouts | first step not held |"
     )
-    lines.append("|---|---:|---:|---:|---:|---|")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---|")
     for target, r in report["results"].items():
         best = r["at_capacity"] or {}
         worse = r["first_not_held"]
         why = "none (every step held)"
         if worse is not None:
             lat = (worse["event_latency_ms"] or {}).get("p99")
+            due = (worse.get("chunk_due_latency_ms") or {}).get("p99")
             why = (
-                f"{worse['streams']}: latency p99 {lat} ms, connect p99 "
+                f"{worse['streams']}: latency p99 {lat} ms, chunk due p99 {due} ms, "
+                f"run / its delays {worse.get('pace')}, connect p99 "
                 f"{(worse['connect_ms'] or {}).get('p99')} ms, connect failures "
                 f"{worse['connect_failures'] or 0}, errors {worse['errors'] or 0}"
             )
         lines.append(
             f"| {target} | {r['capacity_streams']} | "
             f"{(best.get('event_latency_ms') or {}).get('p99')} | "
+            f"{(best.get('chunk_due_latency_ms') or {}).get('p99')} | "
+            f"{best.get('pace')} | "
             f"{(best.get('connect_ms') or {}).get('p99')} | "
             f"{(best.get('connect_failures') or {}).get('timeout', 0) if best else None} | "
             f"{why} |"

@@ -8,7 +8,7 @@ import pytest
 from agents.base import split_words
 from agents.demo import _OPERATOR, _WORD_OPS, MAX_PLACE_WORDS, find_expression, find_zone
 from agents.errors import AgentInputError, ToolError
-from agents.load import LoadSpec, chunk_text
+from agents.load import LoadSpec, Pacer, chunk_text
 from agents.tools import CALCULATOR, CLOCK, SLEEP, is_zone_name, resolve_zone
 
 
@@ -83,6 +83,18 @@ def test_load_spec() -> None:
         with pytest.raises(AgentInputError):
             LoadSpec.parse(bad)
     assert chunk_text(0, 3) == "aaa" and chunk_text(27, 2) == "bb"
+
+
+def test_the_pacer_keeps_the_models_clock_when_its_caller_is_late() -> None:
+    """Each pause ends a fixed step after the previous one's due time: a caller back
+    late waits less, or not at all, and the schedule does not drift."""
+    pacer = Pacer()
+    assert pacer.pause(10.0, 0.02) == pytest.approx(0.02)  # due 10.02
+    assert pacer.pause(10.021, 0.02) == pytest.approx(0.019)  # due 10.04
+    assert pacer.pause(10.1, 0.02) == 0.0  # due 10.06: 40 ms late, no wait
+    assert pacer.pause(10.1, 0.02) == 0.0  # due 10.08
+    assert pacer.pause(10.1, 0.02) == pytest.approx(0.0)  # due 10.10
+    assert pacer.pause(10.1, 0.02) == pytest.approx(0.02)  # due 10.12: caught up
 
 
 def test_split_words_keeps_the_text() -> None:

@@ -24,7 +24,7 @@ from websockets.uri import parse_uri
 
 from scripts.kit import launcher
 from scripts.kit.sse import SseMessage, SseParser, open_sse, parse_text
-from scripts.kit.stats import Run, Stats, expected_events, sse_event
+from scripts.kit.stats import Run, Stats, chunk_delay_s, expected_events, sse_event
 from scripts.kit.ws import HandshakeError, WsClient, ws_connect
 from tests.support import LiveServer
 
@@ -60,6 +60,27 @@ EXPECTED = [
     (None, b"", None),
     (b"stream_end", b"{}", None),
 ]
+
+
+def test_chunks_are_measured_against_their_due_time_on_the_models_clock() -> None:
+    """Chunk i of a paced run is due i pauses after chunk 0's ts: a chunk sent late (its
+    ts late too) shows its lateness there and not in the latency from ts."""
+    assert chunk_delay_s("load", "chunks=3 delay_ms=20") == 0.02
+    assert chunk_delay_s("load", "chunks=3") is None and chunk_delay_s("demo", "hi") is None
+    stats = Stats(expected_events("load", "chunks=3 delay_ms=20"), 0.02)
+    run = Run("r")
+    base = 1000.0
+
+    def chunk(index: int, ts: float, now: float) -> None:
+        message = {"type": "response_chunk", "seq": 2 + index, "ts": ts, "data": {"index": index}}
+        stats.event(run, message, now)
+
+    chunk(0, base, base + 0.001)
+    chunk(1, base + 0.020, base + 0.021)  # on time
+    chunk(2, base + 0.070, base + 0.071)  # sent 30 ms after it was due
+    assert sorted(round(v, 3) for v in stats.latency_ms.values) == [1.0, 1.0, 1.0]
+    assert sorted(round(v, 3) for v in stats.schedule_ms.values) == [1.0, 1.0, 31.0]
+    assert stats.report()["chunk_due_latency_ms"]["max"] == pytest.approx(31.0)
 
 
 def test_sse_parser_reads_every_line_ending_and_field() -> None:

@@ -5,11 +5,14 @@ waits for ``connection_ready`` and sends one message whose answer comes at a
 language model's pace; the step holds when every run completes with every event
 once and in order, no client is cut or fails to connect, and the p99 of the
 per-event delivery latency (receipt time against the envelope's ``ts``) is
-within the bound, and the runs kept their pace: the p99 of the runs' durations
-(message sent to ``agent_completed``) within ``pace_slack`` times what the
-answer's own delays add up to.  (The latency bound alone does not see a server
-that is saturated: the agents run in its loop, so they slow down with it, and
-their events go out late but with a late ``ts``.)  The ramp raises ``n`` step by
+within the bound, so is the p99 of each chunk's delivery against its due time on
+the model's clock (chunk ``i`` is due ``i`` pauses after chunk 0's ``ts``: the
+``load`` agent keeps that clock, :class:`agents.load.Pacer`), and the runs kept
+their pace: the p99 of the runs' durations (message sent to ``agent_completed``)
+within ``pace_slack`` times what the answer's own delays add up to.  (The bound
+from ``ts`` alone does not see a server that is saturated: the agents run in its
+loop, so their timers fire late and their events go out late but with a late
+``ts``; the due time sees it.)  The ramp raises ``n`` step by
 step, each on a fresh server, until a step does not hold; the capacity is the
 largest ``n`` that held.
 
@@ -29,7 +32,7 @@ from typing import Any, Final
 
 from scripts.kit.launcher import Process
 from scripts.kit.scenarios import Conn, close_all, open_conn, run_handler
-from scripts.kit.stats import Run, Stats, expected_events, load_spec
+from scripts.kit.stats import Run, Stats, chunk_delay_s, expected_events, load_spec
 from scripts.kit.tokens import TokenCache
 from scripts.kit.ws import HandshakeError
 
@@ -46,7 +49,8 @@ def nominal_ms(content: str) -> float | None:
     spec = load_spec("load", content)
     if spec is None:
         return None
-    return float(spec.chunks * spec.delay_ms + spec.tools * spec.tool_ms)
+    # The pauses come between the chunks: one fewer than the chunks.
+    return float(max(spec.chunks - 1, 0) * spec.delay_ms + spec.tools * spec.tool_ms)
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,7 @@ async def capacity_step(
 ) -> dict[str, Any]:
     """``n`` clients ramped over ``cfg.ramp_s`` against ``kind`` on ``port``: what held."""
     loop = asyncio.get_running_loop()
-    stats = Stats(expected_events("load", cfg.content))
+    stats = Stats(expected_events("load", cfg.content), chunk_delay_s("load", cfg.content))
     connect_failures: dict[str, int] = {}
     conns: list[Conn] = []
     began = time.perf_counter()
@@ -109,8 +113,11 @@ async def capacity_step(
     await close_all(conns)
     report = stats.report()
     latency = report["event_latency_ms"]
+    due = report["chunk_due_latency_ms"]
     connect = report["connect_ms"]
     p99 = latency.get("p99") if latency else None
+    due_p99 = due.get("p99") if due else None
+    on_time = due_p99 is None or due_p99 <= cfg.p99_bound_ms
     durations = report["agent_completed_ms"] or {}
     nominal = nominal_ms(cfg.content)
     run_p99 = durations.get("p99")
@@ -121,6 +128,7 @@ async def capacity_step(
         and report["ok"]
         and p99 is not None
         and p99 <= cfg.p99_bound_ms
+        and on_time
         and at_pace
     )
     return {
@@ -130,6 +138,7 @@ async def capacity_step(
         "nominal_run_ms": nominal,
         "pace": pace,
         "event_latency_ms": latency,
+        "chunk_due_latency_ms": due,
         "connect_ms": connect,
         "connect_failures": connect_failures,
         "runs_completed": report["runs"]["completed"],
@@ -161,7 +170,9 @@ async def ramp(
         lat, con = step["event_latency_ms"] or {}, step["connect_ms"] or {}
         log(
             f"  {name:<16} {n:>5} streams: {'held' if step['held'] else 'NOT held':<8} "
-            f"latency p99 {lat.get('p99')} ms, connect p99 {con.get('p99')} ms, "
+            f"latency p99 {lat.get('p99')} ms, "
+            f"chunk due p99 {(step['chunk_due_latency_ms'] or {}).get('p99')} ms, "
+            f"connect p99 {con.get('p99')} ms, "
             f"run p99 / its delays {step['pace']}, "
             f"connect failures {step['connect_failures'] or 0}, errors {step['errors'] or 0}, "
             f"cpu server {step['server_cpu_share']} client {step['client_cpu_share']}, "

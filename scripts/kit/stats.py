@@ -114,6 +114,15 @@ def expected_events(agent: str | None, message: str) -> int | None:
     return 2 + spec.thinking + 2 * spec.tools + spec.chunks + apology + 2
 
 
+def chunk_delay_s(agent: str | None, message: str) -> float | None:
+    """The pause between the ``load`` agent's chunks for ``message``, in seconds; None
+    when it has none (or the message is not a load spec)."""
+    spec = load_spec(agent, message)
+    if spec is None or not spec.delay_ms:
+        return None
+    return spec.delay_ms / 1000
+
+
 _NONCE: Final = secrets.token_hex(4)
 _REFS = itertools.count()
 
@@ -128,6 +137,7 @@ class Run:
     """One message sent and what came back for its run."""
 
     __slots__ = (
+        "chunk0_ts",
         "completed_at",
         "done",
         "events",
@@ -153,13 +163,20 @@ class Run:
         self.events = 0
         self.status: str | None = None
         self.done = done
+        self.chunk0_ts: float | None = None
 
 
 class Stats:
     """Everything the clients measured, shared by all of them (one event loop)."""
 
-    def __init__(self, expected_per_run: int | None = None) -> None:
+    def __init__(
+        self, expected_per_run: int | None = None, chunk_delay_s: float | None = None
+    ) -> None:
         self.expected_per_run = expected_per_run
+        #: The pause between a run's chunks on the model's clock (``load`` agent): with
+        #: it, each chunk's delivery is also measured against its due time.
+        self.chunk_delay_s = chunk_delay_s
+        self.schedule_ms = Sample()
         self.connect_ms = Sample()
         self.first_event_ms = Sample()
         self.started_ms = Sample()
@@ -202,6 +219,8 @@ class Stats:
         ts = message.get("ts")
         if isinstance(ts, float):
             self.latency_ms.add((now - ts) * 1000)
+            if kind == "response_chunk" and self.chunk_delay_s is not None:
+                self.chunk_due(run, message, ts, now)
         if run.completed_at is not None:
             self.after_end += 1
         run.events += 1
@@ -225,6 +244,20 @@ class Stats:
             data = message.get("data")
             status = data.get("status") if isinstance(data, dict) else None
             self.end(run, str(status), now)
+
+    def chunk_due(self, run: Run, message: dict[str, Any], ts: float, now: float) -> None:
+        """Chunk ``index`` is due ``index`` pauses after chunk 0 was sent (its ``ts``),
+        whenever chunk ``index - 1`` went out: receipt against that is what a reader
+        sees of the gateway's delay, agents' timers firing late included."""
+        data = message.get("data")
+        index = data.get("index") if isinstance(data, dict) else None
+        if not isinstance(index, int):
+            return
+        if index == 0:
+            run.chunk0_ts = ts
+        if run.chunk0_ts is not None and self.chunk_delay_s is not None:
+            due = run.chunk0_ts + index * self.chunk_delay_s
+            self.schedule_ms.add((now - due) * 1000)
 
     def end(self, run: Run, status: str, now: float) -> None:
         """The run ended: ``completed``/``cancelled``/``failed`` or a client-side reason."""
@@ -295,6 +328,7 @@ class Stats:
             "agent_started_ms": self.started_ms.summary(),
             "agent_completed_ms": self.completed_ms.summary(),
             "event_latency_ms": self.latency_ms.summary(),
+            "chunk_due_latency_ms": self.schedule_ms.summary(),
             "seq": {
                 "lost": self.lost,
                 "duplicated": self.duplicated,
