@@ -77,6 +77,8 @@ TARGETS: Final = ("gateway", "gateway-redis", "socketio", "balancer")
 DEFAULT_STEPS: Final = "100,200,300,400,500,600,800,1000,1200,1500,2000"
 
 GATEWAY_ENV: Final = unlimited_gateway_env(SECRET)
+#: More variables for the gateway's processes (``--gateway-env``), e.g. a setting to compare.
+GATEWAY_EXTRA_ENV: dict[str, str] = {}
 
 
 @contextlib.contextmanager
@@ -84,6 +86,7 @@ def gateway(workdir: Path, redis_url: str | None = None) -> Iterator[Process]:
     port = free_port()
     env = clean_env(PYTHONPATH=str(ROOT))
     env.update(GATEWAY_ENV)
+    env.update(GATEWAY_EXTRA_ENV)
     env["CHAT_DB_URL"] = f"sqlite:///{workdir}/chat.db"
     if redis_url is not None:
         env["CHAT_BROKER_URL"] = redis_url
@@ -323,6 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="keep each step's server logs and database in DIR (default: removed)",
     )
+    parser.add_argument(
+        "--gateway-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable for the gateway's processes, e.g. a setting to "
+        "compare (repeatable)",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--save", type=Path, default=None, help="also write the JSON to FILE")
     return parser
@@ -337,6 +348,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown targets {unknown}; expected some of {', '.join(TARGETS)}")
     if "balancer" in args.targets and balancer.haproxy_bin() is None:
         parser.error("the balancer target needs haproxy (Debian package haproxy)")
+    for item in args.gateway_env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            parser.error(f"--gateway-env takes NAME=VALUE, got {item!r}")
+        GATEWAY_EXTRA_ENV[name] = value
 
     def log(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
@@ -353,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"capacity.py: error: {exc}", file=sys.stderr)
         return 1
     report["machine"] = machine()
+    report["gateway_env"] = dict(GATEWAY_EXTRA_ENV)
     report["loadavg"] = {"before": before, "after": loadavg()}
     report["elapsed_s"] = round(time.perf_counter() - began, 1)
     data = orjson.dumps(report, option=orjson.OPT_INDENT_2)

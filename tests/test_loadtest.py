@@ -271,3 +271,9 @@ def test_scaling_compares_one_and_two_workers() -> None:
     assert set(report["best_events_per_s"]) == {"1", "2"}
     assert all(v > 0 for v in report["best_events_per_s"].values())
     assert report["two_workers_over_one"] > 0
+    # Where the cores went: the parent and its two workers, Redis, the load client.
+    one, two = report["cpu"]["1"][0], report["cpu"]["2"][0]
+    assert one["gateway_processes"] == 1 and two["gateway_processes"] >= 3
+    for run in (one, two):
+        assert run["gateway_s"] > 0 and run["load_client_s"] > 0 and run["redis_s"] >= 0
+        assert 0 < run["machine_busy"] <= 1.1 and run["events_per_gateway_cpu_s"] > 0
