@@ -22,7 +22,9 @@ below are refused (``bad_input``), never clamped.
 from __future__ import annotations
 
 import asyncio
+import math
 import string
+import weakref
 from dataclasses import dataclass
 from typing import Final
 
@@ -85,7 +87,10 @@ def chunk_text(index: int, chars: int) -> str:
 class Pacer:
     """Waits on a fixed schedule: each pause ends ``delay`` after the previous one's due
     time, not after the caller came back; a caller that is late does not wait at all
-    (beyond one turn of the loop) until it has caught up."""
+    (beyond one turn of the loop) until it has caught up.
+
+    The pacers of a loop share its clock (:class:`Ticks`): one timer per millisecond
+    wakes every pacer due in it, as a model's tokens arriving together would."""
 
     __slots__ = ("_due",)
 
@@ -99,7 +104,51 @@ class Pacer:
         return max(0.0, due - now)
 
     async def wait(self, delay: float) -> None:
-        await asyncio.sleep(self.pause(asyncio.get_running_loop().time(), delay))
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self.pause(now, delay) <= 0.0:
+            await asyncio.sleep(0)
+            return
+        assert self._due is not None
+        await Ticks.of(loop).wait(self._due)
+
+
+class Ticks:
+    """One loop's clock for its pacers: the waits due within the same millisecond share
+    one timer, instead of a timer (and a heap entry) each."""
+
+    __slots__ = ("_loop", "_waiting")
+
+    _clocks: Final[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Ticks]] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._waiting: dict[int, list[asyncio.Future[None]]] = {}
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> Ticks:
+        clock = cls._clocks.get(loop)
+        if clock is None:
+            clock = cls._clocks[loop] = cls(loop)
+        return clock
+
+    def wait(self, due: float) -> asyncio.Future[None]:
+        """A future done at the first millisecond at or after ``due`` (loop time)."""
+        tick = math.ceil(due * 1000)
+        future: asyncio.Future[None] = self._loop.create_future()
+        waiters = self._waiting.get(tick)
+        if waiters is None:
+            self._waiting[tick] = waiters = []
+            self._loop.call_at(tick / 1000, self._fire, tick)
+        waiters.append(future)
+        return future
+
+    def _fire(self, tick: int) -> None:
+        for future in self._waiting.pop(tick, ()):
+            if not future.done():  # a waiter cancelled meanwhile is done already
+                future.set_result(None)
 
 
 class LoadAgent:

@@ -1,14 +1,17 @@
 from __future__ import annotations
 
+import asyncio
+import math
 import random
 import re
+import time
 
 import pytest
 
 from agents.base import split_words
 from agents.demo import _OPERATOR, _WORD_OPS, MAX_PLACE_WORDS, find_expression, find_zone
 from agents.errors import AgentInputError, ToolError
-from agents.load import LoadSpec, Pacer, chunk_text
+from agents.load import LoadSpec, Pacer, Ticks, chunk_text
 from agents.tools import CALCULATOR, CLOCK, SLEEP, is_zone_name, resolve_zone
 
 
@@ -95,6 +98,36 @@ def test_the_pacer_keeps_the_models_clock_when_its_caller_is_late() -> None:
     assert pacer.pause(10.1, 0.02) == 0.0  # due 10.08
     assert pacer.pause(10.1, 0.02) == pytest.approx(0.0)  # due 10.10
     assert pacer.pause(10.1, 0.02) == pytest.approx(0.02)  # due 10.12: caught up
+
+
+async def test_the_pacers_of_a_loop_share_one_timer_per_millisecond() -> None:
+    """Waits due within the same millisecond are woken by one timer, together, none
+    before its due time; a waiter cancelled meanwhile leaves the others be."""
+    loop = asyncio.get_running_loop()
+    clock = Ticks.of(loop)
+    assert Ticks.of(loop) is clock
+    base = math.ceil((loop.time() + 0.02) * 1000) / 1000  # a millisecond's start
+    dues = [base + 0.0001 * k for k in range(1, 10)]  # all within the next millisecond
+    futures = [clock.wait(due) for due in dues]
+    assert len(clock._waiting) == 1
+    futures[0].cancel()
+    await asyncio.gather(*futures[1:])
+    assert loop.time() >= max(dues)
+    assert not clock._waiting
+
+
+async def test_a_late_pacer_does_not_wait_and_an_early_one_waits_for_its_due_time() -> None:
+    loop = asyncio.get_running_loop()
+    pacer = Pacer()
+    began = loop.time()
+    await pacer.wait(0.02)
+    assert loop.time() >= began + 0.02
+    time.sleep(0.05)  # noqa: ASYNC251 (the caller comes back 50 ms late)
+    await pacer.wait(0.02)  # was due 30 ms ago: one turn of the loop
+    await pacer.wait(0.02)  # was due 10 ms ago
+    assert pacer._due is not None and pacer._due == pytest.approx(began + 0.06, abs=0.002)
+    await pacer.wait(0.02)  # due 10 ms ahead: waits for it
+    assert loop.time() >= pacer._due
 
 
 def test_split_words_keeps_the_text() -> None:
