@@ -70,6 +70,7 @@ from scripts.kit.launcher import (
     free_port,
     gateway_argv,
     launch,
+    redis_server,
     tcp_ready,
     unlimited_gateway_env,
 )
@@ -446,7 +447,11 @@ async def bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict[st
             "scenario needs; some connections will fail"
         )
     began = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-"))
+        if args.redis:
+            # The gateway's processes on the Redis broker, a redis-server of the run's own.
+            GATEWAY_EXTRA_ENV["CHAT_BROKER_URL"] = stack.enter_context(redis_server())
         b = Bench(sizes, Path(tmp), bench_tokens(), args.profile, log, args.gateway_src)
         for kind in args.servers:
             log(f"{kind}:")
@@ -457,6 +462,7 @@ async def bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict[st
     results = b.results
     return {
         "quick": args.quick,
+        "broker": "redis" if args.redis else "memory",
         "command": "python scripts/bench.py" + (" --quick" if args.quick else ""),
         "machine": machine(),
         "versions": versions(),
@@ -524,6 +530,12 @@ def build_parser() -> argparse.ArgumentParser:
         "one-stream, 20-stream and time-to-first-event runs on a fresh gateway after the "
         "measured ones (py-spy pauses the process for each sample: these runs are not "
         "measured)",
+    )
+    parser.add_argument(
+        "--redis",
+        action="store_true",
+        help="the gateway on the Redis broker, a redis-server of the run's own (needs "
+        "redis-server); the comparison servers are as always",
     )
     parser.add_argument(
         "--scaling",

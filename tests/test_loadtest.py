@@ -238,6 +238,20 @@ def test_bench_quick_runs_every_server_and_scenario() -> None:
     assert {t["target"] for t in report["targets"]} >= {"gateway / bare, one stream"}
 
 
+def test_bench_runs_the_gateway_on_redis_when_asked() -> None:
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server not installed (Debian package redis-server)")
+    done = run_script(BENCH, "--quick", "--json", "--servers", "gateway", "--redis", timeout=110)
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = report_of(done)
+    assert report["broker"] == "redis"
+    assert report["gateway_env"]["CHAT_BROKER_URL"].startswith("redis://127.0.0.1:")
+    ttfe = report["results"]["gateway"]["ttfe"]
+    assert ttfe["value"] > 0 and "problems" not in ttfe, ttfe
+
+
 def test_scaling_compares_one_and_two_workers() -> None:
     import json
     import shutil
