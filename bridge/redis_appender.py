@@ -62,6 +62,13 @@ class RedisAppender:
         core.collect = self.collect
 
     async def publish(self, event: Event) -> None:
+        owned = self.append(event)
+        if owned is not None:
+            await self.drain(owned)
+
+    def append(self, event: Event) -> Owned | None:
+        """Queue ``event`` on its run for the writer; the run if its events are to be
+        drained before the publisher goes on (:meth:`publish` without a coroutine)."""
         run_id = event.run_id
         owned = self.core.owned.get(run_id or "")
         if owned is None:
@@ -77,7 +84,8 @@ class RedisAppender:
             self.core.wake_writer()
         if len(owned.pending) >= FLUSH_BATCH * 8 or event.type == "agent_completed":
             # Back-pressure on a fast agent, and the run's end is durable before it returns.
-            await self.drain(owned)
+            return owned
+        return None
 
     async def drain(self, owned: Owned) -> None:
         """Wait until every event the run published is appended (or the run is lost)."""
@@ -131,8 +139,8 @@ class RedisAppender:
                 now = now or time.monotonic()
                 owned.since = now
             commands, applied = self._append_commands(owned, batch, recreate=owned.recreate)
-            write: list[Any] = [self.core.k("run", owned.record.run_id), int(not owned.recreate)]
-            write += commands
+            run_key = owned.keys[1] if owned.keys else self.core.k("run", owned.record.run_id)
+            write: list[Any] = [run_key, int(not owned.recreate), *commands]
             owned.sending = True
             writes.append((write, partial(self._answered, owned, applied)))
         return writes
@@ -265,8 +273,15 @@ class RedisAppender:
         c = self.core
         record = owned.record
         run_id = record.run_id
-        log_key, run_key = c.k("log", run_id), c.k("run", run_id)
-        answer_key, calls_key = c.k("answer", run_id), c.k("calls", run_id)
+        keys = owned.keys
+        if keys is None:
+            keys = owned.keys = (
+                c.k("log", run_id),
+                c.k("run", run_id),
+                c.k("answer", run_id),
+                c.k("calls", run_id),
+            )
+        log_key, run_key, answer_key, calls_key = keys
         commands: list[lua.Command] = []
         added = [(event.seq or 0, kept_size(event)) for event in batch]
         text: list[str] = []

@@ -125,6 +125,8 @@ class Owned:
     #: Told once nothing is pending or on its way (made only when someone waits).
     drained: asyncio.Future[None] | None = None
     failure: BaseException | None = None
+    #: The run's keys its appends write (log, record, answer, calls), made once.
+    keys: tuple[str, str, str, str] | None = None
     sizes: deque[tuple[int, int]] = field(default_factory=deque)  # (seq, bytes) kept
     held: int = 0
     flushed_seq: int = 0  # the last seq the stream holds
