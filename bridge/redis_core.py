@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
@@ -32,6 +33,8 @@ from bridge.errors import BrokerUnavailable
 from bridge.events import Event
 from bridge.log import RunLog
 from bridge.runstate import RunState
+
+log = logging.getLogger("chat.redis")
 
 #: How long the XREAD loop blocks before it looks at the set of mirrored runs again.
 TAIL_BLOCK_MS: Final = 100
@@ -62,6 +65,15 @@ SCRIPTS: Final = (
 #: How a fenced write is answered: with :data:`WRITTEN`, :data:`REFUSED` or
 #: :data:`MISSING`, or the error that kept it from Redis.
 Answer = Callable[[int | BaseException], None]
+
+
+def _tell(answer: Answer, got: int | BaseException) -> None:
+    """Answer one write; what its answer raises is logged, and the writer goes on to
+    the others (other runs' writes among them)."""
+    try:
+        answer(got)
+    except Exception:
+        log.exception("handling a fenced write's answer failed")
 
 
 def _answer_future(future: asyncio.Future[int], answer: int | BaseException) -> None:
@@ -390,12 +402,12 @@ class RedisCore:
         except asyncio.CancelledError:
             for call in calls:
                 for _, answer in call:
-                    answer(asyncio.CancelledError())
+                    _tell(answer, asyncio.CancelledError())
             raise
         except Exception as exc:
             for call in calls:
                 for _, answer in call:
-                    answer(exc)
+                    _tell(answer, exc)
             return []
         again = []
         for call, result in zip(calls, results, strict=True):
@@ -405,18 +417,18 @@ class RedisCore:
             answers = result if isinstance(result, list) else [result] * len(call)
             for (_, answer), got in zip(call, answers, strict=True):
                 if isinstance(got, BaseException):
-                    answer(got)
+                    _tell(answer, got)
                 elif isinstance(got, bytes | str):
-                    answer(ResponseError(text(got)))
+                    _tell(answer, ResponseError(text(got)))
                 else:
-                    answer(int(got))
+                    _tell(answer, int(got))
         if again:
             try:
                 await self.r.script_load(lua.FENCED_WRITES)
             except (RedisError, OSError) as exc:
                 for call in again:
                     for _, answer in call:
-                        answer(exc)
+                        _tell(answer, exc)
                 return []
         return again
 
