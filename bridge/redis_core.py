@@ -362,9 +362,11 @@ class RedisCore:
         for up to :data:`WRITES_PER_CALL` of them (:data:`COMMANDS_PER_CALL`
         commands) and applies each; the calls of a turn go in one pipeline; each
         write is answered on its own, and a connection that breaks fails each."""
-        if self.append_window_s > 0:
-            await asyncio.sleep(self.append_window_s)
         while True:
+            if self.append_window_s > 0:
+                # Each turn gathers for the window: the runs answered in the last one
+                # come back with what their agents published meanwhile.
+                await asyncio.sleep(self.append_window_s)
             batch, self._writes = self._writes, []
             if self.collect is not None:
                 batch += self.collect()
