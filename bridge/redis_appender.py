@@ -283,13 +283,18 @@ class RedisAppender:
             )
         log_key, run_key, answer_key, calls_key = keys
         commands: list[lua.Command] = []
-        added = [(event.seq or 0, kept_size(event)) for event in batch]
+        added: list[tuple[int, int]] = []
+        added_bytes = 0
         text: list[str] = []
         opened: dict[str, str] = {}
         closed: list[str] = []
         responded = False
         for event in batch:
-            commands.append(["XADD", log_key, f"0-{event.seq or 0}", "e", event.text])
+            seq = event.seq or 0
+            size = kept_size(event)
+            added.append((seq, size))
+            added_bytes += size
+            commands.append(["XADD", log_key, f"0-{seq}", "e", event.text])
             # What an ending written by another process needs, whatever the trim keeps.
             kind = event.type
             if kind == "response_chunk":
@@ -319,21 +324,24 @@ class RedisAppender:
         changed: list[str | int | float] = ["last_seq", last.seq or 0, "updated_at", last.ts]
         if responded:
             changed += ["responded", 1]
+        answer = "".join(text)
         if text:
-            commands.append(["APPEND", answer_key, "".join(text)])
+            commands.append(["APPEND", answer_key, answer])
             changed += ["chunks", progress.chunks + len(text)]
         # The oldest first, over what the stream keeps and this batch, keeping the newest.
-        kept, held = owned.sizes, owned.held + sum(size for _, size in added)
-        count = len(kept) + len(added)
+        kept, held = owned.sizes, owned.held + added_bytes
+        drop = 0
+        if held > c.max_bytes:
+            count = len(kept) + len(added)
 
-        def entry(i: int) -> tuple[int, int]:
-            return kept[i] if i < len(kept) else added[i - len(kept)]
+            def entry(i: int) -> tuple[int, int]:
+                return kept[i] if i < len(kept) else added[i - len(kept)]
 
-        drop, held = trim(held, c.max_bytes, count, lambda i: entry(i)[1])
-        first_kept = entry(drop)[0] if drop else None
-        if first_kept is not None:
-            commands.append(["XTRIM", log_key, "MINID", seq_id(first_kept)])
-            changed += ["first_seq", first_kept]
+            drop, held = trim(held, c.max_bytes, count, lambda i: entry(i)[1])
+            if drop:
+                first_kept = entry(drop)[0]
+                commands.append(["XTRIM", log_key, "MINID", seq_id(first_kept)])
+                changed += ["first_seq", first_kept]
         if recreate:
             # The fields written once at the run's start, and what lists the run.
             for name, value in record_fields(record, c.node).items():
@@ -361,7 +369,7 @@ class RedisAppender:
 
         def applied() -> None:
             progress.chunks += len(text)
-            progress.chars += sum(len(t) for t in text)
+            progress.chars += len(answer)
             progress.open_calls.update(opened)
             for call_id in closed:
                 progress.open_calls.pop(call_id, None)
