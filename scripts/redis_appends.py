@@ -72,7 +72,7 @@ async def measure(url: str, runs: int, events: int) -> dict[str, Any]:
     now = time.time()
     for run_id in ids:
         record = RunRecord(run_id, f"t_{run_id}", "load", "load", "running", now, now)
-        await broker.create_run(record, Controller())  # type: ignore[arg-type]
+        await broker.create_run(record, Controller())
         await broker.watch(run_id, 0, wake)
     chunks = [
         [
