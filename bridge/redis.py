@@ -264,7 +264,10 @@ class RedisBroker:
     # Event logs and lifecycle commands -------------------------------------------------
 
     async def publish(self, event: Event) -> None:
-        await self.appender.publish(event)
+        appender = self.appender
+        owned = appender.append(event)  # no second coroutine per event
+        if owned is not None:
+            await appender.drain(owned)
 
     async def watch(self, run_id: str, after_seq: int, wake: Wake) -> RedisWatch:
         return await self.watches.watch(run_id, after_seq, wake)

@@ -17,7 +17,8 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
-from typing import Final
+from functools import partial
+from typing import Any, Final
 
 from redis.exceptions import RedisError
 
@@ -26,7 +27,7 @@ from bridge.broker import RunRecord
 from bridge.errors import BrokerUnavailable, RunNotFound
 from bridge.events import Event
 from bridge.log import kept_size, trim
-from bridge.redis_core import MISSING, WRITTEN, Owned, RedisCore, seq_id
+from bridge.redis_core import MISSING, WRITTEN, Answer, Owned, RedisCore, seq_id
 from bridge.redis_lease import ending
 from bridge.redis_registry import record_fields
 from bridge.runstate import INPUT_KEY_PREFIX, RunState
@@ -44,10 +45,30 @@ ENDING_RETRY_S: Final = 600.0
 
 
 class RedisAppender:
+    """The appends of every run this process executes, sent by the core's one writer.
+
+    :meth:`publish` queues the event on its run and lists the run for the writer
+    (no task or future per event); each turn the writer takes every listed run's
+    pending events (:meth:`collect`, up to :data:`FLUSH_BATCH` a run), sends them
+    in as few script calls as the caps allow, and each run's answer is handled
+    here (:meth:`_answered`).  A run has at most one write on its way: its events
+    published meanwhile wait for the turn after its answer, so they land in order.
+    """
+
     def __init__(self, core: RedisCore) -> None:
         self.core = core
+        #: Runs with events for the writer's next turn, in the order they were listed.
+        self._queued: list[Owned] = []
+        core.collect = self.collect
 
     async def publish(self, event: Event) -> None:
+        owned = self.append(event)
+        if owned is not None:
+            await self.drain(owned)
+
+    def append(self, event: Event) -> Owned | None:
+        """Queue ``event`` on its run for the writer; the run if its events are to be
+        drained before the publisher goes on (:meth:`publish` without a coroutine)."""
         run_id = event.run_id
         owned = self.core.owned.get(run_id or "")
         if owned is None:
@@ -57,76 +78,179 @@ class RedisAppender:
                 owned.failure
             )
         owned.pending.append(event)
-        if owned.flusher is None or owned.flusher.done():
-            owned.flusher = asyncio.get_running_loop().create_task(self._flush(owned))
+        if not (owned.queued or owned.sending):
+            owned.queued = True
+            self._queued.append(owned)
+            self.core.wake_writer()
         if len(owned.pending) >= FLUSH_BATCH * 8 or event.type == "agent_completed":
             # Back-pressure on a fast agent, and the run's end is durable before it returns.
-            await self.drain(owned)
+            return owned
+        return None
 
     async def drain(self, owned: Owned) -> None:
-        while owned.flusher is not None and not owned.flusher.done():
-            await asyncio.shield(owned.flusher)
+        """Wait until every event the run published is appended (or the run is lost)."""
+        while owned.queued or owned.sending:
+            if owned.drained is None:
+                owned.drained = asyncio.get_running_loop().create_future()
+            await asyncio.shield(owned.drained)
         if owned.failure is not None:
             raise BrokerUnavailable("Redis is unreachable: the run's events cannot be kept") from (
                 owned.failure
             )
 
-    async def _flush(self, owned: Owned) -> None:
-        """Append what the run published, in order; ride out a short Redis outage.
+    def _settled(self, owned: Owned) -> None:
+        """Nothing of the run is pending or on its way any more: its drains return."""
+        drained, owned.drained = owned.drained, None
+        if drained is not None and not drained.done():
+            drained.set_result(None)
 
-        While Redis is unreachable the events wait here (the agent waits too, once
-        too many are pending) and each batch is tried again with a growing pause;
-        after ``outage_s`` the run is ended ``failed`` / ``broker_unavailable``
-        by :meth:`give_up`.  An append refused by the fence (this process was
-        reaped) stops the run: its ending is the reaper's.
+    def _queue(self, owned: Owned) -> None:
+        """List the run for the writer's next turn if it has events to write, or
+        tell its drains that it has none."""
+        if (owned.pending or owned.batch) and owned.failure is None:
+            owned.queued = True
+            self._queued.append(owned)
+            self.core.wake_writer()
+        else:
+            owned.batch = None
+            self._settled(owned)
+
+    def collect(self) -> list[tuple[list[Any], Answer]]:
+        """The writes of every listed run, for the writer's turn: each run's oldest
+        pending events (up to :data:`FLUSH_BATCH`), or the write to send again."""
+        queued, self._queued = self._queued, []
+        writes: list[tuple[list[Any], Answer]] = []
+        now = 0.0
+        for owned in queued:
+            owned.queued = False
+            if owned.failure is not None:
+                # Lost meanwhile (reaped, or given up): nothing more is written.
+                owned.batch = None
+                self._settled(owned)
+                continue
+            batch = owned.batch
+            if batch is None:
+                batch = owned.pending[:FLUSH_BATCH]
+                del owned.pending[:FLUSH_BATCH]
+                if not batch:
+                    self._settled(owned)
+                    continue
+                owned.batch = batch
+                now = now or time.monotonic()
+                owned.since = now
+            commands, applied = self._append_commands(owned, batch, recreate=owned.recreate)
+            run_key = owned.keys[1] if owned.keys else self.core.k("run", owned.record.run_id)
+            write: list[Any] = [run_key, int(not owned.recreate), *commands]
+            owned.sending = True
+            writes.append((write, partial(self._answered, owned, applied)))
+        return writes
+
+    def _answered(
+        self, owned: Owned, applied: Callable[[], None], answer: int | BaseException
+    ) -> None:
+        """What Redis answered to the run's write: see :meth:`_ride_out` for the
+        outage and fencing rules, which this follows."""
+        c = self.core
+        if isinstance(answer, RedisError | OSError):
+            c.spawn(self._ride_out(owned, applied, answer))
+            return
+        owned.sending = False
+        if isinstance(answer, asyncio.CancelledError):
+            # The broker is closing.
+            drained, owned.drained = owned.drained, None
+            if drained is not None:
+                drained.cancel()
+            return
+        if isinstance(answer, BaseException):
+            # Not Redis's answer (the broker is closed): the run's events cannot be kept.
+            log.error("run %s: appending to Redis failed: %r", owned.record.run_id, answer)
+            owned.batch = None
+            owned.pending.clear()
+            if owned.failure is None:
+                owned.failure = answer
+            self._settled(owned)
+            return
+        if answer == MISSING and not owned.recreate:
+            # Redis lost the record (restarted empty): written again, whole.
+            owned.sending = False
+            owned.recreate = True
+            self._queue(owned)
+            return
+        c.reachable = True
+        owned.sending = False
+        self._done(owned, applied, appended=answer == WRITTEN)
+
+    def _done(self, owned: Owned, applied: Callable[[], None], *, appended: bool) -> None:
+        """The run's write landed (or the fence refused it): note it, tell the run's
+        local watchers, and list the run again if it published more meanwhile."""
+        c = self.core
+        run_id = owned.record.run_id
+        batch, owned.batch = owned.batch or [], None
+        owned.recreate = False
+        if not appended:
+            log.error("run %s: this process was reaped; its events are refused", run_id)
+            c.lease.lose(owned)
+            c.lease.fenced_out()
+            self._settled(owned)
+            return
+        applied()
+        if batch:
+            last = batch[-1]
+            owned.flushed_seq = last.seq or 0
+            c.watches.mirror_append(run_id, batch)
+            if last.type == "agent_completed":
+                c.owned.pop(run_id, None)
+                c.forget_mirror(run_id)
+        self._queue(owned)
+
+    async def _ride_out(
+        self, owned: Owned, applied: Callable[[], None], exc: BaseException
+    ) -> None:
+        """Append the run's write that failed on a Redis error; ride out a short outage.
+
+        While Redis is unreachable the run's events wait (the agent waits too, once
+        too many are pending) and its write is tried again with a growing pause;
+        after ``outage_s`` from its first try the run is ended ``failed`` /
+        ``broker_unavailable`` by :meth:`give_up`.  A write refused by the fence
+        (this process was reaped) stops the run: its ending is the reaper's.
         """
         c = self.core
         run_id = owned.record.run_id
-        while owned.pending:
-            batch = owned.pending[:FLUSH_BATCH]
-            del owned.pending[:FLUSH_BATCH]
-            pause, gave_up_at = 0.05, time.monotonic() + c.outage_s
-            recreate = False
-            commands, applied = self._append_commands(owned, batch, recreate=recreate)
-            while True:
-                try:
-                    answer = await c.fenced_write(run_id, commands, if_recorded=not recreate)
-                    if answer == MISSING:
-                        # Redis lost the record (restarted empty): written again, whole.
-                        recreate = True
-                        commands, applied = self._append_commands(owned, batch, recreate=True)
-                        continue
-                    appended = answer == WRITTEN
-                    break
-                except (RedisError, OSError) as exc:
-                    c.reachable = False
-                    if time.monotonic() > gave_up_at:
-                        log.error("run %s: appending to Redis failed: %r", run_id, exc)
-                        self.give_up(owned, exc)
-                        return
-                    log.warning("run %s: Redis unreachable (%r); trying again", run_id, exc)
-                    await asyncio.sleep(pause)
-                    pause = min(pause * 2, 1.0)
-                    # The batch may have landed (whole: it is one script) before the
-                    # connection broke; it is not appended twice.
-                    if await self._landed(run_id, batch[-1]):
-                        appended = True
-                        break
-            c.reachable = True
-            if appended:
-                applied()
-            if not appended:
-                log.error("run %s: this process was reaped; its events are refused", run_id)
-                c.lease.lose(owned)
-                c.lease.fenced_out()
+        batch = owned.batch or []
+        recreate = owned.recreate
+        pause, gave_up_at = 0.05, owned.since + c.outage_s
+        while True:
+            c.reachable = False
+            if time.monotonic() > gave_up_at:
+                log.error("run %s: appending to Redis failed: %r", run_id, exc)
+                owned.sending = False
+                owned.batch = None
+                self.give_up(owned, exc)
+                self._settled(owned)
                 return
-            last = batch[-1] if batch else None
-            if last is not None:
-                owned.flushed_seq = last.seq or 0
-                c.watches.mirror_append(run_id, batch)
-                if last.type == "agent_completed":
-                    c.owned.pop(run_id, None)
-                    c.forget_mirror(run_id)
+            log.warning("run %s: Redis unreachable (%r); trying again", run_id, exc)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 1.0)
+            # The write may have landed (whole: it is one script) before the
+            # connection broke; it is not appended twice.
+            if batch and await self._landed(run_id, batch[-1]):
+                appended = True
+                break
+            try:
+                while True:
+                    commands, _ = self._append_commands(owned, batch, recreate=recreate)
+                    answer = await c.fenced_write(run_id, commands, if_recorded=not recreate)
+                    if answer != MISSING:
+                        break
+                    # Redis lost the record (restarted empty): written again, whole.
+                    recreate = True
+                appended = answer == WRITTEN
+                break
+            except (RedisError, OSError) as error:
+                exc = error
+        c.reachable = True
+        owned.sending = False
+        self._done(owned, applied, appended=appended)
 
     async def _landed(self, run_id: str, last: Event) -> bool:
         """Whether the stream holds ``last`` itself (its batch landed whole, its reply
@@ -149,16 +273,28 @@ class RedisAppender:
         c = self.core
         record = owned.record
         run_id = record.run_id
-        log_key, run_key = c.k("log", run_id), c.k("run", run_id)
-        answer_key, calls_key = c.k("answer", run_id), c.k("calls", run_id)
+        keys = owned.keys
+        if keys is None:
+            keys = owned.keys = (
+                c.k("log", run_id),
+                c.k("run", run_id),
+                c.k("answer", run_id),
+                c.k("calls", run_id),
+            )
+        log_key, run_key, answer_key, calls_key = keys
         commands: list[lua.Command] = []
-        added = [(event.seq or 0, kept_size(event)) for event in batch]
+        added: list[tuple[int, int]] = []
+        added_bytes = 0
         text: list[str] = []
         opened: dict[str, str] = {}
         closed: list[str] = []
         responded = False
         for event in batch:
-            commands.append(["XADD", log_key, f"0-{event.seq or 0}", "e", event.text])
+            seq = event.seq or 0
+            size = kept_size(event)
+            added.append((seq, size))
+            added_bytes += size
+            commands.append(["XADD", log_key, f"0-{seq}", "e", event.text])
             # What an ending written by another process needs, whatever the trim keeps.
             kind = event.type
             if kind == "response_chunk":
@@ -188,21 +324,24 @@ class RedisAppender:
         changed: list[str | int | float] = ["last_seq", last.seq or 0, "updated_at", last.ts]
         if responded:
             changed += ["responded", 1]
+        answer = "".join(text)
         if text:
-            commands.append(["APPEND", answer_key, "".join(text)])
+            commands.append(["APPEND", answer_key, answer])
             changed += ["chunks", progress.chunks + len(text)]
         # The oldest first, over what the stream keeps and this batch, keeping the newest.
-        kept, held = owned.sizes, owned.held + sum(size for _, size in added)
-        count = len(kept) + len(added)
+        kept, held = owned.sizes, owned.held + added_bytes
+        drop = 0
+        if held > c.max_bytes:
+            count = len(kept) + len(added)
 
-        def entry(i: int) -> tuple[int, int]:
-            return kept[i] if i < len(kept) else added[i - len(kept)]
+            def entry(i: int) -> tuple[int, int]:
+                return kept[i] if i < len(kept) else added[i - len(kept)]
 
-        drop, held = trim(held, c.max_bytes, count, lambda i: entry(i)[1])
-        first_kept = entry(drop)[0] if drop else None
-        if first_kept is not None:
-            commands.append(["XTRIM", log_key, "MINID", seq_id(first_kept)])
-            changed += ["first_seq", first_kept]
+            drop, held = trim(held, c.max_bytes, count, lambda i: entry(i)[1])
+            if drop:
+                first_kept = entry(drop)[0]
+                commands.append(["XTRIM", log_key, "MINID", seq_id(first_kept)])
+                changed += ["first_seq", first_kept]
         if recreate:
             # The fields written once at the run's start, and what lists the run.
             for name, value in record_fields(record, c.node).items():
@@ -230,7 +369,7 @@ class RedisAppender:
 
         def applied() -> None:
             progress.chunks += len(text)
-            progress.chars += sum(len(t) for t in text)
+            progress.chars += len(answer)
             progress.open_calls.update(opened)
             for call_id in closed:
                 progress.open_calls.pop(call_id, None)

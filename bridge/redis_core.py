@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
 from collections import deque
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Final, Protocol
 
 import orjson
@@ -31,6 +33,8 @@ from bridge.errors import BrokerUnavailable
 from bridge.events import Event
 from bridge.log import RunLog
 from bridge.runstate import RunState
+
+log = logging.getLogger("chat.redis")
 
 #: How long the XREAD loop blocks before it looks at the set of mirrored runs again.
 TAIL_BLOCK_MS: Final = 100
@@ -56,6 +60,31 @@ SCRIPTS: Final = (
     "COUNT_WATCHERS",
     "RELEASE_KEY",
 )
+
+
+#: How a fenced write is answered: with :data:`WRITTEN`, :data:`REFUSED` or
+#: :data:`MISSING`, or the error that kept it from Redis.
+Answer = Callable[[int | BaseException], None]
+
+
+def _tell(answer: Answer, got: int | BaseException) -> None:
+    """Answer one write; what its answer raises is logged, and the writer goes on to
+    the others (other runs' writes among them)."""
+    try:
+        answer(got)
+    except Exception:
+        log.exception("handling a fenced write's answer failed")
+
+
+def _answer_future(future: asyncio.Future[int], answer: int | BaseException) -> None:
+    if future.done():
+        return
+    if isinstance(answer, asyncio.CancelledError):
+        future.cancel()
+    elif isinstance(answer, BaseException):
+        future.set_exception(answer)
+    else:
+        future.set_result(answer)
 
 
 def seq_id(seq: int) -> str:
@@ -97,8 +126,19 @@ class Owned:
     record: RunRecord
     controller: RunController
     pending: list[Event] = field(default_factory=list)
-    flusher: asyncio.Task[None] | None = None
+    #: The events of the write on its way (or to be sent again), the oldest pending.
+    batch: list[Event] | None = None
+    #: Listed for the writer's next turn; a write of it on its way (at most one).
+    queued: bool = False
+    sending: bool = False
+    #: The write goes with the whole record (Redis lost it), and since when it is tried.
+    recreate: bool = False
+    since: float = 0.0
+    #: Told once nothing is pending or on its way (made only when someone waits).
+    drained: asyncio.Future[None] | None = None
     failure: BaseException | None = None
+    #: The run's keys its appends write (log, record, answer, calls), made once.
+    keys: tuple[str, str, str, str] | None = None
     sizes: deque[tuple[int, int]] = field(default_factory=deque)  # (seq, bytes) kept
     held: int = 0
     flushed_seq: int = 0  # the last seq the stream holds
@@ -225,8 +265,10 @@ class RedisCore:
         self.on_run_lost: RunLost | None = None
         self.reachable = False
         #: Fenced writes waiting for the next pipeline, and the task that sends them.
-        self._writes: list[tuple[list[Any], asyncio.Future[int]]] = []
+        self._writes: list[tuple[list[Any], Answer]] = []
         self._writer: asyncio.Task[None] | None = None
+        #: The appender's: every run's pending write, taken by the writer each turn.
+        self.collect: Callable[[], list[tuple[list[Any], Answer]]] | None = None
         # The parts the others call, set by the broker that builds them.
         self.registry: Registry
         self.watches: Watches
@@ -296,27 +338,41 @@ class RedisCore:
         :data:`WRITTEN`, :data:`REFUSED`, or with ``if_recorded`` :data:`MISSING`
         (nothing written) when Redis holds no record of the run.
 
-        The fenced writes of every run made in the same turn of the event loop (and
-        those made while a batch is on its way, or within ``append_window_s`` of
-        the first) go to Redis together: one script call checks the fence once for
-        up to :data:`WRITES_PER_CALL` of them (:data:`COMMANDS_PER_CALL` commands)
-        and applies each; each is answered on its own, and a connection that breaks
-        fails each of them."""
+        Sent by the one writer (:meth:`send_writes`) with every other fenced write
+        made meanwhile."""
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         # Numbers go as JSON numbers: Redis gives a script's numeric arguments to a
         # command with 17 significant digits, so a float reads back as the same float.
         write: list[Any] = [self.k("run", run_id), int(if_recorded), *commands]
-        self._writes.append((write, future))
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.get_running_loop().create_task(self._write_batches())
+        self._writes.append((write, partial(_answer_future, future)))
+        self.wake_writer()
         return await future
 
+    def wake_writer(self) -> None:
+        """Have the writer send what is waiting: the fenced writes queued here and
+        those the appender's ``collect`` makes (every run's pending events)."""
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write_batches())
+
     async def _write_batches(self) -> None:
-        if self.append_window_s > 0:
-            await asyncio.sleep(self.append_window_s)
-        while self._writes:
+        """The one writer of this process's fenced writes.
+
+        The writes made within ``append_window_s`` of the first (or while a batch
+        is on its way) go to Redis together: one script call checks the fence once
+        for up to :data:`WRITES_PER_CALL` of them (:data:`COMMANDS_PER_CALL`
+        commands) and applies each; the calls of a turn go in one pipeline; each
+        write is answered on its own, and a connection that breaks fails each."""
+        while True:
+            if self.append_window_s > 0:
+                # Each turn gathers for the window: the runs answered in the last one
+                # come back with what their agents published meanwhile.
+                await asyncio.sleep(self.append_window_s)
             batch, self._writes = self._writes, []
-            calls: list[list[tuple[list[Any], asyncio.Future[int]]]] = [[]]
+            if self.collect is not None:
+                batch += self.collect()
+            if not batch:
+                return
+            calls: list[list[tuple[list[Any], Answer]]] = [[]]
             size = 0
             for item in batch:
                 commands = len(item[0]) - 2
@@ -331,15 +387,15 @@ class RedisCore:
                 calls = await self._send_writes(calls)
 
     async def _send_writes(
-        self, calls: list[list[tuple[list[Any], asyncio.Future[int]]]]
-    ) -> list[list[tuple[list[Any], asyncio.Future[int]]]]:
+        self, calls: list[list[tuple[list[Any], Answer]]]
+    ) -> list[list[tuple[list[Any], Answer]]]:
         """Send ``calls`` (each one script call's writes) in one pipeline; answer
-        their futures; the calls to send again (a restarted Redis lacked the script)."""
+        each write; the calls to send again (a restarted Redis lacked the script)."""
         script = self.scripts["FENCED_WRITES"]
         fence = self.k("fenced", self.node)
         try:
-            # Built inside the try: whatever fails here answers every write's future
-            # with it, rather than leaving them (other users' runs among them) waiting.
+            # Built inside the try: whatever fails here answers every write with it,
+            # rather than leaving them (other users' runs among them) waiting.
             pipe = self.r.pipeline(transaction=False)
             for call in calls:
                 payload = orjson.dumps([write for write, _ in call])
@@ -347,14 +403,13 @@ class RedisCore:
             results = await pipe.execute(raise_on_error=False)
         except asyncio.CancelledError:
             for call in calls:
-                for _, future in call:
-                    future.cancel()
+                for _, answer in call:
+                    _tell(answer, asyncio.CancelledError())
             raise
         except Exception as exc:
             for call in calls:
-                for _, future in call:
-                    if not future.done():
-                        future.set_exception(exc)
+                for _, answer in call:
+                    _tell(answer, exc)
             return []
         again = []
         for call, result in zip(calls, results, strict=True):
@@ -362,23 +417,20 @@ class RedisCore:
                 again.append(call)
                 continue
             answers = result if isinstance(result, list) else [result] * len(call)
-            for (_, future), answer in zip(call, answers, strict=True):
-                if future.done():
-                    pass
-                elif isinstance(answer, BaseException):
-                    future.set_exception(answer)
-                elif isinstance(answer, bytes | str):
-                    future.set_exception(ResponseError(text(answer)))
+            for (_, answer), got in zip(call, answers, strict=True):
+                if isinstance(got, BaseException):
+                    _tell(answer, got)
+                elif isinstance(got, bytes | str):
+                    _tell(answer, ResponseError(text(got)))
                 else:
-                    future.set_result(int(answer))
+                    _tell(answer, int(got))
         if again:
             try:
                 await self.r.script_load(lua.FENCED_WRITES)
             except (RedisError, OSError) as exc:
                 for call in again:
-                    for _, future in call:
-                        if not future.done():
-                            future.set_exception(exc)
+                    for _, answer in call:
+                        _tell(answer, exc)
                 return []
         return again
 

@@ -350,3 +350,95 @@ async def test_appends_of_many_runs_share_script_calls_and_write_only_what_chang
     assert figures["evalsha"] * 4 < events
     # The record's fields are written at the run's start, not again with each append.
     assert figures["hsetnx"] == 0
+
+
+#: Counts the asyncio tasks a process creates, by coroutine, written to
+#: TASK_COUNTS_FILE every 50 ms: loaded by ``python -m server`` as its
+#: ``sitecustomize`` (uvicorn ends the process by its signal: no ``atexit``).
+TASK_COUNTER = """
+import asyncio.base_events, collections, json, os, threading, time
+
+_counts = collections.Counter()
+_create_task = asyncio.base_events.BaseEventLoop.create_task
+
+
+def create_task(self, coro, **kwargs):
+    code = getattr(coro, "cr_code", None)
+    _counts[code.co_qualname if code is not None else type(coro).__qualname__] += 1
+    return _create_task(self, coro, **kwargs)
+
+
+def _write():
+    path = os.environ["TASK_COUNTS_FILE"]
+    while True:
+        time.sleep(0.05)
+        with open(path + ".new", "w") as out:
+            json.dump(dict(_counts), out)
+        os.replace(path + ".new", path)
+
+
+asyncio.base_events.BaseEventLoop.create_task = create_task
+threading.Thread(target=_write, daemon=True).start()
+"""
+
+
+async def test_paced_runs_append_through_one_writer_without_a_task_per_event(
+    tmp_path: Path,
+) -> None:
+    """100 runs at a model's pace through one process on Redis: their appends go
+    through the broker's one writer, which takes every run's pending events each
+    turn, so the process creates far fewer Redis tasks than it appends events (a
+    flusher task per run per append made about one per event), and every event
+    reaches its client once and in order."""
+    import orjson
+
+    from tests.redis_server import redis_server, redis_server_bin
+
+    if redis_server_bin() is None:
+        pytest.skip("redis-server not installed (Debian package redis-server)")
+    runs, chunks = 100, 60
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(TASK_COUNTER)
+    counts_file = tmp_path / "tasks.json"
+    with redis_server() as url:
+        env = {
+            "CHAT_BROKER_URL": url,
+            "CHAT_DB_URL": f"sqlite:///{tmp_path}/chat.db",
+            "CHAT_MAX_CONNECTIONS_PER_USER": str(2 * runs),
+            "CHAT_MAX_ACTIVE_RUNS_PER_USER": str(2 * runs),
+            "CHAT_RATE_LIMIT_PER_MINUTE": "100000",
+            "PYTHONPATH": str(hooks),
+            "TASK_COUNTS_FILE": str(counts_file),
+        }
+        with spawn_server(tmp_path, **env) as srv:
+            async with contextlib.AsyncExitStack() as stack:
+                clients = [
+                    await stack.enter_async_context(ws_client(srv, "hana")) for _ in range(runs)
+                ]
+                started = time.monotonic()
+                results = await asyncio.gather(
+                    *(c.run(f"chunks={chunks} delay_ms=10", agent="load") for c in clients)
+                )
+                wall_s = time.monotonic() - started
+            await asyncio.sleep(0.5)  # the counts written since the last run ended
+            tasks: dict[str, int] = orjson.loads(counts_file.read_bytes())
+    events = 0
+    for got in results:
+        run = of_run(got, got[-1]["run_id"])
+        check_run_invariants(run)
+        assert run[-1]["data"]["status"] == "completed"
+        events += len(run)
+    redis_tasks = {name: n for name, n in tasks.items() if name.startswith("Redis")}
+    figures = {
+        "runs": runs,
+        "events": events,
+        "wall_s": round(wall_s, 2),
+        "redis_tasks": sum(redis_tasks.values()),
+        "redis_tasks_per_event": round(sum(redis_tasks.values()) / events, 3),
+        "by_coroutine": dict(sorted(redis_tasks.items(), key=lambda kv: -kv[1])[:6]),
+    }
+    record_figures("redis_one_writer_tasks", figures)
+    # A writer turn every millisecond at most (the coalescing window) against about ten
+    # events a millisecond: one task per event would be one per run's append.
+    assert figures["redis_tasks_per_event"] < 0.5
