@@ -60,6 +60,7 @@ class RedisAppender:
         #: Runs with events for the writer's next turn, in the order they were listed.
         self._queued: list[Owned] = []
         core.collect = self.collect
+        core.collectable = self.collectable
 
     async def publish(self, event: Event) -> None:
         owned = self.append(event)
@@ -114,6 +115,10 @@ class RedisAppender:
         else:
             owned.batch = None
             self._settled(owned)
+
+    def collectable(self) -> bool:
+        """Whether a run is listed for the writer's next turn."""
+        return bool(self._queued)
 
     def collect(self) -> list[tuple[list[Any], Answer]]:
         """The writes of every listed run, for the writer's turn: each run's oldest

@@ -269,6 +269,8 @@ class RedisCore:
         self._writer: asyncio.Task[None] | None = None
         #: The appender's: every run's pending write, taken by the writer each turn.
         self.collect: Callable[[], list[tuple[list[Any], Answer]]] | None = None
+        #: The appender's: whether a run has a write for the writer's next turn.
+        self.collectable: Callable[[], bool] | None = None
         # The parts the others call, set by the broker that builds them.
         self.registry: Registry
         self.watches: Watches
@@ -361,12 +363,21 @@ class RedisCore:
         is on its way) go to Redis together: one script call checks the fence once
         for up to :data:`WRITES_PER_CALL` of them (:data:`COMMANDS_PER_CALL`
         commands) and applies each; the calls of a turn go in one pipeline; each
-        write is answered on its own, and a connection that breaks fails each."""
+        write is answered on its own, and a connection that breaks fails each.
+
+        A writer woken from idle sends what waits at once, and once a call is
+        answered with nothing new waiting it is idle again: the window gathers the
+        writes of a busy process, and would only delay a lone run's (its first event
+        among them)."""
+        woken = True
         while True:
-            if self.append_window_s > 0:
-                # Each turn gathers for the window: the runs answered in the last one
-                # come back with what their agents published meanwhile.
+            if not woken and self.append_window_s > 0:
+                if not self._writes and not (self.collectable and self.collectable()):
+                    return  # nothing came while the last call was on its way: idle
+                # Each later turn gathers for the window: the runs answered in the last
+                # one come back with what their agents published meanwhile.
                 await asyncio.sleep(self.append_window_s)
+            woken = False
             batch, self._writes = self._writes, []
             if self.collect is not None:
                 batch += self.collect()

@@ -134,7 +134,9 @@ class Settings:
         100, "with Redis: pooled connections at most; more concurrent calls wait for one"
     )
     redis_append_window_ms: float = _opt(
-        1.0, "with Redis: how long an append waits for other runs' appends to share its call"
+        1.0,
+        "with Redis: while appends are on their way, how long the next call waits for other "
+        "runs' appends to share it (an append that finds none on their way goes at once)",
     )
     # Storage ------------------------------------------------------------------
     db_url: str = _opt(
