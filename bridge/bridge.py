@@ -170,6 +170,7 @@ class RunBridge:
             thread_id=self.thread_id,
             seq=seq,
         )
+        event.chunk = text
         state.add_chunk(text, nbytes)
         state.seq = seq
         if self.first_event_at is None:

@@ -86,7 +86,7 @@ class Event:
     keeps many events, and the text alone is what every transport sends.
     """
 
-    __slots__ = ("run_id", "seq", "size", "text", "thread_id", "ts", "type")
+    __slots__ = ("chunk", "run_id", "seq", "size", "text", "thread_id", "ts", "type")
 
     def __init__(
         self,
@@ -107,6 +107,9 @@ class Event:
         self.text = text
         #: Bytes of the encoded envelope.
         self.size = size
+        #: A response chunk's text when the event was made here with it at hand (the
+        #: bridge's hot path), so that a broker need not decode ``data`` for it.
+        self.chunk: str | None = None
 
     @property
     def data(self) -> dict[str, Any]:

@@ -303,7 +303,8 @@ class RedisAppender:
             # What an ending written by another process needs, whatever the trim keeps.
             kind = event.type
             if kind == "response_chunk":
-                text.append(event.data["text"])
+                chunk = event.chunk
+                text.append(chunk if chunk is not None else event.data["text"])
             elif kind == "tool_executing":
                 data = event.data
                 opened[data["call_id"]] = data["tool"]

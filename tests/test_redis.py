@@ -320,6 +320,11 @@ async def test_appends_of_many_runs_share_script_calls_and_write_only_what_chang
                     )
                     wall_s = time.monotonic() - started
                 stats = await r.info("commandstats")
+            # What an ending written elsewhere would take for the answer so far.
+            answers = {
+                got[-1]["run_id"]: await r.get(f"chat:answer:{got[-1]['run_id']}")
+                for got in results
+            }
         finally:
             await r.aclose()
     events = 0
@@ -328,6 +333,8 @@ async def test_appends_of_many_runs_share_script_calls_and_write_only_what_chang
         check_run_invariants(run)
         assert run[-1]["data"]["status"] == "completed"
         events += len(run)
+        content = next(e for e in run if e["type"] == "response_complete")["data"]["content"]
+        assert answers[got[-1]["run_id"]] == content.encode()
 
     def calls(command: str) -> int:
         return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
