@@ -173,3 +173,12 @@ class Store(Protocol):
     async def write(self, steps: list[Step]) -> list[int]:
         """Run the steps, in order, in one transaction; the rows each one changed."""
         ...
+
+    def can_write_now(self) -> bool:
+        """Whether :meth:`write_now` may write: nothing else of the store in progress."""
+        ...
+
+    def write_now(self, steps: list[Step]) -> list[int] | None:
+        """:meth:`write` at once, on the caller's thread, without waiting for anything
+        (a lock, another call); None, with nothing written, when it cannot."""
+        ...
