@@ -346,7 +346,7 @@ class Persistence:
             _usage_of(run),
         )
         first = run.status == RunStatus.QUEUED
-        what, steps = f"recording run {run.run_id}", self.store.run_steps(row)
+        what, steps = f"recording run {run.run_id}", self.store.run_steps(row, first=first)
         if first and self._first_record_now(_Write(what, steps, None, run)):
             return
         done = self._submit(what, steps, wait=first, run=run)

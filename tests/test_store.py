@@ -306,6 +306,46 @@ async def test_an_ended_run_keeps_its_ending_whatever_is_written_late(db_url: st
         await store.close()
 
 
+async def test_a_runs_first_record_is_one_insert_checked_against_its_thread(
+    db_url: str,
+) -> None:
+    """The first record (``queued``) is the insert alone, with the same checks: refused
+    in another user's thread or a deleted one, and a row already there (a late write of
+    a run whose ending was recorded) stays as it is without the write being refused."""
+    store = open_store(db_url)
+    await store.open()
+
+    async def first(row: RunRow) -> bool:
+        steps = store.run_steps(row, first=True)
+        assert len(steps) == 1
+        return not refused(await store.write(steps))
+
+    try:
+        await create_thread(store, ThreadRow("t", "alice", "notes", 1.0, 1.0))
+        assert await first(run_row("r", "t", "alice", "queued", 0))
+        run = await store.get_run("r")
+        assert run is not None and (run.status, run.owner, run.last_seq) == ("queued", "alice", 0)
+        assert not await first(run_row("r_b", "t", "bob", "queued", 0))
+        assert await store.get_run("r_b") is None
+        assert not await first(run_row("r_x", "t_missing", "alice", "queued", 0))
+
+        lost = RunRow("r", "t", "alice", "load", "failed", "node_lost", 1.0, 9.0, 7)
+        assert await upsert_run(store, lost)
+        assert await first(run_row("r", "t", "alice", "queued", 0))
+        run = await store.get_run("r")
+        assert run is not None and (run.status, run.error_code, run.last_seq) == (
+            "failed",
+            "node_lost",
+            7,
+        )
+
+        assert await store.delete_thread("t", "alice", 10.0)
+        assert not await first(run_row("r2", "t", "alice", "queued", 0))
+        assert await store.get_run("r2") is None
+    finally:
+        await store.close()
+
+
 async def test_a_lost_runs_ending_is_stored_though_its_thread_was_never_written(
     db_url: str,
 ) -> None:

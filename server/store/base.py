@@ -164,10 +164,11 @@ class Store(Protocol):
         changed say whether it was still there."""
         ...
 
-    def run_steps(self, row: RunRow) -> list[Step]:
+    def run_steps(self, row: RunRow, *, first: bool = False) -> list[Step]:
         """Update the run, or insert it if its thread is its owner's and not deleted;
         see :func:`refused`.  A run's end on a deleted thread removes the run, and the
-        thread's tombstone with its last run."""
+        thread's tombstone with its last run.  A run's ``first`` record only inserts it
+        (a row already there is left as it is)."""
         ...
 
     async def write(self, steps: list[Step]) -> list[int]:

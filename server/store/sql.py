@@ -527,23 +527,29 @@ class SqlStore:
 
     # Runs ---------------------------------------------------------------------
 
-    def run_steps(self, row: RunRow) -> list[Step]:
+    def run_steps(self, row: RunRow, *, first: bool = False) -> list[Step]:
         """Insert the run if its thread is its owner's and not deleted, else update it.
 
         An existing row is updated even once its thread is deleted: that is how the
         tombstone learns that the run has ended.  A run that has ended keeps its ending:
         later writes of it change nothing (the first ending recorded wins).
+
+        A run's ``first`` record (``queued``) is the insert alone: there is no row of
+        the run before it to update (one that is there already is left as it is, and
+        the write is not refused for it).
         """
         # On PostgreSQL the check locks the thread's row (FOR SHARE): a delete waits for
         # this transaction, or this one sees the delete.  Taken before the run's row, in
         # the order a delete takes them.
         share = " FOR SHARE" if self.driver.dialect == "postgresql" else ""
         usage = orjson.dumps(row.usage).decode() if row.usage is not None else None
+        # A conflict changes nothing but counts as the row written (not refused).
+        conflict = "DO UPDATE SET updated_at = runs.updated_at" if first else "DO NOTHING"
         steps: list[Step] = [
             (
                 f"INSERT INTO runs ({_RUN}) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? "
                 f"WHERE EXISTS (SELECT 1 FROM threads WHERE {_LIVE_OF_OWNER}{share}) "
-                "ON CONFLICT (id) DO NOTHING",
+                f"ON CONFLICT (id) {conflict}",
                 (
                     row.id,
                     row.thread_id,
@@ -560,6 +566,10 @@ class SqlStore:
                     row.owner,
                 ),
             ),
+        ]
+        if first:
+            return steps
+        steps += [
             (
                 # An ended run is never changed again: a status written late (by a process
                 # that was stopped past its lease, whose run another process ended) must not
