@@ -80,8 +80,10 @@ VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT 
 
 #: How long a SQLite call on the store's thread waits for another process's write lock.
 BUSY_TIMEOUT_MS: Final = 5000
-#: SQLite's own default: a commit that leaves this many pages in the WAL checkpoints it.
-AUTOCHECKPOINT_PAGES: Final = 1000
+#: Commits on the event loop's thread (``SqliteDriver.script_now``, which never
+#: checkpoints) after which the store's thread checkpoints the WAL: a run's first
+#: record is about ten pages, so about SQLite's own 1,000 pages.
+CHECKPOINT_EVERY: Final = 100
 
 
 def _version_steps(current: int, version: int) -> str:
@@ -92,17 +94,27 @@ def _version_steps(current: int, version: int) -> str:
 
 class SqliteDriver:
     """SQLite on a thread of its own: every call is one hop to it, and a whole
-    transaction (:meth:`script`, :meth:`migrate_step`) is a single hop."""
+    transaction (:meth:`script`, :meth:`migrate_step`) is a single hop.
+
+    A small transaction may also run on the caller's thread while the store's thread
+    is idle (:meth:`script_now`), through a connection of its own that never waits
+    for a lock and never checkpoints (for ``:memory:``, the one connection: nothing
+    else can lock it, and it has no WAL).
+    """
 
     dialect = "sqlite"
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._conn: sqlite3.Connection | None = None
+        #: The connection of :meth:`script_now`.
+        self._now: sqlite3.Connection | None = None
         self._thread: ThreadPoolExecutor | None = None
         #: The call handed to the thread last: the thread takes them in order, so it is
         #: idle (the connection free) once this one is done.
         self._last: Future[Any] | None = None
+        #: Commits made by :meth:`script_now` since the thread last checkpointed.
+        self._commits_now = 0
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         if self._thread is None:
@@ -119,37 +131,20 @@ class SqliteDriver:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite")
-        self._conn = await self._run(self._open)
+        self._conn, self._now = await self._run(self._open)
 
-    def _open(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(
-            self.path,
-            isolation_level=None,
-            check_same_thread=False,
-            timeout=BUSY_TIMEOUT_MS / 1000,
-        )
-        for pragma in (
-            f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}",
-            "PRAGMA journal_mode=WAL",
-            "PRAGMA synchronous=NORMAL",
-            "PRAGMA foreign_keys=ON",
-        ):
-            # Switching to WAL while another process opens the file can answer "locked"
-            # without waiting for the busy timeout: try again for a while.
-            for attempt in range(100):
-                try:
-                    conn.execute(pragma)
-                    break
-                except sqlite3.OperationalError as exc:
-                    if "locked" not in str(exc) or attempt == 99:
-                        raise
-                    time.sleep(0.05)
-        return conn
+    def _open(self) -> tuple[sqlite3.Connection, sqlite3.Connection]:
+        conn = _connect(self.path, BUSY_TIMEOUT_MS, ("PRAGMA journal_mode=WAL",))
+        if self.path == ":memory:":
+            return conn, conn
+        # Never waits for another process's lock (timeout 0), never checkpoints.
+        return conn, _connect(self.path, 0, ("PRAGMA wal_autocheckpoint=0",))
 
     async def close(self) -> None:
         if self._conn is not None and self._thread is not None:
-            conn, self._conn = self._conn, None
-            job = self._last = self._thread.submit(conn.close)
+            conns = {id(c): c for c in (self._conn, self._now) if c is not None}
+            self._conn = self._now = None
+            job = self._last = self._thread.submit(_close_all, list(conns.values()))
             await asyncio.wrap_future(job)
         if self._thread is not None:
             self._thread.shutdown(wait=False)
@@ -167,44 +162,42 @@ class SqliteDriver:
         return await self._run(self._transaction, "BEGIN IMMEDIATE", steps)
 
     def _transaction(self, begin: str, steps: list[tuple[str, tuple[Any, ...]]]) -> list[int]:
-        db = self._db()
-        db.execute(begin)
-        try:
-            counts = [db.execute(sql, args).rowcount for sql, args in steps]
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:  # a COMMIT that failed leaves it open
-                db.execute("ROLLBACK")
-            raise
-        return counts
+        return _transaction(self._db(), begin, steps)
 
     def can_script_now(self) -> bool:
-        return self._conn is not None and (self._last is None or self._last.done())
+        return self._now is not None and (self._last is None or self._last.done())
 
     def script_now(self, steps: list[tuple[str, tuple[Any, ...]]]) -> list[int] | None:
         """The transaction of :meth:`script`, run on the caller's thread (the event
         loop's) while the store's thread is idle, or None, with nothing written.
 
-        It does not wait: another process's write lock makes it give up at once (no
-        busy timeout), and it never checkpoints the WAL (the next commit on the store's
-        thread does, as SQLite would have on this one).  What is left is the statements
-        themselves, a few indexed rows: a few tens of microseconds, less than the two
-        thread switches that :meth:`script` costs.
+        It does not wait: another process's write lock makes it give up at once (its
+        connection has no busy timeout), and it never checkpoints the WAL (every
+        :data:`CHECKPOINT_EVERY` of its commits, the store's thread does).  What is left
+        is the statements themselves, a few indexed rows: less than the two thread
+        switches that :meth:`script` costs.
         """
-        db = self._conn
+        db = self._now
         if db is None or not self.can_script_now():
             return None
-        db.execute("PRAGMA busy_timeout=0")
-        db.execute("PRAGMA wal_autocheckpoint=0")
         try:
-            return self._transaction("BEGIN IMMEDIATE", steps)
+            counts = _transaction(db, "BEGIN IMMEDIATE", steps)
         except sqlite3.OperationalError as exc:
             if _busy(exc):  # rolled back: another process is writing
                 return None
             raise
-        finally:
-            db.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
-            db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        if db is not self._conn:
+            self._commits_now += 1
+            if self._commits_now >= CHECKPOINT_EVERY and self._thread is not None:
+                self._commits_now = 0
+                self._last = self._thread.submit(self._checkpoint)
+        return counts
+
+    def _checkpoint(self) -> None:
+        try:
+            self._db().execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except Exception as exc:  # the next one tries again; a commit on this thread too
+            log.warning("store sqlite: checkpoint failed: %r", exc)
 
     async def migrate_step(self, version: int, sqls: list[str]) -> bool:
         return await self._run(self._migrate_step, version, sqls)
@@ -227,6 +220,48 @@ class SqliteDriver:
             raise
         db.execute("COMMIT")
         return True
+
+
+def _connect(path: str, busy_ms: int, pragmas: Sequence[str]) -> sqlite3.Connection:
+    conn = sqlite3.connect(
+        path, isolation_level=None, check_same_thread=False, timeout=busy_ms / 1000
+    )
+    for pragma in (
+        f"PRAGMA busy_timeout={busy_ms}",
+        *pragmas,
+        "PRAGMA synchronous=NORMAL",
+        "PRAGMA foreign_keys=ON",
+    ):
+        # Switching to WAL while another process opens the file can answer "locked"
+        # without waiting for the busy timeout: try again for a while.
+        for attempt in range(100):
+            try:
+                conn.execute(pragma)
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or attempt == 99:
+                    raise
+                time.sleep(0.05)
+    return conn
+
+
+def _close_all(conns: list[sqlite3.Connection]) -> None:
+    for conn in conns:
+        conn.close()
+
+
+def _transaction(
+    db: sqlite3.Connection, begin: str, steps: list[tuple[str, tuple[Any, ...]]]
+) -> list[int]:
+    db.execute(begin)
+    try:
+        counts = [db.execute(sql, args).rowcount for sql, args in steps]
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:  # a COMMIT that failed leaves it open
+            db.execute("ROLLBACK")
+        raise
+    return counts
 
 
 def _busy(exc: sqlite3.OperationalError) -> bool:
