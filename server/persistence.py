@@ -11,7 +11,8 @@ Every write has a timeout; one that fails or times out is logged and counted,
 and the live stream goes on (``stored: false``).
 
 A small batch is committed at once, on the event loop's thread, when the store can
-do it without waiting (SQLite with its thread idle and the write lock free; see
+do it without waiting (SQLite with no write in flight on its thread and the write
+lock free; see
 :meth:`~server.store.sql.SqliteDriver.script_now`): a run's first record with the
 writes queued before it, in the call that records it, and the writer's own small
 batches.  The order is the same (nothing is in flight behind the store's thread

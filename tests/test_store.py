@@ -831,4 +831,4 @@ async def test_commits_on_the_event_loops_thread_leave_the_wal_checkpointed(
         {"commits": 6 * CHECKPOINT_EVERY, "wal_bytes_first": before, "wal_bytes_after": after},
     )
     # Never checkpointed, it would have grown six times.
-    assert after < 2.5 * before, (before, after)
+    assert after < 2 * before, (before, after)

@@ -4,8 +4,8 @@ Queries are written once with ``?`` placeholders; the PostgreSQL driver numbers
 them.  SQLite runs on a thread of its own, so no query blocks the event loop, and
 a batch of writes is one hop to it and one transaction; the file is in WAL mode.
 The one exception is :meth:`SqliteDriver.script_now`: a small transaction run on the
-caller's thread while the store's thread has nothing to do, which never waits for
-a lock and never checkpoints, and gives up (None) instead.
+caller's thread while no write is in flight on the store's thread, which never
+waits for a lock and never checkpoints, and gives up (None) instead.
 """
 
 from __future__ import annotations
@@ -96,10 +96,10 @@ class SqliteDriver:
     """SQLite on a thread of its own: every call is one hop to it, and a whole
     transaction (:meth:`script`, :meth:`migrate_step`) is a single hop.
 
-    A small transaction may also run on the caller's thread while the store's thread
-    is idle (:meth:`script_now`), through a connection of its own that never waits
-    for a lock and never checkpoints (for ``:memory:``, the one connection: nothing
-    else can lock it, and it has no WAL).
+    A small transaction may also run on the caller's thread when no write is in
+    flight on the store's thread (:meth:`script_now`), through a connection of its
+    own that never waits for a lock and never checkpoints (for ``:memory:``, the one
+    connection, while the thread is idle: nothing else can lock it, and it has no WAL).
     """
 
     dialect = "sqlite"
@@ -110,16 +110,20 @@ class SqliteDriver:
         #: The connection of :meth:`script_now`.
         self._now: sqlite3.Connection | None = None
         self._thread: ThreadPoolExecutor | None = None
-        #: The call handed to the thread last: the thread takes them in order, so it is
-        #: idle (the connection free) once this one is done.
+        #: The call handed to the thread last, and the last that writes: the thread
+        #: takes them in order, so it is idle once the first is done, and nothing written
+        #: before is still to commit once the second is.
         self._last: Future[Any] | None = None
+        self._last_write: Future[Any] | None = None
         #: Commits made by :meth:`script_now` since the thread last checkpointed.
         self._commits_now = 0
 
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _run(self, fn: Callable[..., T], *args: Any, writes: bool = True) -> T:
         if self._thread is None:
             raise StoreError("the SQLite store is closed")
         job = self._last = self._thread.submit(fn, *args)
+        if writes:
+            self._last_write = job
         return await asyncio.wrap_future(job)
 
     def _db(self) -> sqlite3.Connection:
@@ -154,7 +158,7 @@ class SqliteDriver:
         return await self._run(lambda: self._db().execute(sql, args).rowcount)
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
-        return await self._run(lambda: list(self._db().execute(sql, args).fetchall()))
+        return await self._run(lambda: list(self._db().execute(sql, args).fetchall()), writes=False)
 
     async def script(self, steps: list[tuple[str, tuple[Any, ...]]]) -> list[int]:
         # The write lock first: a transaction that reads before it writes cannot then
@@ -165,11 +169,16 @@ class SqliteDriver:
         return _transaction(self._db(), begin, steps)
 
     def can_script_now(self) -> bool:
-        return self._now is not None and (self._last is None or self._last.done())
+        # Its own connection may commit while the thread reads: only a write still to
+        # commit there (or a checkpoint) must come first.  The one connection of
+        # ``:memory:`` must be idle.
+        pending = self._last if self._now is self._conn else self._last_write
+        return self._now is not None and (pending is None or pending.done())
 
     def script_now(self, steps: list[tuple[str, tuple[Any, ...]]]) -> list[int] | None:
         """The transaction of :meth:`script`, run on the caller's thread (the event
-        loop's) while the store's thread is idle, or None, with nothing written.
+        loop's) when no write handed to the store's thread is still to commit (for
+        ``:memory:``, when that thread is idle), or None, with nothing written.
 
         It does not wait: another process's write lock makes it give up at once (its
         connection has no busy timeout), and it never checkpoints the WAL (every
@@ -190,12 +199,15 @@ class SqliteDriver:
             self._commits_now += 1
             if self._commits_now >= CHECKPOINT_EVERY and self._thread is not None:
                 self._commits_now = 0
-                self._last = self._thread.submit(self._checkpoint)
+                # Taken for a write: commits wait for it (through this thread), or the
+                # pages they add would keep the WAL from starting over.
+                self._last = self._last_write = self._thread.submit(self._checkpoint)
         return counts
 
     def _checkpoint(self) -> None:
+        """Copy the WAL's pages into the database file, so that the WAL starts over."""
         try:
-            self._db().execute("PRAGMA wal_checkpoint(PASSIVE)")
+            self._db().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
         except Exception as exc:  # the next one tries again; a commit on this thread too
             log.warning("store sqlite: checkpoint failed: %r", exc)
 
