@@ -220,6 +220,11 @@ class Persistence:
             return False
         try:
             self._settle([*earlier, write], results)
+        except Exception as exc:  # as in the writer: the record is written, the run goes on
+            self._failed(f"settling {len(earlier) + 1} writes", repr(exc))
+            for queued in earlier:
+                if queued.done is not None and not queued.done.done():
+                    queued.done.set_result(Outcome.FAILED)
         finally:
             for _ in earlier:
                 queue.task_done()
