@@ -10,9 +10,9 @@ even if the process dies the next moment; and its answer, at its end, because
 Every write has a timeout; one that fails or times out is logged and counted,
 and the live stream goes on (``stored: false``).
 
-A small batch is committed at once, on the event loop's thread, when the store can
-do it without waiting (SQLite with no write in flight on its thread and the write
-lock free; see
+A small batch (at most 8 writes and 64 KiB of message text) is committed at once,
+on the event loop's thread, when the store can do it without waiting (SQLite with
+no write in flight on its thread and the write lock free; see
 :meth:`~server.store.sql.SqliteDriver.script_now`): a run's first record with the
 writes queued before it, in the call that records it, and the writer's own small
 batches.  The order is the same (nothing is in flight behind the store's thread
@@ -61,6 +61,9 @@ MAX_BATCH: Final = 256
 #: Writes committed together at most on the event loop's thread (a transaction of a few
 #: tens of microseconds); a larger batch goes to the store's thread.
 MAX_BATCH_NOW: Final = 8
+#: Characters of messages a batch committed on the event loop's thread carries at most:
+#: a long answer is copied into the database on the store's thread.
+MAX_CHARS_NOW: Final = 64 * 1024
 
 
 class Outcome(Enum):
@@ -78,6 +81,8 @@ class _Write:
     done: asyncio.Future[Outcome] | None
     #: The run a message or run write belongs to; the store may refuse such a write.
     run: RunRecord | None = None
+    #: The characters of the message it stores, if any.
+    chars: int = 0
 
 
 def title_of(message: str) -> str:
@@ -126,7 +131,13 @@ class Persistence:
         self._writer = None
 
     def _submit(
-        self, what: str, steps: list[Step], *, wait: bool = False, run: RunRecord | None = None
+        self,
+        what: str,
+        steps: list[Step],
+        *,
+        wait: bool = False,
+        run: RunRecord | None = None,
+        chars: int = 0,
     ) -> asyncio.Future[Outcome] | None:
         done: asyncio.Future[Outcome] | None = None
         if wait:
@@ -135,7 +146,7 @@ class Persistence:
             self.start()
         assert self._queue is not None
         try:
-            self._queue.put_nowait(_Write(what, steps, done, run))
+            self._queue.put_nowait(_Write(what, steps, done, run, chars))
         except asyncio.QueueFull:
             self._failed(what, "too many writes waiting for the database")
             if done is not None:
@@ -183,7 +194,7 @@ class Persistence:
     def _write_now(self, batch: list[_Write]) -> list[Outcome] | None:
         """Commit the batch in one transaction at once, on this thread, when the store
         can without waiting; None when it cannot (nothing was written)."""
-        if not self.store.can_write_now():
+        if sum(w.chars for w in batch) > MAX_CHARS_NOW or not self.store.can_write_now():
             return None
         began = time.perf_counter()
         try:
@@ -295,7 +306,7 @@ class Persistence:
     async def user_message(self, run: RunRecord, message_id: str, content: str) -> bool:
         row = MessageRow(message_id, run.thread_id, "user", content, run.run_id, False, time.time())
         steps = self.store.message_steps(row, run.owner)
-        self._submit(f"storing user message {message_id}", steps, run=run)
+        self._submit(f"storing user message {message_id}", steps, run=run, chars=len(content))
         return True
 
     async def answer(self, run: RunRecord, message_id: str, content: str, fallback: bool) -> bool:
@@ -303,7 +314,9 @@ class Persistence:
             message_id, run.thread_id, "assistant", content, run.run_id, fallback, time.time()
         )
         steps = self.store.message_steps(row, run.owner)
-        done = self._submit(f"storing answer {message_id}", steps, wait=True, run=run)
+        done = self._submit(
+            f"storing answer {message_id}", steps, wait=True, run=run, chars=len(content)
+        )
         assert done is not None
         if self._writer is not None and self._writer.done() and not done.done():
             self._failed(f"storing answer {message_id}", "the writer has stopped")
@@ -326,7 +339,7 @@ class Persistence:
         content = orjson.dumps(dict(data)).decode()
         row = MessageRow(message_id, run.thread_id, type, content, run.run_id, False, time.time())
         steps = self.store.message_steps(row, run.owner)
-        self._submit(f"storing {type} {message_id}", steps, run=run)
+        self._submit(f"storing {type} {message_id}", steps, run=run, chars=len(content))
 
     async def run_changed(self, run: RunRecord) -> None:
         """Record the run's status.
