@@ -176,7 +176,7 @@ class Store(Protocol):
         ...
 
     def can_write_now(self) -> bool:
-        """Whether :meth:`write_now` may write: nothing else of the store in progress."""
+        """Whether :meth:`write_now` may write: no other write of the store in progress."""
         ...
 
     def write_now(self, steps: list[Step]) -> list[int] | None:

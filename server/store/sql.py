@@ -57,8 +57,8 @@ class Driver(Protocol):
         ...
 
     def can_script_now(self) -> bool:
-        """Whether :meth:`script_now` may run now: no other call of this driver in
-        progress or pending."""
+        """Whether :meth:`script_now` may run now: no write of this driver in progress
+        or pending (for a database of one connection, no call at all)."""
         ...
 
     def script_now(self, steps: list[tuple[str, tuple[Any, ...]]]) -> list[int] | None:
