@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import secrets
 import time
@@ -320,7 +319,7 @@ class RunHandle:
             # The store agrees with what clients saw even when the broker could not be
             # written to; a run the broker ended is recorded by the broker's side.
             if not self._lost:
-                await self._supervisor.recorder.run_changed(dataclasses.replace(record))
+                await self._supervisor.recorder.run_changed(record.copy())
 
     def _cancel(self, error: RunError) -> None:
         self._cancel_error = error
@@ -593,7 +592,7 @@ class RunHandle:
         record.error_code = error_code or record.error_code
         record.last_seq = self.bridge.seq
         try:
-            await self._supervisor.recorder.run_changed(dataclasses.replace(record))
+            await self._supervisor.recorder.run_changed(record.copy())
         except Exception:
             log.exception("run %s: its end could not be recorded", self.run_id)
 
@@ -754,7 +753,7 @@ class Supervisor:
             # answers of the runs before it.
             await self.recorder.user_message(record, message_id, content)
             handle.message_stored = True
-        await self.recorder.run_changed(dataclasses.replace(record))
+        await self.recorder.run_changed(record.copy())
         await bridge.emit(
             "user_message",
             {"message_id": message_id, "content": content, "ref": ref},

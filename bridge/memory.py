@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import secrets
 import time
 from collections.abc import Mapping
@@ -124,7 +123,7 @@ class InMemoryBroker:
         if record.run_id in self._runs:
             raise ValueError(f"run {record.run_id} exists already")
         self._runs[record.run_id] = _Slot(
-            dataclasses.replace(record), RunLog(record.run_id, self._max_bytes), controller
+            record.copy(), RunLog(record.run_id, self._max_bytes), controller
         )
         if not record.ended:
             self._active.setdefault(record.owner, set()).add(record.run_id)
@@ -133,12 +132,12 @@ class InMemoryBroker:
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         slot = self._runs.get(run_id)
-        return None if slot is None else dataclasses.replace(slot.record)
+        return None if slot is None else slot.record.copy()
 
     def live_runs(self) -> list[tuple[RunRecord, int]]:
         """Every run not ended, with its number of watchers (the operator's view)."""
         return [
-            (dataclasses.replace(slot.record), len(slot.watchers))
+            (slot.record.copy(), len(slot.watchers))
             for slot in self._runs.values()
             if not slot.record.ended
         ]

@@ -10,6 +10,16 @@ even if the process dies the next moment; and its answer, at its end, because
 Every write has a timeout; one that fails or times out is logged and counted,
 and the live stream goes on (``stored: false``).
 
+A small batch (at most 8 writes and 64 KiB of message text) is committed at once,
+on the event loop's thread, when the store can do it without waiting (SQLite with
+no write in flight on its thread and the write lock free; see
+:meth:`~server.store.sql.SqliteDriver.script_now`): a run's first record with the
+writes queued before it, in the call that records it, and the writer's own small
+batches.  The order is the same (nothing is in flight behind the store's thread
+then, and what is queued goes first); what is saved is the hop to the store's
+thread and back, which is most of a first record's time.  Otherwise writes go to
+the store's thread as above.
+
 Only a thread's ownership is checked strictly: when it cannot be read, a run that
 names an existing thread is refused (a run on a new thread goes on).  The store
 checks it again in every message and run write: a write the store refuses (the
@@ -48,6 +58,12 @@ TITLE_CHARS: Final = 80
 MAX_QUEUED_WRITES: Final = 10_000
 #: Writes committed together in one transaction at most.
 MAX_BATCH: Final = 256
+#: Writes committed together at most on the event loop's thread (a transaction of a few
+#: tens of microseconds); a larger batch goes to the store's thread.
+MAX_BATCH_NOW: Final = 8
+#: Characters of messages a batch committed on the event loop's thread carries at most:
+#: a long answer is copied into the database on the store's thread.
+MAX_CHARS_NOW: Final = 64 * 1024
 
 
 class Outcome(Enum):
@@ -65,6 +81,8 @@ class _Write:
     done: asyncio.Future[Outcome] | None
     #: The run a message or run write belongs to; the store may refuse such a write.
     run: RunRecord | None = None
+    #: The characters of the message it stores, if any.
+    chars: int = 0
 
 
 def title_of(message: str) -> str:
@@ -87,6 +105,8 @@ class Persistence:
         self.observe_write: Callable[[float], None] | None = None
         self._queue: asyncio.Queue[_Write] | None = None
         self._writer: asyncio.Task[None] | None = None
+        #: Whether the writer holds a batch it has not settled yet.
+        self._writing = False
 
     # The writer -------------------------------------------------------------------
 
@@ -111,7 +131,13 @@ class Persistence:
         self._writer = None
 
     def _submit(
-        self, what: str, steps: list[Step], *, wait: bool = False, run: RunRecord | None = None
+        self,
+        what: str,
+        steps: list[Step],
+        *,
+        wait: bool = False,
+        run: RunRecord | None = None,
+        chars: int = 0,
     ) -> asyncio.Future[Outcome] | None:
         done: asyncio.Future[Outcome] | None = None
         if wait:
@@ -120,7 +146,7 @@ class Persistence:
             self.start()
         assert self._queue is not None
         try:
-            self._queue.put_nowait(_Write(what, steps, done, run))
+            self._queue.put_nowait(_Write(what, steps, done, run, chars))
         except asyncio.QueueFull:
             self._failed(what, "too many writes waiting for the database")
             if done is not None:
@@ -135,18 +161,17 @@ class Persistence:
             batch = [await queue.get()]
             while len(batch) < MAX_BATCH and not queue.empty():
                 batch.append(queue.get_nowait())
+            self._writing = True
             try:
-                results = await self._write(batch)
+                results = self._write_now(batch) if len(batch) <= MAX_BATCH_NOW else None
+                if results is None:
+                    results = await self._write(batch)
                 if results is None:  # one bad write must not fail the others: each again, alone
                     results = []
                     for write in batch:
                         alone = await self._write([write])
                         results.append(alone[0] if alone else Outcome.FAILED)
-                for write, outcome in zip(batch, results, strict=True):
-                    if outcome is Outcome.REFUSED:
-                        self._refused(write)
-                    if write.done is not None and not write.done.done():
-                        write.done.set_result(outcome)
+                self._settle(batch, results)
             except Exception as exc:
                 # The writer outlives anything a batch does (a MemoryError included):
                 # if it stopped, every answer after it would wait for good.
@@ -155,8 +180,66 @@ class Persistence:
                     if write.done is not None and not write.done.done():
                         write.done.set_result(Outcome.FAILED)
             finally:
+                self._writing = False
                 for _ in batch:
                     queue.task_done()
+
+    def _settle(self, batch: list[_Write], results: list[Outcome]) -> None:
+        for write, outcome in zip(batch, results, strict=True):
+            if outcome is Outcome.REFUSED:
+                self._refused(write)
+            if write.done is not None and not write.done.done():
+                write.done.set_result(outcome)
+
+    def _write_now(self, batch: list[_Write]) -> list[Outcome] | None:
+        """Commit the batch in one transaction at once, on this thread, when the store
+        can without waiting; None when it cannot (nothing was written)."""
+        if sum(w.chars for w in batch) > MAX_CHARS_NOW or not self.store.can_write_now():
+            return None
+        began = time.perf_counter()
+        try:
+            with _store_span(self.store, batch) as traced:
+                counts = self.store.write_now([step for w in batch for step in w.steps])
+                traced.set("chat.store.steps", len(counts or ()))
+        except Exception as exc:  # the store's thread tries it again, and says what failed
+            log.debug("store: a write on the event loop's thread failed: %r", exc)
+            return None
+        if counts is None:
+            return None
+        if self.observe_write is not None:
+            self.observe_write(time.perf_counter() - began)
+        return _outcomes(batch, counts)
+
+    def _first_record_now(self, write: _Write) -> bool:
+        """Commit a run's first record at once, behind every write queued before it, if
+        the writer is idle and the store can without waiting (see :meth:`_write_now`).
+        False, with everything as it was, when it cannot."""
+        queue = self._queue
+        if queue is None or self._writing or queue.qsize() >= MAX_BATCH_NOW:
+            return False
+        if not self.store.can_write_now():
+            return False
+        # What is queued was written before this record: it goes first, in the same
+        # transaction, and the writer finds the queue empty.
+        earlier = [queue.get_nowait() for _ in range(queue.qsize())]
+        results = self._write_now([*earlier, write])
+        if results is None:
+            for queued in earlier:  # back, in order, ahead of this record
+                queue.put_nowait(queued)
+            for _ in earlier:
+                queue.task_done()
+            return False
+        try:
+            self._settle([*earlier, write], results)
+        except Exception as exc:  # as in the writer: the record is written, the run goes on
+            self._failed(f"settling {len(earlier) + 1} writes", repr(exc))
+            for queued in earlier:
+                if queued.done is not None and not queued.done.done():
+                    queued.done.set_result(Outcome.FAILED)
+        finally:
+            for _ in earlier:
+                queue.task_done()
+        return True
 
     async def _write(self, batch: list[_Write]) -> list[Outcome] | None:
         """Commit the batch in one transaction: each write's outcome, or None if it failed."""
@@ -173,14 +256,7 @@ class Persistence:
             return None
         if self.observe_write is not None:
             self.observe_write(time.perf_counter() - began)
-        outcomes: list[Outcome] = []
-        at = 0
-        for write in batch:
-            mine = counts[at : at + len(write.steps)]
-            at += len(write.steps)
-            checked = write.run is not None
-            outcomes.append(Outcome.REFUSED if checked and refused(mine) else Outcome.STORED)
-        return outcomes
+        return _outcomes(batch, counts)
 
     def _refused(self, write: _Write) -> None:
         run = write.run
@@ -230,7 +306,7 @@ class Persistence:
     async def user_message(self, run: RunRecord, message_id: str, content: str) -> bool:
         row = MessageRow(message_id, run.thread_id, "user", content, run.run_id, False, time.time())
         steps = self.store.message_steps(row, run.owner)
-        self._submit(f"storing user message {message_id}", steps, run=run)
+        self._submit(f"storing user message {message_id}", steps, run=run, chars=len(content))
         return True
 
     async def answer(self, run: RunRecord, message_id: str, content: str, fallback: bool) -> bool:
@@ -238,7 +314,9 @@ class Persistence:
             message_id, run.thread_id, "assistant", content, run.run_id, fallback, time.time()
         )
         steps = self.store.message_steps(row, run.owner)
-        done = self._submit(f"storing answer {message_id}", steps, wait=True, run=run)
+        done = self._submit(
+            f"storing answer {message_id}", steps, wait=True, run=run, chars=len(content)
+        )
         assert done is not None
         if self._writer is not None and self._writer.done() and not done.done():
             self._failed(f"storing answer {message_id}", "the writer has stopped")
@@ -261,7 +339,7 @@ class Persistence:
         content = orjson.dumps(dict(data)).decode()
         row = MessageRow(message_id, run.thread_id, type, content, run.run_id, False, time.time())
         steps = self.store.message_steps(row, run.owner)
-        self._submit(f"storing {type} {message_id}", steps, run=run)
+        self._submit(f"storing {type} {message_id}", steps, run=run, chars=len(content))
 
     async def run_changed(self, run: RunRecord) -> None:
         """Record the run's status.
@@ -287,9 +365,10 @@ class Persistence:
             _usage_of(run),
         )
         first = run.status == RunStatus.QUEUED
-        done = self._submit(
-            f"recording run {run.run_id}", self.store.run_steps(row), wait=first, run=run
-        )
+        what, steps = f"recording run {run.run_id}", self.store.run_steps(row, first=first)
+        if first and self._first_record_now(_Write(what, steps, None, run)):
+            return
+        done = self._submit(what, steps, wait=first, run=run)
         if done is not None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.timeout_s):
@@ -309,6 +388,18 @@ class Persistence:
             f"making thread {run.thread_id} of a lost run", self.store.thread_steps(thread)
         )
         await self.run_changed(run)
+
+
+def _outcomes(batch: list[_Write], counts: Sequence[int]) -> list[Outcome]:
+    """Each write's outcome, from the rows each step of the batch changed."""
+    outcomes: list[Outcome] = []
+    at = 0
+    for write in batch:
+        mine = counts[at : at + len(write.steps)]
+        at += len(write.steps)
+        checked = write.run is not None
+        outcomes.append(Outcome.REFUSED if checked and refused(mine) else Outcome.STORED)
+    return outcomes
 
 
 def _store_span(store: Store, batch: list[_Write]) -> AbstractContextManager[tracing.Hook]:

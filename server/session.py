@@ -359,6 +359,19 @@ class Session:
             self.enqueue(events.error(code, message, ref))
         finally:
             self.box.release()
+            self._answer_now()
+
+    def _answer_now(self) -> None:
+        """What the command made ready (a run's first events, its answer) goes out now,
+        from this task, while the writer is parked: not one turn of the loop later,
+        behind whatever else the command started (the run's own task)."""
+        if not self._parked:
+            self._wake.set()
+            return
+        try:
+            self.flush_now()  # wakes the writer for what it cannot write
+        except Exception as exc:  # the writer meets the same and ends the session
+            log.debug("session %s: direct write failed: %r", self.id, exc)
             self._wake.set()
 
     async def _user_message(self, command: UserMessage) -> None:

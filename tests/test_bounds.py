@@ -225,7 +225,16 @@ async def test_a_store_or_memory_failure_still_ends_the_run(
                 raise sqlite3.DataError("string or blob too big")
             return await write(self, steps)
 
+        write_now = SqlStore.write_now
+
+        def refusing_write_now(self: SqlStore, steps: list[Any]) -> list[int] | None:
+            if any("assistant" in params for _, params in steps):
+                raised.append(fault)
+                raise sqlite3.DataError("string or blob too big")
+            return write_now(self, steps)
+
         monkeypatch.setattr(SqlStore, "write", refusing_write)
+        monkeypatch.setattr(SqlStore, "write_now", refusing_write_now)
     elif fault == "answer_memory_error":
 
         async def answer(self: Persistence, *args: Any) -> bool:

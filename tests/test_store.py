@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sqlite3
 import time
 from collections import Counter
 from pathlib import Path
@@ -302,6 +303,46 @@ async def test_an_ended_run_keeps_its_ending_whatever_is_written_late(db_url: st
         assert await upsert_run(store, run_row("r2", "t", "alice", "completed", 9))
         run = await store.get_run("r2")
         assert run is not None and (run.status, run.last_seq) == ("completed", 9)
+    finally:
+        await store.close()
+
+
+async def test_a_runs_first_record_is_one_insert_checked_against_its_thread(
+    db_url: str,
+) -> None:
+    """The first record (``queued``) is the insert alone, with the same checks: refused
+    in another user's thread or a deleted one, and a row already there (a late write of
+    a run whose ending was recorded) stays as it is without the write being refused."""
+    store = open_store(db_url)
+    await store.open()
+
+    async def first(row: RunRow) -> bool:
+        steps = store.run_steps(row, first=True)
+        assert len(steps) == 1
+        return not refused(await store.write(steps))
+
+    try:
+        await create_thread(store, ThreadRow("t", "alice", "notes", 1.0, 1.0))
+        assert await first(run_row("r", "t", "alice", "queued", 0))
+        run = await store.get_run("r")
+        assert run is not None and (run.status, run.owner, run.last_seq) == ("queued", "alice", 0)
+        assert not await first(run_row("r_b", "t", "bob", "queued", 0))
+        assert await store.get_run("r_b") is None
+        assert not await first(run_row("r_x", "t_missing", "alice", "queued", 0))
+
+        lost = RunRow("r", "t", "alice", "load", "failed", "node_lost", 1.0, 9.0, 7)
+        assert await upsert_run(store, lost)
+        assert await first(run_row("r", "t", "alice", "queued", 0))
+        run = await store.get_run("r")
+        assert run is not None and (run.status, run.error_code, run.last_seq) == (
+            "failed",
+            "node_lost",
+            7,
+        )
+
+        assert await store.delete_thread("t", "alice", 10.0)
+        assert not await first(run_row("r2", "t", "alice", "queued", 0))
+        assert await store.get_run("r2") is None
     finally:
         await store.close()
 
@@ -666,3 +707,128 @@ async def test_runs_started_just_before_a_kill_answer_server_restart(tmp_path: P
         {"runs_seen": len(statuses), "not_failed_server_restart": len(wrong)},
     )
     assert not wrong, wrong
+
+
+def first_record(db: Path, run_id: str) -> tuple[Any, ...] | None:
+    """The run's status, its thread's owner and its user message (None if not stored),
+    read by a connection of this process (the gateway's is another process's)."""
+    conn = sqlite3.connect(db, timeout=5)
+    try:
+        row: tuple[Any, ...] | None = conn.execute(
+            "SELECT r.status, t.owner, m.content FROM runs r JOIN threads t ON t.id = r.thread_id "
+            "LEFT JOIN messages m ON m.run_id = r.id AND m.role = 'user' WHERE r.id = ?",
+            (run_id,),
+        ).fetchone()
+        return row
+    finally:
+        conn.close()
+
+
+async def test_a_runs_first_record_is_in_the_database_when_its_first_event_arrives(
+    tmp_path: Path,
+) -> None:
+    """Runs one at a time, on new threads and on one named thread: as each run's first
+    event arrives, its run and thread are in the database file, and the message of a
+    run on a new thread.  Then the file
+    is write-locked by another process's transaction: the gateway's first record cannot
+    be committed at once, so the run's first event waits for the lock, and the record is
+    there when it arrives."""
+    db = tmp_path / "chat.db"
+    with spawn_server(
+        tmp_path, CHAT_DB_URL=f"sqlite:///{db}", CHAT_RATE_LIMIT_PER_MINUTE="1000"
+    ) as srv:
+        async with ws_client(srv, "alice") as client:
+            ttfe: list[float] = []
+            thread_id = None
+            for i in range(40):
+                named = {"thread_id": thread_id} if i >= 20 and thread_id else {}
+                sent = time.perf_counter()
+                await client.send(
+                    type="user_message", agent="load", content=f"chunks=1 #{i}", **named
+                )
+                first = await client.recv()
+                ttfe.append((time.perf_counter() - sent) * 1000)
+                assert first["type"] == "user_message", first
+                row = first_record(db, first["run_id"])
+                # Its status may have moved on since (the writer goes on behind the stream).
+                # A run of a named thread is queued behind the thread's runs: its message
+                # joins the thread when it begins.
+                message = None if named else f"chunks=1 #{i}"
+                assert row is not None and row[1] == "alice", (i, row)
+                assert named or row[2] == message, (i, row)
+                rest = await client.recv_until("agent_completed", run_id=first["run_id"])
+                check_run_invariants([first, *rest])
+                thread_id = first["thread_id"]
+
+            locker = sqlite3.connect(db, timeout=5, isolation_level=None)
+            try:
+                locker.execute("BEGIN IMMEDIATE")  # the write lock, held
+                sent = time.perf_counter()
+                await client.send(type="user_message", agent="load", content="chunks=1 locked")
+                with pytest.raises(TimeoutError):
+                    await client.recv(timeout=0.5)
+            finally:
+                locker.execute("ROLLBACK")
+                locker.close()
+            first = await client.recv()
+            waited_ms = (time.perf_counter() - sent) * 1000
+            assert first["type"] == "user_message", (first, srv.log()[-3000:])
+            row = first_record(db, first["run_id"])
+            assert row is not None and row[1:] == ("alice", "chunks=1 locked"), row
+            check_run_invariants([first, *await client.recv_until("agent_completed")])
+    ttfe.sort()
+    record_figures(
+        "first_record_before_first_event",
+        {
+            "runs": len(ttfe),
+            "first_event_ms_p50": round(ttfe[len(ttfe) // 2], 3),
+            "first_event_ms_max": round(ttfe[-1], 3),
+            "locked_for_ms": 500,
+            "first_event_after_lock_ms": round(waited_ms, 1),
+        },
+    )
+
+
+def file_bytes(path: Path) -> int:
+    return path.stat().st_size
+
+
+async def test_commits_on_the_event_loops_thread_leave_the_wal_checkpointed(
+    tmp_path: Path,
+) -> None:
+    """``write_now`` commits never checkpoint (a checkpoint syncs the file): the store's
+    thread does, every ``CHECKPOINT_EVERY`` of them, so the WAL stays as small as
+    SQLite's own checkpoints would keep it, however many runs start that way."""
+    from server.store.sql import CHECKPOINT_EVERY
+
+    path = tmp_path / "chat.db"
+    store = open_store(f"sqlite:///{path}")
+    await store.open()
+    wal = Path(f"{path}-wal")
+
+    async def commit(i: int) -> None:
+        now = time.time()
+        steps = store.thread_steps(ThreadRow(f"t_{i}", "alice", "x", now, now))
+        steps += store.message_steps(
+            MessageRow(f"m_{i}", f"t_{i}", "user", "x" * 200, f"r_{i}", False, now), "alice"
+        )
+        steps += store.run_steps(run_row(f"r_{i}", f"t_{i}", "alice", "queued", 0), first=True)
+        while store.write_now(steps) is None:  # the thread is checkpointing
+            await asyncio.sleep(0.001)
+
+    try:
+        for i in range(CHECKPOINT_EVERY - 1):
+            await commit(i)
+        before = file_bytes(wal)  # no checkpoint yet
+        for i in range(CHECKPOINT_EVERY - 1, 6 * CHECKPOINT_EVERY):
+            await commit(i)
+        after = file_bytes(wal)
+        assert len(await store.list_threads("alice", 10_000, None)) == 6 * CHECKPOINT_EVERY
+    finally:
+        await store.close()
+    record_figures(
+        "wal_after_commits_now",
+        {"commits": 6 * CHECKPOINT_EVERY, "wal_bytes_first": before, "wal_bytes_after": after},
+    )
+    # Never checkpointed, it would have grown six times.
+    assert after < 2 * before, (before, after)

@@ -164,12 +164,22 @@ class Store(Protocol):
         changed say whether it was still there."""
         ...
 
-    def run_steps(self, row: RunRow) -> list[Step]:
+    def run_steps(self, row: RunRow, *, first: bool = False) -> list[Step]:
         """Update the run, or insert it if its thread is its owner's and not deleted;
         see :func:`refused`.  A run's end on a deleted thread removes the run, and the
-        thread's tombstone with its last run."""
+        thread's tombstone with its last run.  A run's ``first`` record only inserts it
+        (a row already there is left as it is)."""
         ...
 
     async def write(self, steps: list[Step]) -> list[int]:
         """Run the steps, in order, in one transaction; the rows each one changed."""
+        ...
+
+    def can_write_now(self) -> bool:
+        """Whether :meth:`write_now` may write: no other write of the store in progress."""
+        ...
+
+    def write_now(self, steps: list[Step]) -> list[int] | None:
+        """:meth:`write` at once, on the caller's thread, without waiting for anything
+        (a lock, another call); None, with nothing written, when it cannot."""
         ...

@@ -3,6 +3,9 @@
 Queries are written once with ``?`` placeholders; the PostgreSQL driver numbers
 them.  SQLite runs on a thread of its own, so no query blocks the event loop, and
 a batch of writes is one hop to it and one transaction; the file is in WAL mode.
+The one exception is :meth:`SqliteDriver.script_now`: a small transaction run on the
+caller's thread while no write is in flight on the store's thread, which never
+waits for a lock and never checkpoints, and gives up (None) instead.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Final, Protocol, TypeVar
 
@@ -53,6 +56,17 @@ class Driver(Protocol):
         one changed."""
         ...
 
+    def can_script_now(self) -> bool:
+        """Whether :meth:`script_now` may run now: no write of this driver in progress
+        or pending (for a database of one connection, no call at all)."""
+        ...
+
+    def script_now(self, steps: list[tuple[str, tuple[Any, ...]]]) -> list[int] | None:
+        """:meth:`script` at once, on the caller's thread, when that takes no wait
+        (:meth:`can_script_now`, and the database's write lock free).  None (nothing
+        written) when it cannot."""
+        ...
+
     async def migrate_step(self, version: int, sqls: list[str]) -> bool:
         """Apply one migration unless the database has it; False when it had.
 
@@ -64,6 +78,13 @@ class Driver(Protocol):
 
 VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
 
+#: How long a SQLite call on the store's thread waits for another process's write lock.
+BUSY_TIMEOUT_MS: Final = 5000
+#: Commits on the event loop's thread (``SqliteDriver.script_now``, which never
+#: checkpoints) after which the store's thread checkpoints the WAL: a run's first
+#: record is about ten pages, so about SQLite's own 1,000 pages.
+CHECKPOINT_EVERY: Final = 100
+
 
 def _version_steps(current: int, version: int) -> str:
     if current == 0:
@@ -73,19 +94,37 @@ def _version_steps(current: int, version: int) -> str:
 
 class SqliteDriver:
     """SQLite on a thread of its own: every call is one hop to it, and a whole
-    transaction (:meth:`script`, :meth:`migrate_step`) is a single hop."""
+    transaction (:meth:`script`, :meth:`migrate_step`) is a single hop.
+
+    A small transaction may also run on the caller's thread when no write is in
+    flight on the store's thread (:meth:`script_now`), through a connection of its
+    own that never waits for a lock and never checkpoints (for ``:memory:``, the one
+    connection, while the thread is idle: nothing else can lock it, and it has no WAL).
+    """
 
     dialect = "sqlite"
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._conn: sqlite3.Connection | None = None
+        #: The connection of :meth:`script_now`.
+        self._now: sqlite3.Connection | None = None
         self._thread: ThreadPoolExecutor | None = None
+        #: The call handed to the thread last, and the last that writes: the thread
+        #: takes them in order, so it is idle once the first is done, and nothing written
+        #: before is still to commit once the second is.
+        self._last: Future[Any] | None = None
+        self._last_write: Future[Any] | None = None
+        #: Commits made by :meth:`script_now` since the thread last checkpointed.
+        self._commits_now = 0
 
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _run(self, fn: Callable[..., T], *args: Any, writes: bool = True) -> T:
         if self._thread is None:
             raise StoreError("the SQLite store is closed")
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+        job = self._last = self._thread.submit(fn, *args)
+        if writes:
+            self._last_write = job
+        return await asyncio.wrap_future(job)
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -96,34 +135,21 @@ class SqliteDriver:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite")
-        self._conn = await self._run(self._open)
+        self._conn, self._now = await self._run(self._open)
 
-    def _open(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False, timeout=5.0
-        )
-        for pragma in (
-            "PRAGMA busy_timeout=5000",
-            "PRAGMA journal_mode=WAL",
-            "PRAGMA synchronous=NORMAL",
-            "PRAGMA foreign_keys=ON",
-        ):
-            # Switching to WAL while another process opens the file can answer "locked"
-            # without waiting for the busy timeout: try again for a while.
-            for attempt in range(100):
-                try:
-                    conn.execute(pragma)
-                    break
-                except sqlite3.OperationalError as exc:
-                    if "locked" not in str(exc) or attempt == 99:
-                        raise
-                    time.sleep(0.05)
-        return conn
+    def _open(self) -> tuple[sqlite3.Connection, sqlite3.Connection]:
+        conn = _connect(self.path, BUSY_TIMEOUT_MS, ("PRAGMA journal_mode=WAL",))
+        if self.path == ":memory:":
+            return conn, conn
+        # Never waits for another process's lock (timeout 0), never checkpoints.
+        return conn, _connect(self.path, 0, ("PRAGMA wal_autocheckpoint=0",))
 
     async def close(self) -> None:
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            await asyncio.get_running_loop().run_in_executor(self._thread, conn.close)
+        if self._conn is not None and self._thread is not None:
+            conns = {id(c): c for c in (self._conn, self._now) if c is not None}
+            self._conn = self._now = None
+            job = self._last = self._thread.submit(_close_all, list(conns.values()))
+            await asyncio.wrap_future(job)
         if self._thread is not None:
             self._thread.shutdown(wait=False)
             self._thread = None
@@ -132,7 +158,7 @@ class SqliteDriver:
         return await self._run(lambda: self._db().execute(sql, args).rowcount)
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
-        return await self._run(lambda: list(self._db().execute(sql, args).fetchall()))
+        return await self._run(lambda: list(self._db().execute(sql, args).fetchall()), writes=False)
 
     async def script(self, steps: list[tuple[str, tuple[Any, ...]]]) -> list[int]:
         # The write lock first: a transaction that reads before it writes cannot then
@@ -140,15 +166,50 @@ class SqliteDriver:
         return await self._run(self._transaction, "BEGIN IMMEDIATE", steps)
 
     def _transaction(self, begin: str, steps: list[tuple[str, tuple[Any, ...]]]) -> list[int]:
-        db = self._db()
-        db.execute(begin)
+        return _transaction(self._db(), begin, steps)
+
+    def can_script_now(self) -> bool:
+        # Its own connection may commit while the thread reads: only a write still to
+        # commit there (or a checkpoint) must come first.  The one connection of
+        # ``:memory:`` must be idle.
+        pending = self._last if self._now is self._conn else self._last_write
+        return self._now is not None and (pending is None or pending.done())
+
+    def script_now(self, steps: list[tuple[str, tuple[Any, ...]]]) -> list[int] | None:
+        """The transaction of :meth:`script`, run on the caller's thread (the event
+        loop's) when no write handed to the store's thread is still to commit (for
+        ``:memory:``, when that thread is idle), or None, with nothing written.
+
+        It does not wait: another process's write lock makes it give up at once (its
+        connection has no busy timeout), and it never checkpoints the WAL (every
+        :data:`CHECKPOINT_EVERY` of its commits, the store's thread does).  What is left
+        is the statements themselves, a few indexed rows: less than the two thread
+        switches that :meth:`script` costs.
+        """
+        db = self._now
+        if db is None or not self.can_script_now():
+            return None
         try:
-            counts = [db.execute(sql, args).rowcount for sql, args in steps]
-        except BaseException:
-            db.execute("ROLLBACK")
+            counts = _transaction(db, "BEGIN IMMEDIATE", steps)
+        except sqlite3.OperationalError as exc:
+            if _busy(exc):  # rolled back: another process is writing
+                return None
             raise
-        db.execute("COMMIT")
+        if db is not self._conn:
+            self._commits_now += 1
+            if self._commits_now >= CHECKPOINT_EVERY and self._thread is not None:
+                self._commits_now = 0
+                # Taken for a write: commits wait for it (through this thread), or the
+                # pages they add would keep the WAL from starting over.
+                self._last = self._last_write = self._thread.submit(self._checkpoint)
         return counts
+
+    def _checkpoint(self) -> None:
+        """Copy the WAL's pages into the database file, so that the WAL starts over."""
+        try:
+            self._db().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except Exception as exc:  # the next one tries again; a commit on this thread too
+            log.warning("store sqlite: checkpoint failed: %r", exc)
 
     async def migrate_step(self, version: int, sqls: list[str]) -> bool:
         return await self._run(self._migrate_step, version, sqls)
@@ -171,6 +232,54 @@ class SqliteDriver:
             raise
         db.execute("COMMIT")
         return True
+
+
+def _connect(path: str, busy_ms: int, pragmas: Sequence[str]) -> sqlite3.Connection:
+    conn = sqlite3.connect(
+        path, isolation_level=None, check_same_thread=False, timeout=busy_ms / 1000
+    )
+    for pragma in (
+        f"PRAGMA busy_timeout={busy_ms}",
+        *pragmas,
+        "PRAGMA synchronous=NORMAL",
+        "PRAGMA foreign_keys=ON",
+    ):
+        # Switching to WAL while another process opens the file can answer "locked"
+        # without waiting for the busy timeout: try again for a while.
+        for attempt in range(100):
+            try:
+                conn.execute(pragma)
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or attempt == 99:
+                    raise
+                time.sleep(0.05)
+    return conn
+
+
+def _close_all(conns: list[sqlite3.Connection]) -> None:
+    for conn in conns:
+        conn.close()
+
+
+def _transaction(
+    db: sqlite3.Connection, begin: str, steps: list[tuple[str, tuple[Any, ...]]]
+) -> list[int]:
+    db.execute(begin)
+    try:
+        counts = [db.execute(sql, args).rowcount for sql, args in steps]
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:  # a COMMIT that failed leaves it open
+            db.execute("ROLLBACK")
+        raise
+    return counts
+
+
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    """Whether SQLite answered that another connection holds a lock it needs."""
+    text = str(exc)
+    return "locked" in text or "busy" in text
 
 
 def _changed(status: str) -> int:
@@ -210,6 +319,12 @@ class PostgresDriver:
     async def script(self, steps: list[tuple[str, tuple[Any, ...]]]) -> list[int]:
         async with self._pool.acquire() as conn, conn.transaction():
             return [_changed(await conn.execute(_numbered(sql), *args)) for sql, args in steps]
+
+    def can_script_now(self) -> bool:
+        return False  # every call is a round trip to the server
+
+    def script_now(self, steps: list[tuple[str, tuple[Any, ...]]]) -> list[int] | None:
+        return None
 
     async def migrate_step(self, version: int, sqls: list[str]) -> bool:
         async with self._pool.acquire() as conn, conn.transaction():
@@ -319,6 +434,15 @@ class SqlStore:
     async def write(self, steps: list[Step]) -> list[int]:
         """Run writes made by the ``*_steps`` methods, in order, in one transaction."""
         return await self.driver.script(steps)
+
+    def can_write_now(self) -> bool:
+        """Whether :meth:`write_now` may write (else it answers None at once)."""
+        return self.driver.can_script_now()
+
+    def write_now(self, steps: list[Step]) -> list[int] | None:
+        """:meth:`write` at once, on the caller's thread, or None (nothing written) when
+        that would wait."""
+        return self.driver.script_now(steps)
 
     async def list_threads(
         self, owner: str, limit: int, before: tuple[float, str] | None
@@ -450,23 +574,29 @@ class SqlStore:
 
     # Runs ---------------------------------------------------------------------
 
-    def run_steps(self, row: RunRow) -> list[Step]:
+    def run_steps(self, row: RunRow, *, first: bool = False) -> list[Step]:
         """Insert the run if its thread is its owner's and not deleted, else update it.
 
         An existing row is updated even once its thread is deleted: that is how the
         tombstone learns that the run has ended.  A run that has ended keeps its ending:
         later writes of it change nothing (the first ending recorded wins).
+
+        A run's ``first`` record (``queued``) is the insert alone: there is no row of
+        the run before it to update (one that is there already is left as it is, and
+        the write is not refused for it).
         """
         # On PostgreSQL the check locks the thread's row (FOR SHARE): a delete waits for
         # this transaction, or this one sees the delete.  Taken before the run's row, in
         # the order a delete takes them.
         share = " FOR SHARE" if self.driver.dialect == "postgresql" else ""
         usage = orjson.dumps(row.usage).decode() if row.usage is not None else None
+        # A conflict changes nothing but counts as the row written (not refused).
+        conflict = "DO UPDATE SET updated_at = runs.updated_at" if first else "DO NOTHING"
         steps: list[Step] = [
             (
                 f"INSERT INTO runs ({_RUN}) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? "
                 f"WHERE EXISTS (SELECT 1 FROM threads WHERE {_LIVE_OF_OWNER}{share}) "
-                "ON CONFLICT (id) DO NOTHING",
+                f"ON CONFLICT (id) {conflict}",
                 (
                     row.id,
                     row.thread_id,
@@ -483,6 +613,10 @@ class SqlStore:
                     row.owner,
                 ),
             ),
+        ]
+        if first:
+            return steps
+        steps += [
             (
                 # An ended run is never changed again: a status written late (by a process
                 # that was stopped past its lease, whose run another process ended) must not
