@@ -296,3 +296,17 @@ async def test_a_cancel_right_after_response_complete_does_not_repeat_it() -> No
     assert cancels, "the cancel was not sent"
     assert [e["type"] for e in events].count("response_complete") == 1
     check_run_invariants(events)
+
+
+def test_a_run_records_copy_has_every_field_as_dataclasses_replace_makes_it() -> None:
+    """RunRecord.copy (cheaper than dataclasses.replace) must follow the record's fields."""
+    import dataclasses
+
+    from bridge.broker import RunRecord
+
+    fields = dataclasses.fields(RunRecord)
+    record = RunRecord("r_1", "t_1", "u", "load", "running", 1.0, 2.0, 7, "oops", {"first_seq": 3})
+    assert all(getattr(record, f.name) != f.default for f in fields)  # none left default
+    copy = record.copy()
+    assert copy is not record and copy == dataclasses.replace(record)
+    assert [getattr(copy, f.name) for f in fields] == [getattr(record, f.name) for f in fields]
