@@ -425,3 +425,22 @@ def test_launcher_serves_the_gateway_until_the_block_ends(tmp_path: Path) -> Non
         proc = gateway.proc
     assert proc.poll() is not None  # stopped on the way out
     assert not launcher.tcp_ready(port)()
+
+
+def test_the_load_clients_loop_runs_with_the_collector_set_as_the_gateways() -> None:
+    """A client holding hundreds of streams must not pause for its own full collections
+    (100 ms at CPython's threshold), which its latencies would count as the server's."""
+    import gc
+
+    from scripts.kit.loop import GC_THRESHOLD, run_async
+
+    before = gc.get_threshold()
+
+    async def threshold() -> int:
+        return gc.get_threshold()[0]
+
+    try:
+        assert run_async(threshold()) == GC_THRESHOLD == 50_000
+    finally:
+        gc.set_threshold(*before)
+        gc.unfreeze()
