@@ -124,7 +124,9 @@ class Ticks:
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        # Not the loop itself: the loop is this clock's key, which a value holding it
+        # would keep alive for good.
+        self._loop = weakref.ref(loop)
         self._waiting: dict[int, list[asyncio.Future[None]]] = {}
 
     @classmethod
@@ -136,12 +138,14 @@ class Ticks:
 
     def wait(self, due: float) -> asyncio.Future[None]:
         """A future done at the first millisecond at or after ``due`` (loop time)."""
+        loop = self._loop()
+        assert loop is not None  # waited on from the loop itself
         tick = math.ceil(due * 1000)
-        future: asyncio.Future[None] = self._loop.create_future()
+        future: asyncio.Future[None] = loop.create_future()
         waiters = self._waiting.get(tick)
         if waiters is None:
             self._waiting[tick] = waiters = []
-            self._loop.call_at(tick / 1000, self._fire, tick)
+            loop.call_at(tick / 1000, self._fire, tick)
         waiters.append(future)
         return future
 

@@ -120,6 +120,8 @@ class RunBridge:
         # Encoded before anything is booked: an event that cannot be made (out of
         # memory) leaves no gap in seq and no chunk that was never sent.
         event = make_event(type, data, run_id=self.run_id, thread_id=self.thread_id, seq=seq)
+        if type == "response_chunk":
+            event.chunk = data["text"]
         state.apply(type, data)
         state.seq = seq
         if type == "tool_executing":

@@ -105,6 +105,17 @@ class RedisAppender:
         if drained is not None and not drained.done():
             drained.set_result(None)
 
+    def _fail(self, owned: Owned, exc: BaseException) -> None:
+        """The run's events cannot be kept (not a Redis error: the broker closed, or
+        its write could not be made): nothing more of it is written, its drains
+        return and its next publish raises."""
+        owned.sending = False
+        owned.batch = None
+        owned.pending.clear()
+        if owned.failure is None:
+            owned.failure = exc
+        self._settled(owned)
+
     def _queue(self, owned: Owned) -> None:
         """List the run for the writer's next turn if it has events to write, or
         tell its drains that it has none."""
@@ -143,7 +154,12 @@ class RedisAppender:
                 owned.batch = batch
                 now = now or time.monotonic()
                 owned.since = now
-            commands, applied = self._append_commands(owned, batch, recreate=owned.recreate)
+            try:
+                commands, applied = self._append_commands(owned, batch, recreate=owned.recreate)
+            except Exception as exc:  # this run's alone: the other runs' writes go on
+                log.exception("run %s: its write could not be made", owned.record.run_id)
+                self._fail(owned, exc)
+                continue
             run_key = owned.keys[1] if owned.keys else self.core.k("run", owned.record.run_id)
             write: list[Any] = [run_key, int(not owned.recreate), *commands]
             owned.sending = True
@@ -154,7 +170,18 @@ class RedisAppender:
         self, owned: Owned, applied: Callable[[], None], answer: int | BaseException
     ) -> None:
         """What Redis answered to the run's write: see :meth:`_ride_out` for the
-        outage and fencing rules, which this follows."""
+        outage and fencing rules, which this follows.  If handling it raises, the
+        run is failed rather than left neither listed nor on its way (its drain
+        would wait for good)."""
+        try:
+            self._answer(owned, applied, answer)
+        except Exception as exc:
+            log.exception("run %s: handling its write's answer failed", owned.record.run_id)
+            self._fail(owned, exc)
+
+    def _answer(
+        self, owned: Owned, applied: Callable[[], None], answer: int | BaseException
+    ) -> None:
         c = self.core
         if isinstance(answer, RedisError | OSError):
             c.spawn(self._ride_out(owned, applied, answer))
@@ -169,11 +196,7 @@ class RedisAppender:
         if isinstance(answer, BaseException):
             # Not Redis's answer (the broker is closed): the run's events cannot be kept.
             log.error("run %s: appending to Redis failed: %r", owned.record.run_id, answer)
-            owned.batch = None
-            owned.pending.clear()
-            if owned.failure is None:
-                owned.failure = answer
-            self._settled(owned)
+            self._fail(owned, answer)
             return
         if answer == MISSING and not owned.recreate:
             # Redis lost the record (restarted empty): written again, whole.
@@ -209,6 +232,23 @@ class RedisAppender:
         self._queue(owned)
 
     async def _ride_out(
+        self, owned: Owned, applied: Callable[[], None], exc: BaseException
+    ) -> None:
+        """:meth:`_riding_out`, and whatever else ends it (the broker closing, a
+        failure that is not Redis's) answers the run's drains."""
+        try:
+            await self._riding_out(owned, applied, exc)
+        except asyncio.CancelledError:
+            owned.sending = False
+            drained, owned.drained = owned.drained, None
+            if drained is not None:
+                drained.cancel()
+            raise
+        except Exception as error:
+            log.exception("run %s: riding out a Redis outage failed", owned.record.run_id)
+            self._fail(owned, error)
+
+    async def _riding_out(
         self, owned: Owned, applied: Callable[[], None], exc: BaseException
     ) -> None:
         """Append the run's write that failed on a Redis error; ride out a short outage.

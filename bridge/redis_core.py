@@ -379,8 +379,14 @@ class RedisCore:
                 await asyncio.sleep(self.append_window_s)
             woken = False
             batch, self._writes = self._writes, []
-            if self.collect is not None:
-                batch += self.collect()
+            try:
+                if self.collect is not None:
+                    batch += self.collect()
+            except Exception as exc:  # the writes taken are answered, not left waiting
+                log.exception("collecting the runs' writes failed")
+                for _, answer in batch:
+                    _tell(answer, exc)
+                continue
             if not batch:
                 return
             calls: list[list[tuple[list[Any], Answer]]] = [[]]

@@ -116,6 +116,21 @@ async def test_the_pacers_of_a_loop_share_one_timer_per_millisecond() -> None:
     assert not clock._waiting
 
 
+def test_a_closed_loops_clock_goes_with_it() -> None:
+    """The clocks are kept per loop, weakly: a loop that is done is not kept alive."""
+    import gc
+
+    async def paced() -> None:
+        await Pacer().wait(0.001)
+        await Pacer().wait(0.001)
+
+    before = len(Ticks._clocks)
+    for _ in range(3):
+        asyncio.run(paced())
+    gc.collect()
+    assert len(Ticks._clocks) <= before
+
+
 async def test_a_late_pacer_does_not_wait_and_an_early_one_waits_for_its_due_time() -> None:
     loop = asyncio.get_running_loop()
     pacer = Pacer()

@@ -476,3 +476,67 @@ async def test_a_lone_run_is_not_held_back_by_the_append_window(
                 assert run[-1]["data"]["status"] == "completed"
     # Not a speed figure: a window applied to any of those writes makes this 1.5 s or more.
     assert min(waits) < 1.5, waits
+
+
+async def test_a_run_whose_write_cannot_be_made_fails_alone(redis_url: str) -> None:
+    """One writer serves every run: a run whose write cannot be made (or whose answer
+    cannot be handled) is failed, and the other runs' events still land; no drain waits
+    for good."""
+    async with asyncio.timeout(60):  # a drain that waits for good fails the test
+        await _a_run_whose_write_cannot_be_made(redis_url)
+
+
+async def _a_run_whose_write_cannot_be_made(redis_url: str) -> None:
+    from bridge.broker import RunRecord
+    from bridge.errors import BrokerUnavailable
+    from bridge.events import make_event
+    from bridge.redis import RedisBroker
+    from scripts.redis_appends import Controller
+
+    broker = RedisBroker(
+        redis_url, run_log_max_bytes=1 << 20, resume_window_s=60, append_window_s=0.001
+    )
+    await broker.start()
+    try:
+        now = time.time()
+        ids = ["r_bad_make", "r_good", "r_bad_answer"]
+        for run_id in ids:
+            record = RunRecord(run_id, f"t_{run_id}", "u", "load", "running", now, now)
+            await broker.create_run(record, Controller())
+        appender = broker.appender
+        make, done = appender._append_commands, appender._done
+
+        def failing_make(owned: Any, batch: Any, *, recreate: bool) -> Any:
+            if owned.record.run_id == "r_bad_make":
+                raise KeyError("data the write cannot be made of")
+            return make(owned, batch, recreate=recreate)
+
+        def failing_done(owned: Any, applied: Any, *, appended: bool) -> None:
+            if owned.record.run_id == "r_bad_answer":
+                raise RuntimeError("handling the answer failed")
+            done(owned, applied, appended=appended)
+
+        appender._append_commands = failing_make  # type: ignore[method-assign]
+        appender._done = failing_done  # type: ignore[method-assign]
+        for seq in range(1, 4):
+            for run_id in ids:
+                event = make_event(
+                    "response_chunk",
+                    {"text": "x", "index": seq - 1},
+                    run_id=run_id,
+                    thread_id=f"t_{run_id}",
+                    seq=seq,
+                )
+                with contextlib.suppress(BrokerUnavailable):
+                    await broker.publish(event)
+        for run_id in ids:
+            owned = broker.core.owned[run_id]
+            if run_id == "r_good":
+                await asyncio.wait_for(appender.drain(owned), 10)
+            else:
+                with pytest.raises(BrokerUnavailable):
+                    await asyncio.wait_for(appender.drain(owned), 10)
+        good = await broker.core.r.hget(broker.core.k("run", "r_good"), "last_seq")
+        assert int(good) == 3
+    finally:
+        await broker.close()
