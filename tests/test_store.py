@@ -813,9 +813,13 @@ async def test_commits_on_the_event_loops_thread_leave_the_wal_checkpointed(
             MessageRow(f"m_{i}", f"t_{i}", "user", "x" * 200, f"r_{i}", False, now), "alice"
         )
         steps += store.run_steps(run_row(f"r_{i}", f"t_{i}", "alice", "queued", 0), first=True)
-        while store.write_now(steps) is None:  # the thread is checkpointing
-            await asyncio.sleep(0.001)
+        if store.write_now(steps) is None:
+            # The thread is checkpointing, or the commit after its checkpoint (which
+            # starts the WAL over and syncs it) is due: the thread's, as Persistence does.
+            on_thread.append(i)
+            await store.write(steps)
 
+    on_thread: list[int] = []
     try:
         for i in range(CHECKPOINT_EVERY - 1):
             await commit(i)
@@ -826,9 +830,36 @@ async def test_commits_on_the_event_loops_thread_leave_the_wal_checkpointed(
         assert len(await store.list_threads("alice", 10_000, None)) == 6 * CHECKPOINT_EVERY
     finally:
         await store.close()
+    # The loop's commits are the rule; one after each checkpoint (and those that came
+    # while it ran) went to the thread.
+    assert 5 <= len(on_thread) < 3 * 6, on_thread
     record_figures(
         "wal_after_commits_now",
         {"commits": 6 * CHECKPOINT_EVERY, "wal_bytes_first": before, "wal_bytes_after": after},
     )
     # Never checkpointed, it would have grown six times.
     assert after < 2 * before, (before, after)
+
+
+async def test_the_commit_that_starts_the_wal_over_is_the_store_threads(tmp_path: Path) -> None:
+    """After a checkpoint that copied the whole WAL, the next commit starts the WAL over
+    and syncs it to disk: that one is left to the store's thread, not the event loop's,
+    even once the checkpoint is long done."""
+    from server.store.sql import CHECKPOINT_EVERY
+
+    store = open_store(f"sqlite:///{tmp_path / 'chat.db'}")
+    await store.open()
+
+    def steps(i: int) -> list[Any]:
+        now = time.time()
+        return store.thread_steps(ThreadRow(f"t_{i}", "alice", "x", now, now))
+
+    try:
+        for i in range(CHECKPOINT_EVERY):
+            assert store.write_now(steps(i)) is not None
+        await asyncio.sleep(0.5)  # the checkpoint, on the thread, is done
+        assert not store.can_write_now() and store.write_now(steps(-1)) is None
+        await store.write(steps(CHECKPOINT_EVERY))  # on the thread: the WAL starts over
+        assert store.can_write_now() and store.write_now(steps(-2)) is not None
+    finally:
+        await store.close()

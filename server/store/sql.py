@@ -117,6 +117,9 @@ class SqliteDriver:
         self._last_write: Future[Any] | None = None
         #: Commits made by :meth:`script_now` since the thread last checkpointed.
         self._commits_now = 0
+        #: A checkpoint copied the whole WAL: the next commit starts the WAL over and
+        #: syncs it to disk, which is for the store's thread to do, not the loop's.
+        self._restart_due = False
 
     async def _run(self, fn: Callable[..., T], *args: Any, writes: bool = True) -> T:
         if self._thread is None:
@@ -166,14 +169,20 @@ class SqliteDriver:
         return await self._run(self._transaction, "BEGIN IMMEDIATE", steps)
 
     def _transaction(self, begin: str, steps: list[tuple[str, tuple[Any, ...]]]) -> list[int]:
-        return _transaction(self._db(), begin, steps)
+        counts = _transaction(self._db(), begin, steps)
+        self._restart_due = False  # this commit started the WAL over, if it was due
+        return counts
 
     def can_script_now(self) -> bool:
         # Its own connection may commit while the thread reads: only a write still to
         # commit there (or a checkpoint) must come first.  The one connection of
         # ``:memory:`` must be idle.
+        # After a checkpoint that copied the whole WAL, the next commit restarts it and
+        # syncs: the thread's.
         pending = self._last if self._now is self._conn else self._last_write
-        return self._now is not None and (pending is None or pending.done())
+        return (
+            self._now is not None and (pending is None or pending.done()) and not self._restart_due
+        )
 
     def script_now(self, steps: list[tuple[str, tuple[Any, ...]]]) -> list[int] | None:
         """The transaction of :meth:`script`, run on the caller's thread (the event
@@ -182,9 +191,11 @@ class SqliteDriver:
 
         It does not wait: another process's write lock makes it give up at once (its
         connection has no busy timeout), and it never checkpoints the WAL (every
-        :data:`CHECKPOINT_EVERY` of its commits, the store's thread does).  What is left
-        is the statements themselves, a few indexed rows: less than the two thread
-        switches that :meth:`script` costs.
+        :data:`CHECKPOINT_EVERY` of its commits, the store's thread does; the commit
+        after a checkpoint that copied the whole WAL, which starts the WAL over and
+        syncs it, is left to that thread too).  What is left is the statements
+        themselves, a few indexed rows: less than the two thread switches that
+        :meth:`script` costs.
         """
         db = self._now
         if db is None or not self.can_script_now():
@@ -207,7 +218,9 @@ class SqliteDriver:
     def _checkpoint(self) -> None:
         """Copy the WAL's pages into the database file, so that the WAL starts over."""
         try:
-            self._db().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            rows = self._db().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            busy, frames, copied = rows[0] if rows else (1, 0, -1)
+            self._restart_due = not busy and frames == copied
         except Exception as exc:  # the next one tries again; a commit on this thread too
             log.warning("store sqlite: checkpoint failed: %r", exc)
 
