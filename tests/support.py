@@ -53,11 +53,10 @@ class LiveServer:
 
 
 @contextlib.contextmanager
-def run_server(settings: Settings | None = None, **overrides: Any) -> Iterator[LiveServer]:
-    base = settings or Settings(jwt_secret=SECRET, log_level="warning", db_url="sqlite:///:memory:")
-    settings = base.replace(**overrides)
+def serving(app: Any, settings: Settings) -> Iterator[GatewayServer]:
+    """``app`` under the gateway's uvicorn server in a thread, on a free loopback port
+    (``server.config.port``): the server, once it has started; stopped afterwards."""
     port = free_port()
-    app = create_app(settings)
     server = GatewayServer(uvicorn_config(app, settings, "127.0.0.1", port, lifespan="on"))
     thread = threading.Thread(target=server.run, name=f"uvicorn:{port}", daemon=True)
     thread.start()
@@ -67,10 +66,18 @@ def run_server(settings: Settings | None = None, **overrides: Any) -> Iterator[L
             raise RuntimeError("the test server did not start")
         time.sleep(0.01)
     try:
-        yield LiveServer(settings, port)
+        yield server
     finally:
         server.should_exit = True
         thread.join(timeout=20)
+
+
+@contextlib.contextmanager
+def run_server(settings: Settings | None = None, **overrides: Any) -> Iterator[LiveServer]:
+    base = settings or Settings(jwt_secret=SECRET, log_level="warning", db_url="sqlite:///:memory:")
+    settings = base.replace(**overrides)
+    with serving(create_app(settings), settings) as server:
+        yield LiveServer(settings, server.config.port)
 
 
 class Client:

@@ -20,11 +20,10 @@ from typing import Any
 
 import pytest
 
-from scripts.kit.launcher import free_port
 from server.app import create_app
-from server.serve import GatewayServer, uvicorn_config
+from server.serve import GatewayServer
 from server.settings import Settings
-from tests.support import SECRET
+from tests.support import SECRET, serving
 
 CLIENTS = 100
 
@@ -38,21 +37,8 @@ def served(event_loop: str) -> Iterator[GatewayServer]:
         event_loop=event_loop,
         max_opening_per_address=10 * CLIENTS,
     )
-    port = free_port()
-    server = GatewayServer(
-        uvicorn_config(create_app(settings), settings, "127.0.0.1", port, lifespan="on")
-    )
-    thread = threading.Thread(target=server.run, name=f"uvicorn:{port}", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
-    try:
+    with serving(create_app(settings), settings) as server:
         yield server
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
 
 
 def waiting_to_be_accepted(listener: Any) -> int:

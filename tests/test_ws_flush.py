@@ -8,40 +8,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 from websockets.frames import Frame, Opcode
 
-from scripts.kit.launcher import free_port
 from server.app import GatewayApp, create_app
 from server.protocols import text_frames
-from server.serve import GatewayServer, uvicorn_config
 from server.session import Session
 from server.settings import Settings
-from tests.support import ROOT, SECRET, LiveServer, check_run_invariants, ws_client
+from tests.support import ROOT, SECRET, LiveServer, check_run_invariants, serving, ws_client
 
 
 @contextlib.contextmanager
 def served() -> Iterator[tuple[LiveServer, GatewayApp]]:
     """A gateway in a thread, as :func:`tests.support.run_server`, with its app."""
     settings = Settings(jwt_secret=SECRET, log_level="warning", db_url="sqlite:///:memory:")
-    port = free_port()
     app = create_app(settings)
-    server = GatewayServer(uvicorn_config(app, settings, "127.0.0.1", port, lifespan="on"))
-    thread = threading.Thread(target=server.run, name=f"uvicorn:{port}", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
-    try:
-        yield LiveServer(settings, port), app
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
+    with serving(app, settings) as server:
+        yield LiveServer(settings, server.config.port), app
 
 
 def sessions(app: GatewayApp) -> list[Session]:
