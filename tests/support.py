@@ -52,6 +52,11 @@ class LiveServer:
         return {"Authorization": f"Bearer {self.token(user)}"}
 
 
+def of_run(messages: list[dict[str, Any]], run_id: str) -> list[dict[str, Any]]:
+    """The messages of ``run_id`` among ``messages``, in the order they came."""
+    return [m for m in messages if m.get("run_id") == run_id]
+
+
 @contextlib.contextmanager
 def serving(app: Any, settings: Settings) -> Iterator[GatewayServer]:
     """``app`` under the gateway's uvicorn server in a thread, on a free loopback port

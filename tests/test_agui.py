@@ -24,6 +24,7 @@ from tests.support import (
     check_run_invariants,
     free_port,
     http_client,
+    of_run,
     parse_sse,
     run_server,
     ws_client,
@@ -95,10 +96,6 @@ def of_type(events: list[dict[str, Any]], type: str) -> list[dict[str, Any]]:
 
 def chunks(events: list[dict[str, Any]]) -> list[str]:
     return [d["text"] for d in of_type(events, "response_chunk")]
-
-
-def of_run(messages: list[dict[str, Any]], run_id: str) -> list[dict[str, Any]]:
-    return [m for m in messages if m.get("run_id") == run_id]
 
 
 def ended(events: list[dict[str, Any]]) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from tests.support import (
     LiveServer,
     check_run_invariants,
     http_client,
+    of_run,
     parse_sse,
     run_server,
     spawn_server,
@@ -51,10 +52,6 @@ def approving(request: pytest.FixtureRequest) -> Iterator[LiveServer]:
 
 def of_type(events: list[dict[str, Any]], type: str) -> list[dict[str, Any]]:
     return [e["data"] for e in events if e["type"] == type]
-
-
-def of_run(messages: list[dict[str, Any]], run_id: str) -> list[dict[str, Any]]:
-    return [m for m in messages if m.get("run_id") == run_id]
 
 
 def check_inputs(events: list[dict[str, Any]]) -> None:

@@ -15,16 +15,13 @@ from tests.support import (
     LiveServer,
     check_run_invariants,
     http_client,
+    of_run,
     parse_sse,
     spawn_server,
     wait_for,
     ws_client,
 )
 from tests.test_faults import record_figures
-
-
-def of_run(messages: list[dict[str, Any]], run_id: str) -> list[dict[str, Any]]:
-    return [m for m in messages if m.get("run_id") == run_id]
 
 
 async def stored_messages(server: LiveServer, user: str, thread_id: str) -> list[dict[str, Any]]:

@@ -21,14 +21,20 @@ from tests.support import (
     check_run_invariants,
     free_port,
     health,
+    of_run,
     spawn_server,
     ws_client,
 )
 from tests.test_faults import record_figures
 
 
-def of_run(messages: list[dict[str, Any]], run_id: str) -> list[dict[str, Any]]:
-    return [m for m in messages if m.get("run_id") == run_id]
+def completed_run(got: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The events of the run that ``got`` ends with, its invariants checked and the
+    run completed."""
+    run = of_run(got, got[-1]["run_id"])
+    check_run_invariants(run)
+    assert run[-1]["data"]["status"] == "completed"
+    return run
 
 
 async def test_a_run_started_on_one_process_is_served_by_another(
@@ -329,9 +335,7 @@ async def test_appends_of_many_runs_share_script_calls_and_write_only_what_chang
             await r.aclose()
     events = 0
     for got in results:
-        run = of_run(got, got[-1]["run_id"])
-        check_run_invariants(run)
-        assert run[-1]["data"]["status"] == "completed"
+        run = completed_run(got)
         events += len(run)
         content = next(e for e in run if e["type"] == "response_complete")["data"]["content"]
         assert answers[got[-1]["run_id"]] == content.encode()
@@ -432,9 +436,7 @@ async def test_paced_runs_append_through_one_writer_without_a_task_per_event(
             tasks: dict[str, int] = orjson.loads(counts_file.read_bytes())
     events = 0
     for got in results:
-        run = of_run(got, got[-1]["run_id"])
-        check_run_invariants(run)
-        assert run[-1]["data"]["status"] == "completed"
+        run = completed_run(got)
         events += len(run)
     redis_tasks = {name: n for name, n in tasks.items() if name.startswith("Redis")}
     figures = {
@@ -471,9 +473,7 @@ async def test_a_lone_run_is_not_held_back_by_the_append_window(
                 got = await c.recv_until("agent_started")
                 waits.append(time.monotonic() - sent)
                 got += await c.recv_until("agent_completed")
-                run = of_run(got, got[-1]["run_id"])
-                check_run_invariants(run)
-                assert run[-1]["data"]["status"] == "completed"
+                completed_run(got)
     # Not a speed figure: a window applied to any of those writes makes this 1.5 s or more.
     assert min(waits) < 1.5, waits
 

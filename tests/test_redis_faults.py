@@ -23,12 +23,12 @@ from tests.support import (
     ServerProcess,
     check_run_invariants,
     free_port,
+    of_run,
     spawn_server,
     wait_for,
     ws_client,
 )
 from tests.test_faults import record_figures
-from tests.test_redis import of_run
 
 
 def shared_env(redis_url: str, tmp_path: Path, **extra: str) -> dict[str, str]:

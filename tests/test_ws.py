@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.support import LiveServer, check_run_invariants, run_server, ws_client
-
-
-def of_run(messages: list[dict[str, Any]], run_id: str) -> list[dict[str, Any]]:
-    return [m for m in messages if m.get("run_id") == run_id]
+from tests.support import LiveServer, check_run_invariants, of_run, run_server, ws_client
 
 
 async def test_demo_flow_every_event_in_order(server: LiveServer, user: str) -> None:
