@@ -63,6 +63,7 @@ from typing import Any, Final
 
 import orjson
 
+from scripts.kit.args import assignment
 from scripts.kit.launcher import (
     LaunchError,
     Process,
@@ -508,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--gateway-env",
         action="append",
+        type=assignment,
         default=[],
         metavar="NAME=VALUE",
         help="an environment variable for the gateway's processes, e.g. "
@@ -568,11 +570,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.scaling:
         scaling = [sys.executable, str(Path(__file__).with_name("scaling.py"))]
         return subprocess.call([*scaling, *(["--json"] if args.json else [])])
-    for item in args.gateway_env:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            parser.error(f"--gateway-env wants NAME=VALUE, not {item!r}")
-        GATEWAY_EXTRA_ENV[name] = value
+    GATEWAY_EXTRA_ENV.update(args.gateway_env)
     if args.capacity or args.idle is not None:
         capacity = [sys.executable, str(Path(__file__).with_name("capacity.py"))]
         extra = ["--idle", str(args.idle)] if args.idle is not None else []

@@ -44,7 +44,7 @@ from typing import Any, Final
 import orjson
 
 from scripts.kit import balancer
-from scripts.kit.args import positive, positive_int
+from scripts.kit.args import assignment, positive, positive_int
 from scripts.kit.capacity import (
     MODEL_PACE,
     P99_BOUND_MS,
@@ -329,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--gateway-env",
         action="append",
+        type=assignment,
         default=[],
         metavar="NAME=VALUE",
         help="an environment variable for the gateway's processes, e.g. a setting to "
@@ -348,11 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown targets {unknown}; expected some of {', '.join(TARGETS)}")
     if "balancer" in args.targets and balancer.haproxy_bin() is None:
         parser.error("the balancer target needs haproxy (Debian package haproxy)")
-    for item in args.gateway_env:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            parser.error(f"--gateway-env takes NAME=VALUE, got {item!r}")
-        GATEWAY_EXTRA_ENV[name] = value
+    GATEWAY_EXTRA_ENV.update(args.gateway_env)
 
     def log(text: str) -> None:
         print(text, file=sys.stderr, flush=True)

@@ -444,3 +444,15 @@ def test_the_load_clients_loop_runs_with_the_collector_set_as_the_gateways() -> 
     finally:
         gc.set_threshold(*before)
         gc.unfreeze()
+
+
+def test_gateway_env_options_take_name_value_pairs() -> None:
+    import argparse
+
+    from scripts.kit.args import assignment
+
+    assert assignment("CHAT_GC_THRESHOLD=0") == ("CHAT_GC_THRESHOLD", "0")
+    assert assignment("A=b=c") == ("A", "b=c") and assignment("A=") == ("A", "")
+    for bad in ("A", "=b", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="NAME=VALUE"):
+            assignment(bad)

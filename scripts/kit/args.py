@@ -118,3 +118,11 @@ def positive(text: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text}")
     return value
+
+
+def assignment(text: str) -> tuple[str, str]:
+    """``NAME=VALUE`` (an environment variable to set), as the pair."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"wants NAME=VALUE, not {text!r}")
+    return name, value
